@@ -1,0 +1,330 @@
+"""Put DoRA/LoRA layers into a UNet or CLIP text encoder and take them out again.
+
+Owns: target presets (DESIGN §4), resolving targets to ``nn.Linear`` module names, wrapping
+them with :class:`~dorabooth.dora.DoRALinear`, freezing everything else, ``detach`` back to
+the original modules, and adapter state dicts for a whole pipeline with ``unet.`` /
+``text_encoder.`` / ``text_encoder_2.`` prefixes.
+
+Names inside adapter state dicts are *canonical*: PEFT's per-layer names
+(``lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``) after the module path, and
+CLIP text-encoder paths always with the ``text_model.`` level that adapter files in
+circulation have. transformers 5 dropped that level from ``CLIPTextModel`` (not from
+``CLIPTextModelWithProjection``); :func:`canonical_name` and :func:`module_name` map both ways,
+so the same adapter state dict loads on both stacks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .dora import DoRALinear
+
+_ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
+ATTN = tuple(f"{a}.{p}" for a in ("attn1", "attn2") for p in _ATTN_PROJ)
+CROSS_ATTN = tuple(f"attn2.{p}" for p in _ATTN_PROJ)
+FF = ("ff.net.0.proj", "ff.net.2")  # GEGLU input projection and output Linear of each transformer block
+ALL_LINEAR = "all-linear"
+
+UNET_PRESETS: dict[str, tuple[str, ...] | str] = {
+    "attn": ATTN,
+    "cross-attn": CROSS_ATTN,
+    "attn+ff": ATTN + FF,
+    "all-linear": ALL_LINEAR,
+}
+TEXT_ENCODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
+TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2")
+
+_TARGETS_ATTR = "_dorabooth_targets"        # the target spec given at attach, kept for metadata
+_GRAD_ATTR = "_dorabooth_requires_grad"     # requires_grad of every parameter before attach
+
+
+# ---- targets -----------------------------------------------------------------------------
+def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """``"attn"`` → ``("attn",)``; ``"to_q, to_k"`` → ``("to_q", "to_k")``; lists pass through."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    parts = tuple(p.strip() for item in items for p in str(item).split(",") if p.strip())
+    if not parts:
+        raise ValueError("no target modules given; use a preset (attn, cross-attn, attn+ff, all-linear) or module names")
+    return parts
+
+
+def _pattern_matcher(pattern: str):
+    """A module name matches if it equals the pattern, ends with ``.pattern``, or fully matches it as a regex."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise ValueError(f"target {pattern!r} is neither a module name nor a valid regular expression: {e}") from None
+    return lambda name: name == pattern or name.endswith("." + pattern) or rx.fullmatch(name) is not None
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Names of the ``nn.Linear`` modules of ``model`` selected by ``spec``, in module order.
+
+    ``spec``: a UNet preset name (``attn``, ``cross-attn``, ``attn+ff``, ``all-linear``), or
+    module names / suffixes / regular expressions (a list or a comma-separated string).
+    Every preset and every pattern must match at least one ``nn.Linear``.
+    """
+    cls = type(model).__name__
+    linear = _linear_names(model)
+    selected: set[str] = set()
+    for item in parse_targets(spec):
+        preset = UNET_PRESETS.get(item)
+        if preset == ALL_LINEAR:
+            hits = set(linear)
+        elif preset is not None:
+            matchers = [_pattern_matcher(p) for p in preset]
+            hits = {n for n in linear if any(f(n) for f in matchers)}
+        else:
+            f = _pattern_matcher(item)
+            hits = {n for n in linear if f(n)}
+        if not hits:
+            what = f"preset {item!r}" if preset is not None else f"target {item!r}"
+            raise ValueError(
+                f"{what} matched no nn.Linear module in {cls}; presets are "
+                f"{', '.join(UNET_PRESETS)} (UNet), or give module names such as "
+                f"{', '.join(repr(n) for n in linear[:3])}"
+            )
+        selected |= hits
+    return [n for n in linear if n in selected]
+
+
+def _check_wrappable(model: nn.Module) -> None:
+    cls = type(model).__name__
+    if any(isinstance(m, DoRALinear) for m in model.modules()):
+        raise ValueError(f"{cls} already has dorabooth adapters; detach them first (dorabooth.detach)")
+    for name, m in model.named_modules():
+        if type(m).__module__.startswith("peft."):
+            raise ValueError(
+                f"{cls} has PEFT adapter layers ({name}: {type(m).__name__}); remove them first "
+                f"(pipe.unload_lora_weights() or peft's unload) before attaching dorabooth adapters"
+            )
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)  # also right for ModuleList children such as to_out."0"
+
+
+# ---- attach / detach ---------------------------------------------------------------------
+def inject(
+    model: nn.Module,
+    targets: str | Sequence[str],
+    *,
+    rank: int,
+    alpha: float,
+    use_dora: bool = True,
+    magnitude_axis: str = "out",
+    rslora: bool = False,
+    dropout: float = 0.0,
+    names: Sequence[str] | None = None,
+) -> list[str]:
+    """Wrap the target ``nn.Linear`` modules of ``model`` with ``DoRALinear``; freeze all else.
+
+    ``names``: wrap exactly these modules instead of resolving ``targets`` (which is then
+    only recorded, e.g. when re-attaching an adapter read from a file). Returns the wrapped
+    module names (as in ``model.named_modules()``). Nothing is changed when an error is
+    raised: targets and ranks are checked before the first module is wrapped.
+    """
+    _check_wrappable(model)
+    if names is None:
+        names = resolve_targets(model, targets)
+    else:
+        linear = set(_linear_names(model))
+        bad = [n for n in names if n not in linear]
+        if bad:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear named {bad[0]!r}"
+                             + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
+        order = {n: i for i, n in enumerate(_linear_names(model))}
+        names = sorted(set(names), key=order.__getitem__)
+    too_small = [(n, tuple(model.get_submodule(n).weight.shape)) for n in names
+                 if rank > min(model.get_submodule(n).weight.shape)]
+    if too_small:
+        shown = ", ".join(f"{n} (out, in) = {s}" for n, s in too_small[:3])
+        limit = min(min(s) for _, s in too_small)
+        raise ValueError(
+            f"rank {rank} is larger than min(in, out) of {len(too_small)} target module(s) in "
+            f"{type(model).__name__}: {shown}; use rank <= {limit} or other targets"
+        )
+    setattr(model, _GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
+    model.requires_grad_(False)
+    for name in names:
+        base = model.get_submodule(name)
+        layer = DoRALinear(base, rank, alpha, use_dora=use_dora, magnitude_axis=magnitude_axis,
+                           rslora=rslora, dropout=dropout)
+        layer.train(base.training)
+        _set_submodule(model, name, layer)
+    setattr(model, _TARGETS_ATTR, parse_targets(targets))
+    return names
+
+
+def dora_modules(model: nn.Module) -> list[tuple[str, DoRALinear]]:
+    """``(name, layer)`` for every ``DoRALinear`` in ``model``, in module order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, DoRALinear)]
+
+
+def attached_targets(model: nn.Module) -> tuple[str, ...] | None:
+    """The target spec given when adapters were attached to ``model`` (None if unknown)."""
+    return getattr(model, _TARGETS_ATTR, None)
+
+
+def detach(model: nn.Module) -> list[str]:
+    """Replace every ``DoRALinear`` by its original ``nn.Linear`` (unmerged, so it holds W0).
+
+    The original module objects come back (same identity and weights), and ``requires_grad``
+    of all parameters is restored to what it was before :func:`inject`.
+    """
+    names = []
+    for name, layer in dora_modules(model):
+        layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+        names.append(name)
+    flags = getattr(model, _GRAD_ATTR, None)
+    if flags is not None:
+        for n, p in model.named_parameters():
+            if n in flags:
+                p.requires_grad_(flags[n])
+        delattr(model, _GRAD_ATTR)
+    if hasattr(model, _TARGETS_ATTR):
+        delattr(model, _TARGETS_ATTR)
+    return names
+
+
+def freeze(model: nn.Module) -> None:
+    """Freeze ``model``, remembering the flags so that :func:`detach` can restore them."""
+    if not hasattr(model, _GRAD_ATTR):
+        setattr(model, _GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
+    model.requires_grad_(False)
+
+
+def component_config(model: nn.Module, component: str = "model") -> dict:
+    """rank, alpha, use_dora, magnitude_axis and rslora shared by all adapter layers of ``model``.
+
+    Raises if the layers disagree (dorabooth attaches one configuration per component).
+    """
+    layers = dora_modules(model)
+    if not layers:
+        raise ValueError(f"{component} ({type(model).__name__}) has no dorabooth adapter layers")
+    configs = {(m.rank, m.alpha, m.use_dora, m.magnitude_axis if m.use_dora else None, m.rslora)
+               for _, m in layers}
+    if len(configs) > 1:
+        raise ValueError(f"{component}: adapter layers have different configurations {sorted(configs, key=str)}; "
+                         f"dorabooth writes one rank/alpha/axis per component")
+    rank, alpha, use_dora, axis, rslora = configs.pop()
+    return {"rank": rank, "alpha": alpha, "use_dora": use_dora, "magnitude_axis": axis, "rslora": rslora}
+
+
+# ---- canonical names ---------------------------------------------------------------------
+def _flattened_clip(model: nn.Module, component: str) -> bool:
+    """True for a transformers-5 ``CLIPTextModel`` (no ``text_model`` level in its module tree)."""
+    return component != "unet" and type(model).__name__.startswith("CLIPTextModel") and not hasattr(model, "text_model")
+
+
+def canonical_name(model: nn.Module, component: str, name: str) -> str:
+    """Module name as adapter files spell it (CLIP text encoders with ``text_model.``)."""
+    if _flattened_clip(model, component) and not name.startswith("text_model."):
+        return "text_model." + name
+    return name
+
+
+def module_name(model: nn.Module, component: str, canonical: str) -> str:
+    """Inverse of :func:`canonical_name`: the name in ``model.named_modules()``."""
+    if _flattened_clip(model, component):
+        return canonical.removeprefix("text_model.")
+    return canonical
+
+
+# ---- pipelines -----------------------------------------------------------------------------
+def pipeline_components(pipe) -> dict[str, nn.Module]:
+    """``{"unet": …, "text_encoder": …[, "text_encoder_2": …]}`` for the components ``pipe`` has."""
+    out = {}
+    for name in ("unet", *TEXT_ENCODER_COMPONENTS):
+        model = getattr(pipe, name, None)
+        if model is not None:
+            out[name] = model
+    if "unet" not in out:
+        raise TypeError(f"{type(pipe).__name__} has no UNet; dorabooth works on StableDiffusion(XL)Pipeline objects")
+    return out
+
+
+def pipeline_dora_modules(pipe) -> dict[str, DoRALinear]:
+    """``{"<component>.<canonical module name>": layer}`` for every adapter layer in ``pipe``."""
+    out = {}
+    for component, model in pipeline_components(pipe).items():
+        for name, layer in dora_modules(model):
+            out[f"{component}.{canonical_name(model, component, name)}"] = layer
+    return out
+
+
+def adapter_state_dict(pipe) -> dict[str, torch.Tensor]:
+    """All adapter tensors of ``pipe`` with canonical keys, e.g.
+    ``unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight`` or
+    ``text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_magnitude_vector``.
+    Tensors are detached views of the live parameters (clone before mutating)."""
+    sd = {}
+    for prefix, layer in pipeline_dora_modules(pipe).items():
+        for key, t in layer.adapter_state_dict().items():
+            sd[f"{prefix}.{key}"] = t
+    return sd
+
+
+LAYER_KEYS = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector")
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """``"unet.x.to_q.lora_A.weight"`` → ``("unet.x.to_q", "lora_A.weight")``."""
+    for suffix in LAYER_KEYS:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1], suffix
+    raise KeyError(f"{key!r} is not an adapter key (expected one ending in {', '.join(LAYER_KEYS)})")
+
+
+def group_by_module(sd: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Canonical flat keys → ``{"<component>.<module>": {"lora_A.weight": …, …}}``."""
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        module, suffix = split_key(key)
+        grouped.setdefault(module, {})[suffix] = t
+    return grouped
+
+
+def load_adapter_state_dict(pipe, sd: dict[str, torch.Tensor], *, source: str = "adapter state dict") -> None:
+    """Copy canonical adapter tensors into the attached layers of ``pipe``, all or nothing.
+
+    Every adapter layer of ``pipe`` must receive its tensors and every tensor must find its
+    layer with the same shapes; otherwise a ``ValueError`` naming ``source`` and the first
+    offending modules is raised before anything is copied.
+    """
+    layers = pipeline_dora_modules(pipe)
+    grouped = group_by_module(sd)
+    unknown = sorted(set(grouped) - set(layers))
+    missing = sorted(set(layers) - set(grouped))
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} module(s) have no adapter layer in this pipeline, "
+                         f"e.g. {unknown[:3]}; was it made for another base model or other targets?")
+    if missing:
+        raise ValueError(f"{source}: no tensors for {len(missing)} attached adapter layer(s), e.g. {missing[:3]}")
+    for module, tensors in grouped.items():
+        layer = layers[module]
+        expected = {k: tuple(v.shape) for k, v in layer.adapter_state_dict().items()}
+        if set(tensors) != set(expected):
+            raise ValueError(f"{source}: {module} has tensors {sorted(tensors)}, the attached layer expects "
+                             f"{sorted(expected)} (DoRA vs LoRA?)")
+        for k, shape in expected.items():
+            if tuple(tensors[k].shape) != shape:
+                raise ValueError(f"{source}: {module}.{k} has shape {tuple(tensors[k].shape)}, the attached layer "
+                                 f"expects {shape} (different rank, magnitude axis or base model)")
+    for module, tensors in grouped.items():
+        layers[module].load_adapter_state_dict(tensors)
+
+
+def iter_layers(pipe) -> Iterable[DoRALinear]:
+    return pipeline_dora_modules(pipe).values()
