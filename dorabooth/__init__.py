@@ -191,10 +191,11 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
     if adapter.family is not None:
         check_family(adapter.family, family, source=source)
     components = inject.pipeline_components(pipe)
-    for component, spec in adapter.components.items():
+    for component in adapter.components:
         if component not in components:
             raise ValueError(f"{source}: adapter has {component} weights but the {family.name} pipeline has no "
                              f"{component}; load it onto the model family it was trained for")
+    for component, spec in adapter.components.items():
         model = components[component]
         for canonical in spec.modules:
             name = inject.module_name(model, component, canonical)

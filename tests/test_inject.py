@@ -103,8 +103,9 @@ def test_detach_restores_the_exact_original_modules_and_flags(unet):
 
 def test_inject_exact_names_and_unknown_name():
     te = tiny_text_encoder()
-    names = inject.inject(te, ["my-targets"], names=["encoder.layers.1.self_attn.v_proj"], rank=2, alpha=2)
-    assert names == ["encoder.layers.1.self_attn.v_proj"] or names == ["text_model.encoder.layers.1.self_attn.v_proj"]
+    (v_proj,) = [n for n in linear_names(te) if n.endswith("layers.1.self_attn.v_proj")]
+    names = inject.inject(te, ["my-targets"], names=[v_proj], rank=2, alpha=2)
+    assert names == [v_proj] and inject.attached_targets(te) == ("my-targets",)
     inject.detach(te)
     with pytest.raises(ValueError, match="has no nn.Linear named 'nope'"):
         inject.inject(te, ["x"], names=["nope"], rank=2, alpha=2)

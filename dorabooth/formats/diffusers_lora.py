@@ -1,0 +1,389 @@
+"""Adapter files in the diffusers/PEFT layout (DESIGN §7): ``pytorch_lora_weights.safetensors``.
+
+Written exactly as ``StableDiffusion(XL)Pipeline.save_lora_weights`` writes PEFT (DoRA)
+adapters after ``convert_state_dict_to_diffusers(get_peft_model_state_dict(model))``::
+
+    unet.<module>.to_q.lora.down.weight                    (r, in)    attention projections
+    unet.<module>.to_q.lora.up.weight                      (out, r)   (to_q, to_k, to_v, to_out.0)
+    unet.<module>.to_q.lora_magnitude_vector               (out,)
+    unet.<module>.ff.net.2.lora_A.weight / .lora_B.weight            any other Linear: PEFT names
+    text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_linear_layer.down.weight
+    text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_linear_layer.up.weight
+    text_encoder.text_model.encoder.layers.N.self_attn.q_proj.lora_magnitude_vector
+    text_encoder_2.…                                                   (SDXL, same layout)
+
+Header metadata: ``format: pt``; ``lora_adapter_metadata``, the JSON of per-component
+``LoraConfig`` arguments under ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` prefixes that
+stock ``load_lora_weights`` builds its ``LoraConfig`` from (r, lora_alpha, target_modules,
+use_dora, use_rslora, …; only keys every peft ≥ 0.9 accepts); and our own ``dorabooth.*``
+keys (format version, family, method, magnitude axis, rank, alpha, rslora, targets, base
+model). Axis-``in`` DoRA keeps the same keys with ``lora_magnitude_vector`` of shape
+``(1, in)``: a stock loader then fails loudly on the shape instead of misreading it.
+
+One deliberate exception: when a UNet adapter also covers Linear layers other than those
+four attention projections (``attn+ff``, ``all-linear``, some explicit patterns), its UNet
+keys all keep PEFT's ``lora_A``/``lora_B`` names. Stock ``load_lora_adapter`` converts
+``lora.down``/``lora.up`` names only if the *first* key of the file lacks ``lora_A``, so the
+mixed layout ``save_lora_weights`` writes there loads or not depending on which key sorts
+first (it fails for SDXL ``all-linear``, where ``add_embedding`` comes first: "Tensor on
+device meta is not on the expected device cpu!", stock's own files included). All-PEFT
+names load whatever the order.
+
+The reader accepts that layout, raw PEFT names (``lora_A``/``lora_B``) and text-encoder
+paths with or without ``text_model.``, and returns canonical keys (see ``inject``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+FORMAT_VERSION = "1"
+PEFT_METADATA_KEY = "lora_adapter_metadata"   # diffusers' LORA_ADAPTER_METADATA_KEY
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+MAGNITUDE = "lora_magnitude_vector"
+
+# diffusers.utils.state_dict_utils.PEFT_TO_DIFFUSERS, applied like its convert_state_dict:
+# first pattern contained in the key wins, substring replacement.
+_PEFT_TO_DIFFUSERS = {
+    ".q_proj.lora_B": ".q_proj.lora_linear_layer.up",
+    ".q_proj.lora_A": ".q_proj.lora_linear_layer.down",
+    ".k_proj.lora_B": ".k_proj.lora_linear_layer.up",
+    ".k_proj.lora_A": ".k_proj.lora_linear_layer.down",
+    ".v_proj.lora_B": ".v_proj.lora_linear_layer.up",
+    ".v_proj.lora_A": ".v_proj.lora_linear_layer.down",
+    ".out_proj.lora_B": ".out_proj.lora_linear_layer.up",
+    ".out_proj.lora_A": ".out_proj.lora_linear_layer.down",
+    "to_k.lora_A": "to_k.lora.down",
+    "to_k.lora_B": "to_k.lora.up",
+    "to_q.lora_A": "to_q.lora.down",
+    "to_q.lora_B": "to_q.lora.up",
+    "to_v.lora_A": "to_v.lora.down",
+    "to_v.lora_B": "to_v.lora.up",
+    "to_out.0.lora_A": "to_out.0.lora.down",
+    "to_out.0.lora_B": "to_out.0.lora.up",
+}
+# Every per-layer suffix we read, to its canonical (PEFT) name.
+_READ_SUFFIXES = {
+    "lora_A.weight": "lora_A.weight",
+    "lora_B.weight": "lora_B.weight",
+    "lora.down.weight": "lora_A.weight",
+    "lora.up.weight": "lora_B.weight",
+    "lora_linear_layer.down.weight": "lora_A.weight",
+    "lora_linear_layer.up.weight": "lora_B.weight",
+    MAGNITUDE: MAGNITUDE,
+}
+
+
+@dataclass(frozen=True)
+class ComponentAdapter:
+    """One component's adapter as stored in a file: what is needed to attach it again."""
+
+    rank: int
+    alpha: float
+    use_dora: bool
+    magnitude_axis: str | None      # "out" | "in" for DoRA, None for LoRA
+    rslora: bool
+    modules: tuple[str, ...]        # canonical module names, relative to the component
+    targets: tuple[str, ...]        # the target spec (preset / patterns) it was attached with
+
+
+@dataclass
+class AdapterFile:
+    path: Path
+    tensors: dict[str, torch.Tensor]                 # canonical keys, e.g. "unet.<module>.lora_A.weight"
+    components: dict[str, ComponentAdapter]
+    family: str | None = None                        # None for files not written by dorabooth
+    base_model: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # the raw safetensors header metadata
+
+    @property
+    def method(self) -> str:
+        return "dora" if any(c.use_dora for c in self.components.values()) else "lora"
+
+
+# ---- keys ----------------------------------------------------------------------------------
+def to_diffusers_key(key: str) -> str:
+    """Canonical (PEFT-named) key → the key ``save_lora_weights`` writes for it."""
+    for pattern, replacement in _PEFT_TO_DIFFUSERS.items():
+        if pattern in key:
+            return key.replace(pattern, replacement)
+    return key
+
+
+def to_diffusers_layout(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Canonical tensors → the keys we write: stock names, except as explained in the module doc."""
+    unet_keys = [k for k in tensors if k.startswith("unet.")]
+    mixed_unet = {to_diffusers_key(k) == k for k in unet_keys if MAGNITUDE not in k} == {True, False}
+    return {(k if mixed_unet and k.startswith("unet.") else to_diffusers_key(k)): t for k, t in tensors.items()}
+
+
+def from_file_key(key: str) -> str | None:
+    """Any accepted key layout → canonical key; None if the key is not an adapter key we know."""
+    component, _, rest = key.partition(".")
+    if component not in COMPONENTS or not rest:
+        return None
+    for suffix, canonical in _READ_SUFFIXES.items():
+        if rest.endswith("." + suffix):
+            module = rest[: -len(suffix) - 1]
+            if component != "unet" and not module.startswith("text_model."):
+                module = "text_model." + module   # transformers-5 style path → circulating layout
+            return f"{component}.{module}.{canonical}"
+    return None
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A ``.safetensors`` path is used as is; anything else is a folder holding ``WEIGHT_NAME``."""
+    p = Path(path)
+    return p if p.suffix == ".safetensors" else p / WEIGHT_NAME
+
+
+def peft_target_modules(all_names: Sequence[str], wrapped: Sequence[str], component: str) -> list[str]:
+    """``target_modules`` for ``LoraConfig`` selecting exactly ``wrapped`` among ``all_names``.
+
+    PEFT matches a list entry when a module name equals it or ends with ``.entry``. Short
+    suffixes (``to_q``, ``to_out.0``, ``q_proj``: what training scripts write) are used when
+    they select exactly the wrapped modules; otherwise the full names (text-encoder names
+    without ``text_model.`` so that they match with and without that level).
+    """
+    def short(name: str) -> str:
+        parts = name.split(".")
+        return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+    def selected(targets: set[str]) -> set[str]:
+        return {n for n in all_names if any(n == t or n.endswith("." + t) for t in targets)}
+
+    suffixes = {short(n) for n in wrapped}
+    if selected(suffixes) == set(wrapped):
+        return sorted(suffixes)
+    if component == "unet":
+        return list(wrapped)
+    return [n.removeprefix("text_model.") for n in wrapped]
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _lora_config_kwargs(c: ComponentAdapter, target_modules: list[str]) -> dict:
+    # Only arguments that every peft since DoRA support (0.9) accepts: stock loaders call
+    # LoraConfig(**this), and an unknown key would make them fail.
+    return {
+        "r": c.rank,
+        "lora_alpha": _number(c.alpha),
+        "target_modules": target_modules,
+        "use_dora": c.use_dora,
+        "use_rslora": c.rslora,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "init_lora_weights": True,
+        "fan_in_fan_out": False,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+# ---- write ---------------------------------------------------------------------------------
+def write_adapter(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    components: dict[str, ComponentAdapter],
+    *,
+    peft_targets: dict[str, list[str]],
+    family: str,
+    base_model: str | None = None,
+    version: str = "",
+) -> Path:
+    """Write canonical ``tensors`` as a diffusers/PEFT adapter file; returns the file path.
+
+    ``path``: a ``.safetensors`` file or a folder (then ``pytorch_lora_weights.safetensors``
+    inside it). The file is written to a temporary name and renamed, and every tensor is
+    checked to be finite first.
+    """
+    target = resolve_path(path)
+    for key, t in tensors.items():
+        if not torch.isfinite(t.detach()).all():
+            raise ValueError(f"{target}: adapter tensor {key} is not finite (NaN/inf); not writing a broken adapter")
+    out = {k: t.detach().to("cpu").contiguous() for k, t in to_diffusers_layout(tensors).items()}
+
+    peft_meta = {}
+    for name, c in components.items():
+        for k, v in _lora_config_kwargs(c, peft_targets[name]).items():
+            peft_meta[f"{name}.{k}"] = v
+
+    def same(attr):
+        values = {n: getattr(c, attr) for n, c in components.items()}
+        return len(set(values.values())) == 1, values
+
+    def describe(attr, fmt=str):
+        uniform, values = same(attr)
+        if uniform:
+            return fmt(next(iter(values.values())))
+        return json.dumps({n: (fmt(v) if not isinstance(v, (int, float)) else _number(v)) for n, v in values.items()})
+
+    method_of = {n: ("dora" if c.use_dora else "lora") for n, c in components.items()}
+    axis_of = {n: (c.magnitude_axis or "none") for n, c in components.items()}
+    metadata = {
+        "format": "pt",
+        PEFT_METADATA_KEY: json.dumps(peft_meta, indent=2, sort_keys=True),
+        "dorabooth.format_version": FORMAT_VERSION,
+        "dorabooth.family": family,
+        "dorabooth.method": method_of["unet"] if len(set(method_of.values())) == 1 else json.dumps(method_of),
+        "dorabooth.magnitude_axis": next(iter(axis_of.values())) if len(set(axis_of.values())) == 1 else json.dumps(axis_of),
+        "dorabooth.rank": describe("rank"),
+        "dorabooth.alpha": describe("alpha", lambda a: str(_number(a))),
+        "dorabooth.rslora": describe("rslora", lambda b: "true" if b else "false"),
+        "dorabooth.targets": json.dumps({n: list(c.targets) for n, c in components.items()}),
+    }
+    if version:
+        metadata["dorabooth.version"] = version
+    if base_model:
+        metadata["dorabooth.base_model"] = str(base_model)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        save_file(out, str(tmp), metadata=metadata)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+# ---- read ----------------------------------------------------------------------------------
+def _peft_metadata(raw: dict[str, str], source: Path) -> dict[str, dict]:
+    text = raw.get(PEFT_METADATA_KEY)
+    if not text:
+        return {}
+    try:
+        flat = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{source}: header entry {PEFT_METADATA_KEY!r} is not valid JSON ({e})") from None
+    per: dict[str, dict] = {}
+    for key, value in flat.items():
+        component, _, arg = key.partition(".")
+        if component in COMPONENTS:
+            per.setdefault(component, {})[arg] = value
+    return per
+
+
+def _component_from_tensors(
+    component: str, grouped: dict[str, dict[str, torch.Tensor]], peft: dict, ours: dict[str, str], source: Path
+) -> ComponentAdapter:
+    modules = tuple(sorted(grouped))
+    ranks = {g["lora_A.weight"].shape[0] for g in grouped.values()}
+    if len(ranks) > 1 or peft.get("rank_pattern") or peft.get("alpha_pattern"):
+        raise ValueError(f"{source}: {component} uses several ranks/alphas ({sorted(ranks)}, rank_pattern "
+                         f"{peft.get('rank_pattern') or {}}); dorabooth loads one rank and alpha per component")
+    rank = ranks.pop()
+    with_m = [m for m, g in grouped.items() if MAGNITUDE in g]
+    if with_m and len(with_m) != len(grouped):
+        missing = sorted(set(grouped) - set(with_m))
+        raise ValueError(f"{source}: {component} has DoRA magnitudes for some modules but not for "
+                         f"{len(missing)} others, e.g. {missing[:2]}")
+    use_dora = bool(with_m)
+    axis = None
+    if use_dora:
+        axes = set()
+        for module, g in grouped.items():
+            m, out_f, in_f = g[MAGNITUDE].shape, g["lora_B.weight"].shape[0], g["lora_A.weight"].shape[1]
+            if tuple(m) == (out_f,):
+                axes.add("out")
+            elif tuple(m) == (1, in_f):
+                axes.add("in")
+            else:
+                raise ValueError(f"{source}: {component}.{module}.{MAGNITUDE} has shape {tuple(m)}; expected "
+                                 f"({out_f},) for axis 'out' or (1, {in_f}) for axis 'in'")
+        if len(axes) > 1:
+            raise ValueError(f"{source}: {component} mixes magnitude axes 'out' and 'in'")
+        axis = axes.pop()
+        stated = ours.get("dorabooth.magnitude_axis")
+        if stated and not stated.startswith("{") and stated != axis:
+            raise ValueError(f"{source}: header says magnitude axis {stated!r} but the tensors have axis {axis!r}")
+    if "lora_alpha" in peft:
+        alpha = float(peft["lora_alpha"])
+    elif ours.get("dorabooth.alpha") and not ours["dorabooth.alpha"].startswith("{"):
+        alpha = float(ours["dorabooth.alpha"])
+    else:
+        alpha = float(rank)   # diffusers' convention without metadata: scale 1
+    if "use_rslora" in peft:
+        rslora = bool(peft["use_rslora"])
+    else:
+        rslora = ours.get("dorabooth.rslora") == "true"
+    if peft.get("use_dora") is not None and bool(peft["use_dora"]) != use_dora:
+        raise ValueError(f"{source}: {component} metadata says use_dora={peft['use_dora']} but the file "
+                         f"{'has' if use_dora else 'has no'} magnitude vectors")
+    targets = None
+    if ours.get("dorabooth.targets"):
+        targets = json.loads(ours["dorabooth.targets"]).get(component)
+    if not targets:
+        targets = peft.get("target_modules") or list(modules)
+        targets = [targets] if isinstance(targets, str) else targets
+    return ComponentAdapter(rank=int(rank), alpha=alpha, use_dora=use_dora, magnitude_axis=axis,
+                            rslora=rslora, modules=modules, targets=tuple(targets))
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read a diffusers/PEFT adapter file into canonical tensors and per-component configs."""
+    source = resolve_path(path)
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such adapter file")
+    try:
+        with safe_open(str(source), framework="pt") as f:
+            raw_meta = dict(f.metadata() or {})
+            raw = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for corrupt headers
+        raise ValueError(f"{source}: not a readable safetensors file ({e})") from e
+
+    tensors, unknown = {}, []
+    for key, t in raw.items():
+        canonical = from_file_key(key)
+        if canonical is None:
+            unknown.append(key)
+        elif canonical in tensors:
+            raise ValueError(f"{source}: two keys map to {canonical} (one with and one without 'text_model.'?)")
+        else:
+            tensors[canonical] = t
+    if unknown:
+        kohya = any(k.startswith(("lora_unet_", "lora_te")) for k in unknown)
+        hint = " (a kohya/A1111 file: use the kohya importer)" if kohya else ""
+        raise ValueError(f"{source}: {len(unknown)} key(s) are not diffusers/PEFT adapter keys{hint}, "
+                         f"e.g. {sorted(unknown)[:3]}")
+    if not tensors:
+        raise ValueError(f"{source}: the file holds no adapter tensors")
+
+    grouped: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, t in tensors.items():
+        component, _, rest = key.partition(".")
+        for suffix in ("lora_A.weight", "lora_B.weight", MAGNITUDE):
+            if rest.endswith("." + suffix):
+                grouped.setdefault(component, {}).setdefault(rest[: -len(suffix) - 1], {})[suffix] = t
+    for component, modules in grouped.items():
+        for module, g in modules.items():
+            for need in ("lora_A.weight", "lora_B.weight"):
+                if need not in g:
+                    raise ValueError(f"{source}: {component}.{module} has no {need.split('.')[0]} "
+                                     f"(down/up) weight; the file is incomplete")
+            a, b = g["lora_A.weight"], g["lora_B.weight"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(f"{source}: {component}.{module}: down {tuple(a.shape)} and up {tuple(b.shape)} "
+                                 f"are not (r, in) and (out, r) of one rank")
+
+    ours = {k: v for k, v in raw_meta.items() if k.startswith("dorabooth.")}
+    version = ours.get("dorabooth.format_version")
+    if version is not None and version != FORMAT_VERSION:
+        raise ValueError(f"{source}: dorabooth adapter format version {version} is not supported by this "
+                         f"dorabooth (reads version {FORMAT_VERSION}); upgrade dorabooth")
+    peft = _peft_metadata(raw_meta, source)
+    components = {c: _component_from_tensors(c, grouped[c], peft.get(c, {}), ours, source)
+                  for c in COMPONENTS if c in grouped}
+    return AdapterFile(path=source, tensors=tensors, components=components, family=ours.get("dorabooth.family"),
+                       base_model=ours.get("dorabooth.base_model"), metadata=raw_meta)

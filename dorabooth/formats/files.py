@@ -1,0 +1,139 @@
+"""Reading and writing ``.safetensors`` files safely: clear errors, atomic writes.
+
+Owns: refusing pickles (never ``torch.load`` a user's file), turning safetensors' terse
+errors for truncated or corrupt files into messages that name the file, the finiteness
+check before anything is written, and write-to-temp-then-rename (DESIGN §10).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+_MAX_HEADER = 100 * 2**20
+
+
+def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
+    """The path as a ``Path`` if it is an existing ``.safetensors`` file whose header parses.
+
+    Raises ``FileNotFoundError``/``ValueError`` naming the file and what to do instead.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such {what}")
+    if p.is_dir():
+        raise IsADirectoryError(f"{p} is a folder; pass the {what} (.safetensors) itself")
+    with open(p, "rb") as f:
+        head = f.read(8)
+        if p.suffix.lower() in PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
+            raise ValueError(f"{p}: a pickle-based checkpoint ({p.suffix or 'zip/pickle data'}); dorabooth "
+                             f"reads only .safetensors, because opening a pickle can run code. Convert it "
+                             f"with a tool you trust first.")
+        if len(head) < 8:
+            raise ValueError(f"{p}: empty or truncated ({p.stat().st_size} bytes); not a .safetensors {what}")
+        (n,) = struct.unpack("<Q", head)
+        size = p.stat().st_size
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(f"{p}: not a valid .safetensors {what} (header length {n} does not fit the "
+                             f"{size}-byte file: truncated download or another file type)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}: corrupt .safetensors header ({e})") from None
+    end = max((int(v["data_offsets"][1]) for k, v in header.items()
+               if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if 8 + n + end > size:
+        raise ValueError(f"{p}: truncated .safetensors {what}: its header describes {8 + n + end} bytes "
+                         f"but the file has {size}; download or copy it again")
+    return p
+
+
+def read_metadata(path: str | os.PathLike, what: str = "file") -> tuple[list[str], dict[str, str]]:
+    """(tensor names, header metadata) without reading any tensor."""
+    p = check_readable(path, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return list(f.keys()), dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types
+        raise ValueError(f"{p}: not a readable .safetensors {what} ({e})") from e
+
+
+def read_safetensors(path: str | os.PathLike, what: str = "file",
+                     keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, header metadata) of a ``.safetensors`` file; ``keys`` limits what is read."""
+    p = check_readable(path, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            names = list(f.keys()) if keys is None else list(keys)
+            return {k: f.get_tensor(k) for k in names}, meta
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable .safetensors {what} ({e})") from e
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise naming the first tensor holding NaN or inf (checked in the dtype to be written)."""
+    for key, t in tensors.items():
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{where}: {key} is not finite (NaN/inf) in {str(t.dtype).removeprefix('torch.')}; "
+                             f"nothing was written. A strength too large, a broken adapter, or fp16 overflow "
+                             f"(try --dtype bf16 or fp32)")
+
+
+def temp_sibling(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                      metadata: Mapping[str, str] | None = None, *, overwrite: bool = True) -> Path:
+    """Check finiteness, write to a temporary sibling, then rename onto ``path``."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
+    check_finite(tensors, str(target))
+    out = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(target)
+    try:
+        save_file(out, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False):
+    """Yield a temporary folder next to ``path``; on success it is renamed onto ``path``.
+
+    On an error the temporary folder is removed and an existing ``path`` is left untouched.
+    """
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    tmp = temp_sibling(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if target.exists():
+            old = target.with_name(f".{target.name}.old-{os.getpid()}")
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,214 @@
+"""The neutral in-memory adapter: what every reader produces and every writer consumes.
+
+One :class:`ModuleAdapter` per adapted ``nn.Linear``, keyed by a family-level module name:
+the pipeline component, then the module path in diffusers/transformers naming, text
+encoders always with the ``text_model.`` level (as ``inject.canonical_name`` writes them)::
+
+    unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q
+    text_encoder.text_model.encoder.layers.0.self_attn.q_proj
+    text_encoder_2.text_model.encoder.layers.0.self_attn.out_proj
+
+Tensors (fp32)::
+
+    down      A : (r, in)
+    up        B : (out, r)
+    scale     s = alpha / r  (alpha / sqrt(r) with rsLoRA; kohya files store alpha = s·r)
+    magnitude m : (out,) for axis "out", (in,) for axis "in", None for plain LoRA
+
+:func:`adapted_weight` is the one definition of what a module adapter does to a weight
+(DESIGN §3) that merges, exports and the consumer report all use.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+AXES = ("out", "in")
+NORM_EPS = 1e-12          # as dorabooth.dora.NORM_EPS
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+@dataclass
+class ModuleAdapter:
+    down: torch.Tensor                  # A : (r, in)
+    up: torch.Tensor                    # B : (out, r)
+    scale: float                        # s
+    magnitude: torch.Tensor | None = None   # (out,) or (in,), flat
+    axis: str | None = None             # "out" | "in" for DoRA, None for LoRA
+
+    def __post_init__(self):
+        self.down = self.down.detach().float()
+        self.up = self.up.detach().float()
+        if self.down.ndim != 2 or self.up.ndim != 2 or self.down.shape[0] != self.up.shape[1]:
+            raise ValueError(f"down {tuple(self.down.shape)} and up {tuple(self.up.shape)} are not "
+                             f"(r, in) and (out, r) of one rank r")
+        if (self.magnitude is None) != (self.axis is None):
+            raise ValueError("a DoRA module needs both a magnitude and its axis; a LoRA module neither")
+        if self.magnitude is not None:
+            if self.axis not in AXES:
+                raise ValueError(f"magnitude axis must be 'out' or 'in', got {self.axis!r}")
+            self.magnitude = self.magnitude.detach().float().reshape(-1)
+            n = self.out_features if self.axis == "out" else self.in_features
+            if self.magnitude.numel() != n:
+                raise ValueError(f"magnitude has {self.magnitude.numel()} entries; axis {self.axis!r} of a "
+                                 f"({self.out_features}, {self.in_features}) weight needs {n}")
+        self.scale = float(self.scale)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.down.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def alpha(self) -> float:
+        """The kohya ``alpha`` giving this scale: s·r."""
+        return self.scale * self.rank
+
+    @property
+    def is_dora(self) -> bool:
+        return self.magnitude is not None
+
+    def delta(self, strength: float = 1.0) -> torch.Tensor:
+        """t·s·B·A in fp32: (out, in)."""
+        return (strength * self.scale) * (self.up @ self.down)
+
+
+@dataclass
+class Adapter:
+    modules: dict[str, ModuleAdapter]
+    family: str | None = None           # "sd1" | "sd2" | "sdxl" | None (unknown)
+    format: str = ""                    # what the file was, in words
+    source: str = ""                    # the file it was read from
+    metadata: dict[str, str] = field(default_factory=dict)
+    unknown_keys: tuple[str, ...] = ()
+    rslora: bool | None = None
+    base_model: str | None = None
+    targets: dict[str, list[str]] | None = None   # per component, if the file says
+
+    @property
+    def method(self) -> str:
+        kinds = {m.is_dora for m in self.modules.values()}
+        return "mixed" if len(kinds) > 1 else ("dora" if kinds == {True} else "lora")
+
+    @property
+    def axis(self) -> str | None:
+        """"out", "in", None (plain LoRA) or "mixed"."""
+        axes = {m.axis for m in self.modules.values() if m.is_dora}
+        return None if not axes else (axes.pop() if len(axes) == 1 else "mixed")
+
+    @property
+    def components(self) -> list[str]:
+        return sorted({k.split(".", 1)[0] for k in self.modules}, key=lambda c: COMPONENTS.index(c)
+                      if c in COMPONENTS else 99)
+
+    def ranks(self) -> list[int]:
+        return sorted({m.rank for m in self.modules.values()})
+
+    def alphas(self) -> list[float]:
+        return sorted({round(m.alpha, 6) for m in self.modules.values()})
+
+    def summary(self) -> dict:
+        """What ``adapter-info`` prints."""
+        per = {}
+        for c in self.components:
+            mods = [m for k, m in self.modules.items() if k.split(".", 1)[0] == c]
+            per[c] = len(mods)
+        return {
+            "file": self.source, "format": self.format, "family": self.family, "method": self.method,
+            "magnitude_axis": self.axis, "rank": self.ranks(), "alpha": self.alphas(),
+            "rslora": self.rslora, "modules": len(self.modules), "modules_per_component": per,
+            "base_model": self.base_model, "unknown_keys": list(self.unknown_keys),
+        }
+
+
+def split_module_key(key: str) -> tuple[str, str]:
+    """``"unet.down_blocks.0…to_q"`` → ``("unet", "down_blocks.0…to_q")``."""
+    component, _, module = key.partition(".")
+    if component not in COMPONENTS or not module:
+        raise ValueError(f"{key!r} is not a module key (expected unet./text_encoder./text_encoder_2. + module path)")
+    return component, module
+
+
+def axis_from_shape(shape: tuple[int, ...], out_f: int, in_f: int, *, one_d: str = "out") -> str:
+    """The magnitude axis a stored magnitude tensor's shape says.
+
+    ``(out, 1)`` → "out", ``(1, in)`` → "in" (kohya ``dora_scale``; also square weights are
+    unambiguous); 1-D ``(n,)`` → ``one_d`` if ``n`` fits it (PEFT's ``(out,)``), else the
+    axis ``n`` fits. Raises if the shape fits neither.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 2:
+        if shape == (out_f, 1) and shape != (1, in_f):
+            return "out"
+        if shape == (1, in_f) and shape != (out_f, 1):
+            return "in"
+        if shape == (1, 1) and out_f == in_f == 1:
+            return one_d
+    elif len(shape) == 1:
+        n = shape[0]
+        sizes = {"out": out_f, "in": in_f}
+        if n == sizes[one_d]:
+            return one_d
+        other = "in" if one_d == "out" else "out"
+        if n == sizes[other]:
+            return other
+    raise ValueError(f"magnitude shape {shape} fits neither axis of a (out, in) = ({out_f}, {in_f}) weight: "
+                     f"expected ({out_f}, 1) for axis 'out' or (1, {in_f}) for axis 'in'")
+
+
+def scale_for(alpha: float | None, rank: int, rslora: bool = False) -> float:
+    """s = alpha / r (alpha / sqrt(r) with rsLoRA); no alpha means s = 1 (kohya, diffusers)."""
+    if alpha is None:
+        return 1.0
+    return float(alpha) / (math.sqrt(rank) if rslora else rank)
+
+
+def _norm(V: torch.Tensor, axis: str) -> torch.Tensor:
+    return torch.linalg.vector_norm(V, dim=1 if axis == "out" else 0).clamp_min(NORM_EPS)
+
+
+@torch.no_grad()
+def adapted_weight(W: torch.Tensor, mod: ModuleAdapter, strength: float = 1.0,
+                   trained_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """W' for one module at strength t, in fp32: (out, in). DESIGN §3::
+
+        V(t) = W + t·s·B·A
+        m(t) = ‖W‖ + t·(m − m₀)                    (norms along the module's axis)
+        W'   = diag(m(t) / ‖V(t)‖_row) · V(t)      axis "out"
+        W'   = V(t) · diag(m(t) / ‖V(t)‖_col)      axis "in"
+        W'   = V(t)                                 plain LoRA
+
+    ``W`` is the weight the module is applied to; m₀ = ``trained_norm`` is ‖W0‖ of the base
+    the adapter was trained on (default ‖W‖: a single adapter on its own base, where
+    m(t) = m₀ + t·(m − m₀) exactly as the live layer). ``t = 0`` returns ``W`` unchanged
+    (bit for bit, as a copy in fp32).
+    """
+    W = W.detach().float()
+    if tuple(W.shape) != (mod.out_features, mod.in_features):
+        raise ValueError(f"adapter is for a ({mod.out_features}, {mod.in_features}) weight, the base weight "
+                         f"is {tuple(W.shape)}; it was made for another model")
+    if strength == 0.0:
+        return W.clone()
+    V = W + mod.delta(strength)
+    if not mod.is_dora:
+        return V
+    base_norm = _norm(W, mod.axis)
+    m0 = base_norm if trained_norm is None else trained_norm.float().reshape(-1)
+    m = base_norm + strength * (mod.magnitude - m0)
+    g = m / _norm(V, mod.axis)
+    return V * (g[:, None] if mod.axis == "out" else g[None, :])
+
+
+def base_norm(W: torch.Tensor, axis: str) -> torch.Tensor:
+    """‖W‖ along ``axis`` in fp32 (the m₀ an adapter trained on ``W`` started from)."""
+    return _norm(W.detach().float(), axis)
