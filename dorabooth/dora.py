@@ -66,17 +66,29 @@ MAGNITUDE_AXES = ("out", "in")
 NORM_EPS = 1e-12
 
 
+def _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
+    """y = g ⊙ (W0·x + s·B·(A·x_d)) + bias for 2-D x, x_d : (T, in); g : (out,). Returns (y, u)."""
+    u = x_d @ lora_A.t()                                      # (T, r)
+    y = (x @ weight.t()).addmm_(u, lora_B.t(), alpha=scale).mul_(g)   # (T, out)
+    if bias is not None:
+        y.add_(bias)
+    return y, u
+
+
+def _in_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
+    """y = W0·x̃ + s·B·(A·x̃_d) + bias, x̃ = x ⊙ g, for 2-D x, x_d : (T, in); g : (in,)."""
+    xt = x * g                                                # (T, in)
+    u = (xt if x_d is x else x_d * g) @ lora_A.t()            # (T, r)
+    y = F.linear(xt, weight, bias).addmm_(u, lora_B.t(), alpha=scale)   # (T, out)
+    return y, u
+
+
 class _DoRAOutAxis(torch.autograd.Function):
-    """y = g ⊙ (W0·x + s·B·(A·x_d)) + bias for 2-D x, x_d : (T, in); g : (out,)."""
+    """``_out_axis`` with a backward that saves x, u and the output only."""
 
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, g, scale):
-        u = x_d @ lora_A.t()                                  # (T, r)
-        y = x @ weight.t()                                    # (T, out)
-        y.addmm_(u, lora_B.t(), alpha=scale)                  # h = W0·x + s·B·u
-        y.mul_(g)
-        if bias is not None:
-            y.add_(bias)
+        y, u = _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale)
         ctx.scale = scale
         ctx.same_input = x_d is x
         ctx.save_for_backward(x, x_d, weight, bias, lora_A, lora_B, g, u, y)
@@ -97,13 +109,14 @@ class _DoRAOutAxis(torch.autograd.Function):
             grad_A = (GgB.t() @ x_d).mul_(s)                  # (r, in)
         if need_g:
             # Σ_t G·h with h = (y − bias)/g, without a (T, out) copy of h.
-            Gy = (grad_y * y).sum(0)
+            Gy = torch.linalg.vecdot(grad_y, y, dim=0)        # (out,)
             if bias is not None:
-                Gy = Gy - bias * grad_y.sum(0)
-            nonzero = g != 0
-            grad_g = Gy / torch.where(nonzero, g, torch.ones_like(g))
-            if not bool(nonzero.all()):                      # g = 0 hides h: recompute those rows
-                rows = (~nonzero).nonzero().squeeze(1)
+                Gy.sub_(grad_y.sum(0).mul_(bias))
+            if bool(g.all()):
+                grad_g = Gy.div_(g)
+            else:                                             # g = 0 hides h: recompute those rows
+                rows = (g == 0).nonzero().squeeze(1)
+                grad_g = Gy.div_(torch.where(g == 0, torch.ones_like(g), g))
                 h = x @ weight[rows].t() + s * (u @ lora_B[rows].t())  # (T, k)
                 grad_g[rows] = (grad_y[:, rows] * h).sum(0)
         if need_x or need_xd:
@@ -116,15 +129,11 @@ class _DoRAOutAxis(torch.autograd.Function):
 
 
 class _DoRAInAxis(torch.autograd.Function):
-    """y = W0·x̃ + s·B·(A·x̃_d) + bias, x̃ = x ⊙ g, for 2-D x, x_d : (T, in); g : (in,)."""
+    """``_in_axis`` with a backward that saves x and u only."""
 
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, g, scale):
-        xt = x * g                                            # (T, in)
-        xt_d = xt if x_d is x else x_d * g
-        u = xt_d @ lora_A.t()                                 # (T, r)
-        y = F.linear(xt, weight, bias)                        # (T, out)
-        y.addmm_(u, lora_B.t(), alpha=scale)
+        y, u = _in_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale)
         ctx.scale = scale
         ctx.same_input = x_d is x
         ctx.save_for_backward(x, x_d, weight, lora_A, lora_B, g, u)
@@ -145,14 +154,14 @@ class _DoRAInAxis(torch.autograd.Function):
         if ctx.same_input:
             dxt = (grad_y @ weight).addmm_(GB, lora_A, alpha=s)      # ∂L/∂x̃ : (T, in)
             if need_g:
-                grad_g = (dxt * x).sum(0)
+                grad_g = torch.linalg.vecdot(dxt, x, dim=0)
             if need_x or need_xd:
                 grad_x = dxt.mul_(g)
         else:
             dxt = grad_y @ weight                             # base path, input x
             dxt_d = (GB @ lora_A).mul_(s)                     # low-rank path, input x_d
             if need_g:
-                grad_g = (dxt * x).sum(0) + (dxt_d * x_d).sum(0)
+                grad_g = torch.linalg.vecdot(dxt, x, dim=0) + torch.linalg.vecdot(dxt_d, x_d, dim=0)
             grad_x = dxt.mul_(g) if need_x else None
             grad_xd = dxt_d.mul_(g) if need_xd else None
         return grad_x, grad_xd, None, None, grad_A, grad_B, grad_g, None
@@ -162,24 +171,28 @@ def low_rank_norm(weight, lora_A, lora_B, scale, axis, w0_sq=None, eps=NORM_EPS)
     """‖W0 + s·B·A‖ along ``axis`` ("out": per row → (out,), "in": per column → (in,)), fp32.
 
     ``w0_sq`` is ‖W0‖² along the axis if already known. See the module docstring for the
-    formula; the result is clamped at ``eps`` so zero rows give g = 0, never NaN.
+    formula; cross and square terms share one (out, r) or (r, in) matrix:
+    ‖V_i:‖² = ‖W0_i:‖² + Σ_k B_ik·(2s·W0·Aᵀ + s²·B·A·Aᵀ)_ik. The result is clamped at
+    ``eps`` so zero rows give g = 0, never NaN.
     """
-    A = lora_A.float()
-    B = lora_B.float()
+    A, B = _as(lora_A, torch.float32), _as(lora_B, torch.float32)
     if axis == "out":
         if w0_sq is None:
             w0_sq = weight.float().square().sum(1)
-        WA = (weight @ lora_A.to(weight.dtype).t()).float()  # (out, r)
-        cross = (B * WA).sum(1)
-        sq = ((B @ (A @ A.t())) * B).sum(1)                   # (out,)
+        WA = _as(weight @ _as(lora_A, weight.dtype).t(), torch.float32)      # (out, r)
+        M = torch.addmm(WA, B, A @ A.t(), beta=2.0 * scale, alpha=scale * scale)
+        n2 = torch.linalg.vecdot(B, M, dim=1)                                  # (out,)
     else:
         if w0_sq is None:
             w0_sq = weight.float().square().sum(0)
-        BW = (lora_B.to(weight.dtype).t() @ weight).float()  # (r, in)
-        cross = (A * BW).sum(0)
-        sq = (((B.t() @ B) @ A) * A).sum(0)                   # (in,)
-    n2 = w0_sq + (2.0 * scale) * cross + (scale * scale) * sq
-    return n2.clamp_min(0.0).sqrt().clamp_min(eps)
+        BW = _as(_as(lora_B, weight.dtype).t() @ weight, torch.float32)      # (r, in)
+        M = torch.addmm(BW, B.t() @ B, A, beta=2.0 * scale, alpha=scale * scale)
+        n2 = torch.linalg.vecdot(A, M, dim=0)                                  # (in,)
+    return n2.add_(w0_sq).clamp_min_(eps * eps).sqrt_()
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def naive_norm(weight, lora_A, lora_B, scale, axis, eps=NORM_EPS):
@@ -281,7 +294,7 @@ class DoRALinear(nn.Module):
         key = (tuple((p.data_ptr(), p._version) for p in params), self.strength, dtype)
         if cacheable and self._g_cache is not None and self._g_cache[0] == key:
             return self._g_cache[1]
-        g = (self.magnitude() / self.weight_norm()).to(dtype)
+        g = _as(self.magnitude() / self.weight_norm(), dtype)
         self._g_cache = (key, g) if cacheable else None
         return g
 
@@ -289,27 +302,32 @@ class DoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.strength == 0.0:
             return self.base_layer(x)
-        if not self.use_dora:
-            lora = self.lora_B(self.lora_A(self.dropout(x).to(self.lora_A.weight.dtype)))
-            return self.base_layer(x) + (self.strength * self.scale) * lora.to(x.dtype)
-
         device_type = x.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-        else:
-            dtype = x.dtype
-        W = self.base_layer.weight.to(dtype)
-        bias = self.base_layer.bias
-        bias = None if bias is None else bias.to(dtype)
-        g = self._scale_vector(dtype)
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        W, bias = _as(self.base_layer.weight, dtype), self.base_layer.bias
+        bias = None if bias is None else _as(bias, dtype)
+        A, B = _as(self.lora_A.weight, dtype), _as(self.lora_B.weight, dtype)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(dtype)       # (T, in)
+        x2 = _as(x.reshape(-1, self.in_features), dtype)     # (T, in)
         x_d = self.dropout(x2) if self.training and isinstance(self.dropout, nn.Dropout) else x2
-        fn = _DoRAOutAxis if self.magnitude_axis == "out" else _DoRAInAxis
-        with torch.autocast(device_type, enabled=False):
-            y = fn.apply(x2, x_d, W, bias, self.lora_A.weight.to(dtype),
-                         self.lora_B.weight.to(dtype), g, self.strength * self.scale)
+        s = self.strength * self.scale
+        if not self.use_dora:                                 # plain LoRA: autograd is enough
+            y = F.linear(x2, W, bias).addmm_(x_d @ A.t(), B.t(), alpha=s)
+        else:
+            g = self._scale_vector(dtype)
+            if not (torch.is_grad_enabled() and (x2.requires_grad or g.requires_grad or A.requires_grad)):
+                y, _ = (_out_axis if self.magnitude_axis == "out" else _in_axis)(x2, x_d, W, bias, A, B, g, s)
+            elif autocast:
+                with torch.autocast(device_type, enabled=False):
+                    y = self._function.apply(x2, x_d, W, bias, A, B, g, s)
+            else:
+                y = self._function.apply(x2, x_d, W, bias, A, B, g, s)
         return y.reshape(*lead, self.out_features)            # (..., out)
+
+    @property
+    def _function(self):
+        return _DoRAOutAxis if self.magnitude_axis == "out" else _DoRAInAxis
 
     # ---- merge -----------------------------------------------------------------------
     @torch.no_grad()
