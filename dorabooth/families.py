@@ -70,3 +70,103 @@ def check_family(expected: str, actual: Family, *, source: str) -> None:
             f"{source}: adapter was trained on a {expected} model but the pipeline is {actual.name}; "
             f"load it onto a {expected} base model"
         )
+
+
+# ---- training and generation differences (used by train.py and generate.py) -----------------
+# Presets users know (kohya_ss, OneTrainer, diffusers' DreamBooth LoRA READMEs), chosen per
+# family and native size. "toy" is any model whose native resolution is at most 128 px
+# (the embedded toy SDXL and the tiny test models).
+TRAIN_PRESETS: dict[str, dict] = {
+    #        resolution: None = the model's native size
+    "toy":  dict(resolution=None, steps=400, lr=1e-3, rank=8, num_class_images=40, class_image_steps=20),
+    "sd1":  dict(resolution=512, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30),
+    "sd2":  dict(resolution=None, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30),
+    "sdxl": dict(resolution=1024, steps=1000, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30),
+}
+GENERATE_PRESETS: dict[str, dict] = {
+    "toy":  dict(steps=20, guidance=5.0),
+    "sd1":  dict(steps=30, guidance=7.5),
+    "sd2":  dict(steps=30, guidance=7.5),
+    "sdxl": dict(steps=30, guidance=5.0),
+}
+TOY_MAX_RESOLUTION = 128
+
+
+def native_resolution(pipe) -> int:
+    """The image side the UNet was trained for: sample_size × the VAE's downscale factor."""
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return int(pipe.unet.config.sample_size) * vae_scale
+
+
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: VAE downscale × the UNet's downsamplings."""
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return vae_scale * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+
+def preset_name(family: Family, pipe) -> str:
+    return "toy" if native_resolution(pipe) <= TOY_MAX_RESOLUTION else family.name
+
+
+def train_defaults(family: Family, pipe) -> dict:
+    """Defaults for the ``None`` fields of a TrainConfig on this model (see TRAIN_PRESETS)."""
+    preset = dict(TRAIN_PRESETS[preset_name(family, pipe)])
+    if preset["resolution"] is None:
+        preset["resolution"] = native_resolution(pipe)
+    return preset
+
+
+def generate_defaults(family: Family, pipe) -> dict:
+    return dict(GENERATE_PRESETS[preset_name(family, pipe)], resolution=native_resolution(pipe))
+
+
+def _tokenize(tokenizer, prompts):
+    return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+def encode_prompts(family: Family, pipe, prompts, text_encoders=None):
+    """Text conditioning as the family's pipeline computes it, differentiable.
+
+    SD 1.x/2.x: the encoder's last hidden state (B, 77, D) and no pooled embedding.
+    SDXL: both encoders' second-to-last hidden states concatenated (B, 77, D1 + D2) and
+    text encoder 2's projected pooled embedding (B, P), as ``StableDiffusionXLPipeline``.
+    ``text_encoders`` overrides the pipeline's modules (e.g. DDP-wrapped ones while training).
+    """
+    encoders = text_encoders or [getattr(pipe, n) for n in family.text_encoders]
+    tokenizers = [getattr(pipe, n) for n in ("tokenizer", "tokenizer_2")[: len(encoders)]]
+    if family.name != "sdxl":
+        te = encoders[0]
+        ids = _tokenize(tokenizers[0], prompts).to(_device_of(te))
+        return te(ids)[0], None
+    hidden, pooled = [], None
+    for tokenizer, te in zip(tokenizers, encoders):
+        out = te(_tokenize(tokenizer, prompts).to(_device_of(te)), output_hidden_states=True)
+        if out[0].ndim == 2:                      # CLIPTextModelWithProjection: text_embeds (B, P)
+            pooled = out[0]
+        hidden.append(out.hidden_states[-2])      # (B, 77, D_i)
+    import torch
+
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def _device_of(module):
+    return next(module.parameters()).device
+
+
+def sdxl_time_ids(original_size, crop_top_left, target_size) -> list[float]:
+    """SDXL micro-conditioning (Podell et al. 2023, §2.2): (h0, w0, top, left, h, w)."""
+    return [float(v) for v in (*original_size, *crop_top_left, *target_size)]
+
+
+def added_conditions(family: Family, pooled, time_ids):
+    """``added_cond_kwargs`` for the UNet: SDXL's pooled text embeds and time ids; else None.
+
+    pooled: (B, P) or None; time_ids: list of B six-number lists.
+    """
+    if family.name != "sdxl":
+        return None
+    import torch
+
+    ids = torch.tensor(time_ids, dtype=pooled.dtype, device=pooled.device)   # (B, 6)
+    return {"text_embeds": pooled, "time_ids": ids}

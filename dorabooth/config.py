@@ -1,0 +1,251 @@
+"""The training configuration: one frozen dataclass, validated on creation, saved with every run.
+
+``TrainConfig`` holds everything that decides what a run learns (base model, subject, method,
+optimisation, prior preservation) plus the few run mechanics a library call needs (``out``,
+``resume``, checkpoint and sample cadence, mixed precision). Fields left ``None`` are chosen
+per model family and size by :func:`dorabooth.families.train_defaults` when the run starts;
+``config.json`` in the run folder holds the resolved values, so a run can be read, resumed
+and repeated from it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+METHODS = ("dora", "lora", "full")
+MAGNITUDE_AXES = ("out", "in")
+LR_SCHEDULES = ("constant", "cosine", "linear")
+OPTIMIZERS = ("adamw", "adamw8bit")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+TARGET_PRESETS = ("attn", "cross-attn", "attn+ff", "all-linear")
+
+# Fields that may change between a run and its --resume without changing what is learned.
+RUN_MECHANICS = frozenset({"out", "resume", "checkpoint_every", "keep_checkpoints", "sample_every",
+                           "mixed_precision", "steps", "validation_prompts", "gradient_checkpointing"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A DreamBooth run. ``None`` means "the family default" (see ``families.train_defaults``)."""
+
+    # ---- subject ---------------------------------------------------------------------------
+    images: str                                # folder of 3–20 subject photos (name.txt captions optional)
+    class_noun: str                            # "dog": what the subject is
+    out: str                                   # run folder (created; DESIGN §6)
+    token: str = "sks"                         # rare token that will mean the subject
+    instance_prompt: str | None = None         # default "a photo of {token} {class_noun}"
+    class_prompt: str | None = None            # default "a photo of {class_noun}"
+    model: str | None = None                   # hub id, diffusers folder or .safetensors; None = embedded toy
+
+    # ---- method ----------------------------------------------------------------------------
+    method: str = "dora"                       # dora | lora | full (full fine-tune of the UNet)
+    rank: int | None = None
+    alpha: float | None = None                 # default = rank (scale 1)
+    half_rank: bool = False                    # DoRA†: the paper's half-rank setting, rank → rank // 2
+    magnitude_axis: str = "out"                # out (PEFT/diffusers) | in (kohya (1, in), A1111/ComfyUI)
+    rslora: bool = False                       # scale alpha / sqrt(rank) instead of alpha / rank
+    targets: str = "attn"                      # UNet preset: attn | cross-attn | attn+ff | all-linear
+    train_text_encoders: bool = False          # adapters on every text encoder too (both on SDXL)
+    text_encoder_lr: float | None = None       # default = lr
+
+    # ---- data ------------------------------------------------------------------------------
+    resolution: int | None = None              # square side in px (buckets keep about this area)
+    buckets: bool = False                      # aspect-ratio buckets instead of a centre crop
+    flip: bool = False                         # random horizontal flip (doubles cached latents)
+
+    # ---- prior preservation ------------------------------------------------------------------
+    prior_preservation: bool = True
+    class_images: str | None = None            # folder of class images; default <out>/class
+    num_class_images: int | None = None        # generated with the base model when the folder has fewer
+    prior_loss_weight: float = 1.0
+    class_image_steps: int | None = None       # sampler steps for generated class images
+
+    # ---- optimisation ------------------------------------------------------------------------
+    steps: int | None = None                   # optimizer steps
+    lr: float | None = None
+    lr_schedule: str = "constant"              # constant | cosine | linear (decay to 0)
+    warmup_steps: int = 0
+    batch_size: int = 1                        # subject images per step and process (class images double it)
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0          # None = no clipping
+    optimizer: str = "adamw"                   # adamw | adamw8bit (bitsandbytes)
+    weight_decay: float = 1e-2
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    min_snr_gamma: float | None = 5.0          # Min-SNR weighting (Hang et al. 2023); None = plain MSE
+    noise_offset: float = 0.0
+    seed: int = 0
+
+    # ---- speed and memory --------------------------------------------------------------------
+    mixed_precision: str = "no"                # no | fp16 | bf16 (accelerate)
+    gradient_checkpointing: bool = False
+    cache_latents: bool = True                 # encode the images once (both flips when flip=True)
+
+    # ---- run mechanics -------------------------------------------------------------------------
+    validation_prompts: tuple[str, ...] = ()   # default: the instance prompt
+    sample_every: int | None = None            # preview images every N steps; 0 = only at the end
+    checkpoint_every: int | None = None        # 0 = only the final adapter
+    keep_checkpoints: int = 2
+    resume: bool = False
+
+    def __post_init__(self):
+        # Normalise list-valued fields coming from JSON or argparse.
+        object.__setattr__(self, "validation_prompts", tuple(self.validation_prompts))
+        object.__setattr__(self, "adam_betas", tuple(float(b) for b in self.adam_betas))
+        _check(bool(self.images), "images: give the folder with the subject photos (--images DIR)")
+        _check(bool(self.out), "out: give a run folder (--out RUN_DIR)")
+        _check(bool(self.class_noun and self.class_noun.strip()),
+               "class_noun: say what the subject is, e.g. --class-noun dog")
+        _check(bool(self.token and self.token.strip()) and " " not in self.token.strip(),
+               f"token {self.token!r}: use one rare word such as 'sks' (--token)")
+        _one_of("method", self.method, METHODS)
+        _one_of("magnitude_axis", self.magnitude_axis, MAGNITUDE_AXES)
+        _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _check(bool(self.targets.strip()), f"targets: use one of {', '.join(TARGET_PRESETS)} or module names")
+        if self.rank is not None:
+            _check(self.rank >= 1 and (not self.half_rank or self.rank >= 2),
+                   f"rank {self.rank}: use a rank of at least {2 if self.half_rank else 1}")
+        _positive("alpha", self.alpha)
+        _positive("lr", self.lr)
+        _positive("text_encoder_lr", self.text_encoder_lr)
+        if self.resolution is not None:
+            _check(self.resolution >= 8 and self.resolution % 8 == 0,
+                   f"resolution {self.resolution}: use a multiple of 8 (e.g. 512, 768, 1024)")
+        if self.steps is not None:
+            _check(self.steps >= 1, f"steps {self.steps}: train at least 1 step")
+        if self.num_class_images is not None:
+            _check(self.num_class_images >= 1, f"num_class_images {self.num_class_images}: use at least 1")
+        if self.class_image_steps is not None:
+            _check(self.class_image_steps >= 1, "class_image_steps: use at least 1 sampler step")
+        _check(self.prior_loss_weight >= 0, "prior_loss_weight: use a weight >= 0")
+        _check(self.warmup_steps >= 0, "warmup_steps: use 0 or more")
+        _check(self.batch_size >= 1, f"batch_size {self.batch_size}: use at least 1")
+        _check(self.grad_accum >= 1, f"grad_accum {self.grad_accum}: use at least 1")
+        _positive("max_grad_norm", self.max_grad_norm)
+        _check(self.weight_decay >= 0, "weight_decay: use 0 or more")
+        _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+               f"adam_betas {self.adam_betas}: give two numbers in [0, 1)")
+        _positive("adam_eps", self.adam_eps)
+        _positive("min_snr_gamma", self.min_snr_gamma)
+        _check(self.noise_offset >= 0, "noise_offset: use 0 (off) or a small positive value such as 0.05")
+        for name in ("sample_every", "checkpoint_every"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"{name} {value}: use 0 (off) or a number of steps")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints: keep at least 1")
+        _check(not (self.method == "full" and self.train_text_encoders),
+               "train_text_encoders works with method dora or lora; the full method trains the UNet only")
+        _check(all(p.strip() for p in self.validation_prompts), "validation_prompts: empty prompt given")
+
+    # ---- derived values ------------------------------------------------------------------------
+    @property
+    def effective_rank(self) -> int | None:
+        """The rank the layers get: ``rank // 2`` with ``half_rank`` (DoRA†), else ``rank``."""
+        if self.rank is None:
+            return None
+        return self.rank // 2 if self.half_rank else self.rank
+
+    @property
+    def effective_alpha(self) -> float | None:
+        """alpha, or the effective rank when not given (scale alpha/rank = 1)."""
+        return self.alpha if self.alpha is not None else (None if self.rank is None else float(self.effective_rank))
+
+    @property
+    def resolved_instance_prompt(self) -> str:
+        return self.instance_prompt or f"a photo of {self.token} {self.class_noun}"
+
+    @property
+    def resolved_class_prompt(self) -> str:
+        return self.class_prompt or f"a photo of {self.class_noun}"
+
+    @property
+    def class_dir(self) -> Path:
+        return Path(self.class_images) if self.class_images else Path(self.out) / "class"
+
+    @property
+    def unresolved(self) -> list[str]:
+        return [f.name for f in fields(self) if getattr(self, f.name) is None and f.name in _FAMILY_FIELDS]
+
+    def with_defaults(self, defaults: dict[str, Any]) -> TrainConfig:
+        """Fill the ``None`` fields from a family's ``train_defaults`` and derive cadences."""
+        values = {k: v for k, v in defaults.items() if k in _FAMILY_FIELDS and getattr(self, k) is None}
+        cfg = replace(self, **values)
+        missing = cfg.unresolved
+        if missing:
+            raise ValueError(f"no default for {', '.join(missing)}; set them explicitly")
+        derived: dict[str, Any] = {}
+        if cfg.text_encoder_lr is None:
+            derived["text_encoder_lr"] = cfg.lr
+        if cfg.sample_every is None:
+            derived["sample_every"] = 0
+        if cfg.checkpoint_every is None:
+            derived["checkpoint_every"] = max(1, math.ceil(cfg.steps / 4))
+        if not cfg.validation_prompts:
+            derived["validation_prompts"] = (cfg.resolved_instance_prompt,)
+        if cfg.alpha is None:
+            derived["alpha"] = float(cfg.effective_rank)
+        return replace(cfg, **derived)
+
+    # ---- JSON ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["validation_prompts"] = list(self.validation_prompts)
+        d["adam_betas"] = list(self.adam_betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**d)
+
+    def recipe_differences(self, other: TrainConfig) -> list[str]:
+        """Fields (outside run mechanics) where ``other`` differs: what --resume refuses."""
+        a, b = self.to_dict(), other.to_dict()
+        return [k for k in a if k not in RUN_MECHANICS and a[k] != b[k]]
+
+
+# Fields whose defaults depend on the model family and size (families.train_defaults).
+_FAMILY_FIELDS = frozenset({"rank", "resolution", "steps", "lr", "num_class_images", "class_image_steps"})
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _positive(name: str, value: float | None) -> None:
+    _check(value is None or (math.isfinite(value) and value > 0), f"{name} {value}: use a positive number")
+
+
+def write_run_config(path: Path, config: TrainConfig, extra: dict[str, Any]) -> None:
+    """``config.json``: the resolved config under ``"config"`` plus version, base model and family."""
+    data = {**extra, "config": config.to_dict()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
+
+
+def read_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The config of a run folder and the rest of its ``config.json`` (version, base model, family)."""
+    path = Path(run_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a dorabooth run folder (no config.json)")
+    data = json.loads(path.read_text())
+    config = TrainConfig.from_dict(data.pop("config"))
+    return config, data
+
+
+__all__ = ["TrainConfig", "METHODS", "MAGNITUDE_AXES", "LR_SCHEDULES", "OPTIMIZERS", "MIXED_PRECISION",
+           "read_run_config", "write_run_config"]

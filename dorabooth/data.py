@@ -1,0 +1,308 @@
+"""Subject and class images → training tensors.
+
+Owns: reading user images safely (bounded decoding, EXIF orientation, RGB, alpha composited
+on white), skipping unusable ones with a reason, fitting to a square or an aspect bucket
+(resize to cover, centre crop, recording SDXL's original size and crop corner), captions
+from ``name.txt`` beside an image, the prepared ``instance/`` folder of a run, and the
+seeded, resumable order in which examples are drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_PIXELS = 64_000_000           # ~8000 × 8000; bigger files are refused before decoding
+MAX_FILE_BYTES = 200 * 2**20
+MANIFEST = "manifest.json"
+
+
+class UnusableImage(ValueError):
+    """An input image that cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prepared training image.
+
+    ``original_size`` (h, w) is the size of the photo as given and ``crop_top_left``
+    (top, left) the corner of the crop in the resized photo: SDXL's micro-conditioning.
+    """
+
+    path: str                            # the prepared PNG (already at ``size``)
+    prompt: str
+    size: tuple[int, int]                # (h, w) in pixels
+    original_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+    source: str = ""                     # file name the user gave
+
+
+# ---- reading ------------------------------------------------------------------------------
+def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """An RGB image from a user file: EXIF-rotated, alpha composited on white, size-bounded.
+
+    Raises :class:`UnusableImage` (never a bare PIL error) for unreadable files and
+    images over ``max_pixels`` (decompression bombs are refused before decoding).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise UnusableImage(f"cannot read the file ({e.strerror})") from None
+    if size > MAX_FILE_BYTES:
+        raise UnusableImage(f"file is {size / 2**20:.0f} MiB; use images under {MAX_FILE_BYTES // 2**20} MiB")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as im:
+                w, h = im.size                            # header only: nothing decoded yet
+                if w * h > max_pixels:
+                    raise UnusableImage(f"image is {w}×{h} px ({w * h / 1e6:.0f} MP), over the "
+                                        f"{max_pixels / 1e6:.0f} MP limit; downscale it first")
+                im.seek(0)                                # first frame of animations
+                im.load()
+                image = _to_rgb(ImageOps.exif_transpose(im))
+        except UnusableImage:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise UnusableImage("image is too large to decode safely (decompression bomb); downscale it") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise UnusableImage(f"not a readable image ({type(e).__name__}: {e}); re-save it as PNG or JPEG") from None
+    return image
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):     # 16/32-bit greyscale → 8-bit
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        im = Image.fromarray(np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def read_caption(image_path: str | Path) -> str | None:
+    """The caption in ``name.txt`` beside ``name.jpg`` (first non-empty text), or None."""
+    txt = Path(image_path).with_suffix(".txt")
+    if not txt.is_file():
+        return None
+    text = " ".join(txt.read_text(encoding="utf-8", errors="replace").split())
+    return text or None
+
+
+def instance_caption(caption: str | None, token: str, instance_prompt: str) -> str:
+    """The training prompt for one subject image.
+
+    No caption → the instance prompt. A caption that names the token is used as written;
+    one that does not gets the instance prompt in front ("a photo of sks dog, on a beach").
+    """
+    if not caption:
+        return instance_prompt
+    if re.search(rf"(?<!\w){re.escape(token)}(?!\w)", caption):
+        return caption
+    return f"{instance_prompt}, {caption}"
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {folder} does not exist; point --images at a folder of photos")
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
+
+
+# ---- geometry -------------------------------------------------------------------------------
+def bucket_sizes(resolution: int, multiple: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(h, w) sizes, multiples of ``multiple``, with area ≤ resolution² and aspect ≤ ``max_ratio``.
+
+    For each width the tallest allowed height is taken (kohya-style buckets), plus the
+    transposes; the square ``resolution × resolution`` is always included.
+    """
+    area = resolution * resolution
+    sizes = {(resolution, resolution)}
+    w = multiple
+    while w <= resolution * max_ratio:
+        h = (area // w) // multiple * multiple
+        if h >= multiple and max(h, w) / min(h, w) <= max_ratio:
+            sizes.add((h, w))
+            sizes.add((w, h))
+        w += multiple
+    return sorted(sizes)
+
+
+def nearest_bucket(width: int, height: int, buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket (h, w) whose log aspect ratio is closest to the image's; larger area on ties."""
+    target = math.log(width / height)
+    return min(buckets, key=lambda hw: (abs(math.log(hw[1] / hw[0]) - target), -hw[0] * hw[1]))
+
+
+def fit(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int]]:
+    """Resize to cover ``size`` (h, w), then centre-crop. Returns the crop and its (top, left)."""
+    h, w = size
+    scale = max(h / image.height, w / image.width)
+    rh, rw = max(h, round(image.height * scale)), max(w, round(image.width * scale))
+    resized = image.resize((rw, rh), Image.Resampling.LANCZOS) if (rw, rh) != image.size else image
+    top, left = (rh - h) // 2, (rw - w) // 2
+    return resized.crop((left, top, left + w, top + h)), (top, left)
+
+
+def to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
+    """PIL RGB → (3, h, w) float32 in [-1, 1], optionally mirrored left–right."""
+    a = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)   # (3, h, w)
+    if flip:
+        a = a.flip(-1)
+    return a.float().div(127.5).sub(1.0)
+
+
+def flipped_crop_left(example: Example) -> int:
+    """SDXL crop corner's ``left`` after a horizontal flip of the resized photo."""
+    top, left = example.crop_top_left
+    h0, w0 = example.original_size
+    h, w = example.size
+    resized_w = max(w, round(w0 * max(h / h0, w / w0)))
+    return resized_w - w - left
+
+
+# ---- preparing a folder ---------------------------------------------------------------------
+def prepare_images(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    resolution: int,
+    multiple: int,
+    buckets: bool,
+    prompt_for,
+    min_side: int | None = None,
+    on_skip=None,
+) -> tuple[list[Example], list[Skipped]]:
+    """Validate the images in ``src`` and write them, fitted, as PNGs into ``dst``.
+
+    ``prompt_for(caption_or_None) -> str`` builds each prompt. Images whose short side is
+    below ``min_side`` (default resolution / 2) or that cannot be read are skipped with a
+    reason (``on_skip(Skipped)`` is called for each). A ``manifest.json`` records every
+    example; raises ``ValueError`` naming the folder when no image is left.
+    """
+    src, dst = Path(src), Path(dst)
+    min_side = resolution // 2 if min_side is None else min_side
+    sizes = bucket_sizes(resolution, multiple) if buckets else [(resolution, resolution)]
+    dst.mkdir(parents=True, exist_ok=True)
+    examples: list[Example] = []
+    skipped: list[Skipped] = []
+    for i, path in enumerate(list_images(src)):
+        try:
+            image = load_image(path)
+            if min(image.size) < min_side:
+                raise UnusableImage(f"image is {image.width}×{image.height} px; the short side must be at "
+                                    f"least {min_side} px for resolution {resolution} (use a larger photo "
+                                    f"or a lower --resolution)")
+        except UnusableImage as e:
+            skip = Skipped(path.name, str(e))
+            skipped.append(skip)
+            if on_skip is not None:
+                on_skip(skip)
+            continue
+        size = nearest_bucket(image.width, image.height, sizes)
+        crop, corner = fit(image, size)
+        out = dst / f"{i:03d}-{_safe_stem(path.stem)}.png"
+        crop.save(out)
+        examples.append(Example(out.name, prompt_for(read_caption(path)), size,
+                                (image.height, image.width), corner, path.name))
+    if not examples:
+        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]) or "the folder has no image files"
+        raise ValueError(f"no usable images in {src} ({reasons}); add 3–20 photos of the subject "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    write_manifest(dst, examples, skipped)
+    return examples, skipped
+
+
+def _safe_stem(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)[:60].strip("._") or "image"
+
+
+def write_manifest(folder: Path, examples: list[Example], skipped: list[Skipped]) -> None:
+    data = {"examples": [asdict(e) for e in examples], "skipped": [asdict(s) for s in skipped]}
+    tmp = folder / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(folder / MANIFEST)
+
+
+def read_manifest(folder: str | Path) -> tuple[list[Example], list[Skipped]]:
+    data = json.loads((Path(folder) / MANIFEST).read_text())
+    examples = [Example(**{**e, "size": tuple(e["size"]), "original_size": tuple(e["original_size"]),
+                           "crop_top_left": tuple(e["crop_top_left"])}) for e in data["examples"]]
+    return examples, [Skipped(**s) for s in data["skipped"]]
+
+
+def class_examples(folder: str | Path, prompt: str, size: tuple[int, int],
+                   on_skip=None) -> tuple[list[Example], list[Image.Image]]:
+    """The usable images of a class folder, fitted to ``size``, with the class prompt."""
+    examples, images = [], []
+    for path in list_images(folder):
+        try:
+            image = load_image(path)
+        except UnusableImage as e:
+            if on_skip is not None:
+                on_skip(Skipped(path.name, str(e)))
+            continue
+        crop, corner = fit(image, size)
+        examples.append(Example(str(path), prompt, size, (image.height, image.width), corner, path.name))
+        images.append(crop)
+    return examples, images
+
+
+# ---- order ----------------------------------------------------------------------------------
+def batch_stream(groups: dict[tuple[int, int], list[int]], batch_size: int, seed: int,
+                 start: int = 0) -> Iterator[list[int]]:
+    """Endless batches of example indices, each from one size group, in a seeded order.
+
+    Every epoch shuffles all indices with ``seed + epoch``, walks them, and emits a batch
+    whenever a group has ``batch_size`` pending (a group smaller than the batch fills up
+    with repeats). The order depends only on (seed, batch number), so ``start`` skips to
+    batch ``start`` exactly: that is how --resume restores the data order.
+    """
+    n = sum(len(v) for v in groups.values())
+    group_of = {i: key for key, idxs in groups.items() for i in idxs}
+    produced = 0
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g).tolist()
+        all_idx = sorted(group_of)
+        pending: dict[tuple[int, int], list[int]] = {}
+        for pos in order:
+            i = all_idx[pos]
+            bucket = pending.setdefault(group_of[i], [])
+            bucket.append(i)
+            if len(bucket) == batch_size:
+                if produced >= start:
+                    yield list(bucket)
+                produced += 1
+                bucket.clear()
+        for key, rest in pending.items():              # leftovers: top up with repeats
+            if rest:
+                pool = groups[key]
+                batch = (rest + pool * batch_size)[:batch_size]
+                if produced >= start:
+                    yield batch
+                produced += 1
+        epoch += 1

@@ -1,0 +1,58 @@
+"""TrainConfig: validation messages say what to change; JSON round trip; family defaults."""
+
+import pytest
+
+from dorabooth.config import TrainConfig, read_run_config, write_run_config
+
+BASE = dict(images="imgs", class_noun="dog", out="run")
+
+
+@pytest.mark.parametrize("change,message", [
+    (dict(method="qlora"), "method 'qlora': choose one of dora, lora, full"),
+    (dict(resolution=500), "multiple of 8"),
+    (dict(rank=0), "rank 0"),
+    (dict(rank=1, half_rank=True), "at least 2"),
+    (dict(lr=-1.0), "lr -1.0: use a positive number"),
+    (dict(token="two words"), "one rare word"),
+    (dict(class_noun=" "), "--class-noun"),
+    (dict(magnitude_axis="row"), "magnitude_axis 'row'"),
+    (dict(method="full", train_text_encoders=True), "full method trains the UNet only"),
+    (dict(optimizer="sgd"), "adamw, adamw8bit"),
+    (dict(mixed_precision="fp8"), "no, fp16, bf16"),
+    (dict(batch_size=0), "batch_size 0"),
+])
+def test_validation_says_what_to_change(change, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{**BASE, **change})
+
+
+def test_defaults_and_derived_values():
+    c = TrainConfig(**BASE)
+    assert c.method == "dora" and c.token == "sks" and c.prior_preservation
+    assert c.resolved_instance_prompt == "a photo of sks dog" and c.resolved_class_prompt == "a photo of dog"
+    r = c.with_defaults(dict(rank=16, resolution=512, steps=100, lr=1e-4, num_class_images=50, class_image_steps=30))
+    assert (r.rank, r.alpha, r.text_encoder_lr, r.checkpoint_every) == (16, 16.0, 1e-4, 25)
+    assert r.validation_prompts == ("a photo of sks dog",)
+    half = TrainConfig(**BASE, rank=16, half_rank=True).with_defaults(
+        dict(resolution=512, steps=10, lr=1e-4, num_class_images=5, class_image_steps=5))
+    assert (half.effective_rank, half.alpha) == (8, 8.0)       # DoRA†: half the rank, scale 1
+    with pytest.raises(ValueError, match="no default for"):
+        c.with_defaults({})
+
+
+def test_json_round_trip(tmp_path):
+    c = TrainConfig(**BASE, validation_prompts=["a", "b"], adam_betas=[0.9, 0.99], rank=4)
+    write_run_config(tmp_path / "config.json", c, {"dorabooth_version": "x", "family": "sdxl"})
+    again, extra = read_run_config(tmp_path)
+    assert again == c and extra["family"] == "sdxl"
+    assert again.validation_prompts == ("a", "b")
+    with pytest.raises(ValueError, match="unknown config field"):
+        TrainConfig.from_dict({**BASE, "learning_rate": 1})
+    with pytest.raises(FileNotFoundError, match="not a dorabooth run folder"):
+        read_run_config(tmp_path / "nothing")
+
+
+def test_recipe_differences_ignore_run_mechanics():
+    a = TrainConfig(**BASE, steps=10)
+    assert a.recipe_differences(TrainConfig(**BASE, steps=20, resume=True, checkpoint_every=5)) == []
+    assert a.recipe_differences(TrainConfig(**BASE, steps=10, lr=1e-3)) == ["lr"]
