@@ -354,3 +354,22 @@ def build(out_dir, minutes: float = 120.0, seed: int = 0, on_event=None, steps: 
     _emit(on_event, stage="pipeline", done=True, path=str(out / "pipeline"),
           steps=state["step"], wall_s=round(time.time() - start, 1))
     return out / "pipeline"
+
+
+def pipeline_from_checkpoint(out_dir):
+    """The EMA weights of a (possibly unfinished) build's last checkpoint as a pipeline."""
+    from diffusers import AutoencoderKL
+
+    out = Path(out_dir)
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    tokenizer = load_tokenizer(out / "tokenizer")
+    channels = tuple(json.loads((out / "joint" / "state.json").read_text())["recipe"]["unet_channels"])
+    te1, te2 = models.make_text_encoders(len(tokenizer), tokenizer.bos_token_id,
+                                         tokenizer.eos_token_id)
+    ema = {"unet": models.make_unet(channels), "te1": te1, "te2": te2}
+    tensors = load_file(str(out / "joint" / "ckpt.safetensors"))
+    for name, m in ema.items():
+        prefix = f"ema_{name}."
+        m.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        m.eval()
+    return assemble(vae, ema, tokenizer)

@@ -1,0 +1,84 @@
+"""Package a finished build: the pipeline folder, a samples grid and MODEL_CARD.md."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .scoring import generate
+
+GRID_PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow star on a black background",
+    "a white triangle on a green background",
+    "a purple square on a orange background",
+    "a green cross on a white background",
+    "a small blue circle at the left on a yellow background",
+    "a square, left half red, right half white",
+    "a circle, left half orange, right half blue on a black background",
+    "a star, top half yellow, bottom half green on a purple background",
+    "a triangle, top half green, bottom half purple",
+    "a blue circle with a thick band of yellow",
+    "a black cross with a thick band of red on a white background",
+]
+
+
+def samples_grid(pipe, prompts=GRID_PROMPTS, per_prompt: int = 4, seed: int = 0,
+                 zoom: int = 4) -> Image.Image:
+    """One row per prompt, `per_prompt` samples each, upscaled `zoom`x, caption on the left."""
+    rows = [generate(pipe, [p] * per_prompt, seed + 10 * i) for i, p in enumerate(prompts)]
+    cell = rows[0][0].size[0] * zoom
+    label_w = 330
+    grid = Image.new("RGB", (label_w + per_prompt * cell, len(prompts) * cell), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (prompt, images) in enumerate(zip(prompts, rows)):
+        draw.text((4, r * cell + cell // 2 - 6), prompt, fill="black")
+        for c, im in enumerate(images):
+            grid.paste(im.resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
+    return grid
+
+
+def copy_pipeline(src, dst):
+    """Copy a saved pipeline folder (safetensors + json/txt only) to `dst`."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        shutil.rmtree(dst)
+    for f in src.rglob("*"):
+        if f.is_file() and f.suffix in (".json", ".txt", ".safetensors"):
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / f.relative_to(src))
+    return dst
+
+
+def package(build_dir, dest, n_eval: int = 200, seed: int = 1234, on_event=None) -> dict:
+    """Copy `build_dir/pipeline` to `dest`, score it, time it, draw its samples grid.
+
+    Writes `dest/samples.png` and `dest/eval.json`; returns the numbers.
+    """
+    import json
+    import time
+
+    from diffusers import StableDiffusionXLPipeline
+
+    from .scoring import evaluate
+
+    build_dir, dest = Path(build_dir), Path(dest)
+    copy_pipeline(build_dir / "pipeline", dest)
+    pipe = StableDiffusionXLPipeline.from_pretrained(dest)
+    pipe.set_progress_bar_config(disable=True)
+    start = time.time()
+    generate(pipe, ["a red star on a blue background"] * 4, seed)
+    four_s = time.time() - start
+    scores = evaluate(pipe, n=n_eval, seed=seed)
+    samples_grid(pipe).save(dest / "samples.png")
+    state = json.loads((build_dir / "joint" / "state.json").read_text())
+    size = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file())
+    numbers = {"eval": scores, "eval_captions": n_eval, "eval_seed": seed,
+               "four_images_s": round(four_s, 2), "joint_steps": state["step"],
+               "joint_minutes": round(state["elapsed_s"] / 60, 1), "seed": state["seed"],
+               "folder_mb": round(size / 2**20, 2)}
+    (dest / "eval.json").write_text(json.dumps(numbers, indent=1) + "\n")
+    if on_event is not None:
+        on_event({"stage": "package", **numbers})
+    return numbers
