@@ -116,9 +116,17 @@ def set_strength(pipe, t: float) -> None:
 
 
 def merge(pipe) -> None:
-    """Write the adapted weights (at the current strength) into the base layers, in place."""
-    for layer in _layers(pipe):
-        layer.merge()
+    """Write the adapted weights (at the current strength) into the base layers, in place.
+
+    All or nothing: if a layer's merged weight is not finite, every layer is unmerged again."""
+    layers = _layers(pipe)
+    try:
+        for layer in layers:
+            layer.merge()
+    except Exception:
+        for layer in layers:
+            layer.unmerge()
+        raise
 
 
 def unmerge(pipe) -> None:
@@ -159,7 +167,7 @@ def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None
         raise ValueError("dorabooth adapters always include the UNet; this pipeline has adapters only on "
                          f"{', '.join(components)}")
     if base_model is None:
-        base_model = getattr(getattr(pipe, "config", None), "_name_or_path", None) or None
+        base_model = getattr(pipe, "name_or_path", None) or None
     return write_adapter(path, inject.adapter_state_dict(pipe), components, peft_targets=peft_targets,
                          family=family.name, base_model=base_model, version=__version__)
 

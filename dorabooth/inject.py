@@ -156,12 +156,16 @@ def inject(
         )
     setattr(model, _GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
     model.requires_grad_(False)
-    for name in names:
-        base = model.get_submodule(name)
-        layer = DoRALinear(base, rank, alpha, use_dora=use_dora, magnitude_axis=magnitude_axis,
-                           rslora=rslora, dropout=dropout)
-        layer.train(base.training)
-        _set_submodule(model, name, layer)
+    try:
+        for name in names:
+            base = model.get_submodule(name)
+            layer = DoRALinear(base, rank, alpha, use_dora=use_dora, magnitude_axis=magnitude_axis,
+                               rslora=rslora, dropout=dropout)
+            layer.train(base.training)
+            _set_submodule(model, name, layer)
+    except Exception:
+        detach(model)  # e.g. alpha <= 0 refused by the layer: put everything back
+        raise
     setattr(model, _TARGETS_ATTR, parse_targets(targets))
     return names
 
@@ -230,7 +234,7 @@ def _flattened_clip(model: nn.Module, component: str) -> bool:
 
 def canonical_name(model: nn.Module, component: str, name: str) -> str:
     """Module name as adapter files spell it (CLIP text encoders with ``text_model.``)."""
-    if _flattened_clip(model, component) and not name.startswith("text_model."):
+    if _flattened_clip(model, component) and not name.startswith("text_model.") and name != "text_projection":
         return "text_model." + name
     return name
 

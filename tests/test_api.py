@@ -88,3 +88,16 @@ def test_strength_merge_unmerge_detach(pipe):
 def test_strength_needs_adapters(pipe):
     with pytest.raises(ValueError, match="no dorabooth adapters; attach"):
         dorabooth.set_strength(pipe, 0.5)
+
+
+def test_merge_is_all_or_nothing(pipe):
+    dorabooth.attach(pipe, rank=2, text_encoders=True)
+    adapted(pipe)
+    w0 = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    layers = list(inject.iter_layers(pipe))
+    with torch.no_grad():
+        layers[-1].lora_B.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="not finite"):
+        dorabooth.merge(pipe)
+    assert not any(layer.merged for layer in layers)
+    assert all(torch.equal(v, w0[k]) for k, v in pipe.unet.state_dict().items())

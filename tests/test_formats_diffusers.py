@@ -298,6 +298,19 @@ def test_reader_accepts_peft_names_and_flat_text_encoder_paths(make_pipe, varian
     assert torch.equal(text_encoder_output(again), text_encoder_output(ours))
 
 
+def test_canonical_keys_from_every_layout():
+    te = "text_encoder.text_model.encoder.layers.3.self_attn.out_proj"
+    for key in (f"{te}.lora_linear_layer.up.weight", f"{te}.lora_B.weight",
+                "text_encoder.encoder.layers.3.self_attn.out_proj.lora_linear_layer.up.weight"):
+        assert fmt.from_file_key(key) == f"{te}.lora_B.weight"
+    assert fmt.from_file_key("text_encoder_2.text_projection.lora_A.weight") == "text_encoder_2.text_projection.lora_A.weight"
+    assert fmt.from_file_key("unet.mid_block.attentions.0.proj_in.lora.down.weight") == \
+        "unet.mid_block.attentions.0.proj_in.lora_A.weight"
+    assert fmt.from_file_key("unet.a.to_q.lora_magnitude_vector") == "unet.a.to_q.lora_magnitude_vector"
+    for unknown in ("vae.x.lora_A.weight", "unet.x.alpha", "lora_te1_x.lora_down.weight", "unet.x.lora_A.default.weight"):
+        assert fmt.from_file_key(unknown) is None
+
+
 # ---- load_adapter semantics ---------------------------------------------------------------------
 def test_load_adapter_reuses_matching_layers_and_replaces_others(tmp_path):
     make = MAKERS["sdxl"]

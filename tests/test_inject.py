@@ -137,3 +137,12 @@ def test_component_config_and_split_key():
     assert inject.split_key("unet.a.to_q.lora_magnitude_vector") == ("unet.a.to_q", "lora_magnitude_vector")
     with pytest.raises(KeyError, match="not an adapter key"):
         inject.split_key("unet.a.to_q.weight")
+
+
+def test_a_layer_refusing_its_arguments_changes_nothing():
+    te = tiny_text_encoder()
+    before = dict(te.named_modules())
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        inject.inject(te, "q_proj", rank=2, alpha=0)
+    assert dict(te.named_modules()) == before
+    assert all(p.requires_grad for p in te.parameters())

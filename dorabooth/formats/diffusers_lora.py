@@ -50,6 +50,8 @@ FORMAT_VERSION = "1"
 PEFT_METADATA_KEY = "lora_adapter_metadata"   # diffusers' LORA_ADAPTER_METADATA_KEY
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 MAGNITUDE = "lora_magnitude_vector"
+# What lives under CLIPTextModel(WithProjection).text_model (transformers 4); text_projection does not.
+_CLIP_TRANSFORMER_PARTS = ("encoder.", "embeddings.", "final_layer_norm")
 
 # diffusers.utils.state_dict_utils.PEFT_TO_DIFFUSERS, applied like its convert_state_dict:
 # first pattern contained in the key wins, substring replacement.
@@ -134,7 +136,7 @@ def from_file_key(key: str) -> str | None:
     for suffix, canonical in _READ_SUFFIXES.items():
         if rest.endswith("." + suffix):
             module = rest[: -len(suffix) - 1]
-            if component != "unet" and not module.startswith("text_model."):
+            if component != "unet" and module.startswith(_CLIP_TRANSFORMER_PARTS):
                 module = "text_model." + module   # transformers-5 style path → circulating layout
             return f"{component}.{module}.{canonical}"
     return None
