@@ -148,7 +148,12 @@ def eval_fn(case, model):
     return run
 
 
-def interleaved_medians(fns: dict, reps: int, warmup: int = 2) -> dict:
+def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """Per variant: its median time, and per reference its median per-round time ratio.
+
+    Every round runs all variants back to back, so a ratio taken within one round cancels
+    the slow drifts of a shared machine; the median over rounds drops the spikes.
+    """
     times = {k: [] for k in fns}
     for _ in range(warmup):
         for f in fns.values():
@@ -158,7 +163,10 @@ def interleaved_medians(fns: dict, reps: int, warmup: int = 2) -> dict:
             t0 = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratio = {ref: {k: statistics.median(a / b for a, b in zip(times[k], times[ref])) for k in fns}
+             for ref in fns}
+    return {"median_s": med, "ratio": ratio}
 
 
 def peak_bytes(fn) -> int:
@@ -184,7 +192,7 @@ def bench_case(case, reps):
     steps = {k: train_step_fn(case, m) for k, m in variants.items()}
     for f in steps.values():                   # settle optimizer state before measuring memory
         f()
-    t_train = interleaved_medians(steps, reps)
+    t_train = interleaved(steps, reps)
     mem = {k: peak_bytes(f) for k, f in steps.items()}
 
     for m in variants.values():
@@ -198,26 +206,26 @@ def bench_case(case, reps):
     for _, layer in dora_layers(merged_in):
         layer.merge()
     evals["db-dora-in merged"] = eval_fn(case, merged_in)
-    t_eval = interleaved_medians(evals, reps)
+    t_eval = interleaved(evals, reps)
     return {"case": case.name, "adapted_layers": n_layers, "train_s": t_train,
             "train_peak_bytes": mem, "eval_s": t_eval}
 
 
 def report(r):
-    ref_t, ref_m = r["train_s"]["peft-lora"], r["train_peak_bytes"]["peft-lora"]
+    tr, mem = r["train_s"], r["train_peak_bytes"]
+    ref_m = mem["peft-lora"]
     print(f"\n## {r['case']} ({r['adapted_layers']} adapted layers, r={RANK})")
-    print("| variant | train step | × PEFT LoRA | peak MiB | × PEFT LoRA | × PEFT DoRA time |")
+    print("| variant | train step (median) | time × PEFT LoRA | time × PEFT DoRA | peak MiB | memory × PEFT LoRA |")
     print("|---|---|---|---|---|---|")
-    for k in r["train_s"]:
-        t, m = r["train_s"][k], r["train_peak_bytes"][k]
-        print(f"| {k} | {t * 1e3:.1f} ms | {t / ref_t:.3f} | {m / 2**20:.1f} | {m / ref_m:.3f} "
-              f"| {t / r['train_s']['peft-dora']:.3f} |")
-    e = r["eval_s"]
-    print("| eval forward | time | × db merged |  |  |  |")
-    print("|---|---|---|---|---|---|")
-    for k, t in e.items():
+    for k, t in tr["median_s"].items():
+        print(f"| {k} | {t * 1e3:.1f} ms | {tr['ratio']['peft-lora'][k]:.3f} | {tr['ratio']['peft-dora'][k]:.3f} "
+              f"| {mem[k] / 2**20:.1f} | {mem[k] / ref_m:.3f} |")
+    ev = r["eval_s"]
+    print("\n| eval forward (no grad) | median | × dorabooth merged, same axis |")
+    print("|---|---|---|")
+    for k, t in ev["median_s"].items():
         axis = "in" if "-in" in k else "out"
-        print(f"| {k} | {t * 1e3:.1f} ms | {t / e[f'db-dora-{axis} merged']:.3f} |  |  |  |")
+        print(f"| {k} | {t * 1e3:.1f} ms | {ev['ratio'][f'db-dora-{axis} merged'][k]:.3f} |")
 
 
 def main(argv=None):
