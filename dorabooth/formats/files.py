@@ -33,22 +33,27 @@ def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
         raise FileNotFoundError(f"{p}: no such {what}")
     if p.is_dir():
         raise IsADirectoryError(f"{p} is a folder; pass the {what} (.safetensors) itself")
+    pickle_msg = (f"{p}: a pickle-based checkpoint; dorabooth reads only .safetensors, because opening a "
+                  f"pickle can run code. Convert it with a tool you trust first.")
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(pickle_msg)
+    size = p.stat().st_size
     with open(p, "rb") as f:
         head = f.read(8)
-        if p.suffix.lower() in PICKLE_SUFFIXES or head[:2] == b"PK" or head[:1] == b"\x80":
-            raise ValueError(f"{p}: a pickle-based checkpoint ({p.suffix or 'zip/pickle data'}); dorabooth "
-                             f"reads only .safetensors, because opening a pickle can run code. Convert it "
-                             f"with a tool you trust first.")
+        looks_pickled = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
         if len(head) < 8:
-            raise ValueError(f"{p}: empty or truncated ({p.stat().st_size} bytes); not a .safetensors {what}")
+            raise ValueError(f"{p}: empty or truncated ({size} bytes); not a .safetensors {what}")
         (n,) = struct.unpack("<Q", head)
-        size = p.stat().st_size
         if n > _MAX_HEADER or 8 + n > size:
+            if looks_pickled:
+                raise ValueError(pickle_msg)
             raise ValueError(f"{p}: not a valid .safetensors {what} (header length {n} does not fit the "
                              f"{size}-byte file: truncated download or another file type)")
         try:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            if looks_pickled:
+                raise ValueError(pickle_msg) from None
             raise ValueError(f"{p}: corrupt .safetensors header ({e})") from None
     end = max((int(v["data_offsets"][1]) for k, v in header.items()
                if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)

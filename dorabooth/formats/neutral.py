@@ -94,6 +94,8 @@ class Adapter:
     rslora: bool | None = None
     base_model: str | None = None
     targets: dict[str, list[str]] | None = None   # per component, if the file says
+    file_names: dict[str, str] = field(default_factory=dict)      # module key → name in the file
+    magnitude_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored
 
     @property
     def method(self) -> str:

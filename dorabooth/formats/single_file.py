@@ -1,0 +1,250 @@
+"""Single-file checkpoints in the original layout (DESIGN §7): diffusers components → one file.
+
+The inverse of diffusers' ``convert_ldm_unet_checkpoint``, ``convert_ldm_vae_checkpoint``,
+``convert_ldm_clip_checkpoint`` and ``convert_open_clip_checkpoint``::
+
+    unet            model.diffusion_model.<input_blocks|middle_block|output_blocks…>
+    vae             first_stage_model.<encoder.down.i.block.j…>   (mid attention as 1×1 convs)
+    text_encoder    SD 1.x  cond_stage_model.transformer.text_model.…       (CLIP, HF layout)
+                    SD 2.x  cond_stage_model.model.…                        (OpenCLIP layout)
+                    SDXL    conditioner.embedders.0.transformer.text_model.…
+    text_encoder_2  SDXL    conditioner.embedders.1.model.…                 (OpenCLIP layout)
+
+OpenCLIP layout: ``q_proj``/``k_proj``/``v_proj`` concatenated along the output axis into
+``transformer.resblocks.i.attn.in_proj_weight`` (3·d, d) and ``in_proj_bias``;
+``text_projection`` stored transposed ((hidden, proj), used as ``x @ P``); ``layer_norm1/2`` →
+``ln_1/2``, ``mlp.fc1/fc2`` → ``mlp.c_fc/c_proj``, final norm → ``ln_final``, embeddings →
+``token_embedding.weight`` / ``positional_embedding``.
+
+Every diffusers parameter has a :class:`Target`: an original key, and for q/k/v the part
+(0, 1, 2) of a concatenated tensor, or a transform. Writers assemble a whole file from
+component state dicts, or replace only some weights inside an existing single file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .layout import UNetLayout, text_module, unet_to_original
+
+PREFIX = {
+    "sd1": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+            "text_encoder": ("clip", "cond_stage_model.transformer.")},
+    "sd2": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+            "text_encoder": ("openclip", "cond_stage_model.model.")},
+    "sdxl": {"unet": "model.diffusion_model.", "vae": "first_stage_model.",
+             "text_encoder": ("clip", "conditioner.embedders.0.transformer."),
+             "text_encoder_2": ("openclip", "conditioner.embedders.1.model.")},
+}
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+
+
+@dataclass(frozen=True)
+class Target:
+    key: str                    # original-layout key
+    part: int | None = None     # index in a q/k/v concatenation along dim 0
+    transform: str | None = None  # "T" (transpose), "conv1x1" ((c, c) → (c, c, 1, 1))
+
+
+# ---- per component -------------------------------------------------------------------------
+def _vae_name(key: str) -> tuple[str, str | None]:
+    """diffusers AutoencoderKL key → (original key, transform)."""
+    top = {"encoder.conv_norm_out": "encoder.norm_out", "decoder.conv_norm_out": "decoder.norm_out"}
+    for a, b in top.items():
+        if key.startswith(a + "."):
+            return b + key[len(a):], None
+    p = key.split(".")
+    if p[0] in ("quant_conv", "post_quant_conv") or p[1] in ("conv_in", "conv_out"):
+        return key, None
+    side = p[0]
+    if p[1] == "mid_block":
+        if p[2] == "resnets":
+            return ".".join([side, "mid", f"block_{int(p[3]) + 1}", *_vae_resnet(p[4:])]), None
+        if p[2] == "attentions":
+            rename = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}
+            rest = p[4:]
+            if rest[0] == "to_out":
+                rest = rest[2:]          # to_out.0.weight → proj_out.weight
+                name = "proj_out"
+            else:
+                name = rename[rest[0]]
+                rest = rest[1:]
+            conv = name != "norm" and rest[-1] == "weight"
+            return ".".join([side, "mid", "attn_1", name, *rest]), "conv1x1" if conv else None
+    if side == "encoder" and p[1] == "down_blocks":
+        i = int(p[2])
+        if p[3] == "downsamplers":
+            return ".".join(["encoder", "down", str(i), "downsample", "conv", *p[6:]]), None
+        return ".".join(["encoder", "down", str(i), "block", p[4], *_vae_resnet(p[5:])]), None
+    if side == "decoder" and p[1] == "up_blocks":
+        raise KeyError("decoder up blocks need the block count")  # handled in vae_target
+    raise KeyError(key)
+
+
+def _vae_resnet(rest: list[str]) -> list[str]:
+    return ["nin_shortcut" if rest[0] == "conv_shortcut" else rest[0], *rest[1:]]
+
+
+def vae_target(key: str, num_up_blocks: int) -> Target:
+    p = key.split(".")
+    if p[0] == "decoder" and p[1] == "up_blocks":
+        i = num_up_blocks - 1 - int(p[2])       # diffusers counts up blocks from the bottom
+        if p[3] == "upsamplers":
+            return Target(".".join(["decoder", "up", str(i), "upsample", "conv", *p[6:]]))
+        return Target(".".join(["decoder", "up", str(i), "block", p[4], *_vae_resnet(p[5:])]))
+    name, transform = _vae_name(key)
+    return Target(name, None, transform)
+
+
+_OPENCLIP_TOP = {
+    "text_model.embeddings.token_embedding.weight": Target("token_embedding.weight"),
+    "text_model.embeddings.position_embedding.weight": Target("positional_embedding"),
+    "text_model.final_layer_norm.weight": Target("ln_final.weight"),
+    "text_model.final_layer_norm.bias": Target("ln_final.bias"),
+    "text_projection.weight": Target("text_projection", transform="T"),
+}
+_OPENCLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                   "self_attn.out_proj": "attn.out_proj"}
+
+
+def openclip_target(key: str) -> Target | None:
+    """CLIPTextModel(WithProjection) key → OpenCLIP target; None for buffers OpenCLIP lacks."""
+    key = text_module(key)
+    if key in _OPENCLIP_TOP:
+        return _OPENCLIP_TOP[key]
+    p = key.split(".")
+    if key.endswith("position_ids"):
+        return None
+    if p[:3] == ["text_model", "encoder", "layers"]:
+        i, rest = p[3], ".".join(p[4:])
+        for q, n in (("self_attn.q_proj.", 0), ("self_attn.k_proj.", 1), ("self_attn.v_proj.", 2)):
+            if rest.startswith(q):
+                return Target(f"transformer.resblocks.{i}.attn.in_proj_{rest[len(q):]}", part=n)
+        for a, b in _OPENCLIP_LAYER.items():
+            if rest.startswith(a + "."):
+                return Target(f"transformer.resblocks.{i}.{b}{rest[len(a):]}")
+    raise KeyError(f"text encoder key {key!r} has no OpenCLIP equivalent")
+
+
+def clip_target(key: str) -> Target | None:
+    if key.endswith("position_ids"):
+        return None
+    return Target(text_module(key))
+
+
+def component_target(family: str, component: str, key: str, *, layout: UNetLayout | None = None,
+                     num_up_blocks: int = 4) -> Target | None:
+    """The original-layout target of one diffusers parameter (None: not stored there)."""
+    prefixes = PREFIX[family]
+    if component not in prefixes:
+        raise ValueError(f"a {family} checkpoint has no {component}")
+    if component == "unet":
+        return Target(prefixes["unet"] + unet_to_original(key, layout))
+    if component == "vae":
+        t = vae_target(key, num_up_blocks)
+        return Target(prefixes["vae"] + t.key, t.part, t.transform)
+    kind, prefix = prefixes[component]
+    t = clip_target(key) if kind == "clip" else openclip_target(key)
+    return None if t is None else Target(prefix + t.key, t.part, t.transform)
+
+
+# ---- whole files -----------------------------------------------------------------------------
+def _apply(t: torch.Tensor, transform: str | None) -> torch.Tensor:
+    if transform == "T":
+        return t.t().contiguous()
+    if transform == "conv1x1" and t.ndim == 2:
+        return t.reshape(*t.shape, 1, 1)
+    return t
+
+
+def _undo(t: torch.Tensor, transform: str | None) -> torch.Tensor:
+    if transform == "T":
+        return t.t().contiguous()
+    if transform == "conv1x1" and t.ndim == 4:
+        return t.reshape(t.shape[0], t.shape[1])
+    return t
+
+
+class Mapper:
+    """Targets for the components of one pipeline (configs read once)."""
+
+    def __init__(self, family: str, unet_config, vae_config=None):
+        self.family = family
+        self.layout = UNetLayout.from_config(unet_config)
+        get = (vae_config.get if isinstance(vae_config, dict) else (lambda k, d=None: getattr(vae_config, k, d))) \
+            if vae_config is not None else (lambda k, d=None: d)
+        self.num_up_blocks = len(get("up_block_types", ()) or ()) or 4
+
+    def target(self, component: str, key: str) -> Target | None:
+        try:
+            return component_target(self.family, component, key, layout=self.layout, num_up_blocks=self.num_up_blocks)
+        except KeyError as e:
+            raise KeyError(f"{component}.{key}: no original-layout key ({e})") from None
+
+    def to_original(self, components: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Whole component state dicts → one original-layout state dict."""
+        out: dict[str, torch.Tensor] = {}
+        parts: dict[str, dict[int, torch.Tensor]] = {}
+        for component, sd in components.items():
+            for key, tensor in sd.items():
+                t = self.target(component, key)
+                if t is None:
+                    continue
+                if t.part is None:
+                    if t.key in out:
+                        raise ValueError(f"two parameters map to {t.key}")
+                    out[t.key] = _apply(tensor, t.transform)
+                else:
+                    parts.setdefault(t.key, {})[t.part] = tensor
+        for key, p in parts.items():
+            if sorted(p) != [0, 1, 2]:
+                raise ValueError(f"{key}: q, k and v projections are all needed, got parts {sorted(p)}")
+            out[key] = torch.cat([p[0], p[1], p[2]], dim=0)
+        return out
+
+    def read(self, original: dict[str, torch.Tensor], component: str, key: str) -> torch.Tensor:
+        """One diffusers parameter's value inside an original-layout state dict."""
+        t = self.target(component, key)
+        if t is None or t.key not in original:
+            raise KeyError(f"{component}.{key}: {t.key if t else 'nothing'} is not in the checkpoint")
+        v = original[t.key]
+        if t.part is not None:
+            d = v.shape[0] // 3
+            v = v[t.part * d:(t.part + 1) * d]
+        return _undo(v, t.transform)
+
+    def replace(self, original: dict[str, torch.Tensor], updates: dict[tuple[str, str], torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A copy of ``original`` with some diffusers parameters replaced (shapes checked)."""
+        out = dict(original)
+        for (component, key), value in updates.items():
+            t = self.target(component, key)
+            if t is None or t.key not in original:
+                raise KeyError(f"{component}.{key}: the base checkpoint has no {t.key if t else 'such key'}")
+            v = _apply(value, t.transform)
+            if t.part is None:
+                if tuple(v.shape) != tuple(original[t.key].shape):
+                    raise ValueError(f"{t.key}: new shape {tuple(v.shape)} != {tuple(original[t.key].shape)}")
+                out[t.key] = v.to(original[t.key].dtype)
+            else:
+                if out[t.key] is original[t.key]:
+                    out[t.key] = original[t.key].clone()
+                d = out[t.key].shape[0] // 3
+                if tuple(v.shape) != tuple(out[t.key][t.part * d:(t.part + 1) * d].shape):
+                    raise ValueError(f"{t.key} part {t.part}: new shape {tuple(v.shape)} does not fit")
+                out[t.key][t.part * d:(t.part + 1) * d] = v.to(out[t.key].dtype)
+        return out
+
+
+def modelspec(family: str, title: str) -> dict[str, str]:
+    import time
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCH[family],
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
+        "modelspec.title": title,
+        "modelspec.resolution": "1024x1024" if family == "sdxl" else "512x512",
+        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
