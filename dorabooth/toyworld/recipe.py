@@ -5,6 +5,7 @@ resumes where it stopped):
   1. data      render the world            -> data.safetensors, captions.json
   2. vae       train the AutoencoderKL     -> vae/
   3. latents   encode every image once     -> latents.safetensors
+  3b. decoder  sharpen the VAE decoder on the frozen latents -> vae_polished/
   4. joint     text encoders + UNet        -> joint/ckpt.safetensors + joint/state.json
                (v-prediction, min-SNR 5, AdamW, cosine over a wall-clock budget, EMA)
   5. pipeline  EMA weights as a StableDiffusionXLPipeline -> pipeline/
@@ -37,6 +38,7 @@ class Recipe:
     n_images: int = 50_000
     two_colour_share: float = 0.5
     vae_minutes: float = 7.0
+    decoder_minutes: float = 20.0
     vae_batch: int = 32
     vae_lr: float = 1e-3
     batch: int = 32
@@ -136,6 +138,49 @@ def encode_latents(out: Path, vae, images):
                   str(path))
     t = load_file(str(path))
     return t["mean"], t["logvar"]
+
+
+# ---------------------------------------------------------------- stage 3b: decoder
+def polish_decoder(out: Path, vae, images, latents, recipe: Recipe, seed: int, steps, on_event):
+    """Train the VAE decoder alone on the frozen encoder's latents -> vae_polished/.
+
+    The latents (and so the UNet's target distribution) do not change; edges get sharper.
+    """
+    from diffusers import AutoencoderKL
+
+    if (out / "vae_polished" / "config.json").exists():
+        return AutoencoderKL.from_pretrained(out / "vae_polished")
+    vae = deepcopy(vae)
+    vae.requires_grad_(False)
+    decoder = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in decoder:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(decoder, recipe.vae_lr * 0.5, weight_decay=0.0)
+    mean, logvar = latents
+    g = torch.Generator().manual_seed(seed + 1)
+    budget = recipe.decoder_minutes * 60
+    start, step = time.time(), 0
+    while (step < steps) if steps else (time.time() - start < budget):
+        progress = step / steps if steps else (time.time() - start) / budget
+        for group in opt.param_groups:
+            group["lr"] = recipe.vae_lr * 0.25 * (1 + math.cos(math.pi * min(progress, 1)))
+        idx = torch.randint(len(images), (recipe.vae_batch,), generator=g)
+        z = mean[idx] + (0.5 * logvar[idx]).exp() * torch.randn(mean[idx].shape, generator=g)
+        x = to_pixels(images[idx])
+        recon = vae.decode(z).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + F.l1_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if step % 100 == 0 or step == steps:
+            _emit(on_event, stage="decoder", step=step, mse=round(mse.item(), 5),
+                  elapsed=round(time.time() - start, 1))
+    vae.requires_grad_(False)
+    vae.save_pretrained(out / "vae_polished", safe_serialization=True)
+    _emit(on_event, stage="decoder", done=True, steps=step, mse=round(mse.item(), 5))
+    return vae
 
 
 # ---------------------------------------------------------------- stage 4: joint
@@ -344,12 +389,13 @@ def build(out_dir, minutes: float = 120.0, seed: int = 0, on_event=None, steps: 
     vae.requires_grad_(False).eval()
     latents = encode_latents(out, vae, images)
     _emit(on_event, stage="latents", shape=list(latents[0].shape))
+    decoder_vae = polish_decoder(out, vae, images, latents, recipe, seed, steps, on_event)
     tokenizer = load_tokenizer(write_tokenizer(out / "tokenizer"))
     override = None if joint_minutes is None else joint_minutes * 60
     budget_s = override or max(60.0, minutes * 60 - (time.time() - start) - 60)
     ema, state = train_joint(out, latents, captions, tokenizer, vae, recipe, seed, steps,
                              None if steps else budget_s, on_event, override)
-    pipe = assemble(vae, ema, tokenizer)
+    pipe = assemble(decoder_vae, ema, tokenizer)
     save_pipeline(pipe, out / "pipeline")
     _emit(on_event, stage="pipeline", done=True, path=str(out / "pipeline"),
           steps=state["step"], wall_s=round(time.time() - start, 1))
@@ -361,7 +407,8 @@ def pipeline_from_checkpoint(out_dir):
     from diffusers import AutoencoderKL
 
     out = Path(out_dir)
-    vae = AutoencoderKL.from_pretrained(out / "vae")
+    polished = out / "vae_polished"
+    vae = AutoencoderKL.from_pretrained(polished if polished.exists() else out / "vae")
     tokenizer = load_tokenizer(out / "tokenizer")
     channels = tuple(json.loads((out / "joint" / "state.json").read_text())["recipe"]["unet_channels"])
     te1, te2 = models.make_text_encoders(len(tokenizer), tokenizer.bos_token_id,

@@ -14,7 +14,7 @@ def test_five_step_recipe_makes_a_loadable_pipeline(tmp_path):
     events = []
     folder = build(tmp_path / "toy", steps=5, seed=1, on_event=events.append)
     stages = {e["stage"] for e in events}
-    assert {"data", "vae", "latents", "joint", "pipeline"} <= stages
+    assert {"data", "vae", "latents", "decoder", "joint", "pipeline"} <= stages
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
     assert (folder / "tokenizer" / "vocab.json").exists()
     assert (folder / "tokenizer" / "merges.txt").exists()
