@@ -489,3 +489,16 @@ def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str
     te_layers = _te_layers(pipe) if pipe is not None else _te_layers_guess(adapter)
     info["consumers"] = [v.to_dict() for v in report_for(adapter, kind, keys, family, unet_config, te_layers, base)]
     return info
+
+
+# ``dorabooth.export(...)`` is the public entry point, and ``dorabooth.export`` is also this
+# module (importing a submodule binds its name on the package). Making the module callable
+# keeps both true whichever import happens first.
+class _CallableModule(type(json)):
+    def __call__(self, *args, **kwargs) -> ExportResult:
+        return export(*args, **kwargs)
+
+
+import sys as _sys  # noqa: E402
+
+_sys.modules[__name__].__class__ = _CallableModule

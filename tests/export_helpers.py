@@ -28,8 +28,24 @@ def make_sdxl_wide(seed: int = 0):
         tokenizer=tiny_tokenizer(), tokenizer_2=tiny_tokenizer(), unet=unet, scheduler=_scheduler())
 
 
-BUILDERS = {**MAKERS, "sdxl_wide": make_sdxl_wide}
-FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "sdxl_wide": "sdxl"}
+def make_sd2(seed: int = 0):
+    """Tiny SD 2.x: the SD 1.5 layout with an OpenCLIP-style (gelu) text encoder."""
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from tiny_models import tiny_sd15_unet
+
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=523, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                      num_attention_heads=4, max_position_embeddings=77, hidden_act="gelu",
+                                      bos_token_id=521, eos_token_id=522, pad_token_id=522)).eval()
+    return StableDiffusionPipeline(vae=tiny_vae(seed), text_encoder=te, tokenizer=tiny_tokenizer(),
+                                   unet=tiny_sd15_unet(seed), scheduler=_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+BUILDERS = {**MAKERS, "sdxl_wide": make_sdxl_wide, "sd2": make_sd2}
+FAMILY = {"sd15": "sd1", "sdxl": "sdxl", "sdxl_wide": "sdxl", "sd2": "sd2"}
 
 
 def adapted(kind: str, axis: str = "out", *, seed: int = 1, std: float = 0.05, method: str = "dora",

@@ -24,14 +24,15 @@ from export_helpers import BUILDERS, adapted
 from tiny_models import text_encoder_output, unet_output
 
 TOL = 1e-5
-CLS = {"sd15": StableDiffusionPipeline, "sdxl_wide": StableDiffusionXLPipeline}
+CLS = {"sd15": StableDiffusionPipeline, "sd2": StableDiffusionPipeline, "sdxl_wide": StableDiffusionXLPipeline}
 
 
 def rel(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.fixture(scope="module", params=[("sd15", "out"), ("sdxl_wide", "in")], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="module", params=[("sd15", "out"), ("sd2", "in"), ("sdxl_wide", "in")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def case(request, tmp_path_factory):
     kind, axis = request.param
     d = tmp_path_factory.mktemp(kind)
@@ -57,6 +58,20 @@ def test_merged_diffusers_equals_unmerged(case):
     assert all(not layer.merged for layer in inject.iter_layers(pipe))
 
 
+def test_merged_images_equal_unmerged_images(case):
+    kind, axis, pipe, adapter, base, d = case
+    if kind != "sd15":
+        pytest.skip("once is enough: the UNet/text-encoder equality above covers every family")
+    merged = CLS[kind].from_pretrained(export(adapter, format="merged-diffusers", out=d / "img", model=str(base)).path)
+
+    def image(p):
+        return p("a photo of sks dog", num_inference_steps=3, guidance_scale=4.0, height=16, width=16,
+                 generator=torch.Generator().manual_seed(0), output_type="pt").images
+
+    a, b = image(pipe), image(merged)
+    assert (a - b).abs().max().item() <= 1e-4, (a - b).abs().max().item()
+
+
 def test_single_file_loads_with_from_single_file(case):
     kind, axis, pipe, adapter, base, d = case
     folder = export(adapter, format="merged-diffusers", out=d / "m2", model=str(base)).path
@@ -72,11 +87,14 @@ def test_single_file_loads_with_from_single_file(case):
             assert torch.equal(sa[k], sb[k]), f"{c}.{k}"
     with safe_open(str(single), framework="pt") as f:
         meta, keys = f.metadata(), set(f.keys())
-    prefix = "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" if kind != "sd15" else \
-        "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
-    assert prefix in keys and "model.diffusion_model.input_blocks.0.0.weight" in keys
-    assert meta["modelspec.architecture"] == ("stable-diffusion-xl-v1-base" if kind != "sd15" else "stable-diffusion-v1")
-    assert meta["dorabooth.family"] == ("sdxl" if kind != "sd15" else "sd1")
+    text_key = {"sdxl_wide": "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight",
+                "sd2": "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight",
+                "sd15": "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"}[kind]
+    assert text_key in keys and "model.diffusion_model.input_blocks.0.0.weight" in keys
+    family = {"sd15": "sd1", "sd2": "sd2", "sdxl_wide": "sdxl"}[kind]
+    assert meta["modelspec.architecture"] == {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512",
+                                              "sdxl": "stable-diffusion-xl-v1-base"}[family]
+    assert meta["dorabooth.family"] == family
 
 
 def test_strength_zero_is_the_base_bit_for_bit(case):
@@ -148,7 +166,7 @@ def test_dtype_finiteness_and_atomic_write(case):
 
 def test_family_mismatch_is_refused(case, tmp_path):
     kind, axis, pipe, adapter, base, d = case
-    other = "sd15" if kind != "sd15" else "sdxl_wide"
+    other = "sdxl_wide" if kind != "sdxl_wide" else "sd15"
     BUILDERS[other]().save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="made for a .* model, but the base model is"):
         export(adapter, format="merged-diffusers", out=tmp_path / "x", model=str(tmp_path / "other"))

@@ -323,8 +323,10 @@ def _verdict(consumer: str, view: FileView, apply: dict, base, why_exact: str, w
     else:
         exact = structural_exact and applied == total
     status = "exact" if exact else "approximate"
-    v = Verdict(consumer, status, applied, total, why_exact if exact else why_approx,
-                "" if exact else instead, err, err_up, worst)
+    why = why_exact if exact else why_approx
+    if applied < total:
+        why += f"; {total - applied} of {total} modules are not matched by {consumer}'s key names and not applied"
+    v = Verdict(consumer, status, applied, total, why, "" if exact else instead, err, err_up, worst)
     if base is None:
         v.notes.append("pass --model to measure the weight error")
     return v
