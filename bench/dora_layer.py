@@ -169,21 +169,24 @@ def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
     return {"median_s": med, "ratio": ratio}
 
 
-def peak_bytes(fn) -> int:
-    """Most live tensor bytes during one call, from the profiler's memory timeline."""
+def peak_bytes(fn) -> tuple[int, int]:
+    """(peak, added): the most live tensor bytes during one call, and that peak minus the
+    tensors alive before the call (weights, optimizer state), from the profiler's timeline."""
     from torch.profiler import ProfilerActivity, profile
     from torch.profiler._memory_profiler import Action
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
                  with_stack=True) as prof:
         fn()
-    cur = peak = 0
+    cur = peak = resident = 0
     for _, action, _, size in prof._memory_profile().timeline:
+        if action == Action.PREEXISTING:
+            resident += size
         if action in (Action.PREEXISTING, Action.CREATE):
             cur += size
         elif action == Action.DESTROY:
             cur -= size
         peak = max(peak, cur)
-    return peak
+    return peak, peak - resident
 
 
 def bench_case(case, reps):
@@ -212,14 +215,16 @@ def bench_case(case, reps):
 
 
 def report(r):
-    tr, mem = r["train_s"], r["train_peak_bytes"]
-    ref_m = mem["peft-lora"]
+    tr, mem = r["train_s"], {k: v[0] for k, v in r["train_peak_bytes"].items()}
+    added = {k: v[1] for k, v in r["train_peak_bytes"].items()}
+    ref_m, ref_a = mem["peft-lora"], added["peft-lora"]
     print(f"\n## {r['case']} ({r['adapted_layers']} adapted layers, r={RANK})")
-    print("| variant | train step (median) | time × PEFT LoRA | time × PEFT DoRA | peak MiB | memory × PEFT LoRA |")
-    print("|---|---|---|---|---|---|")
+    print("| variant | train step (median) | time × PEFT LoRA | time × PEFT DoRA | peak MiB | peak × PEFT LoRA "
+          "| step-added MiB | added × PEFT LoRA |")
+    print("|---|---|---|---|---|---|---|---|")
     for k, t in tr["median_s"].items():
         print(f"| {k} | {t * 1e3:.1f} ms | {tr['ratio']['peft-lora'][k]:.3f} | {tr['ratio']['peft-dora'][k]:.3f} "
-              f"| {mem[k] / 2**20:.1f} | {mem[k] / ref_m:.3f} |")
+              f"| {mem[k] / 2**20:.1f} | {mem[k] / ref_m:.3f} | {added[k] / 2**20:.1f} | {added[k] / ref_a:.3f} |")
     ev = r["eval_s"]
     print("\n| eval forward (no grad) | median | × dorabooth merged, same axis |")
     print("|---|---|---|")
