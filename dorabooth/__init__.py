@@ -251,3 +251,13 @@ def _matches(current: dict, spec) -> bool:
 
 
 __all__ = ["__version__", "attach", "detach", "set_strength", "merge", "unmerge", "save_adapter", "load_adapter"]
+
+
+# ---- training and generation ---------------------------------------------------------------
+# Imported eagerly: importing a submodule binds its name on the package, so a lazy wrapper
+# named ``train`` would be replaced by the module ``dorabooth.train`` on first use.
+from .config import TrainConfig  # noqa: E402
+from .generate import Session, generate  # noqa: E402
+from .train import train  # noqa: E402
+
+__all__ += ["train", "generate", "TrainConfig", "Session"]

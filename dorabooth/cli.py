@@ -1,0 +1,241 @@
+"""``dorabooth`` command line: argparse subcommands over the library; no logic of its own.
+
+Each subcommand is a pair ``_add_<name>(subparsers)`` / ``_run_<name>(args) -> exit code``
+registered in ``COMMANDS``; new ones (export, convert, adapter-info, analyze, eval) add a
+pair there. Flag names are a stable interface for scripts: add, don't rename.
+Progress is printed from the same events the Python API's ``on_event`` receives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+TRAIN_EPILOG = """\
+Defaults marked "family default" depend on the base model (see the README's table):
+resolution, steps, learning rate, rank, number of class images. The resolved values are
+written to RUN_DIR/config.json. `--resume` continues RUN_DIR from its newest checkpoint
+(other flags may be left out; they come from RUN_DIR/config.json).
+Multi-GPU: accelerate launch -m dorabooth train ...
+"""
+
+
+def _flag(p, *names, **kw):
+    """Flags default to "not given" so that --config / a resumed run's config.json fill them."""
+    kw.setdefault("default", argparse.SUPPRESS)
+    return p.add_argument(*names, **kw)
+
+
+def _bool(p, name, help):
+    return _flag(p, name, action=argparse.BooleanOptionalAction, help=help)
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a DreamBooth adapter on a few photos of a subject",
+                       description="Train a DreamBooth DoRA/LoRA adapter (or a full UNet fine-tune).",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("subject")
+    _flag(g, "--images", metavar="DIR", help="folder of 3–20 subject photos; name.txt beside name.jpg = caption")
+    _flag(g, "--token", help="rare word that will mean the subject (default: sks)")
+    _flag(g, "--class-noun", dest="class_noun", help="what the subject is, e.g. dog")
+    _flag(g, "--out", metavar="RUN_DIR", help="run folder to create (or continue with --resume)")
+    _flag(g, "--instance-prompt", dest="instance_prompt", help='default: "a photo of <token> <class noun>"')
+    _flag(g, "--class-prompt", dest="class_prompt", help='default: "a photo of <class noun>"')
+    _flag(g, "--model", metavar="M",
+          help="base model: hub id, diffusers folder or .safetensors file (default: the embedded toy model)")
+    g = p.add_argument_group("method")
+    _flag(g, "--method", choices=("dora", "lora", "full"), help="default: dora; full = fine-tune the whole UNet")
+    _flag(g, "--rank", type=int, metavar="N", help="adapter rank (family default)")
+    _flag(g, "--alpha", type=float, metavar="A", help="scale = alpha / rank (default alpha = rank)")
+    _bool(g, "--half-rank", "DoRA†: the DoRA paper's half-rank setting (uses rank // 2)")
+    _flag(g, "--magnitude-axis", dest="magnitude_axis", choices=("out", "in"),
+          help="out (default; PEFT/diffusers files) or in (kohya dora_scale (1, in): A1111/ComfyUI)")
+    _bool(g, "--rslora", "rank-stabilised scale alpha / sqrt(rank)")
+    _flag(g, "--targets", help="UNet targets: attn (default), cross-attn, attn+ff, all-linear, or module names")
+    _bool(g, "--train-text-encoders", "adapters on the text encoder(s) too (both on SDXL)")
+    _flag(g, "--text-encoder-lr", dest="text_encoder_lr", type=float, metavar="LR", help="default: --lr")
+    g = p.add_argument_group("data")
+    _flag(g, "--resolution", type=int, metavar="PX", help="training side in pixels (family default)")
+    _bool(g, "--buckets", "aspect-ratio buckets instead of a centre crop")
+    _bool(g, "--flip", "random horizontal flips")
+    g = p.add_argument_group("prior preservation")
+    _bool(g, "--prior-preservation", "class images keep the class as the base model drew it (default: on)")
+    _flag(g, "--class-images", dest="class_images", metavar="DIR",
+          help="class image folder, reused across runs (default: RUN_DIR/class)")
+    _flag(g, "--num-class-images", dest="num_class_images", type=int, metavar="N",
+          help="generate with the base model up to N class images (family default)")
+    _flag(g, "--prior-loss-weight", dest="prior_loss_weight", type=float, metavar="W", help="default: 1.0")
+    _flag(g, "--class-image-steps", dest="class_image_steps", type=int, metavar="N",
+          help="sampler steps per class image (family default)")
+    g = p.add_argument_group("optimisation")
+    _flag(g, "--steps", type=int, metavar="N", help="optimizer steps (family default)")
+    _flag(g, "--lr", type=float, metavar="LR", help="learning rate (family default)")
+    _flag(g, "--lr-schedule", dest="lr_schedule", choices=("constant", "cosine", "linear"), help="default: constant")
+    _flag(g, "--warmup-steps", dest="warmup_steps", type=int, metavar="N", help="linear warm-up (default 0)")
+    _flag(g, "--batch-size", dest="batch_size", type=int, metavar="N", help="subject images per step (default 1)")
+    _flag(g, "--grad-accum", dest="grad_accum", type=int, metavar="N", help="gradient accumulation (default 1)")
+    _flag(g, "--max-grad-norm", dest="max_grad_norm", type=float, metavar="X", help="clip (default 1.0)")
+    _flag(g, "--optimizer", choices=("adamw", "adamw8bit"), help="adamw8bit needs bitsandbytes + CUDA")
+    _flag(g, "--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0.01)")
+    _flag(g, "--min-snr-gamma", dest="min_snr_gamma", type=float, metavar="G", help="Min-SNR γ (default 5)")
+    _bool(g, "--min-snr", "Min-SNR loss weighting (--no-min-snr: plain MSE)")
+    _flag(g, "--noise-offset", dest="noise_offset", type=float, metavar="X", help="default 0")
+    _flag(g, "--seed", type=int, metavar="N", help="default 0")
+    g = p.add_argument_group("speed and memory")
+    _flag(g, "--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), help="default: no")
+    _bool(g, "--gradient-checkpointing", "trade compute for memory")
+    _bool(g, "--cache-latents", "encode images with the VAE once (default: on)")
+    g = p.add_argument_group("run")
+    _flag(g, "--validation-prompt", dest="validation_prompts", nargs="+", metavar="TEXT",
+          help="preview prompts (default: the instance prompt)")
+    _flag(g, "--sample-every", dest="sample_every", type=int, metavar="N",
+          help="preview images every N steps (default: only at the end)")
+    _flag(g, "--checkpoint-every", dest="checkpoint_every", type=int, metavar="N",
+          help="checkpoint every N steps (default: steps / 4)")
+    _flag(g, "--keep-checkpoints", dest="keep_checkpoints", type=int, metavar="K", help="default 2")
+    _bool(g, "--resume", "continue RUN_DIR from its newest checkpoint")
+    _flag(g, "--config", dest="config_file", metavar="FILE",
+          help="start from a JSON config (e.g. another run's config.json); flags override it")
+    _output_flags(p)
+    p.set_defaults(handler=_run_train)
+
+
+def _output_flags(p) -> None:
+    p.add_argument("--json", action="store_true", help="print events as JSON lines on stdout instead of a bar")
+    p.add_argument("--quiet", action="store_true", help="print only errors and the result path")
+
+
+def train_config_from_args(args):
+    """A TrainConfig from --config / RUN_DIR/config.json (with --resume) overlaid with the flags given."""
+    from .config import TrainConfig, read_run_config
+
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("handler", "command", "json", "quiet", "config_file", "min_snr")}
+    if "min_snr" in vars(args) and not args.min_snr:
+        given["min_snr_gamma"] = None
+    base: dict = {}
+    if getattr(args, "config_file", None):
+        data = json.loads(Path(args.config_file).read_text())
+        base = data.get("config", data)
+        for mechanic in ("out", "resume"):
+            base.pop(mechanic, None)
+    if given.get("resume") and given.get("out") and (Path(given["out"]) / "config.json").is_file():
+        base = read_run_config(given["out"])[0].to_dict()
+    merged = {**base, **given}
+    missing = [f"--{n.replace('_', '-')}" for n in ("images", "class_noun", "out") if not merged.get(n)]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)} (e.g. dorabooth train --images DIR --class-noun dog "
+                         f"--out RUN_DIR)")
+    return TrainConfig.from_dict(merged)
+
+
+def _run_train(args) -> int:
+    from .train import train
+
+    config = train_config_from_args(args)
+    result = train(config, on_event=_reporter(args))
+    if result.main_process:
+        print(result.adapter if result.adapter is not None else f"stopped at step {result.step}: {result.run_dir}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate images with a trained adapter",
+                       description="Generate PNGs (parameters in the PNG text) from a base model + adapter.")
+    p.add_argument("--adapter", metavar="RUN_DIR_OR_FILE",
+                   help="a run folder (brings its base model), or an adapter .safetensors; omit for the base model")
+    p.add_argument("--prompt", required=True, metavar="TEXT")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
+    p.add_argument("--model", metavar="M", help="base model (default: the run's, else the embedded toy model)")
+    p.add_argument("--negative", metavar="TEXT", help="negative prompt")
+    p.add_argument("--n", type=int, default=1, metavar="N", help="images per strength (default 1)")
+    p.add_argument("--steps", type=int, metavar="N", help="sampler steps (family default)")
+    p.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance (family default)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="first seed; image i uses N + i (default 0)")
+    p.add_argument("--strength", type=float, nargs="+", default=[1.0], metavar="T",
+                   help="adapter strength(s): 0 = base model, 1 = as trained (default 1); several values "
+                        "reuse the loaded model")
+    p.add_argument("--width", type=int, metavar="PX", help="default: the model's native size")
+    p.add_argument("--height", type=int, metavar="PX", help="default: the model's native size")
+    p.add_argument("--no-merge", dest="merge", action="store_false",
+                   help="run the adapter unmerged (slower; default merges it into the weights)")
+    _output_flags(p)
+    p.set_defaults(handler=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from .generate import generate
+
+    if args.n < 1:
+        raise ValueError("--n: generate at least 1 image")
+    generate(args.prompt, out=args.out, adapter=args.adapter, model=args.model, negative=args.negative,
+             n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+             strength=args.strength if len(args.strength) > 1 else args.strength[0],
+             width=args.width, height=args.height, merge=args.merge, on_event=_reporter(args))
+    if args.quiet:
+        print(Path(args.out))
+    return 0
+
+
+def _add_toy(sub) -> None:
+    p = sub.add_parser("toy", help="the embedded toy world: `dorabooth toy build --out DIR` trains the toy model",
+                       description="Toy-world commands, passed to `python -m dorabooth.toyworld`.")
+    p.add_argument("toy_args", nargs=argparse.REMAINDER, metavar="build ...",
+                   help="e.g. build --out DIR [--minutes N] (see `dorabooth toy build --help`)")
+    p.set_defaults(handler=_run_toy)
+
+
+def _run_toy(args) -> int:
+    from .toyworld.__main__ import main as toy_main
+
+    toy_main(args.toy_args or ["--help"])
+    return 0
+
+
+def _reporter(args):
+    if getattr(args, "json", False):
+        return lambda event: print(json.dumps(event), flush=True)
+    if getattr(args, "quiet", False):
+        return None
+    from .events import ProgressBar
+    return ProgressBar()
+
+
+# name → parser builder; each builder registers its handler with set_defaults(handler=…).
+COMMANDS = {"train": _add_train, "generate": _add_generate, "toy": _add_toy}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="dorabooth", description="DreamBooth with DoRA for Stable Diffusion / SDXL.")
+    parser.add_argument("--version", action="version", version=f"dorabooth {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:
+        print("interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:
+        from .train import TrainingDiverged
+        if os.environ.get("DORABOOTH_DEBUG") or not isinstance(e, (*USER_ERRORS, TrainingDiverged)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

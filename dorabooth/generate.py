@@ -1,0 +1,292 @@
+"""Images from a base model plus an adapter, seeded, at a chosen strength.
+
+A :class:`Session` loads the base pipeline once; adapters (a run folder, an adapter file, or
+a full fine-tune's ``unet/`` folder) and strengths switch on the loaded model without
+reloading it. By default the adapter is merged into the weights (DESIGN §3: strength t
+scales both the magnitude and the direction update; t = 0 is exactly the base model), so
+generation runs at the base model's speed. Every image gets one generator seeded with its
+own seed: same seed, same image, whatever the batch. PNGs carry their parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from . import __version__
+from . import families as fam
+from .config import read_run_config
+from .events import EventLog
+from .families import detect_family
+from .models import load_pipeline
+
+ADAPTER_FILE = "adapter.safetensors"
+FULL_UNET = "unet"
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """What ``--adapter`` pointed at, resolved."""
+
+    kind: str                 # "adapter" (LoRA/DoRA safetensors) | "full" (diffusers UNet folder)
+    path: Path
+    model: str | None         # the base model a run folder was trained on (None: not known / toy)
+    from_run: bool
+
+
+def resolve_adapter(adapter: str | os.PathLike) -> AdapterSource:
+    """A run folder (its ``adapter.safetensors`` or ``unet/``), a folder with
+    ``pytorch_lora_weights.safetensors``, or a ``.safetensors`` adapter file."""
+    p = Path(adapter).expanduser()
+    if p.is_dir() and (p / "config.json").is_file() and ((p / ADAPTER_FILE).is_file() or (p / FULL_UNET).is_dir()
+                                                         or (p / "instance").is_dir()):
+        config, _ = read_run_config(p)
+        if (p / ADAPTER_FILE).is_file():
+            return AdapterSource("adapter", p / ADAPTER_FILE, config.model, True)
+        if (p / FULL_UNET / "config.json").is_file():
+            return AdapterSource("full", p / FULL_UNET, config.model, True)
+        raise FileNotFoundError(f"run folder {p} has no final adapter yet (no {ADAPTER_FILE}); finish or "
+                                f"--resume the run, or pass a checkpoint's adapter file")
+    if p.is_dir() and (p / "diffusion_pytorch_model.safetensors").is_file():
+        return AdapterSource("full", p, None, False)
+    if p.is_dir() and (p / "pytorch_lora_weights.safetensors").is_file():
+        return AdapterSource("adapter", p / "pytorch_lora_weights.safetensors", None, False)
+    if p.is_file() and p.suffix == ".safetensors":
+        return AdapterSource("adapter", p, None, False)
+    if p.is_file():
+        raise ValueError(f"--adapter {p}: only .safetensors adapter files are read")
+    raise FileNotFoundError(f"--adapter {p}: not a run folder, adapter folder or .safetensors file")
+
+
+def default_device() -> tuple[torch.device, torch.dtype]:
+    if torch.cuda.is_available():
+        return torch.device("cuda"), torch.float16
+    return torch.device("cpu"), torch.float32
+
+
+class Session:
+    """A loaded base model that adapters and strengths are switched on.
+
+    >>> s = Session("assets/toy-sdxl")
+    >>> s.use_adapter("runs/dog"); s.set_strength(0.7)
+    >>> images = s.generate("a photo of sks dog on a beach", n=4, seed=1)
+    """
+
+    def __init__(self, model: str | None = None, *, merge: bool = True, device=None, dtype=None, pipe=None):
+        if pipe is None:
+            pipe, self.base = load_pipeline(model)
+        else:
+            self.base = None
+        auto_device, auto_dtype = default_device()
+        self.device = torch.device(device) if device is not None else auto_device
+        self.dtype = dtype or auto_dtype
+        self.pipe = pipe.to(self.device)
+        if self.pipe.unet.dtype != self.dtype:
+            self.pipe.to(dtype=self.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.family = detect_family(self.pipe)
+        self.defaults = fam.generate_defaults(self.family, self.pipe)
+        self.merge = merge
+        self.adapter: AdapterSource | None = None
+        self.strength = 1.0
+        self._full: tuple[dict, dict] | None = None         # (W0, W) of the UNet for a full fine-tune
+
+    # ---- adapters ----------------------------------------------------------------------------
+    def use_adapter(self, adapter: str | os.PathLike | AdapterSource | None) -> None:
+        """Swap the adapter (None removes it); the base weights are restored first, never reloaded."""
+        import dorabooth
+
+        self._remove_adapter()
+        if adapter is None:
+            return
+        source = adapter if isinstance(adapter, AdapterSource) else resolve_adapter(adapter)
+        if source.kind == "full":
+            self._full = self._load_full(source.path)
+        else:
+            dorabooth.load_adapter(self.pipe, source.path)
+        self.adapter = source
+        self._apply_strength()
+
+    def set_strength(self, t: float) -> None:
+        """Adapter strength t ≥ 0 (DESIGN §3); 0 gives exactly the base model's images."""
+        if t < 0 or not isinstance(t, (int, float)):
+            raise ValueError(f"strength {t}: use a number >= 0 (0 = base model, 1 = as trained)")
+        self.strength = float(t)
+        if self.adapter is not None:
+            self._apply_strength()
+
+    def _apply_strength(self) -> None:
+        import dorabooth
+
+        t = self.strength
+        if self._full is not None:
+            w0, w1 = self._full
+            with torch.no_grad():
+                for name, p in self.pipe.unet.named_parameters():
+                    if name not in w1:
+                        continue
+                    if t in (0.0, 1.0):                       # exactly the base / the fine-tune
+                        p.copy_((w0 if t == 0.0 else w1)[name])
+                    else:                                      # W0 + t·(W − W0), in fp32
+                        p.copy_(w0[name].float() + t * (w1[name].float() - w0[name].float()))
+            return
+        dorabooth.unmerge(self.pipe)
+        dorabooth.set_strength(self.pipe, t)
+        if self.merge and t != 0.0:      # t = 0 runs the base layers themselves: bit-exact base images
+            dorabooth.merge(self.pipe)
+
+    def _remove_adapter(self) -> None:
+        import dorabooth
+        from . import inject
+
+        if self._full is not None:
+            w0, _ = self._full
+            with torch.no_grad():
+                for name, p in self.pipe.unet.named_parameters():
+                    if name in w0:
+                        p.copy_(w0[name])
+            self._full = None
+        if any(True for _ in inject.iter_layers(self.pipe)):
+            dorabooth.detach(self.pipe)
+        self.adapter = None
+
+    def _load_full(self, folder: Path) -> tuple[dict, dict]:
+        from safetensors.torch import load_file
+
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors (full fine-tune UNet)")
+        trained = load_file(str(weights))
+        current = dict(self.pipe.unet.named_parameters())
+        unknown = sorted(set(trained) - set(current))
+        wrong = [k for k in trained if k in current and trained[k].shape != current[k].shape]
+        if unknown or wrong:
+            raise ValueError(f"{folder}: the fine-tuned UNet does not fit this base model "
+                             f"({len(unknown)} unknown and {len(wrong)} mis-shaped weights, e.g. "
+                             f"{(unknown + wrong)[:2]}); use the base model it was trained from")
+        base = {k: current[k].detach().clone() for k in trained}
+        tuned = {k: v.to(self.device, current[k].dtype) for k, v in trained.items()}
+        return base, tuned
+
+    # ---- images ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, prompt: str, *, negative: str | None = None, n: int = 1, steps: int | None = None,
+                 guidance: float | None = None, seed: int = 0, seeds: Sequence[int] | None = None,
+                 width: int | None = None, height: int | None = None, batch_size: int = 4,
+                 on_image: Callable[[Image.Image], None] | None = None) -> list[Image.Image]:
+        """``n`` images of ``prompt`` (seeds ``seed, seed+1, …`` or ``seeds``), each carrying
+        its parameters in ``image.info["parameters"]`` / ``image.info["dorabooth"]``."""
+        seeds = list(seeds) if seeds is not None else [seed + i for i in range(n)]
+        if not seeds:
+            raise ValueError("n must be at least 1")
+        steps = steps or self.defaults["steps"]
+        guidance = self.defaults["guidance"] if guidance is None else guidance
+        width = width or self.defaults["resolution"]
+        height = height or self.defaults["resolution"]
+        multiple = fam.size_multiple(self.pipe)
+        if width % multiple or height % multiple:
+            raise ValueError(f"width/height {width}×{height}: use multiples of {multiple} for this model")
+        images = []
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start:start + batch_size]
+            out = self.pipe(prompt=[prompt] * len(chunk),
+                            negative_prompt=None if negative is None else [negative] * len(chunk),
+                            num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
+                            generator=[torch.Generator().manual_seed(s) for s in chunk]).images
+            for s, image in zip(chunk, out):
+                params = self._parameters(prompt, negative, steps, guidance, s, width, height)
+                image.info["parameters"] = _a1111_text(params)
+                image.info["dorabooth"] = json.dumps(params)
+                images.append(image)
+                if on_image is not None:
+                    on_image(image)
+        return images
+
+    def _parameters(self, prompt, negative, steps, guidance, seed, width, height) -> dict:
+        return {
+            "prompt": prompt, "negative_prompt": negative or "", "steps": steps, "guidance": guidance,
+            "seed": seed, "width": width, "height": height, "sampler": type(self.pipe.scheduler).__name__,
+            "strength": self.strength if self.adapter is not None else None,
+            "adapter": str(self.adapter.path) if self.adapter is not None else None,
+            "merged": bool(self.merge and self.adapter is not None and self.adapter.kind == "adapter"
+                           and self.strength != 0.0),
+            "base_model": self.base.id if self.base else None,
+            "base_model_hash": self.base.hash if self.base else None,
+            "family": self.family.name, "dorabooth_version": __version__,
+        }
+
+
+def _a1111_text(p: dict) -> str:
+    """The "parameters" PNG text A1111 and many viewers show."""
+    lines = [p["prompt"]]
+    if p["negative_prompt"]:
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    extra = f", Lora: {Path(p['adapter']).name}:{p['strength']:g}" if p["adapter"] else ""
+    lines.append(f"Steps: {p['steps']}, Sampler: {p['sampler']}, CFG scale: {p['guidance']:g}, Seed: {p['seed']}, "
+                 f"Size: {p['width']}x{p['height']}, Model hash: {p['base_model_hash'] or 'unknown'}{extra}")
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, folder: str | os.PathLike, name: str) -> Path:
+    """Write ``image`` with its parameters as PNG text chunks; temp name, then rename."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key in ("parameters", "dorabooth"):
+        if key in image.info:
+            info.add_text(key, image.info[key])
+    path = folder / name
+    tmp = folder / f".{name}.tmp"
+    image.save(tmp, format="PNG", pnginfo=info)
+    os.replace(tmp, path)
+    return path
+
+
+def _next_index(folder: Path) -> int:
+    numbers = [int(m.group(1)) for p in folder.glob("*.png") if (m := re.match(r"(\d+)-", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def generate(prompt: str, *, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
+             model: str | None = None, negative: str | None = None, n: int = 1, steps: int | None = None,
+             guidance: float | None = None, seed: int = 0, strength: float | Sequence[float] = 1.0,
+             width: int | None = None, height: int | None = None, merge: bool = True,
+             on_event: Callable[[dict], None] | None = None, session: Session | None = None) -> list[Path]:
+    """Write ``n`` PNGs of ``prompt`` into ``out`` for each strength; returns their paths.
+
+    ``adapter``: a run folder (its base model comes from its ``config.json`` unless ``model``
+    is given), an adapter file, or None for the base model alone. ``model`` defaults to the
+    embedded toy model. Pass a ``session`` to reuse an already loaded base model.
+    """
+    emit = EventLog(None, on_event)
+    source = resolve_adapter(adapter) if adapter is not None else None
+    if session is None:
+        session = Session(model if model is not None or source is None else source.model, merge=merge)
+    session.use_adapter(source)
+    strengths = [strength] if isinstance(strength, (int, float)) else list(strength)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for t in strengths:
+        session.set_strength(t)
+        images = session.generate(prompt, negative=negative, n=n, steps=steps, guidance=guidance, seed=seed,
+                                  width=width, height=height)
+        for image in images:
+            params = json.loads(image.info["dorabooth"])
+            suffix = f"-t{t:g}" if source is not None and len(strengths) > 1 else ""
+            path = save_png(image, folder, f"{_next_index(folder):04d}-s{params['seed']}{suffix}.png")
+            paths.append(path)
+            emit("image", path=str(path), seed=params["seed"], strength=params["strength"], done=len(paths),
+                 total=len(strengths) * n)
+    return paths
+
+
+__all__ = ["Session", "generate", "resolve_adapter", "AdapterSource", "save_png"]

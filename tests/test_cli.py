@@ -1,0 +1,137 @@
+"""The command line: stable flags, config from flags / files / a resumed run, progress output,
+end-to-end train → generate → resume, errors without tracebacks."""
+
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dorabooth import cli
+from dorabooth.events import EventLog, ProgressBar, follow
+from tiny_runs import make_subject, save_model
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse(*argv):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_train_flags_map_to_the_config():
+    args = parse("train", "--images", "imgs", "--token", "zwx", "--class-noun", "cat", "--out", "run",
+                 "--method", "lora", "--rank", "8", "--alpha", "4", "--half-rank", "--magnitude-axis", "in",
+                 "--steps", "10", "--lr", "2e-4", "--resolution", "64", "--batch-size", "2", "--seed", "3",
+                 "--no-prior-preservation", "--class-images", "cls", "--num-class-images", "5",
+                 "--train-text-encoders", "--validation-prompt", "a zwx cat", "a zwx cat on grass",
+                 "--sample-every", "5", "--checkpoint-every", "5", "--mixed-precision", "bf16", "--no-min-snr",
+                 "--rslora", "--text-encoder-lr", "1e-5", "--flip", "--buckets")
+    c = cli.train_config_from_args(args)
+    assert (c.images, c.token, c.class_noun, c.out, c.method, c.rank, c.alpha, c.half_rank) == \
+        ("imgs", "zwx", "cat", "run", "lora", 8, 4.0, True)
+    assert (c.magnitude_axis, c.steps, c.lr, c.resolution, c.batch_size, c.seed) == ("in", 10, 2e-4, 64, 2, 3)
+    assert (c.prior_preservation, c.class_images, c.num_class_images, c.train_text_encoders) == \
+        (False, "cls", 5, True)
+    assert c.validation_prompts == ("a zwx cat", "a zwx cat on grass")
+    assert (c.sample_every, c.checkpoint_every, c.mixed_precision, c.min_snr_gamma) == (5, 5, "bf16", None)
+    assert (c.rslora, c.text_encoder_lr, c.flip, c.buckets) == (True, 1e-5, True, True)
+    untouched = cli.train_config_from_args(parse("train", "--images", "i", "--class-noun", "dog", "--out", "o"))
+    assert untouched.rank is None and untouched.prior_preservation and untouched.method == "dora"
+
+
+def test_config_file_and_flags_override(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"config": {"images": "a", "class_noun": "dog", "out": "x",
+                                                            "rank": 4, "lr": 1e-3}}))
+    c = cli.train_config_from_args(parse("train", "--config", str(tmp_path / "c.json"), "--out", "y", "--lr", "1e-4"))
+    assert (c.images, c.out, c.rank, c.lr) == ("a", "y", 4, 1e-4)
+
+
+def test_missing_flags_and_bad_values_are_one_line_errors(capsys):
+    assert cli.main(["train", "--images", "x", "--out", "o"]) == 1
+    assert "missing --class-noun" in capsys.readouterr().err
+    assert cli.main(["train", "--images", "x", "--out", "o", "--class-noun", "dog", "--resolution", "30"]) == 1
+    assert "multiple of 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse("train", "--method", "qlora")
+
+
+def test_help_names_the_stable_flags():
+    out = subprocess.run([sys.executable, "-m", "dorabooth", "train", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120).stdout
+    for flag in ("--images", "--token", "--class-noun", "--out", "--model", "--method", "--rank", "--alpha",
+                 "--half-rank", "--magnitude-axis", "--steps", "--lr", "--resolution", "--batch-size", "--seed",
+                 "--prior-preservation", "--class-images", "--num-class-images", "--train-text-encoders",
+                 "--validation-prompt", "--sample-every", "--checkpoint-every", "--resume", "--mixed-precision"):
+        assert flag in out, flag
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
+    for flag in ("--adapter", "--prompt", "--out", "--model", "--negative", "--n", "--steps", "--guidance",
+                 "--seed", "--strength", "--width", "--height"):
+        assert flag in help_text, flag
+
+
+def test_progress_bar_from_events():
+    stream = io.StringIO()
+    bar = ProgressBar(stream=stream, every=2)
+    log = EventLog(None, bar)
+    log("start", family="sdxl", model="toy", method="dora", total=4, step=0)
+    log("skip", path="a.jpg", reason="not a readable image")
+    for step in range(1, 5):
+        log("step", step=step, total=4, loss=0.5 / step, it_s=2.0, eta_s=(4 - step) / 2.0)
+    log("checkpoint", step=4, path="run/checkpoints/step-4")
+    text = stream.getvalue()
+    assert "skipped a.jpg: not a readable image" in text
+    assert "step 2/4 [############------------] loss 0.2500 2.00 it/s ETA 0:01" in text
+    assert "step 1/4" not in text and "step 4/4" in text and "checkpoint saved" in text
+    tty = io.StringIO()
+    tty.isatty = lambda: True
+    ProgressBar(stream=tty)({"type": "step", "step": 1, "total": 4, "loss": 1.0, "it_s": 1.0, "eta_s": 3})
+    assert tty.getvalue().startswith("\rstep 1/4")
+
+
+def test_follow_reads_a_growing_events_file(tmp_path):
+    path = tmp_path / "events.jsonl"
+    log = EventLog(path)
+
+    def writer():
+        for i in range(3):
+            log("step", step=i + 1, total=3, loss=1.0)
+            time.sleep(0.05)
+        log("done", adapter="a", steps=3)
+    thread = threading.Thread(target=writer)
+    thread.start()
+    seen = [e["type"] for e in follow(path, poll=0.02, timeout=30)]
+    thread.join()
+    assert seen == ["step", "step", "step", "done"]
+
+
+def test_train_generate_resume_end_to_end(tmp_path, capsys):
+    model = str(save_model("sdxl", tmp_path / "model"))
+    subject = make_subject(tmp_path / "subject")
+    run = tmp_path / "run"
+    common = ["--model", model, "--rank", "4", "--lr", "1e-3", "--num-class-images", "2",
+              "--class-image-steps", "2"]
+    assert cli.main(["train", "--images", str(subject), "--class-noun", "dog", "--out", str(run), "--steps", "2",
+                     *common]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip().endswith("adapter.safetensors") and "step 2/2" in err and "done:" in err
+    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0     # the rest from config.json
+    capsys.readouterr()
+    assert json.loads((run / "config.json").read_text())["config"]["steps"] == 3
+    assert cli.main(["generate", "--adapter", str(run), "--prompt", "a photo of sks dog", "--out",
+                     str(tmp_path / "images"), "--n", "2", "--steps", "2", "--strength", "0", "1", "--json"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [e["type"] for e in events] == ["image"] * 4
+    assert sorted(p.name for p in (tmp_path / "images").glob("*.png")) == \
+        ["0000-s0-t0.png", "0001-s1-t0.png", "0002-s0-t1.png", "0003-s1-t1.png"]
+    assert cli.main(["train", "--images", str(subject), "--class-noun", "dog", "--out", str(run), *common]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_toy_command_delegates_to_the_toy_world(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["toy", "build", "--help"])
+    assert e.value.code == 0 and "--minutes" in capsys.readouterr().out
