@@ -76,3 +76,21 @@ def test_export_merged_with_strengths(files):
     assert [a["strength"] for a in adapters] == [0.7, 1.0]
     with pytest.raises(SystemExit):
         run(["export", "--strength", "0.5", "--adapter", str(out), "--format", "kohya", "--out", str(d / "x")])
+
+
+def test_run_folder_records_its_base_model(files, tmp_path, capsys):
+    d, out, inn = files
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "adapter.safetensors").write_bytes(out.read_bytes())
+    (run_dir / "config.json").write_text(json.dumps({"base_model": {"id": "tiny", "path": str(d / "base")},
+                                                     "config": {"method": "dora"}}))
+    assert run(["export", "--adapter", str(run_dir), "--format", "merged-diffusers", "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "model_index.json").is_file()
+    meta = json.loads((tmp_path / "m" / "dorabooth_export.json").read_text())
+    assert meta["dorabooth.base_model"] == str(d / "base") and meta["dorabooth.base_hash"].startswith("sha256")
+    empty = tmp_path / "unfinished"
+    empty.mkdir()
+    (empty / "config.json").write_text(json.dumps({"config": {"method": "full"}}))
+    with pytest.raises(FileNotFoundError, match="no adapter.safetensors.*--method full"):
+        run(["export", "--adapter", str(empty), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")])

@@ -226,3 +226,31 @@ def test_plain_lora_and_strength_baked_into_files(tmp_path):
         assert ((W - ref).abs().max() / ref.abs().max()).item() <= TOL
     with pytest.raises(ValueError, match="merged checkpoint"):
         export([(dpath, 1.0), (path, 1.0)], format="kohya", out=tmp_path / "two.safetensors", pipe=dpipe)
+
+
+def test_unknown_keys_are_reported(tmp_path):
+    pipe, sd = _hand_built("sd15", "in", "lycoris")
+    sd["bundle_emb.sks.string_to_param.*"] = torch.ones(2, 32)
+    save_file(sd, str(tmp_path / "f.safetensors"))
+    info = adapter_info(tmp_path / "f.safetensors")
+    assert info["unknown_keys"] == ["bundle_emb.sks.string_to_param.*"] and info["magnitude_axis"] == "in"
+
+
+def test_peft_save_pretrained_files(tmp_path):
+    peft = pytest.importorskip("peft")
+    from tiny_models import MAKERS
+
+    pipe = MAKERS["sd15"]()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], use_dora=True, init_lora_weights=False)
+    model = peft.get_peft_model(pipe.unet, config)
+    model.save_pretrained(tmp_path)
+    ad = read_adapter_file(tmp_path / "adapter_model.safetensors")
+    wrapped = [n for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_magnitude_vector")]
+    assert ad.axis == "out" and len(ad.modules) == len(wrapped) == 16
+    assert all(k.startswith("unet.") for k in ad.modules)
+    with torch.no_grad():
+        for key, mod in ad.modules.items():
+            layer = model.base_model.model.get_submodule(key.split(".", 1)[1])
+            W0 = layer.base_layer.weight
+            ref = W0 + layer.get_delta_weight("default")
+            assert ((adapted_weight(W0, mod) - ref).abs().max() / ref.abs().max()).item() <= 1e-5, key
