@@ -261,3 +261,10 @@ from .generate import Session, generate  # noqa: E402
 from .train import train  # noqa: E402
 
 __all__ += ["train", "generate", "TrainConfig", "Session"]
+
+# ---- export --------------------------------------------------------------------------------
+# ``dorabooth.export`` is the module dorabooth/export.py made callable: dorabooth.export(...)
+# runs ``export.export`` and ``dorabooth.export.convert`` / ``.adapter_info`` stay reachable.
+from . import export  # noqa: E402
+
+__all__ += ["export"]
