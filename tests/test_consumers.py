@@ -47,15 +47,22 @@ def report(info, consumer):
     return next(v for v in info["consumers"] if v["consumer"] == consumer)
 
 
-@pytest.fixture(scope="module", params=[("sd15", "out"), ("sd15", "in"), ("sdxl", "out"), ("sdxl", "in")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def kohya_file(request, tmp_path_factory):
-    kind, axis = request.param
-    pipe = adapted(kind, axis)
-    d = tmp_path_factory.mktemp(f"{kind}{axis}")
-    src = dorabooth.save_adapter(pipe, d)
-    out = export(src, format="kohya", out=d / "k.safetensors", pipe=pipe).path
-    return kind, axis, pipe, out, src
+ALL = [("sd15", "out"), ("sd15", "in"), ("sdxl", "out"), ("sdxl", "in")]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """files(kind, axis) → (adapted pipe, our kohya file, our diffusers-lora file), made once each."""
+    made = {}
+
+    def get(kind, axis):
+        if (kind, axis) not in made:
+            pipe = adapted(kind, axis)
+            d = tmp_path_factory.mktemp(f"{kind}{axis}")
+            src = dorabooth.save_adapter(pipe, d)
+            made[kind, axis] = pipe, export(src, format="kohya", out=d / "k.safetensors", pipe=pipe).path, src
+        return made[kind, axis]
+    return get
 
 
 def test_comfy_unet_map_matches_full_sdxl_names():
@@ -71,8 +78,9 @@ def test_comfy_unet_map_matches_full_sdxl_names():
     assert d2s["up_blocks.1.upsamplers.0.conv"] == "output_blocks.5.2.conv"
 
 
-def test_comfyui_uses_every_key_and_applies_the_file(kohya_file):
-    kind, axis, pipe, path, src = kohya_file
+@pytest.mark.parametrize("kind,axis", ALL)
+def test_comfyui_uses_every_key_and_applies_the_file(files, kind, axis):
+    pipe, path, src = files(kind, axis)
     keys = keys_of(path)
     key_map = comfy_key_map(FAMILY[kind], pipe.unet.config, te_layers(pipe))
     modules, loaded = comfy_loaded_keys(keys, key_map)
@@ -101,10 +109,9 @@ def test_comfyui_uses_every_key_and_applies_the_file(kohya_file):
         assert "PR #15458" in comfy["why"] and "merged" in comfy["instead"]
 
 
-def test_comfyui_ignores_diffusers_unet_keys_and_magnitudes(kohya_file):
-    kind, axis, pipe, path, src = kohya_file
-    if axis != "out":
-        pytest.skip("diffusers-layout files are axis out")
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_comfyui_ignores_diffusers_unet_keys_and_magnitudes(files, kind):
+    pipe, path, src = files(kind, "out")
     keys = keys_of(src)
     modules, loaded = comfy_loaded_keys(keys, comfy_key_map(FAMILY[kind], pipe.unet.config, te_layers(pipe)))
     assert not [k for k in loaded if k.startswith("unet.") or "magnitude" in k]
@@ -114,10 +121,11 @@ def test_comfyui_ignores_diffusers_unet_keys_and_magnitudes(kohya_file):
     assert report(info, "A1111")["status"] == "not applied"
 
 
-def test_a1111_sdxl_names_match_and_axis_decides(kohya_file):
-    kind, axis, pipe, path, src = kohya_file
-    if kind != "sdxl":
-        pytest.skip("A1111 hard-codes 2 layers per block for diffusers-style SD1 names; the tiny SD1.5 has 1")
+@pytest.mark.parametrize("axis", ["out", "in"])
+def test_a1111_sdxl_names_match_and_axis_decides(files, axis):
+    # SDXL only: for diffusers-style SD 1.x names A1111 hard-codes 2 layers per block (the tiny SD1.5 has 1)
+    kind = "sdxl"
+    pipe, path, src = files(kind, axis)
     a1111 = report(adapter_info(path, consumers=True, pipe=MAKERS[kind]()), "A1111")
     assert a1111["applied"] == a1111["total"]
     if axis == "in":
@@ -133,10 +141,9 @@ def _fused(stock, key):
     return (layer.base_layer if hasattr(layer, "base_layer") else layer).weight.detach()
 
 
-def test_stock_diffusers_drops_dora_scale_as_reported(kohya_file):
-    kind, axis, pipe, path, src = kohya_file
-    if axis != "out":
-        pytest.skip("one axis is enough: diffusers drops dora_scale of either shape")
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_stock_diffusers_drops_dora_scale_as_reported(files, kind):
+    pipe, path, src = files(kind, "out")   # dora_scale of either shape is dropped alike
     stock = MAKERS[kind]()
     stock.load_lora_weights(str(path))
     stock.fuse_lora()
@@ -153,10 +160,9 @@ def test_stock_diffusers_drops_dora_scale_as_reported(kohya_file):
 
 
 @pytest.mark.skipif(not TF5, reason="exact on transformers 4.57 (tests/compat)")
-def test_stock_diffusers_text_encoder_magnitudes_as_reported(kohya_file):
-    kind, axis, pipe, path, src = kohya_file
-    if (kind, axis) != ("sd15", "out"):
-        pytest.skip("once is enough")
+def test_stock_diffusers_text_encoder_magnitudes_as_reported(files):
+    kind = "sd15"
+    pipe, path, src = files(kind, "out")
     stock = MAKERS[kind]()
     stock.load_lora_weights(str(src))
     stock.fuse_lora()
@@ -220,8 +226,9 @@ def test_files_written_by_lycoris_import_exactly(tmp_path, lycoris_preset, kind,
             assert rel_fro(adapted_weight(W0, mod, 0.5), V * (0.5 * (g_ - 1) + 1)) > 1e-4
 
 
-def test_lycoris_loads_our_files_as_reported(kohya_file, lycoris_preset):
-    kind, axis, pipe, path, src = kohya_file
+@pytest.mark.parametrize("kind,axis", ALL)
+def test_lycoris_loads_our_files_as_reported(files, lycoris_preset, kind, axis):
+    pipe, path, src = files(kind, axis)
     fresh = MAKERS[kind]()
     te = [fresh.text_encoder, fresh.text_encoder_2] if kind == "sdxl" else fresh.text_encoder
     rep = report(adapter_info(path, consumers=True, pipe=MAKERS[kind]()), "LyCORIS")
