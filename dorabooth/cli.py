@@ -46,6 +46,8 @@ def _add_train(sub) -> None:
     _flag(g, "--class-prompt", dest="class_prompt", help='default: "a photo of <class noun>"')
     _flag(g, "--model", metavar="M",
           help="base model: hub id, diffusers folder or .safetensors file (default: the embedded toy model)")
+    _flag(g, "--model-config", dest="model_config", metavar="DIR",
+          help="for a .safetensors --model: the diffusers folder (or hub id) with its configs")
     g = p.add_argument_group("method")
     _flag(g, "--method", choices=("dora", "lora", "full"), help="default: dora; full = fine-tune the whole UNet")
     _flag(g, "--rank", type=int, metavar="N", help="adapter rank (family default)")
@@ -150,6 +152,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", required=True, metavar="TEXT")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
     p.add_argument("--model", metavar="M", help="base model (default: the run's, else the embedded toy model)")
+    p.add_argument("--model-config", dest="model_config", metavar="DIR",
+                   help="for a .safetensors --model: the diffusers folder (or hub id) with its configs")
     p.add_argument("--negative", metavar="TEXT", help="negative prompt")
     p.add_argument("--n", type=int, default=1, metavar="N", help="images per strength (default 1)")
     p.add_argument("--steps", type=int, metavar="N", help="sampler steps (family default)")
@@ -172,7 +176,7 @@ def _run_generate(args) -> int:
     if args.n < 1:
         raise ValueError("--n: generate at least 1 image")
     generate(args.prompt, out=args.out, adapter=args.adapter, model=args.model, negative=args.negative,
-             n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
+             model_config=args.model_config, n=args.n, steps=args.steps, guidance=args.guidance, seed=args.seed,
              strength=args.strength if len(args.strength) > 1 else args.strength[0],
              width=args.width, height=args.height, merge=args.merge, on_event=_reporter(args))
     if args.quiet:
@@ -204,8 +208,30 @@ def _reporter(args):
     return ProgressBar()
 
 
+def _add_export(sub) -> None:
+    from .export_cli import add_export_commands   # export, convert, adapter-info
+    add_export_commands(sub)
+
+
 # name → parser builder; each builder registers its handler with set_defaults(handler=…).
-COMMANDS = {"train": _add_train, "generate": _add_generate, "toy": _add_toy}
+COMMANDS = {"train": _add_train, "generate": _add_generate, "export": _add_export, "toy": _add_toy}
+# Modules whose own COMMANDS dict is merged in (skipped only if the module does not exist).
+COMMAND_MODULES = ("analysis_cli",)
+
+
+def _extension_commands() -> dict:
+    import importlib
+
+    found = {}
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"{__package__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__package__}.{name}":
+                continue
+            raise
+        found.update(module.COMMANDS)
+    return found
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dorabooth", description="DreamBooth with DoRA for Stable Diffusion / SDXL.")
     parser.add_argument("--version", action="version", version=f"dorabooth {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS.values():
+    for add in {**COMMANDS, **_extension_commands()}.values():
         add(sub)
     return parser
 

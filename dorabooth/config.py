@@ -40,6 +40,7 @@ class TrainConfig:
     instance_prompt: str | None = None         # default "a photo of {token} {class_noun}"
     class_prompt: str | None = None            # default "a photo of {class_noun}"
     model: str | None = None                   # hub id, diffusers folder or .safetensors; None = embedded toy
+    model_config: str | None = None            # for a .safetensors model: diffusers folder / hub id with its configs
 
     # ---- method ----------------------------------------------------------------------------
     method: str = "dora"                       # dora | lora | full (full fine-tune of the UNet)

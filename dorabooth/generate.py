@@ -40,6 +40,7 @@ class AdapterSource:
     path: Path
     model: str | None         # the base model a run folder was trained on (None: not known / toy)
     from_run: bool
+    model_config: str | None = None   # its --model-config, for a single-file base
 
 
 def resolve_adapter(adapter: str | os.PathLike) -> AdapterSource:
@@ -50,9 +51,9 @@ def resolve_adapter(adapter: str | os.PathLike) -> AdapterSource:
                                                          or (p / "instance").is_dir()):
         config, _ = read_run_config(p)
         if (p / ADAPTER_FILE).is_file():
-            return AdapterSource("adapter", p / ADAPTER_FILE, config.model, True)
+            return AdapterSource("adapter", p / ADAPTER_FILE, config.model, True, config.model_config)
         if (p / FULL_UNET / "config.json").is_file():
-            return AdapterSource("full", p / FULL_UNET, config.model, True)
+            return AdapterSource("full", p / FULL_UNET, config.model, True, config.model_config)
         raise FileNotFoundError(f"run folder {p} has no final adapter yet (no {ADAPTER_FILE}); finish or "
                                 f"--resume the run, or pass a checkpoint's adapter file")
     if p.is_dir() and (p / "diffusion_pytorch_model.safetensors").is_file():
@@ -80,9 +81,10 @@ class Session:
     >>> images = s.generate("a photo of sks dog on a beach", n=4, seed=1)
     """
 
-    def __init__(self, model: str | None = None, *, merge: bool = True, device=None, dtype=None, pipe=None):
+    def __init__(self, model: str | None = None, *, merge: bool = True, device=None, dtype=None, pipe=None,
+                 model_config: str | None = None):
         if pipe is None:
-            pipe, self.base = load_pipeline(model)
+            pipe, self.base = load_pipeline(model, single_file_config=model_config)
         else:
             self.base = None
         auto_device, auto_dtype = default_device()
@@ -256,7 +258,8 @@ def _next_index(folder: Path) -> int:
 
 
 def generate(prompt: str, *, out: str | os.PathLike, adapter: str | os.PathLike | None = None,
-             model: str | None = None, negative: str | None = None, n: int = 1, steps: int | None = None,
+             model: str | None = None, model_config: str | None = None, negative: str | None = None,
+             n: int = 1, steps: int | None = None,
              guidance: float | None = None, seed: int = 0, strength: float | Sequence[float] = 1.0,
              width: int | None = None, height: int | None = None, merge: bool = True,
              on_event: Callable[[dict], None] | None = None, session: Session | None = None) -> list[Path]:
@@ -269,7 +272,9 @@ def generate(prompt: str, *, out: str | os.PathLike, adapter: str | os.PathLike 
     emit = EventLog(None, on_event)
     source = resolve_adapter(adapter) if adapter is not None else None
     if session is None:
-        session = Session(model if model is not None or source is None else source.model, merge=merge)
+        if model is None and source is not None:          # a run folder brings its base model
+            model, model_config = source.model, model_config or source.model_config
+        session = Session(model, merge=merge, model_config=model_config)
     session.use_adapter(source)
     strengths = [strength] if isinstance(strength, (int, float)) else list(strength)
     folder = Path(out)

@@ -82,7 +82,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
 def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) -> RunResult:
     started = time.monotonic()
     check_optimizer_available(config.optimizer)
-    pipe, base = load_pipeline(config.model)
+    pipe, base = load_pipeline(config.model, single_file_config=config.model_config)
     family = detect_family(pipe)
     config = resolve_config(config, pipe, family, run)
     accelerator.wait_for_everyone()                    # every process has checked the folder first

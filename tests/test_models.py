@@ -121,3 +121,20 @@ def test_toy_default_resolves_relative_to_the_package(monkeypatch, tmp_path):
         return
     assert models.resolve_model(None) == ("folder", str(models.TOY_MODEL))
     assert models.resolve_model("toy") == ("folder", str(models.TOY_MODEL))
+
+
+def test_single_file_through_diffusers_from_single_file(sd15_folder, tmp_path):
+    """An original-layout .safetensors (written with formats.single_file) loads via from_single_file;
+    offline, its configs come from --model-config."""
+    from dorabooth.formats.single_file import Mapper
+
+    pipe = make_sd15_pipeline()
+    mapper = Mapper("sd1", pipe.unet.config, pipe.vae.config)
+    original = mapper.to_original({c: getattr(pipe, c).state_dict() for c in ("unet", "vae", "text_encoder")})
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in original.items()}, str(path))
+    loaded, base = models.load_pipeline(str(path), single_file_config=str(sd15_folder))
+    assert (base.kind, base.family, type(loaded).__name__) == ("single_file", "sd1", "StableDiffusionPipeline")
+    for c in ("unet", "vae", "text_encoder"):
+        ref, got = getattr(pipe, c).state_dict(), getattr(loaded, c).state_dict()
+        assert all(torch.equal(ref[k], got[k]) for k in ref), c
