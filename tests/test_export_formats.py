@@ -260,3 +260,23 @@ def test_peft_save_pretrained_files(tmp_path):
             W0 = layer.base_layer.weight
             ref = W0 + layer.get_delta_weight("default")
             assert ((adapted_weight(W0, mod) - ref).abs().max() / ref.abs().max()).item() <= 1e-5, key
+
+
+@pytest.mark.parametrize("axis", ["in", "out"])
+def test_kohya_file_attaches_as_live_layers(adapters, axis):
+    """A kohya file → the canonical in-memory adapter → live DoRALinear layers: same outputs."""
+    from dorabooth.formats.adapter_files import to_adapter_file
+    from export_helpers import BUILDERS
+    from tiny_models import unet_output
+
+    pipe, path, d = adapters("sdxl", axis)
+    kfile = export(path, format="kohya", out=d / f"live-{axis}.safetensors", pipe=pipe).path
+    af = to_adapter_file(read_adapter_file(kfile))
+    fresh = BUILDERS["sdxl"]()
+    for component, spec in af.components.items():
+        model = getattr(fresh, component)
+        inject.inject(model, spec.targets, names=[inject.module_name(model, component, c) for c in spec.modules],
+                      rank=spec.rank, alpha=spec.alpha, use_dora=spec.use_dora, magnitude_axis=spec.magnitude_axis)
+    inject.load_adapter_state_dict(fresh, af.tensors, source=str(kfile))
+    a, b = unet_output(fresh), unet_output(pipe)
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5

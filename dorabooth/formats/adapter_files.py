@@ -169,6 +169,26 @@ def _component_spec(adapter: Adapter, component: str, keys: list[str]) -> diffus
                                            modules=modules, targets=targets)
 
 
+def to_adapter_file(adapter: Adapter) -> "diffusers_lora.AdapterFile":
+    """The neutral adapter as the in-memory ``AdapterFile`` that ``dorabooth.load_adapter``
+    attaches from (canonical tensors, one rank/alpha/method/axis per component); both axes,
+    magnitudes in the live layer's shape ((out,) or (1, in))."""
+    per: dict[str, list[str]] = {}
+    for key in adapter.modules:
+        per.setdefault(split_module_key(key)[0], []).append(key)
+    tensors, components = {}, {}
+    for component, keys in per.items():
+        components[component] = _component_spec(adapter, component, keys)
+        for key in keys:
+            m = adapter.modules[key]
+            tensors[f"{key}.lora_A.weight"] = m.down
+            tensors[f"{key}.lora_B.weight"] = m.up
+            if m.is_dora:
+                tensors[f"{key}.{diffusers_lora.MAGNITUDE}"] = m.magnitude if m.axis == "out" else m.magnitude[None, :]
+    return diffusers_lora.AdapterFile(path=Path(adapter.source or "<memory>"), tensors=tensors, components=components,
+                                      family=adapter.family, base_model=adapter.base_model, metadata=adapter.metadata)
+
+
 def write_diffusers_lora(adapter: Adapter, path: str | os.PathLike, *, family: str,
                          module_names: dict[str, list[str]] | None = None,
                          base_model: str | None = None, overwrite: bool = True) -> Path:
