@@ -173,3 +173,16 @@ def test_family_mismatch_is_refused(case, tmp_path):
     BUILDERS[other]().save_pretrained(tmp_path / "other")
     with pytest.raises(ValueError, match="made for a .* model, but the base model is"):
         export(adapter, format="merged-diffusers", out=tmp_path / "x", model=str(tmp_path / "other"))
+
+
+def test_export_from_the_live_training_pipeline(tmp_path):
+    """Exporting from a pipeline with attached (even merged) adapters uses W0 and changes nothing."""
+    pipe = adapted("sd15", "in")
+    adapter = dorabooth.save_adapter(pipe, tmp_path / "a")
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    ref = unet_output(pipe)
+    dorabooth.merge(pipe)
+    out = export(adapter, format="merged-diffusers", out=tmp_path / "m", pipe=pipe).path
+    dorabooth.unmerge(pipe)
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
+    assert rel(unet_output(StableDiffusionPipeline.from_pretrained(out)), ref) <= TOL
