@@ -341,8 +341,6 @@ def consumer_report(view: FileView, family: str, unet_config, te_layers: dict[st
     tf_major = transformers_major or int(transformers.__version__.split(".")[0])
     ad = view.adapter
     layout = UNetLayout.from_config(unet_config)
-    axis = ad.axis
-    dora = ad.method != "lora"
     merged_hint = "export a merged checkpoint (--format merged-single-file or merged-diffusers): exact everywhere"
     return [
         _diffusers(view, base, tf_major, merged_hint),
