@@ -1,0 +1,160 @@
+"""The app end to end in headless Chromium: upload → train → generate → export → reload.
+
+Debian's ``chromium`` is driven by Playwright through ``executable_path`` (Playwright's own
+browser download is not used). Screenshots of every tab go to ``test-artifacts/`` so a
+person can look at the page. The app runs in this process on a free port with the tiny
+SDXL-architecture test model; training is 4 steps at 32 px.
+"""
+
+import re
+import socket
+import struct
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                                                     "(apt-get install chromium); CI installs it"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def app(tmp_path, tiny_model):
+    pytest.importorskip("gradio")
+    from ui import app as ui_app
+    from ui import handlers
+
+    ctx = handlers.make_context(tmp_path / "workspace", tiny_model)
+    demo = ui_app.build(ctx)
+    port = _free_port()
+    ui_app.launch(demo, ctx, host="127.0.0.1", port=port, block=False)
+    yield f"http://127.0.0.1:{port}/", ctx
+    demo.close()
+    ctx.close()
+
+
+@pytest.fixture
+def page():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
+        yield context.new_page()
+        browser.close()
+
+
+def _tab(page, name: str):
+    page.get_by_role("tab", name=re.compile(name)).click()
+
+
+def _shot(page, name: str):
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"ui-{name}.png"), full_page=True)
+
+
+def _no_traceback(page):
+    text = page.content()
+    assert "Traceback" not in text and 'File "' not in text
+
+
+def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
+    url, ctx = app
+    t0 = time.monotonic()
+    page.goto(url)
+    page.get_by_text("No photos yet").wait_for(timeout=60_000)                # the page has loaded its state
+
+    # ---- Subject: name, class noun, three photos through the file input --------------------
+    name = page.locator("#db-subject input")
+    name.fill("Rex the Dog")
+    name.press("Enter")
+    page.locator("#db-class-noun textarea, #db-class-noun input").first.fill("dog")
+    page.locator("#db-token textarea, #db-token input").first.click()       # blur saves
+    page.locator("#db-upload input[type=file]").set_input_files([str(p) for p in photos])
+    page.wait_for_function("document.querySelector('#db-subject-summary')?.innerText.includes('3 photos')",
+                           timeout=30_000)
+    assert page.locator("#db-crops img").count() == 3
+    assert "Ready" in page.locator("#db-subject-summary").inner_text()
+    _shot(page, "1-subject")
+    page.locator("#db-remove").click()                                       # nothing chosen: a message, no trace
+    page.get_by_text("choose a photo to remove").first.wait_for(timeout=10_000)
+    _no_traceback(page)
+    page.locator(".toast-close").first.click()
+
+    # ---- Train: 4 steps, no prior preservation, wait for the bar to finish ------------------
+    _tab(page, "Train")
+    page.get_by_text("Advanced settings").click()
+    page.locator("#db-steps input").fill("4")
+    page.locator("#db-steps input").press("Tab")
+    page.locator("#db-prior input[type=checkbox]").uncheck()
+    page.locator("#db-start").click()
+    page.wait_for_selector("#db-progress [data-state=finished]", timeout=120_000)
+    assert "Finished: 4 steps" in page.locator("#db-progress").inner_text()
+    page.wait_for_selector("#db-loss svg polyline", timeout=10_000)
+    page.wait_for_selector("#db-previews img", timeout=10_000)
+    ref = "rex-the-dog/001-dora-balanced"
+    assert ref in page.locator("#db-run input").input_value()
+    _shot(page, "2-train")
+
+    # ---- Generate: one image appears in the gallery and on disk ----------------------------
+    _tab(page, "Generate")
+    page.wait_for_function("document.querySelector('#db-gen-run input')?.value.includes('rex-the-dog')",
+                           timeout=10_000)
+    page.wait_for_function("document.querySelector('#db-prompt textarea')?.value.includes('sks dog')",
+                           timeout=10_000)                                  # the token is pre-filled
+    page.locator("#db-generate").click()
+    page.wait_for_selector("#db-gallery img", timeout=60_000)
+    assert page.locator("#db-gallery img").count() == 2                    # default: 2 images
+    run = ctx.workspace.run(ref)
+    assert len(list((run / "generated").glob("*.png"))) == 2
+    _shot(page, "3-generate")
+
+    # ---- Export: a kohya file with its consumer report, downloaded -------------------------
+    _tab(page, "Export")
+    page.wait_for_function("document.querySelector('#db-exp-run input')?.value.includes('rex-the-dog')",
+                           timeout=10_000)
+    page.locator("#db-export").click()
+    page.wait_for_selector("#db-exp-report table", timeout=60_000)
+    assert "ComfyUI" in page.locator("#db-exp-report").inner_text()
+    link = page.locator("#db-download a").first
+    link.wait_for(timeout=10_000)
+    with page.expect_download() as info:
+        link.click()
+    saved = tmp_path / "download.safetensors"
+    info.value.save_as(saved)
+    data = saved.read_bytes()
+    header = struct.unpack("<Q", data[:8])[0]                              # safetensors: u64 header size
+    assert 0 < header < len(data) and b"lora_unet_" in data[8:8 + header]
+    _shot(page, "4-export")
+
+    # ---- Analyze: the magnitude/direction plot of the run ----------------------------------
+    _tab(page, "Analyze")
+    page.wait_for_function("document.querySelector('#db-ana-run input')?.value.includes('rex-the-dog')",
+                           timeout=10_000)
+    page.locator("#db-analyze").click()
+    page.wait_for_selector("#db-ana-plot img", timeout=60_000)
+    assert "Slope" in page.locator("#db-ana-text").inner_text()
+    _shot(page, "5-analyze")
+
+    # ---- Reload: the run is still listed and still finished --------------------------------
+    page.reload()
+    page.wait_for_selector("#db-upload", timeout=60_000)
+    _tab(page, "Train")
+    page.wait_for_function(f"document.querySelector('#db-run input')?.value.includes('{ref}')", timeout=20_000)
+    page.wait_for_selector("#db-progress [data-state=finished]", timeout=20_000)
+    _shot(page, "6-after-reload")
+    _no_traceback(page)
+    assert time.monotonic() - t0 < 180

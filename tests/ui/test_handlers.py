@@ -1,0 +1,325 @@
+"""The app's handler functions, called directly (no browser): uploads, the training queue,
+run states read from disk, generation, export, analysis, and the page's error messages."""
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ui import handlers as h
+from ui import runs, views
+from ui.workspace import UserError, Workspace, sanitize_name
+from ui_fixtures import make_photos
+
+
+def _wait(ctx, ref, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = h.run_status(ctx, ref)
+        if not status.active:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"{ref} still {h.run_status(ctx, ref).state} after {timeout} s")
+
+
+# ---- names and uploads -------------------------------------------------------------------------
+@pytest.mark.parametrize("text, safe", [("Rex the Dog!", "rex-the-dog"), ("../../etc/passwd", "etc-passwd"),
+                                        ("Ünïcödé  café", "unicode-cafe"), (".hidden", "hidden"),
+                                        ("a" * 80, "a" * 48)])
+def test_names_are_sanitised(text, safe):
+    assert sanitize_name(text) == safe
+
+
+@pytest.mark.parametrize("text", ["", "   ", "../..", "ダックス"])
+def test_names_without_letters_are_refused_with_a_hint(text):
+    with pytest.raises(UserError, match="my-dog"):
+        sanitize_name(text)
+
+
+def test_uploads_are_checked_and_refused_with_reasons(tmp_path, monkeypatch):
+    ws = Workspace(tmp_path / "ws")
+    good = make_photos(tmp_path / "up", n=3)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (8100, 8100)).save(bomb)                  # 66 MP: refused before decoding
+    duplicate = tmp_path / "again.png"
+    duplicate.write_bytes(good[0].read_bytes())
+    results = ws.add_photos("Rex", [*good, text, broken, bomb, duplicate])
+    by_file = {r.file: r for r in results}
+    assert [by_file[p.name].stored for p in good] == ["photo-0.png", "photo-1.png", "photo-2.png"]
+    assert "JPG, PNG or WebP" in by_file["notes.txt"].problem
+    assert "not a readable image" in by_file["broken.png"].problem
+    assert "MP" in by_file["bomb.png"].problem
+    assert "already here as photo-0.png" in by_file["again.png"].problem
+    assert sorted(p.name for p in (tmp_path / "ws" / "rex" / "images").iterdir()) == \
+        ["photo-0.png", "photo-1.png", "photo-2.png"]
+
+    monkeypatch.setattr("ui.workspace.MAX_IMAGES", 4)
+    monkeypatch.setattr("ui.workspace.MAX_UPLOAD_BYTES", 2000)
+    more = make_photos(tmp_path / "more", n=2, seed=5)
+    big = tmp_path / "big.png"
+    big.write_bytes(good[1].read_bytes() + b"\0" * 3000)
+    results = ws.add_photos("Rex", [*more, big])
+    assert results[0].stored and "at most 4 photos" in results[1].problem
+    assert "MiB" in results[2].problem
+
+
+def test_photo_warnings_small_and_near_duplicate(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    photos = make_photos(tmp_path / "up", n=2, size=64)
+    tiny = tmp_path / "tiny.png"
+    Image.open(photos[0]).resize((20, 20)).save(tiny)
+    resaved = tmp_path / "resaved.jpg"
+    Image.open(photos[1]).save(resaved, quality=90)           # other bytes, same picture
+    ws.add_photos("rex", [*photos, tiny, resaved])
+    listed = {p.name: p for p in ws.photos("rex", resolution=64)}
+    assert not listed["tiny.png"].usable and "too small" in listed["tiny.png"].warnings[0]
+    assert any("duplicate of photo-1.png" in w for w in listed["resaved.jpg"].warnings)
+    assert listed["photo-0.png"].usable and not listed["photo-0.png"].warnings
+
+
+def test_paths_from_the_page_cannot_leave_the_workspace(tmp_path):
+    ws = Workspace(tmp_path / "ws")
+    ws.add_photos("rex", make_photos(tmp_path / "up", n=1))
+    with pytest.raises(UserError):
+        ws.remove_photo("rex", "../subject.json")
+    assert (tmp_path / "ws" / "rex" / "subject.json").is_file()
+    for ref in ("rex/..", "rex/../../x", "../rex/x", "rex", ""):
+        with pytest.raises(UserError):
+            ws.run(ref)
+
+
+# ---- the queue, with a stand-in trainer ----------------------------------------------------
+class FakeTrainer:
+    """Writes the trainer's events; holds each run until released or stopped."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = []
+
+    def __call__(self, config, on_event=None, stop=None):
+        from dorabooth.events import EventLog
+
+        emit = EventLog(Path(config.out) / "events.jsonl")
+        self.started.append(Path(config.out).name)
+        emit("start", step=0, total=config.steps, family="sdxl", model="fake", method=config.method)
+        for step in range(1, config.steps + 1):
+            while not self.release.is_set():
+                if stop is not None and stop.is_set():
+                    emit("checkpoint", step=step - 1, path="x")
+                    emit("stopped", step=step - 1)
+                    return
+                time.sleep(0.02)
+            emit("step", step=step, total=config.steps, loss=1.0 / step, lr=1e-3, it_s=5.0, eta_s=0.1)
+        Path(config.out, "adapter.safetensors").write_bytes(b"")
+        emit("done", adapter="x", steps=config.steps, seconds=0.5)
+
+
+@pytest.fixture
+def fake(tmp_path, tiny_model):
+    trainer = FakeTrainer()
+    ctx = h.make_context(tmp_path / "ws", tiny_model, train=trainer)
+    h.upload_photos(ctx, "rex", make_photos(tmp_path / "up"), "sks", "dog")
+    yield ctx, trainer
+    trainer.release.set()
+    ctx.close()
+
+
+def test_one_run_at_a_time_the_next_waits_with_its_position(fake):
+    ctx, trainer = fake
+    first = h.start_training(ctx, "rex", h.TrainSettings(steps=3, prior_preservation=False))
+    second = h.start_training(ctx, "rex", h.TrainSettings(preset="quick", steps=2, prior_preservation=False))
+    deadline = time.monotonic() + 10
+    while h.run_status(ctx, first).state != runs.TRAINING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    queued = h.run_status(ctx, second)
+    assert queued.state == runs.QUEUED and queued.position == 1
+    assert "next in line" in views.progress_html(queued)
+    assert [ref for _, ref in h.list_runs(ctx, "rex")] == [second, first]      # newest first, queued included
+
+    assert "Taken out of the queue" in h.stop_training(ctx, second)
+    assert h.run_status(ctx, second).state == runs.STOPPED
+    assert "Stopping" in h.stop_training(ctx, first)
+    assert _wait(ctx, first).state == runs.STOPPED
+    assert trainer.started == ["001-dora-balanced"]
+
+    h.resume_training(ctx, second)                                 # never started: starts as requested
+    trainer.release.set()
+    status = _wait(ctx, second)
+    assert status.finished and status.losses == [(1, 1.0), (2, 0.5)]
+    with pytest.raises(UserError, match="only stopped, failed or interrupted"):
+        h.resume_training(ctx, second)
+
+
+def test_state_comes_from_the_run_folder(fake):
+    """A reload, another tab or a restarted app sees the same run: nothing is kept in the page."""
+    ctx, _ = fake
+    run = ctx.workspace.new_run("rex", "dora-quick")
+    (run / "ui-request.json").write_text(json.dumps({"config": {"method": "dora", "steps": 8}}))
+    ref = ctx.workspace.ref(run)
+    assert h.run_status(ctx, ref).state == runs.NOT_STARTED
+    events = [{"type": "class_images", "done": 1, "total": 4},
+              {"type": "start", "step": 0, "total": 8},
+              {"type": "step", "step": 1, "total": 8, "loss": 0.5, "it_s": 2.0, "eta_s": 3.5},
+              {"type": "checkpoint", "step": 1, "path": "c"},
+              {"type": "step", "step": 2, "total": 8, "loss": 0.4, "it_s": 2.0, "eta_s": 3.0}]
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"type": "step", "st')
+    status = h.run_status(ctx, ref)
+    assert status.state == runs.INTERRUPTED and status.resumable and status.checkpoint == 1
+    assert "Resume</b> continues from the checkpoint at step 1" in views.progress_html(status)
+    assert status.position is None and status.step == 2 and status.losses == [(1, 0.5), (2, 0.4)]
+    with open(run / "events.jsonl", "a") as f:
+        f.write('ep": 3, "total": 8, "loss": 0.3}\n')               # the half-written line completes
+        f.write(json.dumps({"type": "error", "message": "ValueError: rank 99 exceeds min(in, out)"}) + "\n")
+    status = h.run_status(ctx, ref)
+    assert status.state == runs.FAILED and status.message == "rank 99 exceeds min(in, out)"
+    assert status.losses[-1] == (3, 0.3)
+
+
+def test_a_waiting_run_is_queued_again_after_a_restart(fake, tmp_path, tiny_model):
+    ctx, trainer = fake
+    first = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False))
+    waiting = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False))
+    ctx.worker.close(timeout=5)                                    # the app stops; the first run checkpoints
+    assert h.run_status(ctx, first).state == runs.STOPPED
+    restarted = h.make_context(tmp_path / "ws", tiny_model, train=trainer)
+    try:
+        assert h.recover_queue(restarted) == [waiting]
+        trainer.release.set()
+        assert _wait(restarted, waiting).finished
+    finally:
+        restarted.close()
+
+
+def test_training_needs_photos_and_a_class_noun(fake, tmp_path):
+    ctx, _ = fake
+    ctx.workspace.save_subject("rex", token="sks", class_noun="")
+    with pytest.raises(UserError, match="class noun"):
+        h.start_training(ctx, "rex", h.TrainSettings())
+    h.upload_photos(ctx, "cat", make_photos(tmp_path / "cat", n=2, seed=9), "zwx", "cat")
+    with pytest.raises(UserError, match="2 usable photo"):
+        h.start_training(ctx, "cat", h.TrainSettings())
+    with pytest.raises(ValueError, match="token"):
+        ctx.workspace.save_subject("cat", token="two words", class_noun="cat")
+    assert not list((ctx.workspace.root / "cat" / "runs").iterdir())          # no empty run left behind
+
+
+def test_presets_give_real_step_counts(fake):
+    ctx, _ = fake
+    assert ctx.info.family == "sdxl" and ctx.info.resolution == 32
+    values = {p: h.preset_values(ctx, p)["steps"] for p in h.PRESETS}
+    assert values == {"quick": 200, "balanced": 400, "best quality": 600}
+    labels = [label for label, _ in h.preset_choices(ctx)]
+    assert labels[0] == "Quick — 200 steps"                        # no time until one run was measured
+
+
+# ---- a real run on the tiny model: train, generate, export, analyse -------------------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("trained")
+    ctx = h.make_context(root / "ws", tiny_model)
+    view = h.upload_photos(ctx, "Rex", make_photos(root / "up"), "sks", "dog")
+    assert view.name == "rex" and view.ready and len(view.previews) == 3
+    assert Image.open(view.previews[0][0]).size == (256, 256)      # 32 px crop, enlarged for display
+    ref = h.start_training(ctx, "rex", h.TrainSettings(preset="quick", steps=2, class_images=2))
+    yield ctx, ref, _wait(ctx, ref)
+    ctx.close()
+
+
+def test_training_runs_in_the_background_and_finishes(trained):
+    ctx, ref, status = trained
+    assert status.finished, status.message
+    assert status.step == 2 and len(status.losses) == 2 and status.samples
+    run = ctx.workspace.run(ref)
+    assert (run / "adapter.safetensors").is_file() and (run / "config.json").is_file()
+    assert len(list((ctx.workspace.root / "rex" / "class-images").glob("*/*.png"))) == 2   # prior preservation
+    assert h.list_runs(ctx, finished_only=True) == [(f"{ref} · DoRA, 2 steps", ref)]
+    assert "steps, about" in h.preset_choices(ctx)[0][0]           # measured on this machine now
+    assert h.default_prompt(ctx, ref) == "a photo of sks dog"
+
+
+def test_generate_saves_images_in_the_run(trained):
+    ctx, ref, _ = trained
+    result = h.generate_images(ctx, ref, "a photo of sks dog", n=2, steps=2, seed=7, strength=0.5)
+    assert [p.parent.name for p in result.images] == ["generated", "generated"] and result.seed == 7
+    assert Image.open(result.images[0]).size == (32, 32)
+    again = h.generate_images(ctx, ref, "a photo of sks dog", n=1, steps=2, seed=None)
+    assert 0 <= again.seed < 2**31
+    with pytest.raises(UserError, match="write a prompt"):
+        h.generate_images(ctx, ref, "  ")
+
+
+@pytest.mark.parametrize("fmt, name", [("diffusers-lora", "pytorch_lora_weights.safetensors"),
+                                       ("kohya", "rex-001-dora-quick.safetensors"),
+                                       ("merged-diffusers", "rex-001-dora-quick.zip")])
+def test_export_writes_a_download_with_a_report(trained, fmt, name):
+    ctx, ref, _ = trained
+    outcome = h.export_run(ctx, ref, fmt, "fp32")
+    assert outcome.path.name == name and outcome.path.stat().st_size > 0
+    assert ctx.workspace.run(ref) in outcome.path.parents
+    if fmt == "diffusers-lora":
+        assert {v["consumer"]: v["status"] for v in outcome.report}["diffusers"] == "exact"
+    html = views.export_report_html(outcome)
+    assert name in html and ("Tool" in html or "every tool" in html)
+
+
+def test_analysis_plot_of_a_run(trained):
+    ctx, ref, _ = trained
+    outcome = h.analyze_runs(ctx, [ref], "out")
+    assert outcome.plot.is_file() and outcome.panels[0]["label"].startswith("DoRA")
+    assert "Slope" in views.analysis_html(outcome)
+
+
+def test_unfinished_runs_cannot_be_used(fake):
+    ctx, _ = fake
+    ref = h.start_training(ctx, "rex", h.TrainSettings(steps=5, prior_preservation=False))
+    with pytest.raises(UserError, match="no trained adapter yet"):
+        h.generate_images(ctx, ref, "a photo of sks dog")
+    with pytest.raises(UserError, match="no trained adapter yet"):
+        h.export_run(ctx, ref, "kohya")
+
+
+# ---- what the page shows -----------------------------------------------------------------------
+def test_views_say_what_happens_in_plain_words():
+    status = runs.RunStatus(Path("r"), runs.TRAINING, position=0, step=3, total=10, it_s=2.0, eta_s=3.5,
+                            losses=[(1, 1.0), (2, 0.8), (3, 0.9)])
+    html = views.progress_html(status)
+    assert 'data-state="training"' in html and "step 3 / 10" in html and "0:04 left" in html
+    assert "<polyline" in views.loss_svg(status.losses, 10)
+    failed = runs.RunStatus(Path("r"), runs.FAILED, message="<script>alert(1)</script>")
+    assert "<script>" not in views.progress_html(failed)
+    assert "loss curve appears" in views.loss_svg([])
+
+
+def test_page_errors_are_messages_not_tracebacks():
+    gr = pytest.importorskip("gradio")
+    from ui.app import shown
+
+    @shown
+    def user_mistake():
+        raise UserError("add at least 3 photos")
+
+    @shown
+    def bug():
+        raise KeyError("boom")
+
+    with pytest.raises(gr.Error) as e:
+        user_mistake()
+    assert e.value.message == "add at least 3 photos"
+    with pytest.raises(gr.Error) as e:
+        bug()
+    assert "Something went wrong" in e.value.message and "Traceback" not in e.value.message
+
+
+def test_console_script_reports_a_missing_model(tmp_path, capsys):
+    pytest.importorskip("gradio")
+    from ui.app import main
+
+    assert main(["--model", str(tmp_path / "nope"), "--workspace", str(tmp_path / "ws")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err

@@ -1,0 +1,38 @@
+"""Helpers for the app's tests: a tiny SDXL-architecture model on disk and photo-like images."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from tiny_models import make_sdxl_pipeline
+
+
+def save_tiny_model(folder: Path) -> Path:
+    """The tiny SDXL test pipeline (tests/tiny_models.py) as a diffusers folder, 32 px native.
+
+    The UNet is fully convolutional, so a larger ``sample_size`` only changes the native
+    resolution (16 → 32 px) the trainer and generator pick; the weights are the same.
+    """
+    pipe = make_sdxl_pipeline()
+    pipe.unet.register_to_config(sample_size=16)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def make_photos(folder: Path, n: int = 3, size: int = 64, seed: int = 0) -> list[Path]:
+    """Distinct photo-like images: a coloured disc on a gradient, one per seed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    for i in range(n):
+        rng = np.random.default_rng(seed * 100 + i)
+        base = np.stack([xx * rng.uniform(50, 255), yy * rng.uniform(50, 255),
+                         np.full_like(xx, rng.uniform(0, 255))], -1)
+        cx, cy, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), rng.uniform(0.15, 0.3)
+        disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r * r
+        base[disc] = rng.uniform(0, 255, 3)
+        path = folder / f"photo {i}.png"
+        Image.fromarray(base.astype(np.uint8)).save(path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,580 @@
+"""What the app does, as plain functions: no gradio here, so each one is tested directly.
+
+Every handler takes the app's :class:`Context` (workspace, base model, training worker,
+loaded generation model) and plain values, calls dorabooth's public API, and returns plain
+data that ``ui/app.py`` wires into components and ``ui/views.py`` turns into HTML. Problems
+the user can fix raise :class:`UserError` (a ``ValueError``) with a message saying what to
+do; the app shows it in the page.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import secrets
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+from . import runs
+from .runs import RunStatus, read_status
+from .worker import TrainingWorker
+from .workspace import MIN_IMAGES, REQUEST_FILE, Photo, UploadResult, UserError, Workspace, sanitize_name
+
+
+# =============================================================================================
+# The base model: what it is and what it trains best with
+# =============================================================================================
+@dataclass(frozen=True)
+class ModelInfo:
+    id: str                      # what the user passed ("toy" for the embedded model)
+    family: str                  # sd1 | sd2 | sdxl
+    resolution: int              # training / generation side in px
+    defaults: dict               # steps, lr, rank, num_class_images (the trainer's family defaults)
+    generate: dict               # steps, guidance
+    device: str                  # "CPU" or the GPU's name
+
+    @property
+    def label(self) -> str:
+        name = "the embedded toy model" if self.id == "toy" else self.id
+        return f"{name} ({self.family.upper()} architecture, {self.resolution} px) on {self.device}"
+
+
+class _Config(dict):
+    """A component config read from JSON, with attribute access like diffusers' FrozenDict."""
+
+    __getattr__ = dict.get
+
+
+def _config_view(folder: Path):
+    """A stand-in pipeline with only the configs, so a model can be described without loading
+    gigabytes of weights (the family and its defaults depend on configs alone)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    view = SimpleNamespace()
+    for name, file in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                       ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json")):
+        path = folder / name / file
+        present = isinstance(index.get(name), list) and index[name][0] is not None and path.is_file()
+        setattr(view, name, SimpleNamespace(config=_Config(json.loads(path.read_text()))) if present else None)
+    if view.unet is None or view.vae is None:
+        raise UserError(f"{folder} has no unet/ or vae/ config; pass a Stable Diffusion or SDXL pipeline folder")
+    return view
+
+
+def _family_functions():
+    try:
+        from dorabooth.families import detect_family, generate_defaults, train_defaults
+    except ImportError:                                   # older layout: trainer presets beside the trainer
+        from dorabooth._families_train import generate_defaults, train_defaults
+        from dorabooth.families import detect_family
+    return detect_family, train_defaults, generate_defaults
+
+
+def describe_model(model: str | None) -> ModelInfo:
+    """Family, resolution and the trainer's defaults for ``model`` (None = the embedded toy).
+
+    A diffusers folder is described from its configs; other kinds are loaded on the CPU.
+    """
+    from dorabooth.models import load_pipeline, resolve_model
+
+    detect_family, train_defaults, generate_defaults = _family_functions()
+    kind, location = resolve_model(model)
+    pipe = _config_view(Path(location)) if kind == "folder" else load_pipeline(model)[0]
+    family = detect_family(pipe)
+    defaults = train_defaults(family, pipe)
+    gen = generate_defaults(family, pipe)
+    return ModelInfo("toy" if model in (None, "toy", "toy-sdxl") else str(model), family.name,
+                     int(defaults["resolution"]),
+                     {k: defaults[k] for k in ("steps", "lr", "rank", "num_class_images")},
+                     {"steps": gen["steps"], "guidance": gen["guidance"]}, _device_name())
+
+
+def _device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU ({torch.cuda.get_device_name(0)})"
+    return "CPU"
+
+
+# =============================================================================================
+# The app's state: one object, passed to every handler
+# =============================================================================================
+class SessionCache:
+    """One loaded generation model (``dorabooth.generate.Session``), reused between clicks and
+    released before training starts so the two never hold the device's memory together."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key: object = None
+        self._session = None
+
+    def use(self, model: str | None, fn):
+        from dorabooth.generate import Session
+
+        with self._lock:
+            if self._session is None or self._key != model:
+                self._drop()
+                self._session = Session(model)
+                self._key = model
+            return fn(self._session)
+
+    def release(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _drop(self) -> None:
+        if self._session is None:
+            return
+        self._session = None
+        self._key = None
+        gc.collect()
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+@dataclass
+class Context:
+    workspace: Workspace
+    model: str | None = None           # base model for new runs (None = the embedded toy)
+    worker: TrainingWorker = None      # type: ignore[assignment]
+    sessions: SessionCache = field(default_factory=SessionCache)
+    _info: ModelInfo | None = None
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            self._info = describe_model(self.model)
+        return self._info
+
+    def close(self) -> None:
+        self.worker.close()
+        self.sessions.release()
+
+
+def make_context(workspace: str | Path, model: str | None = None, *, train=None) -> Context:
+    """The app's state. ``train`` replaces ``dorabooth.train.train`` (tests)."""
+    ctx = Context(Workspace(workspace), model)
+    ctx.worker = TrainingWorker(train=train, before_train=ctx.sessions.release)
+    return ctx
+
+
+# =============================================================================================
+# Subject: photos, token, class noun
+# =============================================================================================
+@dataclass
+class SubjectView:
+    name: str
+    token: str
+    class_noun: str
+    photos: list[Photo]
+    previews: list[tuple[str, str]]             # (crop png, caption) as the trainer will see them
+    uploads: list[UploadResult] = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return sum(p.usable for p in self.photos)
+
+    @property
+    def ready(self) -> bool:
+        return self.usable >= MIN_IMAGES and bool(self.class_noun)
+
+
+def subject_names(ctx: Context) -> list[str]:
+    return ctx.workspace.subjects()
+
+
+def open_subject(ctx: Context, name: str, uploads: list[UploadResult] | None = None) -> SubjectView:
+    subject = ctx.workspace.subject(name)
+    resolution = ctx.info.resolution
+    photos = ctx.workspace.photos(subject.name, resolution=resolution)
+    previews = []
+    for photo in photos:
+        if photo.width:                                  # readable
+            caption = photo.name if not photo.warnings else f"⚠ {photo.name}: {photo.warnings[0]}"
+            previews.append((str(ctx.workspace.preview(subject.name, photo, resolution)), caption))
+    return SubjectView(subject.name, subject.token, subject.class_noun, photos, previews, uploads or [])
+
+
+def upload_photos(ctx: Context, name: str, files: list[str], token: str | None = None,
+                  class_noun: str | None = None) -> SubjectView:
+    """Add uploaded files to a subject (created if new); refused files come back with the reason."""
+    if not files:
+        raise UserError("no files were uploaded; drop 3–20 photos (JPG, PNG or WebP) on the box")
+    subject = ctx.workspace.subject(name, create=True)
+    if token is not None or class_noun is not None:
+        ctx.workspace.save_subject(subject.name, token=token or subject.token,
+                                   class_noun=class_noun if class_noun is not None else subject.class_noun)
+    results = ctx.workspace.add_photos(subject.name, [str(f) for f in files])
+    return open_subject(ctx, subject.name, results)
+
+
+def remove_photo(ctx: Context, name: str, photo: str) -> SubjectView:
+    ctx.workspace.remove_photo(name, photo)
+    return open_subject(ctx, name)
+
+
+def save_subject(ctx: Context, name: str, token: str, class_noun: str) -> SubjectView:
+    ctx.workspace.save_subject(name, token=token, class_noun=class_noun)
+    return open_subject(ctx, name)
+
+
+# =============================================================================================
+# Train: presets, settings, the queue
+# =============================================================================================
+# Multipliers of the trainer's family defaults (steps, rank); learning rate stays the family's.
+PRESETS = {
+    "quick": dict(steps=0.5, rank=1, text="a first look: fewer steps, the likeness may be loose"),
+    "balanced": dict(steps=1.0, rank=1, text="the recommended settings for this model"),
+    "best quality": dict(steps=1.5, rank=2, text="more steps and a larger adapter: slower, a bigger file"),
+}
+METHODS = {
+    "DoRA (recommended)": dict(method="dora", half_rank=False),
+    "LoRA": dict(method="lora", half_rank=False),
+    "DoRA† (half rank)": dict(method="dora", half_rank=True),
+}
+USES = {
+    "diffusers / Python": "out",
+    "ComfyUI or A1111": "in",
+}
+
+
+@dataclass
+class TrainSettings:
+    """What the Train tab asks for; ``None`` = the preset's value."""
+
+    preset: str = "balanced"
+    method: str = "DoRA (recommended)"
+    use: str = "diffusers / Python"
+    rank: int | None = None
+    steps: int | None = None
+    lr: float | None = None
+    prior_preservation: bool = True
+    class_images: int | None = None
+    train_text_encoders: bool = False
+    seed: int = 0
+
+
+def preset_values(ctx: Context, preset: str) -> dict:
+    """Steps, rank and learning rate a preset means on this model."""
+    if preset not in PRESETS:
+        raise UserError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    p, d = PRESETS[preset], ctx.info.defaults
+    return {"steps": max(1, round(d["steps"] * p["steps"])), "rank": int(d["rank"] * p["rank"]), "lr": d["lr"],
+            "class_images": d["num_class_images"]}
+
+
+def measured_speed(ctx: Context) -> float | None:
+    """Training steps per second measured by earlier runs of this base model (median), if any."""
+    speeds = []
+    for run in ctx.workspace.runs():
+        settings = runs.run_settings(run)
+        if settings.get("_base_model") != ctx.info.id:
+            continue
+        steps = [e for e in runs.read_events(run) if e.get("type") == "step" and e.get("it_s")]
+        if steps:
+            speeds.append(float(steps[-1]["it_s"]))
+    return sorted(speeds)[len(speeds) // 2] if speeds else None
+
+
+def preset_choices(ctx: Context) -> list[tuple[str, str]]:
+    """(label, preset) with the real step counts and, once measured here, the time they take."""
+    speed = measured_speed(ctx)
+    out = []
+    for name in PRESETS:
+        steps = preset_values(ctx, name)["steps"]
+        when = f", about {_duration(steps / speed)}" if speed else ""
+        out.append((f"{name.capitalize()} — {steps} steps{when}", name))
+    return out
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 5400:
+        return f"{round(seconds / 60)} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: Path):
+    """The TrainConfig for a run of ``subject_name`` (validated by TrainConfig itself)."""
+    from dorabooth.config import TrainConfig
+
+    subject = ctx.workspace.subject(subject_name)
+    if not subject.class_noun:
+        raise UserError("say what the subject is (the class noun, e.g. 'dog') on the Subject tab first")
+    usable = sum(p.usable for p in ctx.workspace.photos(subject.name, resolution=ctx.info.resolution))
+    if usable < MIN_IMAGES:
+        raise UserError(f"{subject.name} has {usable} usable photo(s); add at least {MIN_IMAGES} on the Subject tab")
+    if settings.method not in METHODS:
+        raise UserError(f"method {settings.method!r}: choose one of {', '.join(METHODS)}")
+    if settings.use not in USES:
+        raise UserError(f"choose where the adapter will be used: {', '.join(USES)}")
+    preset = preset_values(ctx, settings.preset)
+    steps = int(settings.steps or preset["steps"])
+    class_key = f"{sanitize_name(ctx.info.id, 'model')}-{sanitize_name(subject.class_noun, 'class noun')}"
+    return TrainConfig(
+        images=str(subject.images), class_noun=subject.class_noun, out=str(run), token=subject.token,
+        model=ctx.model, **METHODS[settings.method], magnitude_axis=USES[settings.use],
+        rank=int(settings.rank or preset["rank"]), steps=steps, lr=float(settings.lr or preset["lr"]),
+        prior_preservation=bool(settings.prior_preservation),
+        class_images=str(ctx.workspace.class_images(subject.name, class_key)),
+        num_class_images=int(settings.class_images or preset["class_images"]),
+        train_text_encoders=bool(settings.train_text_encoders), seed=int(settings.seed),
+        sample_every=max(1, steps // 4))
+
+
+def start_training(ctx: Context, subject_name: str, settings: TrainSettings) -> str:
+    """Queue a new run; returns its reference ``subject/run``. The run folder holds the request
+    at once, so it is listed (and survives a restart) even while it waits."""
+    subject = ctx.workspace.subject(subject_name)
+    label = f"{METHODS.get(settings.method, {}).get('method', 'run')}-{settings.preset}"
+    run = ctx.workspace.new_run(subject.name, label)
+    try:
+        config = build_config(ctx, subject.name, settings, run)
+    except Exception:
+        shutil.rmtree(run, ignore_errors=True)        # nothing was made yet: no empty run left behind
+        raise
+    request = {"config": config.to_dict(), "preset": settings.preset, "method_label": settings.method,
+               "use": settings.use, "requested": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (run / REQUEST_FILE).write_text(json.dumps(request, indent=2) + "\n")
+    ctx.worker.submit(run, config)
+    return ctx.workspace.ref(run)
+
+
+def stop_training(ctx: Context, ref: str) -> str:
+    run = ctx.workspace.run(ref)
+    outcome = ctx.worker.stop(run)
+    return {"stopping": "Stopping after the current step; a checkpoint is kept so you can resume.",
+            "removed": "Taken out of the queue; press Resume to queue it again.",
+            "idle": "This run is not training."}[outcome]
+
+
+def resume_training(ctx: Context, ref: str) -> str:
+    """Queue a stopped, failed or interrupted run again, continuing from its newest checkpoint."""
+    from dorabooth.config import TrainConfig, read_run_config
+
+    run = ctx.workspace.run(ref)
+    status = run_status(ctx, ref)
+    if not status.resumable:
+        raise UserError(f"{ref} is {status.state}; only stopped, failed or interrupted runs can be resumed")
+    if (run / "config.json").is_file():
+        config = replace(read_run_config(run)[0], resume=True)
+    else:                                              # it never started: start it as requested
+        config = TrainConfig.from_dict(json.loads((run / REQUEST_FILE).read_text())["config"])
+    position = ctx.worker.submit(run, config)
+    return "Resuming." if position == 0 else f"Queued to resume: {_place(position)}."
+
+
+def _place(position: int) -> str:
+    return "next in line" if position == 1 else f"number {position} in line"
+
+
+def run_status(ctx: Context, ref: str) -> RunStatus:
+    run = ctx.workspace.run(ref)
+    return read_status(run, ctx.worker.position(run))
+
+
+def list_runs(ctx: Context, subject_name: str | None = None, *, finished_only: bool = False) -> list[tuple[str, str]]:
+    """(label, ref) of every run (of one subject, or all), newest first."""
+    out = []
+    for run in ctx.workspace.runs(subject_name):
+        status = read_status(run, ctx.worker.position(run))
+        if finished_only and not status.finished:
+            continue
+        out.append((run_label(ctx, run, status), ctx.workspace.ref(run)))
+    return out
+
+
+def run_label(ctx: Context, run: Path, status: RunStatus) -> str:
+    s = status.settings
+    method = {"dora": "DoRA†" if s.get("half_rank") else "DoRA", "lora": "LoRA"}.get(s.get("method"), s.get("method", "?"))
+    return f"{ctx.workspace.ref(run)} · {method}, {s.get('steps', '?')} steps"
+
+
+def recover_queue(ctx: Context) -> list[str]:
+    """After a restart: queue again the runs that were waiting (request written, never started)."""
+    waiting = []
+    for run in ctx.workspace.runs():
+        if (run / REQUEST_FILE).is_file() and not (run / "events.jsonl").exists() and ctx.worker.position(run) is None:
+            waiting.append(run)
+    waiting.sort(key=lambda r: (r / REQUEST_FILE).stat().st_mtime)
+    from dorabooth.config import TrainConfig
+
+    for run in waiting:
+        ctx.worker.submit(run, TrainConfig.from_dict(json.loads((run / REQUEST_FILE).read_text())["config"]))
+    return [ctx.workspace.ref(r) for r in waiting]
+
+
+# =============================================================================================
+# Generate
+# =============================================================================================
+@dataclass
+class GenerateResult:
+    images: list[Path]
+    seed: int
+
+
+def default_prompt(ctx: Context, ref: str) -> str:
+    s = run_status(ctx, ref).settings
+    return f"a photo of {s.get('token', 'sks')} {s.get('class_noun', '')}".strip()
+
+
+def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", n: int = 1,
+                    steps: int | None = None, guidance: float | None = None, seed: int | None = 0,
+                    strength: float = 1.0) -> GenerateResult:
+    """Images of ``prompt`` with a finished run's adapter, saved in ``<run>/generated/``.
+
+    ``seed=None`` draws a random seed (returned, so a good image can be made again).
+    """
+    from dorabooth.generate import generate, resolve_adapter
+
+    run = ctx.workspace.run(ref)
+    status = read_status(run, ctx.worker.position(run))
+    if not status.finished:
+        raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
+    if not (prompt or "").strip():
+        raise UserError("write a prompt, e.g. 'a photo of sks dog on the beach'")
+    if not 1 <= int(n) <= 16:
+        raise UserError("number of images: choose 1 to 16")
+    if strength < 0:
+        raise UserError("strength: use 0 (the base model) to about 1.5")
+    seed = secrets.randbelow(2**31) if seed is None else int(seed)
+    source = resolve_adapter(run)
+    paths = ctx.sessions.use(source.model, lambda session: generate(
+        prompt.strip(), out=run / "generated", adapter=run, negative=(negative or "").strip() or None, n=int(n),
+        steps=int(steps) if steps else None, guidance=guidance, seed=seed, strength=float(strength),
+        session=session))
+    return GenerateResult([Path(p) for p in paths], seed)
+
+
+# =============================================================================================
+# Export
+# =============================================================================================
+EXPORT_FORMATS = {
+    "kohya": ("ComfyUI / A1111 adapter",
+              "One small .safetensors in the kohya layout. Put it in ComfyUI's models/loras or A1111's "
+              "models/Lora folder and use it with the base model it was trained on."),
+    "diffusers-lora": ("diffusers / Python adapter",
+                       "pytorch_lora_weights.safetensors for `pipe.load_lora_weights(...)` in diffusers or "
+                       "`dorabooth.load_adapter`. Needs a run trained for diffusers (per-output magnitude)."),
+    "merged-single-file": ("Merged checkpoint (one file)",
+                           "The base model with your subject baked in, as one .safetensors checkpoint: "
+                           "ComfyUI's models/checkpoints, A1111's models/Stable-diffusion, or diffusers' "
+                           "from_single_file. Exact in every tool; as large as the base model."),
+    "merged-diffusers": ("Merged model folder (diffusers)",
+                         "The base model with your subject baked in, as a diffusers pipeline folder "
+                         "(downloaded as a .zip) for `DiffusionPipeline.from_pretrained`."),
+}
+EXPORT_DTYPES = {"fp32 (full precision)": "fp32", "fp16 (half the size)": "fp16", "bf16": "bf16"}
+
+
+def suggested_export(ctx: Context, ref: str) -> tuple[str, str]:
+    """(format, why): the adapter format the run was trained for, and a sentence saying so."""
+    s = run_status(ctx, ref).settings
+    if s.get("method") == "lora":
+        return "kohya", "A LoRA run: its adapter file works in every tool."
+    if s.get("magnitude_axis") == "in":
+        return "kohya", ("Trained for ComfyUI / A1111 (one magnitude per input): the ComfyUI / A1111 adapter is "
+                         "exact there. For diffusers, export a merged checkpoint.")
+    return "diffusers-lora", ("Trained for diffusers (one magnitude per output): the diffusers adapter is exact "
+                              "there. For ComfyUI or A1111, export a merged checkpoint (exact everywhere) or "
+                              "train again choosing 'ComfyUI or A1111'.")
+
+
+@dataclass
+class ExportOutcome:
+    path: Path                      # the file to download (a folder is zipped)
+    format: str
+    report: list[dict]              # consumer verdicts (adapter formats)
+    notes: list[str]
+
+
+def export_run(ctx: Context, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
+    """Write ``<run>/exports/<format>-<dtype>/…`` with dorabooth's exporter; returns the download."""
+    from dorabooth.export import export
+
+    run = ctx.workspace.run(ref)
+    status = read_status(run, ctx.worker.position(run))
+    if not status.finished:
+        raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
+    if fmt not in EXPORT_FORMATS:
+        raise UserError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
+    if fmt == "diffusers-lora" and status.settings.get("magnitude_axis") == "in" and status.settings.get("method") == "dora":
+        raise UserError("this run was trained for ComfyUI/A1111 (one magnitude per input), which the diffusers "
+                        "format cannot hold; export it as 'ComfyUI / A1111 adapter' or as a merged checkpoint")
+    stem = f"{run.parent.parent.name}-{run.name}"
+    folder = run / "exports" / f"{fmt}-{dtype}"
+    out = {"kohya": folder / f"{stem}.safetensors", "diffusers-lora": folder,
+           "merged-single-file": folder / f"{stem}.safetensors", "merged-diffusers": folder / stem}[fmt]
+    folder.mkdir(parents=True, exist_ok=True)
+    base = _base_model_path(run)
+    result = export(run, format=fmt, out=out, model=base, dtype=dtype, overwrite=True)
+    path = Path(result.path)
+    if path.is_dir():                                  # a folder downloads as one zip
+        archive = shutil.make_archive(str(folder / f".{stem}.zip.tmp"), "zip", root_dir=path.parent, base_dir=path.name)
+        path = folder / f"{stem}.zip"
+        Path(archive).replace(path)
+    return ExportOutcome(path, fmt, [v.to_dict() for v in result.report], list(result.notes))
+
+
+def _base_model_path(run: Path) -> str | None:
+    """The base model's local path recorded in the run (to measure the consumer report's errors)."""
+    try:
+        data = json.loads((run / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    base = data.get("base_model") or {}
+    path = base.get("path")
+    return path if path and Path(path).exists() else data.get("config", {}).get("model")
+
+
+# =============================================================================================
+# Analyze
+# =============================================================================================
+AXES = {"per output row (dorabooth's magnitude axis)": "out", "per input column (the paper's notation)": "in"}
+
+
+@dataclass
+class AnalysisOutcome:
+    plot: Path
+    axis: str
+    panels: list[dict]            # label, runs, slope, pearson, n (query projections, else all layers)
+    snapshots: dict[str, int]     # run ref -> number of checkpoints analysed
+
+
+def analyze_runs(ctx: Context, refs: list[str], axis: str = "out") -> AnalysisOutcome:
+    """The DoRA paper's magnitude/direction analysis of one run, or several side by side.
+
+    Written to ``<first run>/analysis/<axis>[-<hash of the others>]/`` (analysis.json and .png).
+    """
+    from dorabooth.analysis import analyze
+
+    refs = [r for r in dict.fromkeys(refs or []) if r]
+    if not refs:
+        raise UserError("choose a trained run to analyse")
+    if axis not in AXES.values():
+        raise UserError("axis: choose per output row ('out') or per input column ('in')")
+    folders = []
+    for ref in refs:
+        status = run_status(ctx, ref)
+        if not (status.finished or status.checkpoint):
+            raise UserError(f"{ref} has no checkpoints yet ({status.state}); train it first")
+        folders.append(ctx.workspace.run(ref))
+    import hashlib
+    tag = axis if len(refs) == 1 else f"{axis}-{hashlib.sha1('|'.join(refs).encode()).hexdigest()[:8]}"
+    data = analyze(folders, folders[0] / "analysis" / tag, axis=axis)
+    panels = []
+    for panel in data["panels"]:
+        which = "query" if panel["fit"]["query"].get("n") else "all"
+        pooled, within = panel["fit"][which], panel["fit"][f"{which}_within_step"]
+        panels.append({"label": panel["label"], "runs": [ctx.workspace.ref(Path(r)) for r in panel["runs"]],
+                       "layers": which, "n": pooled.get("n", 0),
+                       "slope": pooled.get("slope"), "pearson": pooled.get("pearson"),
+                       "slope_within": within.get("slope"), "pearson_within": within.get("pearson")})
+    snaps = {ctx.workspace.ref(Path(r["run"])): len(r["steps"]) for r in data["runs"]}
+    return AnalysisOutcome(Path(data["plot"]), axis, panels, snaps)

@@ -1,0 +1,155 @@
+"""What a run folder says about itself: state, progress, loss curve, previews.
+
+Everything here is read from the run folder (``events.jsonl``, ``config.json``, the UI's
+``ui-request.json``) plus the worker's queue position, never from a browser session, so
+the page shows the same run after a reload, in another tab, or after the app restarted.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .workspace import REQUEST_FILE
+
+# States, in the words the page uses.
+QUEUED, STARTING, CLASS_IMAGES, PREPARING, TRAINING = "queued", "starting", "class images", "preparing", "training"
+FINISHED, STOPPED, FAILED, INTERRUPTED, NOT_STARTED = "finished", "stopped", "failed", "interrupted", "not started"
+ACTIVE = (QUEUED, STARTING, CLASS_IMAGES, PREPARING, TRAINING)
+
+
+@dataclass
+class RunStatus:
+    run: Path
+    state: str
+    position: int | None = None           # in the worker's line (0 = running)
+    step: int = 0
+    total: int = 0
+    it_s: float | None = None
+    eta_s: float | None = None
+    class_done: int = 0
+    class_total: int = 0
+    losses: list[tuple[int, float]] = field(default_factory=list)   # (step, loss), one per step
+    samples: list[tuple[int, list[str]]] = field(default_factory=list)  # (step, png paths), oldest first
+    skipped: list[tuple[str, str]] = field(default_factory=list)    # (file, reason)
+    message: str = ""                     # error text, or why a run stopped
+    seconds: float | None = None          # training time of a finished run
+    checkpoint: int | None = None         # newest checkpoint step
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def active(self) -> bool:
+        return self.state in ACTIVE
+
+    @property
+    def finished(self) -> bool:
+        return self.state == FINISHED
+
+    @property
+    def resumable(self) -> bool:
+        return self.state in (STOPPED, FAILED, INTERRUPTED, NOT_STARTED)
+
+
+def read_events(run: str | Path) -> list[dict]:
+    """The complete, well-formed lines of ``events.jsonl`` (a half-written last line is left out)."""
+    path = Path(run) / "events.jsonl"
+    if not path.is_file():
+        return []
+    events = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if not line.endswith("\n"):
+                break
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
+    return events
+
+
+def run_settings(run: str | Path) -> dict:
+    """The run's config: the resolved ``config.json`` once training started, else the request."""
+    run = Path(run)
+    for name, key in (("config.json", "config"), (REQUEST_FILE, "config")):
+        path = run / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            settings = dict(data.get(key, {}))
+            settings["_resolved"] = name == "config.json"
+            settings["_preset"] = _request(run).get("preset")
+            settings["_base_model"] = (data.get("base_model") or {}).get("id")
+            return settings
+    return {}
+
+
+def _request(run: Path) -> dict:
+    try:
+        return json.loads((run / REQUEST_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def read_status(run: str | Path, position: int | None = None) -> RunStatus:
+    """The run's state from its events; ``position`` comes from the worker (None: not in line)."""
+    run = Path(run)
+    status = RunStatus(run, NOT_STARTED, position=position, settings=run_settings(run))
+    phase = None
+    losses: dict[int, float] = {}
+    for e in read_events(run):
+        kind = e.get("type")
+        if kind == "class_images":
+            phase, status.class_done, status.class_total = CLASS_IMAGES, e.get("done", 0), e.get("total", 0)
+        elif kind == "prepared":
+            phase = PREPARING
+        elif kind in ("start", "resume"):
+            phase = TRAINING
+            status.step = e.get("step", status.step)
+            status.total = e.get("total", status.total)
+            status.message = ""
+        elif kind == "step":
+            phase = TRAINING
+            status.step, status.total = e.get("step", status.step), e.get("total", status.total)
+            status.it_s, status.eta_s = e.get("it_s"), e.get("eta_s")
+            if isinstance(e.get("loss"), (int, float)):
+                losses[status.step] = float(e["loss"])
+        elif kind == "sample":
+            status.samples.append((e.get("step", 0), list(e.get("paths", []))))
+        elif kind == "checkpoint":
+            status.checkpoint = e.get("step")
+        elif kind == "skip":
+            status.skipped.append((e.get("path", "?"), e.get("reason", "")))
+        elif kind == "done":
+            phase, status.seconds = FINISHED, e.get("seconds")
+            status.step = e.get("steps", status.step)
+            status.total = max(status.total, status.step)
+        elif kind == "stopped":
+            phase, status.message = STOPPED, e.get("message", "")
+            status.step = e.get("step", status.step)
+        elif kind == "error":
+            phase, status.message = FAILED, _plain_error(e.get("message", "unknown error"))
+    status.losses = sorted(losses.items())
+    if position is not None:
+        running_again = phase in (None, FINISHED, STOPPED, FAILED)   # resumed, nothing new written yet
+        status.state = QUEUED if position > 0 else (STARTING if running_again else phase)
+    elif phase is None:
+        status.state = NOT_STARTED
+    elif phase in (FINISHED, STOPPED, FAILED):
+        status.state = phase
+    else:
+        status.state = INTERRUPTED
+    return status
+
+
+def _plain_error(message: str) -> str:
+    """``"ValueError: resolution 30 …"`` → ``"resolution 30 …"``: the type name tells a user nothing."""
+    head, sep, rest = message.partition(": ")
+    if sep and head.isidentifier() and (head.endswith("Error") or head.endswith("Exception")
+                                         or head == "TrainingDiverged"):
+        return rest
+    return message

@@ -1,0 +1,262 @@
+"""Plain-language HTML for the page: progress bar, loss curve, photo and export reports.
+
+Pure functions from handler results to HTML strings (no gradio), so what the user reads is
+tested like any other output. Everything that came from a user or a file is escaped.
+"""
+
+from __future__ import annotations
+
+import math
+from html import escape
+
+from . import runs
+from .runs import RunStatus
+from .workspace import MAX_IMAGES, MIN_IMAGES
+
+
+def clock(seconds: float | None) -> str:
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# ---- Train tab ---------------------------------------------------------------------------------
+def progress_html(status: RunStatus | None) -> str:
+    """A progress bar with one plain sentence; ``data-state`` carries the run state for tests."""
+    if status is None:
+        return _bar("idle", 0, "No run selected. Set up a subject, then press <b>Start training</b>.")
+    s = status
+    ckpt = f" from the checkpoint at step {s.checkpoint}" if s.checkpoint else " from the start"
+    if s.state == runs.QUEUED:
+        place = "next in line" if s.position == 1 else f"number {s.position} in line"
+        return _bar(s.state, 0, f"Waiting: {place}. It starts when the training before it finishes.")
+    if s.state == runs.STARTING:
+        return _bar(s.state, None, "Loading the base model…")
+    if s.state == runs.CLASS_IMAGES:
+        return _bar(s.state, s.class_done / max(1, s.class_total),
+                    f"Drawing class images with the base model (prior preservation): "
+                    f"{s.class_done} / {s.class_total}")
+    if s.state == runs.PREPARING:
+        return _bar(s.state, None, "Preparing your photos…")
+    if s.state == runs.TRAINING:
+        speed = f" · {s.it_s:.2f} it/s · about {clock(s.eta_s)} left" if s.it_s else ""
+        return _bar(s.state, s.step / max(1, s.total), f"Training: step {s.step} / {s.total}{speed}")
+    if s.state == runs.FINISHED:
+        took = f" in {clock(s.seconds)}" if s.seconds is not None else ""
+        return _bar(s.state, 1.0, f"Finished: {s.step} steps{took}. Make images on the <b>Generate</b> tab or "
+                                  f"download the adapter on the <b>Export</b> tab.")
+    if s.state == runs.STOPPED:
+        why = f" ({escape(s.message)})" if s.message else ""
+        return _bar(s.state, s.step / max(1, s.total) if s.total else 0,
+                    f"Stopped at step {s.step}{f' of {s.total}' if s.total else ''}{why}. "
+                    f"<b>Resume</b> continues{ckpt}.")
+    if s.state == runs.FAILED:
+        return _bar(s.state, s.step / max(1, s.total) if s.total else 0,
+                    f"Training failed: {escape(s.message)}<br>Your photos and checkpoints are kept; fix the cause "
+                    f"and press <b>Resume</b>, or start a new run.")
+    if s.state == runs.INTERRUPTED:
+        return _bar(s.state, s.step / max(1, s.total) if s.total else 0,
+                    f"The app was closed while this run trained (last step {s.step} / {s.total}). "
+                    f"<b>Resume</b> continues{ckpt}.")
+    return _bar(s.state, 0, "Not started yet. Press <b>Resume</b> to queue it.")
+
+
+def _bar(state: str, fraction: float | None, text: str) -> str:
+    if fraction is None:
+        inner = '<div class="db-bar db-indeterminate"></div>'
+        pct = ""
+    else:
+        fraction = min(1.0, max(0.0, fraction))
+        inner = f'<div class="db-bar" style="width:{100 * fraction:.1f}%"></div>'
+        pct = f' data-fraction="{fraction:.3f}"'
+    return (f'<div class="db-progress" data-state="{escape(state)}"{pct}>'
+            f'<div class="db-track">{inner}</div><div class="db-progress-text">{text}</div></div>')
+
+
+def run_details_html(status: RunStatus | None) -> str:
+    """One line with the run's settings, and any photos the trainer skipped."""
+    if status is None or not status.settings:
+        return ""
+    s = status.settings
+    method = {"dora": "DoRA† (half rank)" if s.get("half_rank") else "DoRA", "lora": "LoRA"}.get(
+        s.get("method"), str(s.get("method")))
+    axis = {"out": "for diffusers", "in": "for ComfyUI/A1111"}.get(s.get("magnitude_axis"), "")
+    parts = [f"<b>{escape(method)}</b>" + (f" {axis}" if s.get("method") == "dora" else ""),
+             f"rank {s.get('rank', '?')}", f"{s.get('steps', '?')} steps", f"learning rate {s.get('lr', '?')}",
+             "prior preservation " + ("on" if s.get("prior_preservation") else "off"),
+             "text encoders " + ("trained" if s.get("train_text_encoders") else "frozen"),
+             f"prompt “{escape(_instance_prompt(s))}”"]
+    html = f'<div class="db-details">{" · ".join(parts)}</div>'
+    if status.skipped:
+        items = "".join(f"<li><b>{escape(f)}</b>: {escape(r)}</li>" for f, r in status.skipped)
+        html += f'<div class="db-warn">The trainer skipped these photos:<ul>{items}</ul></div>'
+    return html
+
+
+def _instance_prompt(s: dict) -> str:
+    return s.get("instance_prompt") or f"a photo of {s.get('token', 'sks')} {s.get('class_noun', '')}".strip()
+
+
+def loss_svg(losses: list[tuple[int, float]], total: int = 0, width: int = 560, height: int = 200) -> str:
+    """The training loss per step (faint) and its running average (bold), as inline SVG."""
+    if not losses:
+        return '<div class="db-plot db-empty">The loss curve appears here once training starts.</div>'
+    left, right, top, bottom = 48, 12, 14, 30
+    w, h = width - left - right, height - top - bottom
+    steps = [s for s, _ in losses]
+    values = [v for _, v in losses]
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-12:
+        lo, hi = lo - 0.5, hi + 0.5
+    x_max = max(total, steps[-1], 1)
+
+    def pt(step: float, value: float) -> str:
+        return f"{left + w * step / x_max:.1f},{top + h * (1 - (value - lo) / (hi - lo)):.1f}"
+
+    smooth, avg = [], None
+    beta = 0.9 if len(values) > 20 else 0.6
+    for v in values:
+        avg = v if avg is None else beta * avg + (1 - beta) * v
+        smooth.append(avg)
+    raw = " ".join(pt(s, v) for s, v in _thin(losses))
+    line = " ".join(pt(s, v) for s, v in _thin(list(zip(steps, smooth))))
+    return (f'<div class="db-plot"><svg viewBox="0 0 {width} {height}" width="100%" role="img" '
+            f'aria-label="training loss per step">'
+            f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" class="db-axis"/>'
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" class="db-axis"/>'
+            f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{hi:.3g}</text>'
+            f'<text x="{left - 6}" y="{top + h}" text-anchor="end">{lo:.3g}</text>'
+            f'<text x="{left}" y="{height - 8}">0</text>'
+            f'<text x="{left + w}" y="{height - 8}" text-anchor="end">step {x_max}</text>'
+            f'<text x="{left + w / 2}" y="{height - 8}" text-anchor="middle">loss (faint: each step, bold: average)</text>'
+            f'<polyline points="{raw}" class="db-raw"/><polyline points="{line}" class="db-smooth"/>'
+            f'</svg></div>')
+
+
+def _thin(points: list, most: int = 400) -> list:
+    if len(points) <= most:
+        return points
+    every = math.ceil(len(points) / most)
+    return points[::every] + ([points[-1]] if (len(points) - 1) % every else [])
+
+
+def sample_gallery(status: RunStatus | None) -> list[tuple[str, str]]:
+    """Preview images, newest step first, captioned with their step."""
+    if status is None:
+        return []
+    out = []
+    for step, paths in reversed(status.samples):
+        out += [(p, f"step {step}") for p in paths]
+    return out
+
+
+# ---- Subject tab -------------------------------------------------------------------------------
+def subject_summary_html(view) -> str:
+    """How many photos, whether training can start, and each warning with its reason."""
+    n, usable = len(view.photos), view.usable
+    if n == 0:
+        head = (f"No photos yet. Drop {MIN_IMAGES}–{MAX_IMAGES} photos of your subject above: different "
+                f"angles, backgrounds and lighting; the subject clearly visible.")
+    else:
+        head = f"<b>{n} photo{'s' if n != 1 else ''}</b>, {usable} usable."
+        if usable < MIN_IMAGES:
+            head += f" Add at least {MIN_IMAGES - usable} more to train."
+        elif not view.class_noun:
+            head += " Now say what the subject is (the class noun) below."
+        else:
+            head += " Ready: go to the <b>Train</b> tab."
+    html = f'<div class="db-summary">{head}</div>'
+    uploads = [u for u in view.uploads if u.stored]
+    refused = [u for u in view.uploads if u.problem]
+    if uploads:
+        html += f'<div class="db-ok">Added {len(uploads)} photo{"s" if len(uploads) != 1 else ""}.</div>'
+    if refused:
+        items = "".join(f"<li><b>{escape(u.file)}</b>: {escape(u.problem)}</li>" for u in refused)
+        html += f'<div class="db-warn">Not added:<ul>{items}</ul></div>'
+    warned = [p for p in view.photos if p.warnings]
+    if warned:
+        items = "".join(f"<li><b>{escape(p.name)}</b>: {escape('; '.join(p.warnings))}</li>" for p in warned)
+        html += f'<div class="db-warn">Check these photos:<ul>{items}</ul></div>'
+    return html
+
+
+# ---- Export tab --------------------------------------------------------------------------------
+STATUS_WORDS = {"exact": "✔ exact", "approximate": "≈ approximate", "not applied": "✘ not applied",
+                "fails to load": "✘ fails to load"}
+
+
+def export_report_html(outcome) -> str:
+    """Which tools apply the exported file as trained, approximately (with the error), or not."""
+    size = outcome.path.stat().st_size if outcome.path.is_file() else 0
+    html = (f'<div class="db-ok">Written: <code>{escape(outcome.path.name)}</code> ({_size(size)}). '
+            f'Use the download link below.</div>')
+    if outcome.format.startswith("merged"):
+        html += ('<div class="db-details">A merged model is plain weights with your subject baked in: every tool '
+                 'loads it exactly as trained, with no adapter support needed.</div>')
+    if outcome.report:
+        rows = ""
+        for v in outcome.report:
+            err = v.get("max_rel_error")
+            detail = escape(v.get("why", ""))
+            if v.get("status") == "approximate" and err is not None:
+                detail = f"weights off by up to {100 * err:.3g}%. " + detail
+            if v.get("instead"):
+                detail += f"<br><i>Instead:</i> {escape(v['instead'])}"
+            rows += (f'<tr class="db-{escape(v.get("status", "").replace(" ", "-"))}"><td>{escape(v.get("consumer", ""))}'
+                     f'</td><td>{escape(STATUS_WORDS.get(v.get("status"), v.get("status", "")))}</td>'
+                     f'<td>{v.get("applied", "?")} / {v.get("total", "?")}</td><td>{detail}</td></tr>')
+        html += ('<table class="db-report"><thead><tr><th>Tool</th><th>Result</th><th>Layers applied</th>'
+                 f'<th>Details</th></tr></thead><tbody>{rows}</tbody></table>')
+    for note in outcome.notes:
+        html += f'<div class="db-details">{escape(note)}</div>'
+    return html
+
+
+def _size(n: int) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---- Analyze tab -------------------------------------------------------------------------------
+def analysis_html(outcome) -> str:
+    """Each panel's fits in words, next to what the DoRA paper reports."""
+    rows = ""
+    for p in outcome.panels:
+        within = p.get("slope_within")
+        if within is None:
+            reading = "not enough points for a fit"
+        elif within < 0:
+            reading = ("negative: at the same checkpoint, layers that turned more changed their size less — the "
+                       "trade-off the paper reports for full fine-tuning and DoRA")
+        else:
+            reading = ("positive: at the same checkpoint, layers changed size and direction together — what the "
+                       "paper reports for LoRA")
+        rows += (f"<tr><td><b>{escape(p['label'])}</b><br><small>{escape(', '.join(p['runs']))}</small></td>"
+                 f"<td>{p['n']} ({'query projections' if p['layers'] == 'query' else 'all layers'})</td>"
+                 f"<td>{escape(_fit(p.get('slope'), p.get('pearson')))}</td>"
+                 f"<td>{escape(_fit(within, p.get('pearson_within')))}</td><td>{escape(reading)}</td></tr>")
+    few = [ref for ref, n in outcome.snapshots.items() if n < 3]
+    note = ""
+    if few:
+        note = (f'<div class="db-warn">Few checkpoints in {escape(", ".join(few))}: each dot is one layer at one '
+                f'checkpoint, so runs that kept more checkpoints give a clearer picture.</div>')
+    axis = "each output row" if outcome.axis == "out" else "each input column"
+    return (f'<div class="db-details">Each dot is one layer at one checkpoint: how far training moved its '
+            f'<b>direction</b> (ΔD, across) and its <b>magnitude</b> (ΔM, up), with norms taken over {axis}. Over '
+            f'all checkpoints both grow as training goes on; the slope <i>within</i> a checkpoint shows the '
+            f'trade-off between layers. The DoRA paper found it negative for full fine-tuning and DoRA and '
+            f'positive for LoRA.</div>'
+            f'<table class="db-report"><thead><tr><th>Run</th><th>Points</th><th>Slope of ΔM on ΔD</th>'
+            f'<th>Slope within a checkpoint</th><th>Reading</th></tr></thead><tbody>{rows}</tbody></table>{note}')
+
+
+def _fit(slope, r) -> str:
+    if slope is None:
+        return "–"
+    return f"{slope:.3g}" + ("" if r is None else f" (r = {r:.2f})")
