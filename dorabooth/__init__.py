@@ -178,7 +178,8 @@ def _inside_adapter(name: str, wrapped: Sequence[str]) -> bool:
 
 
 def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
-    """Load an adapter file (ours or a stock diffusers/PEFT one) into ``pipe``.
+    """Load an adapter file into ``pipe``: ours, stock diffusers/PEFT, or kohya/LyCORIS/OneTrainer
+    (``dora_scale`` on either axis, detected by shape; an axis is never reinterpreted).
 
     Attaches layers as the file describes (rank, alpha, method, magnitude axis, targets)
     unless matching layers are attached already (then only the tensors are replaced, e.g. to
@@ -191,9 +192,11 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
     from . import inject
     from .dora import DoRALinear
     from .families import check_family, detect_family
+    from .formats.adapter_files import read_adapter_file, to_adapter_file
     from .formats.diffusers_lora import read_adapter
 
-    adapter = read_adapter(path)
+    neutral = read_adapter_file(path)          # any format: diffusers/PEFT, kohya, LyCORIS, OneTrainer
+    adapter = read_adapter(neutral.source) if neutral.format.startswith("diffusers/PEFT") else to_adapter_file(neutral)
     source = str(adapter.path)
     family = detect_family(pipe)
     if adapter.family is not None:
