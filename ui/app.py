@@ -66,7 +66,7 @@ CSS = """
 .db-plot .db-smooth { fill: none; stroke: var(--color-accent); stroke-width: 2.5; }
 .db-empty { padding: 40px 10px; text-align: center; opacity: .7; border: 1px dashed var(--border-color-primary);
             border-radius: 8px; }
-.db-report { width: 100%; border-collapse: collapse; margin-top: 8px; }
+.db-report { width: 100%; border-collapse: collapse; margin-top: 8px; border: none !important; }
 .db-report th, .db-report td { text-align: left; padding: 6px 8px; vertical-align: top; border: none !important;
                                border-bottom: 1px solid var(--border-color-primary) !important; }
 .db-report tr.db-exact td:nth-child(2) { color: #16a34a; font-weight: 600; }

@@ -122,10 +122,11 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     assert len(list((run / "generated").glob("*.png"))) == 2
     _shot(page, "3-generate")
 
-    # ---- Export: a kohya file with its consumer report, downloaded -------------------------
+    # ---- Export: the format the run was trained for, its consumer report, downloaded ----------
     _tab(page, "Export")
     page.wait_for_function("document.querySelector('#db-exp-run input')?.value.includes('rex-the-dog')",
                            timeout=10_000)
+    page.get_by_text("Trained for diffusers").wait_for(timeout=10_000)      # diffusers format suggested
     page.locator("#db-export").click()
     page.wait_for_selector("#db-exp-report table", timeout=60_000)
     assert "ComfyUI" in page.locator("#db-exp-report").inner_text()
@@ -137,7 +138,7 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     info.value.save_as(saved)
     data = saved.read_bytes()
     header = struct.unpack("<Q", data[:8])[0]                              # safetensors: u64 header size
-    assert 0 < header < len(data) and b"lora_unet_" in data[8:8 + header]
+    assert 0 < header < len(data) and b"lora_magnitude_vector" in data[8:8 + header]    # a DoRA adapter
     _shot(page, "4-export")
 
     # ---- Analyze: the magnitude/direction plot of the run ----------------------------------

@@ -276,6 +276,31 @@ def test_analysis_plot_of_a_run(trained):
     assert "Slope" in views.analysis_html(outcome)
 
 
+def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, tiny_model):
+    """The real trainer: Stop after step 2 keeps a checkpoint; Resume continues to the end."""
+    from dorabooth import train
+
+    def stop_after_two(config, on_event=None, stop=None):
+        def watch(event):
+            if event["type"] == "step" and event["step"] == 2 and not config.resume:
+                stop.set()
+        return train(config, on_event=watch, stop=stop)
+
+    ctx = h.make_context(tmp_path / "ws", tiny_model, train=stop_after_two)
+    try:
+        h.upload_photos(ctx, "rex", make_photos(tmp_path / "up"), "sks", "dog")
+        ref = h.start_training(ctx, "rex", h.TrainSettings(steps=4, prior_preservation=False))
+        stopped = _wait(ctx, ref)
+        assert stopped.state == runs.STOPPED and stopped.step == 2 and stopped.checkpoint == 2
+        assert "Resume</b> continues from the checkpoint at step 2" in views.progress_html(stopped)
+        h.resume_training(ctx, ref)
+        done = _wait(ctx, ref)
+        assert done.finished, done.message
+        assert [s for s, _ in done.losses] == [1, 2, 3, 4]
+    finally:
+        ctx.close()
+
+
 def test_unfinished_runs_cannot_be_used(fake):
     ctx, _ = fake
     ref = h.start_training(ctx, "rex", h.TrainSettings(steps=5, prior_preservation=False))
