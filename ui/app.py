@@ -14,7 +14,6 @@ import functools
 import logging
 import sys
 from html import escape
-from pathlib import Path
 
 import gradio as gr
 
@@ -38,8 +37,9 @@ def shown(fn):
             raise gr.Error(escape(str(e)), title="Please check", print_exception=False) from None
         except Exception as e:
             log.exception("%s failed", fn.__name__)
-            raise gr.Error(escape(f"Something went wrong: {e}. Nothing you uploaded or trained was lost; the "
-                                  f"details are in the terminal running dorabooth-ui."), print_exception=False) from None
+            message = (f"Something went wrong: {e}. Nothing you uploaded or trained was lost; the details are in "
+                       f"the terminal running dorabooth-ui.")
+            raise gr.Error(escape(message), print_exception=False) from None
     return wrapper
 
 
@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                                          "generate, export.")
     parser.add_argument("--model", metavar="M", help="base model: hub id, diffusers folder or .safetensors file "
                                                      "(default: the embedded toy model)")
+    parser.add_argument("--model-config", dest="model_config", metavar="DIR",
+                        help="for a single .safetensors --model without internet: the diffusers folder with its "
+                             "configs (as for `dorabooth train --model-config`)")
     parser.add_argument("--workspace", metavar="DIR", default="dorabooth-workspace",
                         help="where subjects, photos and runs are kept (default: ./dorabooth-workspace)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this "
@@ -477,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        ctx = h.make_context(args.workspace, args.model)
+        ctx = h.make_context(args.workspace, args.model, model_config=args.model_config)
         ctx.info                                          # a missing or unreadable model fails here, readably
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"dorabooth-ui: {e}", file=sys.stderr)

@@ -64,25 +64,18 @@ def _config_view(folder: Path):
     return view
 
 
-def _family_functions():
-    try:
-        from dorabooth.families import detect_family, generate_defaults, train_defaults
-    except ImportError:                                   # older layout: trainer presets beside the trainer
-        from dorabooth._families_train import generate_defaults, train_defaults
-        from dorabooth.families import detect_family
-    return detect_family, train_defaults, generate_defaults
-
-
-def describe_model(model: str | None) -> ModelInfo:
+def describe_model(model: str | None, model_config: str | None = None) -> ModelInfo:
     """Family, resolution and the trainer's defaults for ``model`` (None = the embedded toy).
 
-    A diffusers folder is described from its configs; other kinds are loaded on the CPU.
+    A diffusers folder is described from its configs; other kinds are loaded on the CPU
+    (a single file with ``model_config``, the diffusers folder holding its configs).
     """
+    from dorabooth.families import detect_family, generate_defaults, train_defaults
     from dorabooth.models import load_pipeline, resolve_model
 
-    detect_family, train_defaults, generate_defaults = _family_functions()
     kind, location = resolve_model(model)
-    pipe = _config_view(Path(location)) if kind == "folder" else load_pipeline(model)[0]
+    pipe = (_config_view(Path(location)) if kind == "folder"
+            else load_pipeline(model, single_file_config=model_config)[0])
     family = detect_family(pipe)
     defaults = train_defaults(family, pipe)
     gen = generate_defaults(family, pipe)
@@ -112,14 +105,14 @@ class SessionCache:
         self._key: object = None
         self._session = None
 
-    def use(self, model: str | None, fn):
-        from dorabooth.generate import Session
+    def use(self, model: str | None, fn, model_config: str | None = None):
+        from dorabooth import Session
 
         with self._lock:
-            if self._session is None or self._key != model:
+            if self._session is None or self._key != (model, model_config):
                 self._drop()
-                self._session = Session(model)
-                self._key = model
+                self._session = Session(model, model_config=model_config)
+                self._key = (model, model_config)
             return fn(self._session)
 
     def release(self) -> None:
@@ -141,6 +134,7 @@ class SessionCache:
 class Context:
     workspace: Workspace
     model: str | None = None           # base model for new runs (None = the embedded toy)
+    model_config: str | None = None    # configs for a single-file ``model`` (a diffusers folder)
     worker: TrainingWorker = None      # type: ignore[assignment]
     sessions: SessionCache = field(default_factory=SessionCache)
     _info: ModelInfo | None = None
@@ -148,7 +142,7 @@ class Context:
     @property
     def info(self) -> ModelInfo:
         if self._info is None:
-            self._info = describe_model(self.model)
+            self._info = describe_model(self.model, self.model_config)
         return self._info
 
     def close(self) -> None:
@@ -156,9 +150,10 @@ class Context:
         self.sessions.release()
 
 
-def make_context(workspace: str | Path, model: str | None = None, *, train=None) -> Context:
-    """The app's state. ``train`` replaces ``dorabooth.train.train`` (tests)."""
-    ctx = Context(Workspace(workspace), model)
+def make_context(workspace: str | Path, model: str | None = None, *, model_config: str | None = None,
+                 train=None) -> Context:
+    """The app's state. ``train`` replaces ``dorabooth.train`` (tests)."""
+    ctx = Context(Workspace(workspace), model, model_config)
     ctx.worker = TrainingWorker(train=train, before_train=ctx.sessions.release)
     return ctx
 
@@ -302,7 +297,7 @@ def _duration(seconds: float) -> str:
 
 def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: Path):
     """The TrainConfig for a run of ``subject_name`` (validated by TrainConfig itself)."""
-    from dorabooth.config import TrainConfig
+    from dorabooth import TrainConfig
 
     subject = ctx.workspace.subject(subject_name)
     if not subject.class_noun:
@@ -319,7 +314,7 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
     class_key = f"{sanitize_name(ctx.info.id, 'model')}-{sanitize_name(subject.class_noun, 'class noun')}"
     return TrainConfig(
         images=str(subject.images), class_noun=subject.class_noun, out=str(run), token=subject.token,
-        model=ctx.model, **METHODS[settings.method], magnitude_axis=USES[settings.use],
+        model=ctx.model, model_config=ctx.model_config, **METHODS[settings.method], magnitude_axis=USES[settings.use],
         rank=int(settings.rank or preset["rank"]), steps=steps, lr=float(settings.lr or preset["lr"]),
         prior_preservation=bool(settings.prior_preservation),
         class_images=str(ctx.workspace.class_images(subject.name, class_key)),
@@ -356,7 +351,8 @@ def stop_training(ctx: Context, ref: str) -> str:
 
 def resume_training(ctx: Context, ref: str) -> str:
     """Queue a stopped, failed or interrupted run again, continuing from its newest checkpoint."""
-    from dorabooth.config import TrainConfig, read_run_config
+    from dorabooth import TrainConfig
+    from dorabooth.config import read_run_config
 
     run = ctx.workspace.run(ref)
     status = run_status(ctx, ref)
@@ -392,7 +388,8 @@ def list_runs(ctx: Context, subject_name: str | None = None, *, finished_only: b
 
 def run_label(ctx: Context, run: Path, status: RunStatus) -> str:
     s = status.settings
-    method = {"dora": "DoRA†" if s.get("half_rank") else "DoRA", "lora": "LoRA"}.get(s.get("method"), s.get("method", "?"))
+    names = {"dora": "DoRA†" if s.get("half_rank") else "DoRA", "lora": "LoRA", "full": "full fine-tune"}
+    method = names.get(s.get("method"), s.get("method", "?"))
     return f"{ctx.workspace.ref(run)} · {method}, {s.get('steps', '?')} steps"
 
 
@@ -403,7 +400,7 @@ def recover_queue(ctx: Context) -> list[str]:
         if (run / REQUEST_FILE).is_file() and not (run / "events.jsonl").exists() and ctx.worker.position(run) is None:
             waiting.append(run)
     waiting.sort(key=lambda r: (r / REQUEST_FILE).stat().st_mtime)
-    from dorabooth.config import TrainConfig
+    from dorabooth import TrainConfig
 
     for run in waiting:
         ctx.worker.submit(run, TrainConfig.from_dict(json.loads((run / REQUEST_FILE).read_text())["config"]))
@@ -431,7 +428,7 @@ def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", 
 
     ``seed=None`` draws a random seed (returned, so a good image can be made again).
     """
-    from dorabooth.generate import generate, resolve_adapter
+    from dorabooth import generate
 
     run = ctx.workspace.run(ref)
     status = read_status(run, ctx.worker.position(run))
@@ -444,11 +441,11 @@ def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", 
     if strength < 0:
         raise UserError("strength: use 0 (the base model) to about 1.5")
     seed = secrets.randbelow(2**31) if seed is None else int(seed)
-    source = resolve_adapter(run)
-    paths = ctx.sessions.use(source.model, lambda session: generate(
+    settings = status.settings                       # the base model the run was trained on
+    paths = ctx.sessions.use(settings.get("model"), lambda session: generate(
         prompt.strip(), out=run / "generated", adapter=run, negative=(negative or "").strip() or None, n=int(n),
         steps=int(steps) if steps else None, guidance=guidance, seed=seed, strength=float(strength),
-        session=session))
+        session=session), model_config=settings.get("model_config"))
     return GenerateResult([Path(p) for p in paths], seed)
 
 
@@ -496,7 +493,7 @@ class ExportOutcome:
 
 def export_run(ctx: Context, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
     """Write ``<run>/exports/<format>-<dtype>/…`` with dorabooth's exporter; returns the download."""
-    from dorabooth.export import export
+    from dorabooth import export
 
     run = ctx.workspace.run(ref)
     status = read_status(run, ctx.worker.position(run))
@@ -504,7 +501,8 @@ def export_run(ctx: Context, ref: str, fmt: str, dtype: str = "fp32") -> ExportO
         raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    if fmt == "diffusers-lora" and status.settings.get("magnitude_axis") == "in" and status.settings.get("method") == "dora":
+    s = status.settings
+    if fmt == "diffusers-lora" and s.get("method") == "dora" and s.get("magnitude_axis") == "in":
         raise UserError("this run was trained for ComfyUI/A1111 (one magnitude per input), which the diffusers "
                         "format cannot hold; export it as 'ComfyUI / A1111 adapter' or as a merged checkpoint")
     stem = f"{run.parent.parent.name}-{run.name}"
@@ -513,7 +511,8 @@ def export_run(ctx: Context, ref: str, fmt: str, dtype: str = "fp32") -> ExportO
            "merged-single-file": folder / f"{stem}.safetensors", "merged-diffusers": folder / stem}[fmt]
     folder.mkdir(parents=True, exist_ok=True)
     base = _base_model_path(run)
-    result = export(run, format=fmt, out=out, model=base, dtype=dtype, overwrite=True)
+    result = export(run, format=fmt, out=out, model=base, model_config=status.settings.get("model_config"),
+                    dtype=dtype, overwrite=True)
     path = Path(result.path)
     if path.is_dir():                                  # a folder downloads as one zip
         archive = shutil.make_archive(str(folder / f".{stem}.zip.tmp"), "zip", root_dir=path.parent, base_dir=path.name)

@@ -131,7 +131,8 @@ def loss_svg(losses: list[tuple[int, float]], total: int = 0, width: int = 560, 
             f'<text x="{left - 6}" y="{top + h}" text-anchor="end">{lo:.3g}</text>'
             f'<text x="{left}" y="{height - 8}">0</text>'
             f'<text x="{left + w}" y="{height - 8}" text-anchor="end">step {x_max}</text>'
-            f'<text x="{left + w / 2}" y="{height - 8}" text-anchor="middle">loss (faint: each step, bold: average)</text>'
+            f'<text x="{left + w / 2}" y="{height - 8}" text-anchor="middle">'
+            f'loss (faint: each step, bold: average)</text>'
             f'<polyline points="{raw}" class="db-raw"/><polyline points="{line}" class="db-smooth"/>'
             f'</svg></div>')
 
@@ -205,8 +206,9 @@ def export_report_html(outcome) -> str:
                 detail = f"weights off by up to {100 * err:.3g}%. " + detail
             if v.get("instead"):
                 detail += f"<br><i>Instead:</i> {escape(v['instead'])}"
-            rows += (f'<tr class="db-{escape(v.get("status", "").replace(" ", "-"))}"><td>{escape(v.get("consumer", ""))}'
-                     f'</td><td>{escape(STATUS_WORDS.get(v.get("status"), v.get("status", "")))}</td>'
+            kind = escape(v.get("status", "").replace(" ", "-"))
+            result = escape(STATUS_WORDS.get(v.get("status"), v.get("status", "")))
+            rows += (f'<tr class="db-{kind}"><td>{escape(v.get("consumer", ""))}</td><td>{result}</td>'
                      f'<td>{v.get("applied", "?")} / {v.get("total", "?")}</td><td>{detail}</td></tr>')
         html += ('<table class="db-report"><thead><tr><th>Tool</th><th>Result</th><th>Layers applied</th>'
                  f'<th>Details</th></tr></thead><tbody>{rows}</tbody></table>')

@@ -27,7 +27,7 @@ class Job:
 
 
 def _default_train(config, on_event=None, stop=None):
-    from dorabooth.train import train
+    from dorabooth import train
 
     return train(config, on_event=on_event, stop=stop)
 
@@ -80,7 +80,8 @@ class TrainingWorker:
             for job in self._line:
                 if job.run == run:
                     self._line.remove(job)
-                    EventLog(run / "events.jsonl")("stopped", step=0, message="taken out of the queue before it started")
+                    EventLog(run / "events.jsonl")("stopped", step=0,
+                                                   message="taken out of the queue before it started")
                     return "removed"
         return "idle"
 
