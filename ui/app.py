@@ -125,8 +125,7 @@ def build(ctx: h.Context) -> gr.Blocks:
             with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
                 train_intro = gr.HTML(elem_id="db-train-intro")
                 preset = gr.Radio(label="Preset", choices=h.preset_choices(ctx), value="balanced",
-                                  info="Step counts are for this base model. " + " · ".join(
-                                      f"{k.capitalize()}: {v['text']}" for k, v in h.PRESETS.items()) + ".")
+                                  info=_preset_info(ctx))
                 with gr.Row():
                     method = gr.Radio(label="Method", choices=list(h.METHODS), value="DoRA (recommended)",
                                       info="DoRA learns each weight's size and direction separately and usually "
@@ -150,6 +149,9 @@ def build(ctx: h.Context) -> gr.Blocks:
                                                  precision=0, minimum=1)
                         text_encoders = gr.Checkbox(label="Train the text encoders too", value=False,
                                                     info="Can capture a likeness faster; more likely to overfit.")
+                    instance_prompt = gr.Textbox(label="Training prompt", placeholder="a photo of sks dog",
+                                                 info="Leave empty for “a photo of <token> <class noun>”. It must "
+                                                      "contain the token.")
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="db-start")
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="db-stop")
@@ -234,7 +236,7 @@ def build(ctx: h.Context) -> gr.Blocks:
             runs_of = h.list_runs(ctx, view.name) if names else []
             ref = runs_of[0][1] if runs_of else None
             return (*subject_outputs(view), gr.update(choices=runs_of, value=ref), *_finished_runs(2),
-                    gr.update(choices=h.preset_choices(ctx)))
+                    gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx)))
 
         def _finished_runs(copies: int):
             choices = h.list_runs(ctx, finished_only=True)
@@ -302,20 +304,21 @@ def build(ctx: h.Context) -> gr.Blocks:
 
         @shown
         def on_start(name, token_, class_noun_, preset_, method_, use_, steps_, rank_, lr_, seed_, prior_,
-                     class_images_, text_encoders_):
+                     class_images_, text_encoders_, instance_prompt_):
             if not (name or "").strip():
                 raise UserError("name the subject and upload photos on the Subject tab first")
             h.save_subject(ctx, name, token_, class_noun_)
             settings = h.TrainSettings(preset=preset_, method=method_, use=use_, rank=_int(rank_, "rank"),
                                        steps=_int(steps_, "steps"), lr=_float(lr_, "learning rate"),
                                        prior_preservation=prior_, class_images=_int(class_images_, "class images"),
-                                       train_text_encoders=text_encoders_, seed=_int(seed_, "seed") or 0)
+                                       train_text_encoders=text_encoders_, seed=_int(seed_, "seed") or 0,
+                                       instance_prompt=instance_prompt_)
             ref = h.start_training(ctx, name, settings)
             runs_of = h.list_runs(ctx, h.run_status(ctx, ref).run.parent.parent.name)
             return gr.update(choices=runs_of, value=ref), None
 
         start.click(on_start, [subject, token, class_noun, preset, method, use, steps, rank, lr, seed, prior,
-                               class_images, text_encoders], [run, seen])
+                               class_images, text_encoders, instance_prompt], [run, seen])
 
         @shown
         def on_stop(ref):
@@ -421,6 +424,13 @@ def build(ctx: h.Context) -> gr.Blocks:
         generate_tab.select(on_finished_runs, None, gen_run)
         export_tab.select(on_finished_runs, None, exp_run)
     return demo
+
+
+def _preset_info(ctx: h.Context) -> str:
+    what = " · ".join(f"{k.capitalize()}: {v['text']}" for k, v in h.PRESETS.items())
+    when = ("Times are measured from your runs on this computer." if h.measured_speed(ctx)
+            else "Times appear after your first run on this computer.")
+    return f"Step counts for this base model. {what}. {when}"
 
 
 def _empty_view(name: str) -> h.SubjectView:

@@ -252,6 +252,7 @@ class TrainSettings:
     class_images: int | None = None
     train_text_encoders: bool = False
     seed: int = 0
+    instance_prompt: str | None = None     # default "a photo of <token> <class noun>"
 
 
 def preset_values(ctx: Context, preset: str) -> dict:
@@ -311,10 +312,14 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
         raise UserError(f"choose where the adapter will be used: {', '.join(USES)}")
     preset = preset_values(ctx, settings.preset)
     steps = int(settings.steps or preset["steps"])
+    prompt = " ".join((settings.instance_prompt or "").split()) or None
+    if prompt is not None and subject.token not in prompt.split():
+        raise UserError(f"the training prompt must contain the token {subject.token!r}, e.g. "
+                        f"'a photo of {subject.token} {subject.class_noun}'")
     class_key = f"{sanitize_name(ctx.info.id, 'model')}-{sanitize_name(subject.class_noun, 'class noun')}"
     return TrainConfig(
         images=str(subject.images), class_noun=subject.class_noun, out=str(run), token=subject.token,
-        model=ctx.model, model_config=ctx.model_config, **METHODS[settings.method], magnitude_axis=USES[settings.use],
+        instance_prompt=prompt, model=ctx.model, model_config=ctx.model_config, **METHODS[settings.method], magnitude_axis=USES[settings.use],
         rank=int(settings.rank or preset["rank"]), steps=steps, lr=float(settings.lr or preset["lr"]),
         prior_preservation=bool(settings.prior_preservation),
         class_images=str(ctx.workspace.class_images(subject.name, class_key)),
@@ -417,8 +422,9 @@ class GenerateResult:
 
 
 def default_prompt(ctx: Context, ref: str) -> str:
+    """The prompt the run was trained with: it brings the subject out."""
     s = run_status(ctx, ref).settings
-    return f"a photo of {s.get('token', 'sks')} {s.get('class_noun', '')}".strip()
+    return s.get("instance_prompt") or f"a photo of {s.get('token', 'sks')} {s.get('class_noun', '')}".strip()
 
 
 def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", n: int = 1,

@@ -210,6 +210,17 @@ def test_training_needs_photos_and_a_class_noun(fake, tmp_path):
     assert not list((ctx.workspace.root / "cat" / "runs").iterdir())          # no empty run left behind
 
 
+def test_a_custom_training_prompt_must_name_the_token(fake):
+    ctx, trainer = fake
+    with pytest.raises(UserError, match="must contain the token 'sks'"):
+        h.start_training(ctx, "rex", h.TrainSettings(instance_prompt="a photo of a dog"))
+    ref = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False,
+                                                       instance_prompt="  a sks  dog "))
+    trainer.release.set()
+    assert _wait(ctx, ref).finished
+    assert h.default_prompt(ctx, ref) == "a sks dog"               # Generate starts from the training prompt
+
+
 def test_presets_give_real_step_counts(fake):
     ctx, _ = fake
     assert ctx.info.family == "sdxl" and ctx.info.resolution == 32
