@@ -658,20 +658,37 @@ def save_samples(pipe, family, config: TrainConfig, run: Path, step: int, accele
     for m in modules:
         m.eval()
     paths = []
-    with accelerator.autocast():
-        for i, prompt in enumerate(config.validation_prompts):
-            image = pipe(prompt=prompt, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance"],
-                         height=config.resolution, width=config.resolution,
-                         generator=torch.Generator().manual_seed(config.seed + i)).images[0]
-            path = folder / f"{i:02d}.png"
-            info = PngInfo()
-            info.add_text("dorabooth", json.dumps({"prompt": prompt, "step": step, "seed": config.seed + i}))
-            image.save(path, pnginfo=info)
-            paths.append(str(path))
+    for i, prompt in enumerate(config.validation_prompts):
+        with accelerator.autocast():
+            latents = pipe(prompt=prompt, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance"],
+                           height=config.resolution, width=config.resolution, output_type="latent",
+                           generator=torch.Generator().manual_seed(config.seed + i)).images
+        image = decode_latents(pipe, latents)[0]
+        path = folder / f"{i:02d}.png"
+        info = PngInfo()
+        info.add_text("dorabooth", json.dumps({"prompt": prompt, "step": step, "seed": config.seed + i}))
+        image.save(path, pnginfo=info)
+        paths.append(str(path))
     for m, mode in zip(modules, modes):
         m.train(mode)
     emit("sample", step=step, paths=paths)
     accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
+    """Latents (B, 4, h, w) → PIL images with the fp32 training VAE, as the pipelines decode
+    (under mixed precision the UNet's latents come out in fp16/bf16)."""
+    vae = pipe.vae
+    latents = latents.to(vae.device, vae.dtype)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        shape = (1, -1, 1, 1)
+        latents = latents * torch.tensor(std).view(shape).to(latents) / vae.config.scaling_factor \
+            + torch.tensor(mean).view(shape).to(latents)
+    else:
+        latents = latents / vae.config.scaling_factor
+    return pipe.image_processor.postprocess(vae.decode(latents).sample, output_type="pil")
 
 
 def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerator) -> Path:

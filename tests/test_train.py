@@ -124,6 +124,14 @@ def test_features_together(root, subject, tmp_path):
     assert len(sizes) > 1                                      # portrait photos went to a non-square bucket
 
 
+def test_mixed_precision_bf16(root, subject, tmp_path):
+    """Frozen weights in bf16, adapters in fp32; samples decode with the fp32 VAE."""
+    result = train(run_config(root, subject, tmp_path, "sdxl", mixed_precision="bf16", train_text_encoders=True))
+    tensors = load_file(str(result.adapter))
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+    assert (tmp_path / "run" / "samples" / "step-2" / "00.png").is_file()
+
+
 def test_lr_schedules():
     c = TrainConfig(images="i", class_noun="c", out="o", steps=10, warmup_steps=2, lr_schedule="cosine")
     f = [lr_factor(s, c) for s in range(10)]
