@@ -1,0 +1,107 @@
+"""Quality check on the embedded toy model (issue 4), through the command line as a user runs it.
+
+`dorabooth train` with default settings on a sample subject, then `dorabooth generate` at
+strength 1 (the adapter) and 0 (exactly the base model) for the same prompts and seeds:
+
+- subject prompts ("a photo of sks square …"): the toy world's reader must see the subject
+  (shape, split pattern, both colours) measurably more often with the adapter than without;
+- class prompts ("a photo of a square …"): the adapter's images must read like the base
+  model's at the same seed (prior preservation) and rarely turn into the subject;
+- the whole default run, class images included, must take at most 5 minutes on the 2-core CPU.
+
+It takes a few minutes, so it runs only with ``DORABOOTH_QUALITY=1`` (and the toy model in
+``assets/toy-sdxl``; ``DORABOOTH_QUALITY_MODEL`` points it at another toy build). Results are
+written to ``<run>/quality.json`` and printed.
+"""
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dorabooth import cli, models
+
+MODEL = Path(os.environ.get("DORABOOTH_QUALITY_MODEL", models.TOY_MODEL))
+SUBJECTS = Path(__file__).resolve().parent.parent / "assets" / "subjects"
+SUBJECT = os.environ.get("DORABOOTH_QUALITY_SUBJECT", "red-white-square")
+SEEDS = int(os.environ.get("DORABOOTH_QUALITY_SEEDS", "12"))
+BUDGET_S = 300
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not os.environ.get("DORABOOTH_QUALITY"), reason="set DORABOOTH_QUALITY=1 (takes minutes)"),
+    pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"no toy model at {MODEL}"),
+]
+
+
+def subject_folder(tmp_path) -> Path:
+    shipped = SUBJECTS / SUBJECT
+    if (shipped / "subject.json").is_file():
+        return shipped
+    from dorabooth.toyworld.subjects import write_subjects     # the same images, drawn from the recipe
+    return next(p for p in write_subjects(tmp_path / "subjects") if p.name == SUBJECT)
+
+
+def prompts(token: str, noun: str) -> dict[str, list[str]]:
+    return {
+        "subject": [f"a photo of {token} {noun}", f"a photo of {token} {noun} on a blue background",
+                    f"a photo of {token} {noun} on a green background",
+                    f"a photo of {token} {noun} on a black background"],
+        "class": [f"a photo of a {noun}", f"a photo of a {noun} on a blue background"],
+    }
+
+
+def generate_pairs(run: Path, prompt: str, out: Path) -> list[tuple[Image.Image, Image.Image]]:
+    """(base image, adapter image) per seed, both from one `dorabooth generate` call."""
+    assert cli.main(["generate", "--adapter", str(run), "--model", str(MODEL), "--prompt", prompt,
+                     "--out", str(out), "--n", str(SEEDS), "--strength", "0", "1", "--quiet"]) == 0
+    by_strength = defaultdict(dict)
+    for path in sorted(out.glob("*.png")):
+        meta = json.loads(Image.open(path).text["dorabooth"])
+        by_strength[meta["strength"]][meta["seed"]] = Image.open(path).convert("RGB")
+    return [(by_strength[0.0][s], by_strength[1.0][s]) for s in sorted(by_strength[1.0])]
+
+
+def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
+    from dorabooth.toyworld import read
+    from dorabooth.toyworld.dreambooth_check import is_subject
+
+    folder = subject_folder(tmp_path)
+    info = json.loads((folder / "subject.json").read_text())
+    combo, token, noun = info["combination"], info["token"], info["class_noun"]
+    run = tmp_path / "run"
+    start = time.monotonic()
+    assert cli.main(["train", "--images", str(folder), "--token", token, "--class-noun", noun,
+                     "--out", str(run), "--model", str(MODEL), "--quiet"]) == 0
+    train_s = time.monotonic() - start
+
+    def attributes(image):
+        r = read(image)
+        return (r["shape"], r["pattern"], r["colours"], r["background"])
+
+    result = {"train_s": round(train_s, 1), "seeds": SEEDS, "subject": info["name"]}
+    for kind, texts in prompts(token, noun).items():
+        base_hits = adapter_hits = same = leak = base_leak = total = 0
+        for i, text in enumerate(texts):
+            for base, adapted in generate_pairs(run, text, tmp_path / f"{kind}-{i}"):
+                base_hits += is_subject(base, combo)
+                adapter_hits += is_subject(adapted, combo)
+                same += attributes(base) == attributes(adapted)
+                total += 1
+        result[kind] = {"base_subject_rate": round(base_hits / total, 3),
+                        "adapter_subject_rate": round(adapter_hits / total, 3),
+                        "same_as_base": round(same / total, 3), "images": total}
+    result["wall_s"] = round(time.monotonic() - start, 1)
+    (run / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    with capsys.disabled():
+        print("\nquality:", json.dumps(result))
+
+    subject, klass = result["subject"], result["class"]
+    assert train_s <= BUDGET_S, f"default run took {train_s:.0f} s (> {BUDGET_S} s)"
+    assert subject["adapter_subject_rate"] >= subject["base_subject_rate"] + 0.25, result
+    assert klass["adapter_subject_rate"] <= klass["base_subject_rate"] + 0.25, result   # little leak
+    assert klass["same_as_base"] >= 0.5, result                                          # prior kept
