@@ -85,7 +85,7 @@ def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
 
     result = {"train_s": round(train_s, 1), "seeds": SEEDS, "subject": info["name"]}
     for kind, texts in prompts(token, noun).items():
-        base_hits = adapter_hits = same = leak = base_leak = total = 0
+        base_hits = adapter_hits = same = total = 0
         for i, text in enumerate(texts):
             for base, adapted in generate_pairs(run, text, tmp_path / f"{kind}-{i}"):
                 base_hits += is_subject(base, combo)
