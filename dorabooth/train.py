@@ -244,7 +244,7 @@ def prepare_class_images(config, pipe, family, base: BaseModel, instance, accele
         return {}
     folder = config.class_dir
     if accelerator.is_main_process:
-        generate_class_images(pipe, family, config, base, folder, emit, device)
+        generate_class_images(pipe, family, config, base, folder, emit, accelerator)
     accelerator.wait_for_everyone()
     pool = {}
     for size in sorted({e.size for e in instance}):
@@ -258,7 +258,8 @@ def prepare_class_images(config, pipe, family, base: BaseModel, instance, accele
 
 
 @torch.no_grad()
-def generate_class_images(pipe, family, config: TrainConfig, base: BaseModel, folder: Path, emit, device) -> None:
+def generate_class_images(pipe, family, config: TrainConfig, base: BaseModel, folder: Path, emit,
+                          accelerator) -> None:
     """Fill ``folder`` up to ``num_class_images`` with base-model images of the class prompt.
 
     Image k is drawn with seed ``seed + k``, so a folder grows the same way whatever the
@@ -271,15 +272,13 @@ def generate_class_images(pipe, family, config: TrainConfig, base: BaseModel, fo
         return
     prompt = config.resolved_class_prompt
     gen_defaults = fam.generate_defaults(family, pipe)
-    pipe.to(device)
+    pipe.to(accelerator.device)
     emit("class_images", done=have, total=want)
     batch = 4
     for start in range(have, want, batch):
         ks = list(range(start, min(start + batch, want)))
-        gens = [torch.Generator().manual_seed(config.seed + k) for k in ks]
-        images = pipe(prompt=[prompt] * len(ks), num_inference_steps=config.class_image_steps,
-                      guidance_scale=gen_defaults["guidance"], height=config.resolution, width=config.resolution,
-                      generator=gens).images
+        images = sample_images(pipe, [prompt] * len(ks), [config.seed + k for k in ks], config.class_image_steps,
+                               gen_defaults["guidance"], config.resolution, accelerator)
         for k, image in zip(ks, images):
             info = PngInfo()
             info.add_text("dorabooth", json.dumps({"prompt": prompt, "seed": config.seed + k,
@@ -659,11 +658,8 @@ def save_samples(pipe, family, config: TrainConfig, run: Path, step: int, accele
         m.eval()
     paths = []
     for i, prompt in enumerate(config.validation_prompts):
-        with accelerator.autocast():
-            latents = pipe(prompt=prompt, num_inference_steps=defaults["steps"], guidance_scale=defaults["guidance"],
-                           height=config.resolution, width=config.resolution, output_type="latent",
-                           generator=torch.Generator().manual_seed(config.seed + i)).images
-        image = decode_latents(pipe, latents)[0]
+        image = sample_images(pipe, [prompt], [config.seed + i], defaults["steps"], defaults["guidance"],
+                              config.resolution, accelerator)[0]
         path = folder / f"{i:02d}.png"
         info = PngInfo()
         info.add_text("dorabooth", json.dumps({"prompt": prompt, "step": step, "seed": config.seed + i}))
@@ -673,6 +669,17 @@ def save_samples(pipe, family, config: TrainConfig, run: Path, step: int, accele
         m.train(mode)
     emit("sample", step=step, paths=paths)
     accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def sample_images(pipe, prompts, seeds, steps: int, guidance: float, size: int, accelerator) -> list[Image.Image]:
+    """One image per (prompt, seed): the UNet under accelerate's autocast (mixed precision),
+    the VAE decoding in fp32 (SDXL's VAE overflows in fp16)."""
+    with accelerator.autocast():
+        latents = pipe(prompt=list(prompts), num_inference_steps=steps, guidance_scale=guidance, height=size,
+                       width=size, output_type="latent",
+                       generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+    return decode_latents(pipe, latents)
 
 
 @torch.no_grad()
