@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -131,6 +132,22 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     total = config.steps
     emit("start", family=family.name, model=base.id, method=config.method, step=step, total=total,
          processes=world, device=str(device), trainable=sum(p.numel() for p in params.values()))
+
+    def training_loss(idx: list[int]):
+        """DreamBooth loss of one micro-batch: subject images ``idx`` + as many class images."""
+        examples = [instance[i] for i in idx] + draw_class(instance[idx[0]].size, gen)
+        flips = _flips(len(examples), config.flip, gen)
+        latents = latents_of(examples, flips, gen).to(device)                    # (B, 4, h, w)
+        noise = losses.sample_noise(latents.shape, gen, config.noise_offset).to(device)
+        timesteps = losses.sample_timesteps(len(examples), scheduler, gen).to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        embeds, pooled = encode([e.prompt for e in examples], live_text_encoders)
+        pred = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states=embeds.to(weight_dtype),
+                    added_cond_kwargs=add_conds(pooled, examples, flips)).sample
+        target = losses.diffusion_target(scheduler, latents, noise, timesteps)
+        weights = losses.min_snr_weight(scheduler, timesteps, config.min_snr_gamma)
+        return losses.dreambooth_loss(pred, target, weights, len(idx), config.prior_loss_weight)
+
     last_good = latest_checkpoint(run)
     window: list[float] = []
     for m in wrapped:
@@ -140,20 +157,9 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         t0 = time.monotonic()
         step_loss = 0.0
         for micro in range(config.grad_accum):
-            idx = next(batches)
-            examples = [instance[i] for i in idx] + draw_class(instance[idx[0]].size, gen)
-            flips = _flips(len(examples), config.flip, gen)
-            latents = latents_of(examples, flips, gen).to(device)                # (B, 4, h, w)
-            noise = losses.sample_noise(latents.shape, gen, config.noise_offset).to(device)
-            timesteps = losses.sample_timesteps(len(examples), scheduler, gen).to(device)
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            embeds, pooled = encode([e.prompt for e in examples], live_text_encoders)
-            with accelerator.no_sync(unet) if micro + 1 < config.grad_accum else _nullcontext():
-                pred = unet(noisy.to(weight_dtype), timesteps, encoder_hidden_states=embeds.to(weight_dtype),
-                            added_cond_kwargs=add_conds(pooled, examples, flips)).sample
-                target = losses.diffusion_target(scheduler, latents, noise, timesteps)
-                weights = losses.min_snr_weight(scheduler, timesteps, config.min_snr_gamma)
-                loss, parts = losses.dreambooth_loss(pred, target, weights, len(idx), config.prior_loss_weight)
+            last_micro = micro + 1 == config.grad_accum
+            with nullcontext() if last_micro else accelerator.no_sync(unet):   # sync grads once per step
+                loss, parts = training_loss(next(batches))
                 check_finite(loss, step + 1, last_good, accelerator)
                 accelerator.backward(loss / config.grad_accum)
             step_loss = step_loss + loss.detach().float() / config.grad_accum
@@ -509,14 +515,6 @@ def check_finite(loss: torch.Tensor, step: int, last_good: Path | None, accelera
 
 def _due(step: int, every: int, total: int) -> bool:
     return bool(every) and step % every == 0 and step < total
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # =============================================================================================
