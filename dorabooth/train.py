@@ -100,8 +100,9 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
          class_images=sum(len(v) for v in class_pool.values()))
 
     # ---- model: the method decides what trains ---------------------------------------------
-    torch.manual_seed(config.seed)                      # adapter init (A) is the same on every process
-    params = setup_method(pipe, config)                # {name: parameter} that train
+    with torch.random.fork_rng(devices=[]):            # the caller's global RNG is left as it was
+        torch.manual_seed(config.seed)                 # adapter init (A) is the same on every process
+        params = setup_method(pipe, config)            # {name: parameter} that train
     trainable_modules = [m for m in (pipe.unet, *text_encoders(pipe, family)) if _has_trainable(m)]
     place(pipe, family, config, device, weight_dtype)
     if config.gradient_checkpointing:
