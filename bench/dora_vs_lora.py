@@ -1,0 +1,329 @@
+"""DoRA vs LoRA vs full fine-tuning for DreamBooth on the toy model: the whole experiment.
+
+    python bench/dora_vs_lora.py [--out runs/dora-vs-lora] [--jobs 2] [--lrs 1e-4 3e-4 1e-3]
+                                 [--seeds 0 1 2] [--subject DIR] [--model DIR] [--steps N]
+
+Methods (docs/dora-vs-lora.md): full fine-tuning of the UNet ("FT"), LoRA rank r, DoRA rank
+r, DoRA rank r/2 ("DoRA†", the paper's half-rank setting); r = the trainer's default (8 on
+the toy model). Everything else is the trainer's default recipe for the model (steps, prior
+preservation with class images, AdamW, constant LR, Min-SNR), identical for all methods.
+
+1. Learning-rate search, the same grid for every method: one run per (method, lr) with the
+   first seed, scored by ``dorabooth eval`` on *selection* image seeds; each method keeps the
+   lr with the highest subject fidelity + prompt fidelity (ties: the smaller lr).
+2. The remaining seeds at each method's chosen lr.
+3. Report, per method over the training seeds (mean ± sample std): subject fidelity, prompt
+   fidelity and class leak on *report* image seeds (other images than the selection), the
+   training wall time, the peak resident memory of the training process (CPU) or peak CUDA
+   memory, and the ΔM/ΔD slopes of ``dorabooth analyze`` (with the plot).
+
+Each (method, lr, seed) run trains and evaluates in its own process (``--jobs`` at a time),
+so its peak memory is its own. Results are written as they come: ``OUT/results.json``,
+``OUT/report.md``, ``OUT/analysis/analysis.{json,png}``; a rerun reuses finished runs.
+Nothing here is tuned towards an outcome: the grid, seeds and selection rule are fixed above.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METHODS = {  # name: TrainConfig fields
+    "FT": dict(method="full"),
+    "LoRA": dict(method="lora"),
+    "DoRA": dict(method="dora"),
+    "DoRA†": dict(method="dora", half_rank=True),
+}
+SELECTION_SEEDS = (100, 101)          # image seeds for the lr choice
+REPORT_SEEDS = (0, 1, 2)              # image seeds for the reported numbers
+
+
+# =============================================================================================
+# One run (in a child process): train, measure, evaluate
+# =============================================================================================
+def job(spec: dict) -> dict:
+    """Train ``spec["config"]`` (unless ``spec["train"]`` is false), then evaluate it on each
+    image-seed set of ``spec["evals"]``; returns the measurements."""
+    import resource
+
+    import torch
+
+    from dorabooth.config import TrainConfig
+    from dorabooth.evaluate import evaluate_run
+    from dorabooth.train import train
+
+    torch.set_num_threads(spec["threads"])
+    config = TrainConfig.from_dict(spec["config"])
+    out = {"evals": {}}
+    if spec.get("train", True):
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.monotonic()
+        train(config)
+        seconds = time.monotonic() - t0
+        peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        out.update(train_s=seconds, peak_mb=peak, memory_kind="cuda max allocated" if cuda else "process peak RSS",
+                   rss_before_train_mb=rss0, trainable=_trainable(Path(config.out)))
+    for name, seeds in spec["evals"].items():
+        res = evaluate_run(config.out, seeds=seeds, scorer="toy")
+        out["evals"][name] = {"metrics": res["metrics"], "per_prompt": res["per_prompt"], "skipped": res["skipped"],
+                              "seeds": list(seeds)}
+    return out
+
+
+def _trainable(run: Path) -> int | None:
+    for line in (run / "events.jsonl").read_text().splitlines():
+        event = json.loads(line)
+        if event["type"] == "start":
+            return event.get("trainable")
+    return None
+
+
+def run_job(spec: dict, folder: Path) -> dict:
+    """Run ``job(spec)`` in a child process; finished work is cached in ``folder/result.json``
+    (a later call with more ``evals`` only evaluates what is missing)."""
+    result_file = folder / "result.json"
+    done = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if done is not None:
+        missing = {k: v for k, v in spec["evals"].items() if k not in done["evals"]}
+        if not missing:
+            return done
+        spec = {**spec, "train": False, "evals": missing}
+    elif folder.exists():                                 # an unfinished run: start it again
+        import shutil
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    spec_file = folder.parent / f".{folder.name}.spec.json"
+    spec_file.write_text(json.dumps(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    proc = subprocess.run([sys.executable, __file__, "_job", str(spec_file)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"run {folder.name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if done is not None:
+        result = {**done, "evals": {**done["evals"], **result["evals"]}}
+    result_file.write_text(json.dumps(result, indent=1))
+    spec_file.unlink(missing_ok=True)
+    return result
+
+
+# =============================================================================================
+# The experiment
+# =============================================================================================
+def subject_folder(arg: str | None, out: Path) -> Path:
+    if arg:
+        return Path(arg)
+    shipped = REPO / "assets" / "subjects" / "red-white-square"
+    if (shipped / "subject.json").is_file():
+        return shipped
+    from dorabooth.toyworld.subjects import write_subjects       # the same files, written by their generator
+    return write_subjects(out / "subjects")[0]
+
+
+def config_for(args, subject: Path, info: dict, method: str, lr: float, seed: int, out: Path) -> dict:
+    cfg = dict(images=str(subject), class_noun=info["class_noun"], token=info["token"],
+               instance_prompt=info["instance_prompt"], class_prompt=info["class_prompt"],
+               out=str(out), model=args.model, lr=lr, seed=seed, class_images=str(args.out / "class-images"),
+               checkpoint_every=args.checkpoint_every, keep_checkpoints=1000, sample_every=0,
+               **METHODS[method])
+    if args.steps:
+        cfg["steps"] = args.steps
+    if args.rank:
+        cfg["rank"] = args.rank
+    return cfg
+
+
+def run_name(method: str, lr: float, seed: int) -> str:
+    return f"{method.replace('†', '-half')}-lr{lr:g}-s{seed}"
+
+
+def experiment(args) -> dict:
+    from dorabooth.config import TrainConfig
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    subject = subject_folder(args.subject, args.out)
+    info = json.loads((subject / "subject.json").read_text())
+    started = time.monotonic()
+    prepare_class_images(args, subject, info)
+    results: dict[str, dict] = {}
+    log = lambda msg: print(f"[{time.monotonic() - started:7.1f}s] {msg}", flush=True)  # noqa: E731
+
+    def submit(pool, method, lr, seed, evals):
+        name = run_name(method, lr, seed)
+        cfg = config_for(args, subject, info, method, lr, seed, args.out / "runs" / name)
+        TrainConfig.from_dict(cfg)                                   # fail early on a bad config
+        spec = {"config": cfg, "threads": args.threads, "evals": evals}
+        return name, pool.submit(run_job, spec, args.out / "runs" / name)
+
+    first = args.seeds[0]
+    with ThreadPoolExecutor(args.jobs) as pool:
+        futures = [submit(pool, m, lr, first, {"selection": list(SELECTION_SEEDS)}) for m in METHODS for lr in args.lrs]
+        for name, f in futures:
+            results[name] = f.result()
+            log(f"{name}: train {results[name]['train_s']:.0f}s, selection "
+                f"{_fmt_metrics(results[name]['evals']['selection']['metrics'])}")
+        chosen = {m: choose_lr([(lr, results[run_name(m, lr, first)]) for lr in args.lrs]) for m in METHODS}
+        log(f"chosen learning rates: {chosen}")
+        futures = [submit(pool, m, chosen[m], s, {"report": list(REPORT_SEEDS)}) for m in METHODS for s in args.seeds]
+        for name, f in futures:                        # the first seed's chosen run is only evaluated again
+            results[name] = f.result()
+            log(f"{name}: train {results[name]['train_s']:.0f}s, report "
+                f"{_fmt_metrics(results[name]['evals']['report']['metrics'])}")
+
+    report_runs = {m: [run_name(m, chosen[m], s) for s in args.seeds] for m in METHODS}
+    from dorabooth.analysis import analyze
+
+    analysis = analyze([args.out / "runs" / n for m in METHODS for n in report_runs[m]], args.out / "analysis")
+    slopes = {r["run"]: r["fit"] for r in analysis["runs"]}
+    data = {"subject": info, "subject_folder": str(subject), "model": args.model or "toy", "lrs": args.lrs,
+            "seeds": args.seeds, "selection_image_seeds": list(SELECTION_SEEDS),
+            "report_image_seeds": list(REPORT_SEEDS), "chosen_lr": chosen, "runs": results,
+            "report_runs": report_runs, "summary": summarise(args, report_runs, results, slopes),
+            "analysis": str(args.out / "analysis" / "analysis.json"), "wall_s": time.monotonic() - started,
+            "threads_per_run": args.threads, "jobs": args.jobs, "resolved": _resolved(args.out / "runs")}
+    (args.out / "results.json").write_text(json.dumps(data, indent=1))
+    (args.out / "report.md").write_text(report(data))
+    log(f"done: {args.out / 'report.md'}")
+    return data
+
+
+def prepare_class_images(args, subject: Path, info: dict) -> None:
+    """Draw the shared class images once, before runs start in parallel (a 1-step LoRA run)."""
+    from dorabooth.config import TrainConfig
+    from dorabooth.train import train
+
+    folder = args.out / "class-images"
+    if folder.is_dir() and any(folder.glob("*.png")):
+        return
+    warm = args.out / "class-images-run"
+    import shutil
+    shutil.rmtree(warm, ignore_errors=True)
+    cfg = config_for(args, subject, info, "LoRA", args.lrs[0], 0, warm)
+    cfg.update(steps=1, checkpoint_every=0)
+    train(TrainConfig.from_dict(cfg))
+    shutil.rmtree(warm, ignore_errors=True)
+
+
+def _resolved(runs: Path) -> dict:
+    """The trainer's resolved recipe of one run (steps, rank, class images, …) for the report."""
+    for cfg in sorted(runs.glob("LoRA-*/config.json")):
+        c = json.loads(cfg.read_text())["config"]
+        return {k: c[k] for k in ("steps", "rank", "alpha", "resolution", "num_class_images", "prior_preservation",
+                                  "batch_size", "lr_schedule", "optimizer", "weight_decay", "min_snr_gamma",
+                                  "targets", "magnitude_axis", "checkpoint_every") if k in c}
+    return {}
+
+
+def choose_lr(candidates: list[tuple[float, dict]]) -> float:
+    """The lr with the highest selection subject + prompt fidelity; ties go to the smaller lr."""
+    def score(item):
+        lr, res = item
+        m = res["evals"]["selection"]["metrics"]
+        return ((m["subject_fidelity"] or 0.0) + (m["prompt_fidelity"] or 0.0), -lr)
+    return max(candidates, key=score)[0]
+
+
+def summarise(args, report_runs: dict, results: dict, slopes: dict) -> dict:
+    from dorabooth.evaluate import mean_std
+
+    out = {}
+    for method, names in report_runs.items():
+        rs = [results[n] for n in names]
+        fits = [slopes[str(args.out / "runs" / n)] for n in names]
+        row = {}
+        for key in ("subject_fidelity", "prompt_fidelity", "class_leak"):
+            row[key] = mean_std([r["evals"]["report"]["metrics"][key] for r in rs])
+        row["train_s"] = mean_std([r["train_s"] for r in rs])
+        row["peak_mb"] = mean_std([r["peak_mb"] for r in rs])
+        row["peak_increase_mb"] = mean_std([r["peak_mb"] - r["rss_before_train_mb"] for r in rs])
+        row["trainable"] = rs[0]["trainable"]
+        for key in ("all", "query", "query_within_step"):
+            row[f"slope_{key}"] = mean_std([f[key]["slope"] for f in fits])
+            row[f"pearson_{key}"] = mean_std([f[key]["pearson"] for f in fits])
+        out[method] = row
+    return out
+
+
+def _fmt_metrics(m: dict) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, float))
+
+
+def _pm(ms, spec=".3f") -> str:
+    mean, std = ms
+    return "n/a" if mean is None else f"{mean:{spec}} ± {std:{spec}}"
+
+
+def report(data: dict) -> str:
+    """The tables of docs/dora-vs-lora.md, from results.json."""
+    s = data["summary"]
+    lines = [f"Subject: {data['subject']['name']} (\"{data['subject']['instance_prompt']}\"), model: {data['model']}, "
+             f"training seeds {data['seeds']}, lr grid {data['lrs']}, chosen lr {data['chosen_lr']}, "
+             f"recipe {data['resolved']}. Wall time of the whole experiment: {data['wall_s'] / 60:.1f} min "
+             f"({data['jobs']} runs at a time, {data['threads_per_run']} thread each).", "",
+             "| method | trainable params | subject fidelity | prompt fidelity | class leak | train time (s) "
+             "| peak memory (MB) | of which training (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, row in s.items():
+        lines.append(f"| {m} | {row['trainable']:,} | {_pm(row['subject_fidelity'])} | {_pm(row['prompt_fidelity'])} "
+                     f"| {_pm(row['class_leak'])} | {_pm(row['train_s'], '.0f')} | {_pm(row['peak_mb'], '.0f')} "
+                     f"| {_pm(row['peak_increase_mb'], '.0f')} |")
+    lines += ["", "ΔM/ΔD fits (axis 'out', per output row; mean ± std over seeds):", "",
+              "| method | slope (all layers) | r (all) | slope (query) | r (query) | slope (query, within step) "
+              "| r (query, within step) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for m, row in s.items():
+        lines.append(f"| {m} | {_pm(row['slope_all'], '.3g')} | {_pm(row['pearson_all'], '.2f')} "
+                     f"| {_pm(row['slope_query'], '.3g')} | {_pm(row['pearson_query'], '.2f')} "
+                     f"| {_pm(row['slope_query_within_step'], '.3g')} | {_pm(row['pearson_query_within_step'], '.2f')} |")
+    lines += ["", "Learning-rate search (first seed; selection image seeds "
+              f"{data['selection_image_seeds']}; subject / prompt fidelity):", "",
+              "| method | " + " | ".join(f"lr {lr:g}" for lr in data["lrs"]) + " |",
+              "|---|" + "---:|" * len(data["lrs"])]
+    for m in data["report_runs"]:
+        cells = []
+        for lr in data["lrs"]:
+            met = data["runs"][run_name(m, lr, data["seeds"][0])]["evals"]["selection"]["metrics"]
+            mark = " ←" if lr == data["chosen_lr"][m] else ""
+            cells.append(f"{met['subject_fidelity']:.2f} / {met['prompt_fidelity']:.2f}{mark}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["_job"]:                                    # the child process of run_job
+        spec = json.loads(Path(argv[1]).read_text())
+        print(json.dumps(job(spec)))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "dora-vs-lora")
+    p.add_argument("--model", default=None, help="base model (default: the embedded toy model)")
+    p.add_argument("--subject", default=None, help="subject folder with subject.json (default: red-white-square)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help="default: the trainer's default for the model")
+    p.add_argument("--rank", type=int, default=None, help="r (default: the trainer's default); DoRA† uses r/2")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=50,
+                   help="checkpoint cadence: the points of the ΔM/ΔD analysis (default 50)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    args = p.parse_args(argv)
+    data = experiment(args)
+    print(report(data))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
