@@ -59,7 +59,7 @@ def job(spec: dict) -> dict:
 
     from dorabooth.config import TrainConfig
     from dorabooth.evaluate import evaluate_run
-    from dorabooth.train import train
+    from dorabooth.train import TrainingDiverged, train
 
     torch.set_num_threads(spec["threads"])
     config = TrainConfig.from_dict(spec["config"])
@@ -70,7 +70,10 @@ def job(spec: dict) -> dict:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.monotonic()
-        train(config)
+        try:
+            train(config)
+        except TrainingDiverged as e:          # a result for this lr, not a crash of the experiment
+            return {**out, "diverged": str(e), "train_s": time.monotonic() - t0}
         seconds = time.monotonic() - t0
         peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -96,6 +99,8 @@ def run_job(spec: dict, folder: Path) -> dict:
     (a later call with more ``evals`` only evaluates what is missing)."""
     result_file = folder / "result.json"
     done = json.loads(result_file.read_text()) if result_file.is_file() else None
+    if done is not None and done.get("diverged"):
+        return done
     if done is not None:
         missing = {k: v for k, v in spec["evals"].items() if k not in done["evals"]}
         if not missing:
@@ -173,20 +178,22 @@ def experiment(args) -> dict:
         futures = [submit(pool, m, lr, first, {"selection": list(SELECTION_SEEDS)}) for m in METHODS for lr in args.lrs]
         for name, f in futures:
             results[name] = f.result()
-            log(f"{name}: train {results[name]['train_s']:.0f}s, selection "
-                f"{_fmt_metrics(results[name]['evals']['selection']['metrics'])}")
+            r = results[name]
+            log(f"{name}: train {r['train_s']:.0f}s, " + (f"DIVERGED: {r['diverged'][:80]}" if r.get("diverged") else
+                f"selection {_fmt_metrics(r['evals']['selection']['metrics'])}"))
         chosen = {m: choose_lr([(lr, results[run_name(m, lr, first)]) for lr in args.lrs]) for m in METHODS}
         log(f"chosen learning rates: {chosen}")
         futures = [submit(pool, m, chosen[m], s, {"report": list(REPORT_SEEDS)}) for m in METHODS for s in args.seeds]
         for name, f in futures:                        # the first seed's chosen run is only evaluated again
-            results[name] = f.result()
-            log(f"{name}: train {results[name]['train_s']:.0f}s, report "
-                f"{_fmt_metrics(results[name]['evals']['report']['metrics'])}")
+            r = results[name] = f.result()
+            log(f"{name}: train {r['train_s']:.0f}s, " + (f"DIVERGED: {r['diverged'][:80]}" if r.get("diverged") else
+                f"report {_fmt_metrics(r['evals']['report']['metrics'])}"))
 
     report_runs = {m: [run_name(m, chosen[m], s) for s in args.seeds] for m in METHODS}
     from dorabooth.analysis import analyze
 
-    analysis = analyze([args.out / "runs" / n for m in METHODS for n in report_runs[m]], args.out / "analysis")
+    finished = [n for m in METHODS for n in report_runs[m] if not results[n].get("diverged")]
+    analysis = analyze([args.out / "runs" / n for n in finished], args.out / "analysis")
     slopes = {r["run"]: r["fit"] for r in analysis["runs"]}
     data = {"subject": info, "subject_folder": str(subject), "model": args.model or "toy", "lrs": args.lrs,
             "seeds": args.seeds, "selection_image_seeds": list(SELECTION_SEEDS),
@@ -231,6 +238,8 @@ def choose_lr(candidates: list[tuple[float, dict]]) -> float:
     """The lr with the highest selection subject + prompt fidelity; ties go to the smaller lr."""
     def score(item):
         lr, res = item
+        if res.get("diverged"):
+            return (-1.0, -lr)
         m = res["evals"]["selection"]["metrics"]
         return ((m["subject_fidelity"] or 0.0) + (m["prompt_fidelity"] or 0.0), -lr)
     return max(candidates, key=score)[0]
@@ -241,9 +250,14 @@ def summarise(args, report_runs: dict, results: dict, slopes: dict) -> dict:
 
     out = {}
     for method, names in report_runs.items():
+        diverged = [n for n in names if results[n].get("diverged")]
+        names = [n for n in names if n not in diverged]
         rs = [results[n] for n in names]
         fits = [slopes[str(args.out / "runs" / n)] for n in names]
-        row = {}
+        row = {"runs": len(names), "diverged": diverged}
+        if not rs:
+            out[method] = row
+            continue
         for key in ("subject_fidelity", "prompt_fidelity", "class_leak"):
             row[key] = mean_std([r["evals"]["report"]["metrics"][key] for r in rs])
         row["train_s"] = mean_std([r["train_s"] for r in rs])
@@ -255,6 +269,10 @@ def summarise(args, report_runs: dict, results: dict, slopes: dict) -> dict:
             row[f"pearson_{key}"] = mean_std([f[key]["pearson"] for f in fits])
         out[method] = row
     return out
+
+
+def _f2(x) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
 
 
 def _fmt_metrics(m: dict) -> str:
@@ -276,13 +294,19 @@ def report(data: dict) -> str:
              "| method | trainable params | subject fidelity | prompt fidelity | class leak | train time (s) "
              "| peak memory (MB) | of which training (MB) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for m, row in s.items():
-        lines.append(f"| {m} | {row['trainable']:,} | {_pm(row['subject_fidelity'])} | {_pm(row['prompt_fidelity'])} "
+        if not row["runs"]:
+            lines.append(f"| {m} | all runs diverged: {', '.join(row['diverged'])} |" + " |" * 6)
+            continue
+        name = f"{m} ({row['runs']} runs; diverged: {', '.join(row['diverged'])})" if row["diverged"] else m
+        lines.append(f"| {name} | {row['trainable']:,} | {_pm(row['subject_fidelity'])} | {_pm(row['prompt_fidelity'])} "
                      f"| {_pm(row['class_leak'])} | {_pm(row['train_s'], '.0f')} | {_pm(row['peak_mb'], '.0f')} "
                      f"| {_pm(row['peak_increase_mb'], '.0f')} |")
     lines += ["", "ΔM/ΔD fits (axis 'out', per output row; mean ± std over seeds):", "",
               "| method | slope (all layers) | r (all) | slope (query) | r (query) | slope (query, within step) "
               "| r (query, within step) |", "|---|---:|---:|---:|---:|---:|---:|"]
     for m, row in s.items():
+        if not row["runs"]:
+            continue
         lines.append(f"| {m} | {_pm(row['slope_all'], '.3g')} | {_pm(row['pearson_all'], '.2f')} "
                      f"| {_pm(row['slope_query'], '.3g')} | {_pm(row['pearson_query'], '.2f')} "
                      f"| {_pm(row['slope_query_within_step'], '.3g')} | {_pm(row['pearson_query_within_step'], '.2f')} |")
@@ -293,9 +317,13 @@ def report(data: dict) -> str:
     for m in data["report_runs"]:
         cells = []
         for lr in data["lrs"]:
-            met = data["runs"][run_name(m, lr, data["seeds"][0])]["evals"]["selection"]["metrics"]
+            res = data["runs"][run_name(m, lr, data["seeds"][0])]
             mark = " ←" if lr == data["chosen_lr"][m] else ""
-            cells.append(f"{met['subject_fidelity']:.2f} / {met['prompt_fidelity']:.2f}{mark}")
+            if res.get("diverged"):
+                cells.append(f"diverged{mark}")
+                continue
+            met = res["evals"]["selection"]["metrics"]
+            cells.append(f"{_f2(met['subject_fidelity'])} / {_f2(met['prompt_fidelity'])}{mark}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
