@@ -378,6 +378,7 @@ def plot(data: Mapping, path: str | os.PathLike, *, layers: str = "query") -> Pa
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     panels = data["panels"]
     by_run = {r["run"]: r for r in data["runs"]}
@@ -390,7 +391,9 @@ def plot(data: Mapping, path: str | os.PathLike, *, layers: str = "query") -> Pa
             chosen, which = pts, "all"
         sc = ax.scatter([p["dD"] for p in chosen], [p["dM"] for p in chosen], c=[p["step"] for p in chosen],
                         cmap="viridis", s=22, edgecolors="none")
-        fig.colorbar(sc, ax=ax, label="step")
+        bar = fig.colorbar(sc, ax=ax, label="step")
+        bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
+        bar.update_ticks()
         fit = panel["fit"]["query" if which == "query" else "all"]
         if fit["slope"] is not None:
             xs = [min(p["dD"] for p in chosen), max(p["dD"] for p in chosen)]
