@@ -149,9 +149,10 @@ def build(ctx: h.Context) -> gr.Blocks:
                                                  precision=0, minimum=1)
                         text_encoders = gr.Checkbox(label="Train the text encoders too", value=False,
                                                     info="Can capture a likeness faster; more likely to overfit.")
-                    instance_prompt = gr.Textbox(label="Training prompt", placeholder="a photo of sks dog",
-                                                 info="Leave empty for “a photo of <token> <class noun>”. It must "
-                                                      "contain the token.")
+                    instance_prompt = gr.Textbox(label="Training prompt",
+                                                 placeholder="(empty: a photo of <token> <class noun>)",
+                                                 info="What each photo is captioned with while training; it "
+                                                      "must contain the token.")
                 with gr.Row():
                     start = gr.Button("Start training", variant="primary", elem_id="db-start")
                     stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="db-stop")
@@ -220,11 +221,17 @@ def build(ctx: h.Context) -> gr.Blocks:
                 ana_text = gr.HTML(elem_id="db-ana-text")
 
         # ================= wiring =============================================================
-        def subject_outputs(view: h.SubjectView, keep_names=True):
+        def subject_outputs(view: h.SubjectView):
             names = [p.name for p in view.photos]
             return (gr.update(choices=h.subject_names(ctx) or [view.name], value=view.name), view.token,
                     view.class_noun, views.subject_summary_html(view), view.previews,
                     gr.update(choices=names, value=None), _train_intro(view))
+
+        def typed_kept(outputs):
+            """The token and class noun boxes are the user's: a reply must not overwrite newer typing."""
+            out = list(outputs)
+            out[1:3] = [gr.skip(), gr.skip()]
+            return tuple(out)
 
         subject_view = [subject, token, class_noun, subject_summary, crops, photo, train_intro]
 
@@ -253,9 +260,7 @@ def build(ctx: h.Context) -> gr.Blocks:
             from .workspace import sanitize_name
             safe = sanitize_name(name, "subject name")
             if safe not in h.subject_names(ctx):               # a new name: keep what is typed in the other boxes
-                out = list(subject_outputs(_empty_view(safe)))
-                out[1:3] = [gr.skip(), gr.skip()]
-                return (*out, gr.update(choices=[], value=None))
+                return (*typed_kept(subject_outputs(_empty_view(safe))), gr.update(choices=[], value=None))
             view = h.open_subject(ctx, safe)
             runs_of = h.list_runs(ctx, view.name)
             return (*subject_outputs(view), gr.update(choices=runs_of, value=runs_of[0][1] if runs_of else None))
@@ -266,7 +271,7 @@ def build(ctx: h.Context) -> gr.Blocks:
         @shown
         def on_upload(name, files, token_, class_noun_):
             view = h.upload_photos(ctx, name or "my-subject", files or [], token_, class_noun_)
-            return (*subject_outputs(view), None)
+            return (*typed_kept(subject_outputs(view)), None)
 
         upload.upload(on_upload, [subject, upload, token, class_noun], [*subject_view, upload])
 
@@ -274,7 +279,7 @@ def build(ctx: h.Context) -> gr.Blocks:
         def on_save(name, token_, class_noun_):
             if not (name or "").strip():
                 raise UserError("give the subject a name first")
-            return subject_outputs(h.save_subject(ctx, name, token_, class_noun_))
+            return typed_kept(subject_outputs(h.save_subject(ctx, name, token_, class_noun_)))
 
         for box in (token, class_noun):
             box.blur(on_save, [subject, token, class_noun], subject_view)
@@ -284,7 +289,7 @@ def build(ctx: h.Context) -> gr.Blocks:
         def on_remove(name, photo_name):
             if not photo_name:
                 raise UserError("choose a photo to remove (click a crop, or pick it in the list)")
-            return subject_outputs(h.remove_photo(ctx, name, photo_name))
+            return typed_kept(subject_outputs(h.remove_photo(ctx, name, photo_name)))
 
         remove.click(on_remove, [subject, photo], subject_view)
 

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 from . import runs
 from .runs import RunStatus, read_status
 from .worker import TrainingWorker
-from .workspace import MIN_IMAGES, REQUEST_FILE, Photo, UploadResult, UserError, Workspace, sanitize_name
+from .workspace import MIN_IMAGES, REQUEST_FILE, Photo, UploadResult, UserError, Workspace
 
 
 # =============================================================================================
@@ -316,13 +316,13 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
     if prompt is not None and subject.token not in prompt.split():
         raise UserError(f"the training prompt must contain the token {subject.token!r}, e.g. "
                         f"'a photo of {subject.token} {subject.class_noun}'")
-    class_key = f"{sanitize_name(ctx.info.id, 'model')}-{sanitize_name(subject.class_noun, 'class noun')}"
     return TrainConfig(
         images=str(subject.images), class_noun=subject.class_noun, out=str(run), token=subject.token,
-        instance_prompt=prompt, model=ctx.model, model_config=ctx.model_config, **METHODS[settings.method], magnitude_axis=USES[settings.use],
+        instance_prompt=prompt, model=ctx.model, model_config=ctx.model_config, **METHODS[settings.method],
+        magnitude_axis=USES[settings.use],
         rank=int(settings.rank or preset["rank"]), steps=steps, lr=float(settings.lr or preset["lr"]),
         prior_preservation=bool(settings.prior_preservation),
-        class_images=str(ctx.workspace.class_images(subject.name, class_key)),
+        class_images=str(ctx.workspace.class_images(subject.name, subject.class_noun, ctx.info.id)),
         num_class_images=int(settings.class_images or preset["class_images"]),
         train_text_encoders=bool(settings.train_text_encoders), seed=int(settings.seed),
         sample_every=max(1, steps // 4))

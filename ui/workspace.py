@@ -32,6 +32,7 @@ MAX_UPLOAD_BYTES = 30 * 2**20          # per photo
 MAX_IMAGES = 20                        # per subject
 MIN_IMAGES = 3                         # to start training
 MAX_NAME = 48
+NEAR_DUPLICATE = 6.0                   # mean |difference| of 16×16 thumbnails (0–255) below which photos match
 PREVIEW_SIDE = 256                     # crops are shown at least this large (nearest-neighbour)
 SUBJECT_FILE = "subject.json"
 REQUEST_FILE = "ui-request.json"       # what the UI asked the trainer for (a queued run has only this)
@@ -200,7 +201,7 @@ class Workspace:
         """The stored photos with warnings: too small for ``resolution``, unreadable, near-duplicates."""
         subject = self.subject(name)
         out: list[Photo] = []
-        seen: dict[int, str] = {}
+        seen: list[tuple[bytes, str]] = []                  # (thumbnail, name) of the photos so far
         for path in self._photo_files(subject):
             photo = Photo(path.name, path)
             out.append(photo)
@@ -218,12 +219,12 @@ class Workspace:
             elif resolution is not None and min(image.size) < resolution:
                 photo.warnings.append(f"smaller than the training size ({resolution} px): it will be upscaled "
                                       f"and may look soft")
-            key = _average_hash(image)
-            if key in seen:
-                photo.warnings.append(f"looks like a duplicate of {seen[key]}: near-identical photos add "
+            thumb = _thumbnail(image)
+            twin = next((name for other, name in seen if _thumb_distance(thumb, other) < NEAR_DUPLICATE), None)
+            if twin is not None:
+                photo.warnings.append(f"looks like a duplicate of {twin}: near-identical photos add "
                                       f"little and make overfitting likelier")
-            else:
-                seen[key] = path.name
+            seen.append((thumb, path.name))
         return out
 
     def preview(self, name: str, photo: Photo, resolution: int) -> Path:
@@ -289,8 +290,12 @@ class Workspace:
         run = Path(run).resolve()
         return f"{run.parent.parent.name}/{run.name}"
 
-    def class_images(self, name: str, key: str) -> Path:
-        return self.subject(name).folder / "class-images" / sanitize_name(key, "class images key")
+    def class_images(self, name: str, class_noun: str, model: str) -> Path:
+        """``class-images/<class noun>/<model>/``: prior images are reused by runs of the same base
+        model and class (the folder name is readable and unique per model)."""
+        stem = sanitize_name(Path(model).name or model, "model")[:24] if _has_word(model) else "model"
+        tag = f"{stem}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+        return self.subject(name).folder / "class-images" / sanitize_name(class_noun, "class noun") / tag
 
 
 def _last_change(folder: Path) -> float:
@@ -318,10 +323,14 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _average_hash(image) -> int:
-    """64-bit average hash of an 8×8 greyscale thumbnail: equal for near-identical photos."""
-    small = image.convert("L").resize((8, 8))
-    pixels = small.tobytes()
-    mean = sum(pixels) / 64
-    return sum(1 << i for i, v in enumerate(pixels) if v > mean)
+def _thumbnail(image) -> bytes:
+    """16×16 RGB pixels: the same photo re-saved, resized or lightly edited gives nearly the same."""
+    from PIL import Image
+
+    return image.convert("RGB").resize((16, 16), Image.Resampling.BOX).tobytes()
+
+
+def _thumb_distance(a: bytes, b: bytes) -> float:
+    """Mean absolute difference of two thumbnails, 0–255."""
+    return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
 

@@ -25,6 +25,13 @@ def _wait(ctx, ref, timeout=120.0):
     raise AssertionError(f"{ref} still {h.run_status(ctx, ref).state} after {timeout} s")
 
 
+def _wait_for_state(ctx, ref, state, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while h.run_status(ctx, ref).state != state:
+        assert time.monotonic() < deadline, f"{ref} never reached {state}"
+        time.sleep(0.05)
+
+
 # ---- names and uploads -------------------------------------------------------------------------
 @pytest.mark.parametrize("text, safe", [("Rex the Dog!", "rex-the-dog"), ("../../etc/passwd", "etc-passwd"),
                                         ("Ünïcödé  café", "unicode-cafe"), (".hidden", "hidden"),
@@ -135,9 +142,7 @@ def test_one_run_at_a_time_the_next_waits_with_its_position(fake):
     ctx, trainer = fake
     first = h.start_training(ctx, "rex", h.TrainSettings(steps=3, prior_preservation=False))
     second = h.start_training(ctx, "rex", h.TrainSettings(preset="quick", steps=2, prior_preservation=False))
-    deadline = time.monotonic() + 10
-    while h.run_status(ctx, first).state != runs.TRAINING and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _wait_for_state(ctx, first, runs.TRAINING)
     queued = h.run_status(ctx, second)
     assert queued.state == runs.QUEUED and queued.position == 1
     assert "next in line" in views.progress_html(queued)
@@ -186,6 +191,7 @@ def test_a_waiting_run_is_queued_again_after_a_restart(fake, tmp_path, tiny_mode
     ctx, trainer = fake
     first = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False))
     waiting = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False))
+    _wait_for_state(ctx, first, runs.TRAINING)
     ctx.worker.close(timeout=5)                                    # the app stops; the first run checkpoints
     assert h.run_status(ctx, first).state == runs.STOPPED
     restarted = h.make_context(tmp_path / "ws", tiny_model, train=trainer)
@@ -249,7 +255,7 @@ def test_training_runs_in_the_background_and_finishes(trained):
     assert status.step == 2 and len(status.losses) == 2 and status.samples
     run = ctx.workspace.run(ref)
     assert (run / "adapter.safetensors").is_file() and (run / "config.json").is_file()
-    assert len(list((ctx.workspace.root / "rex" / "class-images").glob("*/*.png"))) == 2   # prior preservation
+    assert len(list((ctx.workspace.root / "rex" / "class-images" / "dog").glob("model-*/*.png"))) == 2  # prior
     assert h.list_runs(ctx, finished_only=True) == [(f"{ref} · DoRA, 2 steps", ref)]
     assert "steps, about" in h.preset_choices(ctx)[0][0]           # measured on this machine now
     assert h.default_prompt(ctx, ref) == "a photo of sks dog"
