@@ -109,6 +109,7 @@ class RunInfo:
     steps: int | None
     targets: str
     base: str                        # the base model folder/file the weights come from
+    base_hash: str | None = None     # its fingerprint when the run was trained
 
     @property
     def label(self) -> str:
@@ -136,7 +137,7 @@ def read_run(run: str | os.PathLike) -> RunInfo:
     return RunInfo(path=path, method=cfg.get("method", "dora"), rank=rank, half_rank=bool(cfg.get("half_rank")),
                    magnitude_axis=cfg.get("magnitude_axis") if cfg.get("method", "dora") == "dora" else None,
                    seed=cfg.get("seed"), lr=cfg.get("lr"), steps=cfg.get("steps"),
-                   targets=cfg.get("targets") or "attn", base=str(base))
+                   targets=cfg.get("targets") or "attn", base=str(base), base_hash=bm.get("hash"))
 
 
 def snapshots(info: RunInfo) -> list[tuple[int, Path]]:
@@ -219,6 +220,20 @@ def _read_tensor(file: Path, names: Iterable[str]) -> torch.Tensor | None:
     return None
 
 
+def check_base(info: RunInfo) -> None:
+    """W0 must be the weights the run started from: refuse a base folder that changed since."""
+    from .models import weights_hash
+
+    folder = _local_folder(info.base)
+    if info.base_hash is None or folder is None:
+        return
+    now = weights_hash(folder)
+    if now.split(":")[0] == info.base_hash.split(":")[0] and now != info.base_hash:
+        raise ValueError(f"{info.path}: its base model {folder} has changed since the run was trained (weights "
+                         f"hash {info.base_hash[:20]}… then, {now[:20]}… now); ΔM and ΔD need the original W0. "
+                         f"Restore that base model to analyse this run")
+
+
 def full_target_modules(info: RunInfo) -> list[str]:
     """``unet.<module>`` names a full fine-tune is analysed on: the run's ``targets`` (default
     ``attn``) resolved by :func:`dorabooth.inject.resolve_targets` on a stand-in of the base
@@ -288,6 +303,7 @@ def analyze_run(run: str | os.PathLike, *, axis: str = "out", on_event=None) -> 
     """ΔM/ΔD of every adapted weight at every snapshot of ``run``, and the fits (module docstring)."""
     info = read_run(run)
     snaps = snapshots(info)
+    check_base(info)
     base = BaseWeights(info.base)
     modules = full_target_modules(info) if info.method == "full" else None
     w0_cache: dict[str, torch.Tensor] = {}

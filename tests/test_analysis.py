@@ -140,3 +140,20 @@ def test_analyze_axis_in_and_errors(tmp_path_factory, tmp_path, capsys):
     (empty / "config.json").write_text((run / "config.json").read_text())
     with pytest.raises(FileNotFoundError, match="no checkpoints"):
         analyze([empty], tmp_path / "c")
+
+
+def test_analyze_refuses_a_changed_base_model(tmp_path_factory, tmp_path):
+    import shutil
+
+    run = tiny_run(tmp_path_factory, "lora")
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    base = tmp_path / "base"
+    shutil.copytree(read_run(run).base, base)
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["base_model"]["path"] = str(base)
+    (copy / "config.json").write_text(json.dumps(cfg))
+    analyze([copy], tmp_path / "ok")                          # same weights elsewhere: fine
+    (base / "unet" / "config.json").write_text((base / "unet" / "config.json").read_text() + " ")
+    with pytest.raises(ValueError, match="has changed since the run was trained"):
+        analyze([copy], tmp_path / "changed")
