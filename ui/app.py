@@ -95,7 +95,8 @@ press **Analyze**; the result is also saved in the run folder."""
 def build(ctx: h.Context) -> gr.Blocks:
     info = ctx.info
     preset_default = h.preset_values(ctx, "balanced")
-    with gr.Blocks(title="dorabooth", analytics_enabled=False) as demo:
+    # Uploaded files are copied into the workspace; gradio's copies are deleted after an hour.
+    with gr.Blocks(title="dorabooth", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.HTML(f'<div class="db-header"><h1>dorabooth</h1><p>Teach an image model your subject from a few photos '
                 f'(DreamBooth with DoRA). Base model: {escape(info.label)}. Workspace: '
                 f'<code>{escape(str(ctx.workspace.root))}</code></p></div>')
