@@ -111,6 +111,12 @@ def build(ctx: h.Context) -> gr.Blocks:
                                        info="A rare made-up word for your subject.")
                     class_noun = gr.Textbox(label="Class noun", scale=1, placeholder="dog", elem_id="db-class-noun",
                                             info="What it is: dog, person, mug, …")
+                samples = h.sample_subjects(ctx)
+                with gr.Row(visible=bool(samples), elem_id="db-samples"):
+                    sample = gr.Dropdown(label="No photos at hand? Try a sample subject", choices=samples,
+                                         value=samples[0] if samples else None, scale=3,
+                                         info="Toy-world subjects the embedded model has never seen.")
+                    use_sample = gr.Button("Use this sample", scale=1, elem_id="db-use-sample")
                 upload = gr.File(label="Drop photos here (many at once)", file_count="multiple",
                                  file_types=[".jpg", ".jpeg", ".png", ".webp"], elem_id="db-upload", height=140)
                 subject_summary = gr.HTML(elem_id="db-subject-summary")
@@ -226,15 +232,15 @@ def build(ctx: h.Context) -> gr.Blocks:
             names = [p.name for p in view.photos]
             return (gr.update(choices=h.subject_names(ctx) or [view.name], value=view.name), view.token,
                     view.class_noun, views.subject_summary_html(view), view.previews,
-                    gr.update(choices=names, value=None), _train_intro(view))
+                    gr.update(choices=names, value=None), _train_intro(view), view.instance_prompt)
 
         def typed_kept(outputs):
-            """The token and class noun boxes are the user's: a reply must not overwrite newer typing."""
+            """Token, class noun and prompt boxes are the user's: a reply must not overwrite newer typing."""
             out = list(outputs)
-            out[1:3] = [gr.skip(), gr.skip()]
+            out[1], out[2], out[7] = gr.skip(), gr.skip(), gr.skip()
             return tuple(out)
 
-        subject_view = [subject, token, class_noun, subject_summary, crops, photo, train_intro]
+        subject_view = [subject, token, class_noun, subject_summary, crops, photo, train_intro, instance_prompt]
 
         @shown
         def on_load():
@@ -277,6 +283,13 @@ def build(ctx: h.Context) -> gr.Blocks:
         upload.upload(on_upload, [subject, upload, token, class_noun], [*subject_view, upload])
 
         @shown
+        def on_use_sample(name):
+            view = h.use_sample(ctx, name)
+            return (*subject_outputs(view), gr.update(choices=h.list_runs(ctx, view.name), value=None))
+
+        use_sample.click(on_use_sample, sample, [*subject_view, run])
+
+        @shown
         def on_save(name, token_, class_noun_):
             if not (name or "").strip():
                 raise UserError("give the subject a name first")
@@ -313,7 +326,7 @@ def build(ctx: h.Context) -> gr.Blocks:
                      class_images_, text_encoders_, instance_prompt_):
             if not (name or "").strip():
                 raise UserError("name the subject and upload photos on the Subject tab first")
-            h.save_subject(ctx, name, token_, class_noun_)
+            h.save_subject(ctx, name, token_, class_noun_, instance_prompt_ or "")
             settings = h.TrainSettings(preset=preset_, method=method_, use=use_, rank=_int(rank_, "rank"),
                                        steps=_int(steps_, "steps"), lr=_float(lr_, "learning rate"),
                                        prior_preservation=prior_, class_images=_int(class_images_, "class images"),
@@ -446,7 +459,7 @@ def _empty_view(name: str) -> h.SubjectView:
 def _train_intro(view: h.SubjectView) -> str:
     if not view.photos:
         return ('<div class="db-warn">No photos yet: add them on the <b>Subject</b> tab first.</div>')
-    what = f"“a photo of {escape(view.token)} {escape(view.class_noun or '…')}”"
+    what = f"“{escape(view.instance_prompt or f'a photo of {view.token} {view.class_noun or chr(8230)}')}”"
     state = ("" if view.ready else
              ' <span class="db-warn">Not ready: ' + (f"add photos (at least {MIN_IMAGES} usable)." if view.usable
                                                     < MIN_IMAGES else "set the class noun on the Subject tab.")

@@ -130,11 +130,15 @@ class SessionCache:
             torch.cuda.empty_cache()
 
 
+SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "subjects"   # made for the toy model
+
+
 @dataclass
 class Context:
     workspace: Workspace
     model: str | None = None           # base model for new runs (None = the embedded toy)
     model_config: str | None = None    # configs for a single-file ``model`` (a diffusers folder)
+    samples: Path | None = None        # sample subjects to offer (None: assets/subjects with the toy model)
     worker: TrainingWorker = None      # type: ignore[assignment]
     sessions: SessionCache = field(default_factory=SessionCache)
     _info: ModelInfo | None = None
@@ -151,9 +155,9 @@ class Context:
 
 
 def make_context(workspace: str | Path, model: str | None = None, *, model_config: str | None = None,
-                 train=None) -> Context:
+                 samples: str | Path | None = None, train=None) -> Context:
     """The app's state. ``train`` replaces ``dorabooth.train`` (tests)."""
-    ctx = Context(Workspace(workspace), model, model_config)
+    ctx = Context(Workspace(workspace), model, model_config, Path(samples) if samples else None)
     ctx.worker = TrainingWorker(train=train, before_train=ctx.sessions.release)
     return ctx
 
@@ -169,6 +173,7 @@ class SubjectView:
     photos: list[Photo]
     previews: list[tuple[str, str]]             # (crop png, caption) as the trainer will see them
     uploads: list[UploadResult] = field(default_factory=list)
+    instance_prompt: str = ""                   # the training prompt chosen for this subject ("" = default)
 
     @property
     def usable(self) -> int:
@@ -192,7 +197,8 @@ def open_subject(ctx: Context, name: str, uploads: list[UploadResult] | None = N
         if photo.width:                                  # readable
             caption = photo.name if not photo.warnings else f"⚠ {photo.name}: {photo.warnings[0]}"
             previews.append((str(ctx.workspace.preview(subject.name, photo, resolution)), caption))
-    return SubjectView(subject.name, subject.token, subject.class_noun, photos, previews, uploads or [])
+    return SubjectView(subject.name, subject.token, subject.class_noun, photos, previews, uploads or [],
+                       subject.instance_prompt)
 
 
 def upload_photos(ctx: Context, name: str, files: list[str], token: str | None = None,
@@ -208,13 +214,40 @@ def upload_photos(ctx: Context, name: str, files: list[str], token: str | None =
     return open_subject(ctx, subject.name, results)
 
 
+def _samples_dir(ctx: Context) -> Path | None:
+    """The shipped sample subjects (``assets/subjects/<name>/``) go with the toy model only:
+    they are drawn in its toy world."""
+    return ctx.samples or (SAMPLES if ctx.info.id == "toy" else None)
+
+
+def sample_subjects(ctx: Context) -> list[str]:
+    folder = _samples_dir(ctx)
+    if folder is None or not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if (p / "subject.json").is_file())
+
+
+def use_sample(ctx: Context, sample: str) -> SubjectView:
+    """Copy a sample subject's photos, token, class noun and prompt into the workspace."""
+    if sample not in sample_subjects(ctx):
+        raise UserError(f"there is no sample subject called {sample!r}")
+    folder = _samples_dir(ctx) / sample
+    info = json.loads((folder / "subject.json").read_text())
+    photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    view = upload_photos(ctx, sample, photos, info.get("token") or "sks", info.get("class_noun") or "")
+    ctx.workspace.save_subject(view.name, token=view.token, class_noun=view.class_noun,
+                               instance_prompt=info.get("instance_prompt") or "")
+    return open_subject(ctx, view.name, view.uploads)
+
+
 def remove_photo(ctx: Context, name: str, photo: str) -> SubjectView:
     ctx.workspace.remove_photo(name, photo)
     return open_subject(ctx, name)
 
 
-def save_subject(ctx: Context, name: str, token: str, class_noun: str) -> SubjectView:
-    ctx.workspace.save_subject(name, token=token, class_noun=class_noun)
+def save_subject(ctx: Context, name: str, token: str, class_noun: str,
+                 instance_prompt: str | None = None) -> SubjectView:
+    ctx.workspace.save_subject(name, token=token, class_noun=class_noun, instance_prompt=instance_prompt)
     return open_subject(ctx, name)
 
 

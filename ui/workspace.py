@@ -93,6 +93,7 @@ class Subject:
     folder: Path
     token: str = "sks"
     class_noun: str = ""
+    instance_prompt: str = ""          # the training prompt; empty = "a photo of <token> <class noun>"
 
     @property
     def images(self) -> Path:
@@ -127,10 +128,12 @@ class Workspace:
             _atomic_write_json(meta, {"name": safe, "token": "sks", "class_noun": "",
                                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         data = json.loads(meta.read_text())
-        return Subject(safe, folder, data.get("token") or "sks", data.get("class_noun") or "")
+        return Subject(safe, folder, data.get("token") or "sks", data.get("class_noun") or "",
+                       data.get("instance_prompt") or "")
 
-    def save_subject(self, name: str, *, token: str, class_noun: str) -> Subject:
-        """Store the token and class noun (validated the way the trainer will)."""
+    def save_subject(self, name: str, *, token: str, class_noun: str, instance_prompt: str | None = None) -> Subject:
+        """Store the token and class noun (validated the way the trainer will), and optionally
+        the training prompt."""
         subject = self.subject(name, create=True)
         token, class_noun = (token or "").strip(), " ".join((class_noun or "").split())
         if not token or " " in token:
@@ -138,8 +141,10 @@ class Workspace:
         meta = subject.folder / SUBJECT_FILE
         data = json.loads(meta.read_text())
         data.update(token=token, class_noun=class_noun)
+        if instance_prompt is not None:
+            data["instance_prompt"] = " ".join(instance_prompt.split())
         _atomic_write_json(meta, data)
-        return Subject(subject.name, subject.folder, token, class_noun)
+        return self.subject(subject.name)
 
     # ---- photos ----------------------------------------------------------------------------
     def add_photos(self, name: str, files: list[str | os.PathLike]) -> list[UploadResult]:

@@ -227,6 +227,30 @@ def test_a_custom_training_prompt_must_name_the_token(fake):
     assert h.default_prompt(ctx, ref) == "a sks dog"               # Generate starts from the training prompt
 
 
+def test_a_sample_subject_is_copied_into_the_workspace(tmp_path, tiny_model):
+    samples = tmp_path / "samples"
+    photos = make_photos(samples / "blue-yellow-circle", n=4, seed=3)
+    (samples / "blue-yellow-circle" / "subject.json").write_text(json.dumps(
+        {"token": "ohwx", "class_noun": "circle", "instance_prompt": "a ohwx circle",
+         "images": [p.name for p in photos]}))
+    ctx = h.make_context(tmp_path / "ws", tiny_model, samples=samples)
+    try:
+        assert h.sample_subjects(ctx) == ["blue-yellow-circle"]
+        view = h.use_sample(ctx, "blue-yellow-circle")
+        assert (view.name, view.token, view.class_noun, view.instance_prompt) == \
+            ("blue-yellow-circle", "ohwx", "circle", "a ohwx circle")
+        assert view.ready and len(view.photos) == 4
+        with pytest.raises(UserError):
+            h.use_sample(ctx, "../ws")
+    finally:
+        ctx.close()
+    plain = h.make_context(tmp_path / "ws2", tiny_model)               # not the toy model: no samples
+    try:
+        assert h.sample_subjects(plain) == []
+    finally:
+        plain.close()
+
+
 def test_presets_give_real_step_counts(fake):
     ctx, _ = fake
     assert ctx.info.family == "sdxl" and ctx.info.resolution == 32
