@@ -171,7 +171,7 @@ def build(ctx: h.Context) -> gr.Blocks:
                 with gr.Row(equal_height=False):
                     loss = gr.HTML(views.loss_svg([]), elem_id="db-loss")
                     previews = gr.Gallery(label="Preview images during training", columns=4, height=260,
-                                          object_fit="contain", elem_id="db-previews")
+                                          object_fit="contain", fit_columns=False, elem_id="db-previews")
                 seen = gr.State(None)           # what the timer last drew (redraw only on change)
                 timer = gr.Timer(1.0)
 
@@ -197,7 +197,7 @@ def build(ctx: h.Context) -> gr.Blocks:
                 generate = gr.Button("Generate", variant="primary", elem_id="db-generate")
                 gen_note = gr.HTML()
                 gallery = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain",
-                                     elem_id="db-gallery")
+                                     fit_columns=False, elem_id="db-gallery")
 
             # ---- 4. Export -------------------------------------------------------------------
             with gr.Tab("4 · Export", id="export", elem_id="tab-export") as export_tab:
