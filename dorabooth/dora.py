@@ -68,8 +68,8 @@ NORM_EPS = 1e-12
 
 def _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
     """y = g ⊙ (W0·x + s·B·(A·x_d)) + bias for 2-D x, x_d : (T, in); g : (out,). Returns (y, u)."""
-    u = x_d @ lora_A.t()                                      # (T, r)
-    y = (x @ weight.t()).addmm_(u, lora_B.t(), alpha=scale).mul_(g)   # (T, out)
+    u = F.linear(x_d, lora_A)                                 # (T, r)
+    y = F.linear(x, weight).addmm_(u, lora_B.t(), alpha=scale).mul_(g)   # (T, out)
     if bias is not None:
         y.add_(bias)
     return y, u
@@ -78,35 +78,39 @@ def _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
 def _in_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
     """y = W0·x̃ + s·B·(A·x̃_d) + bias, x̃ = x ⊙ g, for 2-D x, x_d : (T, in); g : (in,)."""
     xt = x * g                                                # (T, in)
-    u = (xt if x_d is x else x_d * g) @ lora_A.t()            # (T, r)
+    u = F.linear(xt if x_d is x else x_d * g, lora_A)         # (T, r)
     y = F.linear(xt, weight, bias).addmm_(u, lora_B.t(), alpha=scale)   # (T, out)
     return y, u
 
 
 class _DoRAOutAxis(torch.autograd.Function):
-    """``_out_axis`` with a backward that saves x, u and the output only."""
+    """``_out_axis`` with a backward that saves x, u and the output only.
+
+    The frozen weight, bias and the (small) adapter matrices ride on ``ctx`` directly: they
+    are not activations, and packing them as saved tensors costs time in every layer.
+    """
 
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, g, scale):
         y, u = _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale)
-        ctx.scale = scale
-        ctx.same_input = x_d is x
-        ctx.save_for_backward(x, x_d, weight, bias, lora_A, lora_B, g, u, y)
+        ctx.scale, ctx.same_input = scale, x_d is x
+        ctx.weight, ctx.bias, ctx.lora_A, ctx.lora_B, ctx.g = weight, bias, lora_A, lora_B, g.detach()
+        ctx.save_for_backward(x, x_d, u, y)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, x_d, weight, bias, lora_A, lora_B, g, u, y = ctx.saved_tensors
-        s = ctx.scale
+        x, x_d, u, y = ctx.saved_tensors
+        s, weight, bias, lora_A, lora_B, g = ctx.scale, ctx.weight, ctx.bias, ctx.lora_A, ctx.lora_B, ctx.g
         need_x, need_xd, _, _, need_A, need_B, need_g, _ = ctx.needs_input_grad
         grad_x = grad_xd = grad_A = grad_B = grad_g = None
 
         Gg = grad_y * g                                       # (T, out)
-        GgB = Gg @ lora_B                                     # (T, r)
+        GgB = Gg @ (lora_B * s)                               # s·Gg·B : (T, r)
         if need_B:
             grad_B = (Gg.t() @ u).mul_(s)                     # (out, r)
         if need_A:
-            grad_A = (GgB.t() @ x_d).mul_(s)                  # (r, in)
+            grad_A = GgB.t() @ x_d                            # (r, in)
         if need_g:
             # Σ_t G·h with h = (y − bias)/g, without a (T, out) copy of h.
             Gy = torch.linalg.vecdot(grad_y, y, dim=0)        # (out,)
@@ -121,45 +125,45 @@ class _DoRAOutAxis(torch.autograd.Function):
                 grad_g[rows] = (grad_y[:, rows] * h).sum(0)
         if need_x or need_xd:
             if ctx.same_input:
-                grad_x = (Gg @ weight).addmm_(GgB, lora_A, alpha=s)   # (T, in)
+                grad_x = (Gg @ weight).addmm_(GgB, lora_A)    # (T, in)
             else:
                 grad_x = Gg @ weight if need_x else None
-                grad_xd = (GgB @ lora_A).mul_(s) if need_xd else None
+                grad_xd = GgB @ lora_A if need_xd else None
         return grad_x, grad_xd, None, None, grad_A, grad_B, grad_g, None
 
 
 class _DoRAInAxis(torch.autograd.Function):
-    """``_in_axis`` with a backward that saves x and u only."""
+    """``_in_axis`` with a backward that saves x and u only (frozen tensors ride on ``ctx``)."""
 
     @staticmethod
     def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, g, scale):
         y, u = _in_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale)
-        ctx.scale = scale
-        ctx.same_input = x_d is x
-        ctx.save_for_backward(x, x_d, weight, lora_A, lora_B, g, u)
+        ctx.scale, ctx.same_input = scale, x_d is x
+        ctx.weight, ctx.lora_A, ctx.lora_B, ctx.g = weight, lora_A, lora_B, g.detach()
+        ctx.save_for_backward(x, x_d, u)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, x_d, weight, lora_A, lora_B, g, u = ctx.saved_tensors
-        s = ctx.scale
+        x, x_d, u = ctx.saved_tensors
+        s, weight, lora_A, lora_B, g = ctx.scale, ctx.weight, ctx.lora_A, ctx.lora_B, ctx.g
         need_x, need_xd, _, _, need_A, need_B, need_g, _ = ctx.needs_input_grad
         grad_x = grad_xd = grad_A = grad_B = grad_g = None
 
-        GB = grad_y @ lora_B                                  # (T, r)
+        GB = grad_y @ (lora_B * s)                            # s·G·B : (T, r)
         if need_B:
             grad_B = (grad_y.t() @ u).mul_(s)                 # (out, r)
         if need_A:
-            grad_A = (GB.t() @ (x_d * g)).mul_(s)             # (r, in)
+            grad_A = GB.t() @ (x_d * g)                       # (r, in)
         if ctx.same_input:
-            dxt = (grad_y @ weight).addmm_(GB, lora_A, alpha=s)      # ∂L/∂x̃ : (T, in)
+            dxt = (grad_y @ weight).addmm_(GB, lora_A)        # ∂L/∂x̃ : (T, in)
             if need_g:
                 grad_g = torch.linalg.vecdot(dxt, x, dim=0)
             if need_x or need_xd:
                 grad_x = dxt.mul_(g)
         else:
             dxt = grad_y @ weight                             # base path, input x
-            dxt_d = (GB @ lora_A).mul_(s)                     # low-rank path, input x_d
+            dxt_d = GB @ lora_A                               # low-rank path, input x_d
             if need_g:
                 grad_g = torch.linalg.vecdot(dxt, x, dim=0) + torch.linalg.vecdot(dxt_d, x_d, dim=0)
             grad_x = dxt.mul_(g) if need_x else None
@@ -273,7 +277,9 @@ class DoRALinear(nn.Module):
     def magnitude(self, strength: float | None = None) -> torch.Tensor:
         """m(t) = m0 + t·(m − m0), fp32, flat: (out,) or (in,)."""
         t = self.strength if strength is None else strength
-        m = self.lora_magnitude_vector.float().reshape(-1)
+        m = _as(self.lora_magnitude_vector, torch.float32)
+        if self.magnitude_axis == "in":
+            m = m.view(-1)                                    # (1, in) → (in,)
         if t == 1.0:
             return m
         m0 = self.base_magnitude()
@@ -288,15 +294,17 @@ class DoRALinear(nn.Module):
                                  self.magnitude_axis, w0_sq=self._w0_sq_on(W.device))
 
     def _scale_vector(self, dtype) -> torch.Tensor:
-        """g = m(t) / ‖V(t)‖ (the norm detached, paper §4.3) in ``dtype``: (out,) or (in,)."""
+        """g = m(t) / ‖V(t)‖ (the norm detached, paper §4.3) in ``dtype``: (out,) or (in,).
+
+        Without gradients (inference) g is cached until A, B, m or the strength change."""
         params = (self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector)
-        cacheable = not (torch.is_grad_enabled() and any(p.requires_grad for p in params))
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._g_cache = None
+            return _as(self.magnitude() / self.weight_norm(), dtype)
         key = (tuple((p.data_ptr(), p._version) for p in params), self.strength, dtype)
-        if cacheable and self._g_cache is not None and self._g_cache[0] == key:
-            return self._g_cache[1]
-        g = _as(self.magnitude() / self.weight_norm(), dtype)
-        self._g_cache = (key, g) if cacheable else None
-        return g
+        if self._g_cache is None or self._g_cache[0] != key:
+            self._g_cache = (key, _as(self.magnitude() / self.weight_norm(), dtype))
+        return self._g_cache[1]
 
     # ---- forward ---------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
