@@ -236,7 +236,8 @@ def use_sample(ctx: Context, sample: str) -> SubjectView:
     photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     view = upload_photos(ctx, sample, photos, info.get("token") or "sks", info.get("class_noun") or "")
     ctx.workspace.save_subject(view.name, token=view.token, class_noun=view.class_noun,
-                               instance_prompt=info.get("instance_prompt") or "")
+                               instance_prompt=info.get("instance_prompt") or "",
+                               class_prompt=info.get("class_prompt") or "")
     return open_subject(ctx, view.name, view.uploads)
 
 
@@ -349,10 +350,12 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
     if prompt is not None and subject.token not in prompt.split():
         raise UserError(f"the training prompt must contain the token {subject.token!r}, e.g. "
                         f"'a photo of {subject.token} {subject.class_noun}'")
+    # a stored class prompt (from a sample subject) only while it still names the class noun
+    class_prompt = subject.class_prompt if subject.class_noun in subject.class_prompt.split() else None
     return TrainConfig(
         images=str(subject.images), class_noun=subject.class_noun, out=str(run), token=subject.token,
-        instance_prompt=prompt, model=ctx.model, model_config=ctx.model_config, **METHODS[settings.method],
-        magnitude_axis=USES[settings.use],
+        instance_prompt=prompt, class_prompt=class_prompt, model=ctx.model, model_config=ctx.model_config,
+        **METHODS[settings.method], magnitude_axis=USES[settings.use],
         rank=int(settings.rank or preset["rank"]), steps=steps, lr=float(settings.lr or preset["lr"]),
         prior_preservation=bool(settings.prior_preservation),
         class_images=str(ctx.workspace.class_images(subject.name, subject.class_noun, ctx.info.id)),

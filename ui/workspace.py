@@ -94,6 +94,7 @@ class Subject:
     token: str = "sks"
     class_noun: str = ""
     instance_prompt: str = ""          # the training prompt; empty = "a photo of <token> <class noun>"
+    class_prompt: str = ""             # prior-preservation prompt; empty = "a photo of <class noun>"
 
     @property
     def images(self) -> Path:
@@ -129,11 +130,12 @@ class Workspace:
                                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         data = json.loads(meta.read_text())
         return Subject(safe, folder, data.get("token") or "sks", data.get("class_noun") or "",
-                       data.get("instance_prompt") or "")
+                       data.get("instance_prompt") or "", data.get("class_prompt") or "")
 
-    def save_subject(self, name: str, *, token: str, class_noun: str, instance_prompt: str | None = None) -> Subject:
+    def save_subject(self, name: str, *, token: str, class_noun: str, instance_prompt: str | None = None,
+                     class_prompt: str | None = None) -> Subject:
         """Store the token and class noun (validated the way the trainer will), and optionally
-        the training prompt."""
+        the training and class prompts."""
         subject = self.subject(name, create=True)
         token, class_noun = (token or "").strip(), " ".join((class_noun or "").split())
         if not token or " " in token:
@@ -143,6 +145,8 @@ class Workspace:
         data.update(token=token, class_noun=class_noun)
         if instance_prompt is not None:
             data["instance_prompt"] = " ".join(instance_prompt.split())
+        if class_prompt is not None:
+            data["class_prompt"] = " ".join(class_prompt.split())
         _atomic_write_json(meta, data)
         return self.subject(subject.name)
 

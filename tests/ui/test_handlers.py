@@ -231,7 +231,7 @@ def test_a_sample_subject_is_copied_into_the_workspace(tmp_path, tiny_model):
     samples = tmp_path / "samples"
     photos = make_photos(samples / "blue-yellow-circle", n=4, seed=3)
     (samples / "blue-yellow-circle" / "subject.json").write_text(json.dumps(
-        {"token": "ohwx", "class_noun": "circle", "instance_prompt": "a ohwx circle",
+        {"token": "ohwx", "class_noun": "circle", "instance_prompt": "a ohwx circle", "class_prompt": "a circle",
          "images": [p.name for p in photos]}))
     ctx = h.make_context(tmp_path / "ws", tiny_model, samples=samples)
     try:
@@ -240,6 +240,12 @@ def test_a_sample_subject_is_copied_into_the_workspace(tmp_path, tiny_model):
         assert (view.name, view.token, view.class_noun, view.instance_prompt) == \
             ("blue-yellow-circle", "ohwx", "circle", "a ohwx circle")
         assert view.ready and len(view.photos) == 4
+        run = ctx.workspace.new_run(view.name, "check")
+        config = h.build_config(ctx, view.name, h.TrainSettings(instance_prompt=view.instance_prompt), run)
+        assert (config.instance_prompt, config.class_prompt) == ("a ohwx circle", "a circle")
+        ctx.workspace.save_subject(view.name, token="ohwx", class_noun="ball")
+        config = h.build_config(ctx, view.name, h.TrainSettings(), run)
+        assert config.class_prompt is None                              # stale sample prompt is dropped
         with pytest.raises(UserError):
             h.use_sample(ctx, "../ws")
     finally:
