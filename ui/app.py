@@ -14,12 +14,13 @@ import functools
 import logging
 import sys
 from html import escape
+from types import SimpleNamespace
 
 import gradio as gr
 
 from . import handlers as h
 from . import views
-from .workspace import MAX_IMAGES, MAX_UPLOAD_BYTES, MIN_IMAGES, UserError
+from .workspace import MAX_IMAGES, MAX_UPLOAD_BYTES, MIN_IMAGES, UserError, sanitize_name
 
 log = logging.getLogger("dorabooth.ui")
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
@@ -74,6 +75,7 @@ CSS = """
 .db-report tr.db-not-applied td:nth-child(2), .db-report tr.db-fails-to-load td:nth-child(2) { color: #dc2626;
                                                                                              font-weight: 600; }
 #db-crops .fixed-height { min-height: 190px !important; max-height: none !important; }
+#db-gallery .fixed-height { min-height: 280px !important; max-height: none !important; }
 footer { display: none !important; }
 """
 
@@ -93,356 +95,348 @@ press **Analyze**; the result is also saved in the run folder."""
 
 
 def build(ctx: h.Context) -> gr.Blocks:
-    info = ctx.info
-    preset_default = h.preset_values(ctx, "balanced")
+    """The page: five tabs laid out into ``c`` (a namespace of components), then wired."""
+    c = SimpleNamespace()
     # Uploaded files are copied into the workspace; gradio's copies are deleted after an hour.
     with gr.Blocks(title="dorabooth", analytics_enabled=False, delete_cache=(3600, 3600)) as demo:
         gr.HTML(f'<div class="db-header"><h1>dorabooth</h1><p>Teach an image model your subject from a few photos '
-                f'(DreamBooth with DoRA). Base model: {escape(info.label)}. Workspace: '
+                f'(DreamBooth with DoRA). Base model: {escape(ctx.info.label)}. Workspace: '
                 f'<code>{escape(str(ctx.workspace.root))}</code></p></div>')
         with gr.Tabs():
-            # ---- 1. Subject ------------------------------------------------------------------
             with gr.Tab("1 · Subject", id="subject", elem_id="tab-subject"):
-                gr.Markdown(SUBJECT_INTRO)
-                with gr.Row():
-                    subject = gr.Dropdown(label="Subject name", allow_custom_value=True, scale=2, elem_id="db-subject",
-                                          info="Pick one you made before, or type a new name.")
-                    token = gr.Textbox(label="Token", value="sks", scale=1, elem_id="db-token",
-                                       info="A rare made-up word for your subject.")
-                    class_noun = gr.Textbox(label="Class noun", scale=1, placeholder="dog", elem_id="db-class-noun",
-                                            info="What it is: dog, person, mug, …")
-                samples = h.sample_subjects(ctx)
-                with gr.Row(visible=bool(samples), elem_id="db-samples"):
-                    sample = gr.Dropdown(label="No photos at hand? Try a sample subject", choices=samples,
-                                         value=samples[0] if samples else None, scale=3,
-                                         info="Toy-world subjects the embedded model has never seen.")
-                    use_sample = gr.Button("Use this sample", scale=1, elem_id="db-use-sample")
-                upload = gr.File(label="Drop photos here (many at once)", file_count="multiple",
-                                 file_types=[".jpg", ".jpeg", ".png", ".webp"], elem_id="db-upload", height=140)
-                subject_summary = gr.HTML(elem_id="db-subject-summary")
-                crops = gr.Gallery(label="Prepared crops: what the trainer will see", columns=6,
-                                   object_fit="contain", allow_preview=False, fit_columns=False,
-                                   elem_id="db-crops")
-                with gr.Row():
-                    photo = gr.Dropdown(label="Photo to remove", info="Or click a crop above.", scale=3,
-                                        elem_id="db-photo")
-                    remove = gr.Button("Remove photo", scale=1, variant="secondary", elem_id="db-remove")
-
-            # ---- 2. Train --------------------------------------------------------------------
+                _subject_tab(ctx, c)
             with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
-                train_intro = gr.HTML(elem_id="db-train-intro")
-                preset = gr.Radio(label="Preset", choices=h.preset_choices(ctx), value="balanced",
-                                  info=_preset_info(ctx))
-                with gr.Row():
-                    method = gr.Radio(label="Method", choices=list(h.METHODS), value="DoRA (recommended)",
-                                      info="DoRA learns each weight's size and direction separately and usually "
-                                           "beats LoRA at the same size. DoRA† uses half the rank: a smaller file.")
-                    use = gr.Radio(label="Where will you use the adapter?", choices=list(h.USES),
-                                   value="diffusers / Python")
-                gr.Markdown(USE_HELP)
-                with gr.Accordion("Advanced settings", open=False, elem_id="db-advanced"):
-                    with gr.Row():
-                        steps = gr.Number(label="Steps", value=preset_default["steps"], precision=0, minimum=1,
-                                          elem_id="db-steps")
-                        rank = gr.Number(label="Rank", value=preset_default["rank"], precision=0, minimum=1,
-                                         info="Adapter size: higher learns more detail, bigger file.")
-                        lr = gr.Number(label="Learning rate", value=preset_default["lr"])
-                        seed = gr.Number(label="Seed", value=0, precision=0)
-                    with gr.Row():
-                        prior = gr.Checkbox(label="Prior preservation", value=True, elem_id="db-prior",
-                                            info="Also trains on images the base model draws of the class, so "
-                                                 "'a dog' does not turn into your dog.")
-                        class_images = gr.Number(label="Class images", value=preset_default["class_images"],
-                                                 precision=0, minimum=1)
-                        text_encoders = gr.Checkbox(label="Train the text encoders too", value=False,
-                                                    info="Can capture a likeness faster; more likely to overfit.")
-                    instance_prompt = gr.Textbox(label="Training prompt",
-                                                 placeholder="(empty: a photo of <token> <class noun>)",
-                                                 info="What each photo is captioned with while training; it "
-                                                      "must contain the token.")
-                with gr.Row():
-                    start = gr.Button("Start training", variant="primary", elem_id="db-start")
-                    stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="db-stop")
-                    resume = gr.Button("Resume", interactive=False, elem_id="db-resume")
-                run = gr.Dropdown(label="Run", info="Every run of this subject; training continues if you close "
-                                                    "the page.", elem_id="db-run")
-                progress = gr.HTML(views.progress_html(None), elem_id="db-progress")
-                details = gr.HTML()
-                with gr.Row(equal_height=False):
-                    loss = gr.HTML(views.loss_svg([]), elem_id="db-loss")
-                    previews = gr.Gallery(label="Preview images during training", columns=4, height=260,
-                                          object_fit="contain", fit_columns=False, elem_id="db-previews")
-                seen = gr.State(None)           # what the timer last drew (redraw only on change)
-                timer = gr.Timer(1.0)
-
-            # ---- 3. Generate -----------------------------------------------------------------
-            with gr.Tab("3 · Generate", id="generate", elem_id="tab-generate") as generate_tab:
-                gr.Markdown("Make images with a trained subject. Use its token in the prompt, e.g. "
-                            "*a photo of sks dog on the beach*. Images are saved in the run folder.")
-                gen_run = gr.Dropdown(label="Trained subject", elem_id="db-gen-run",
-                                      info="Every finished run in the workspace.")
-                prompt = gr.Textbox(label="Prompt", lines=2, elem_id="db-prompt")
-                negative = gr.Textbox(label="Negative prompt (optional)", placeholder="blurry, low quality")
-                with gr.Row():
-                    n = gr.Slider(1, 8, value=2, step=1, label="Number of images")
-                    gen_steps = gr.Slider(1, 100, value=info.generate["steps"], step=1, label="Steps",
-                                          info="More steps: more detail, slower.")
-                    guidance = gr.Slider(0, 15, value=info.generate["guidance"], step=0.5, label="Guidance",
-                                         info="How closely to follow the prompt.")
-                with gr.Row():
-                    strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Strength",
-                                         info="0 = the base model, 1 = as trained.")
-                    gen_seed = gr.Number(label="Seed", value=0, precision=0)
-                    random_seed = gr.Checkbox(label="New random seed each time", value=True)
-                generate = gr.Button("Generate", variant="primary", elem_id="db-generate")
-                gen_note = gr.HTML()
-                gallery = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain",
-                                     fit_columns=False, elem_id="db-gallery")
-
-            # ---- 4. Export -------------------------------------------------------------------
-            with gr.Tab("4 · Export", id="export", elem_id="tab-export") as export_tab:
-                gr.Markdown("Download your subject for the tool you use. The report says which tools apply the "
-                            "file exactly as trained, which only approximately (and by how much), and which not.")
-                exp_run = gr.Dropdown(label="Trained subject", elem_id="db-exp-run")
-                exp_hint = gr.HTML()
-                fmt = gr.Radio(label="Format", choices=[(v[0], k) for k, v in h.EXPORT_FORMATS.items()],
-                               value="kohya", elem_id="db-format")
-                fmt_help = gr.Markdown(h.EXPORT_FORMATS["kohya"][1])
-                dtype = gr.Radio(label="Precision", choices=list(h.EXPORT_DTYPES.items()), value="fp32",
-                                 info="fp32 keeps the adapter exactly as trained; fp16 halves a merged model's size.")
-                export = gr.Button("Export", variant="primary", elem_id="db-export")
-                exp_report = gr.HTML(elem_id="db-exp-report")
-                download = gr.File(label="Download", interactive=False, elem_id="db-download")
-
-            # ---- 5. Analyze ------------------------------------------------------------------
-            with gr.Tab("5 · Analyze", id="analyze", elem_id="tab-analyze") as analyze_tab:
-                gr.Markdown(ANALYZE_TEXT)
-                with gr.Row():
-                    ana_run = gr.Dropdown(label="Trained subject", elem_id="db-ana-run")
-                    ana_more = gr.Dropdown(label="Compare with (optional)", multiselect=True,
-                                           info="e.g. a LoRA and a DoRA run of the same subject.")
-                ana_axis = gr.Radio(label="Norms taken", choices=list(h.AXES.items()), value="out")
-                analyze = gr.Button("Analyze", variant="primary", elem_id="db-analyze")
-                ana_plot = gr.Image(label="Magnitude vs direction change", type="filepath", interactive=False,
-                                    elem_id="db-ana-plot", height=420)
-                ana_text = gr.HTML(elem_id="db-ana-text")
-
-        # ================= wiring =============================================================
-        def subject_outputs(view: h.SubjectView):
-            names = [p.name for p in view.photos]
-            return (gr.update(choices=h.subject_names(ctx) or [view.name], value=view.name), view.token,
-                    view.class_noun, views.subject_summary_html(view), view.previews,
-                    gr.update(choices=names, value=None), _train_intro(view), view.instance_prompt)
-
-        def typed_kept(outputs):
-            """Token, class noun and prompt boxes are the user's: a reply must not overwrite newer typing."""
-            out = list(outputs)
-            out[1], out[2], out[7] = gr.skip(), gr.skip(), gr.skip()
-            return tuple(out)
-
-        subject_view = [subject, token, class_noun, subject_summary, crops, photo, train_intro, instance_prompt]
-
-        @shown
-        def on_load():
-            names = h.subject_names(ctx)
-            name = names[0] if names else "my-subject"
-            view = h.open_subject(ctx, name) if names else _empty_view(name)
-            runs_of = h.list_runs(ctx, view.name) if names else []
-            ref = runs_of[0][1] if runs_of else None
-            return (*subject_outputs(view), gr.update(choices=runs_of, value=ref), *_finished_runs(2),
-                    gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx)))
-
-        def _finished_runs(copies: int):
-            choices = h.list_runs(ctx, finished_only=True)
-            first = choices[0][1] if choices else None
-            return [gr.update(choices=choices, value=first)] * copies
-
-        demo.load(on_load, None, [*subject_view, run, gen_run, exp_run, preset])
-
-        @shown
-        def on_subject(name):
-            name = (name or "").strip()
-            if not name:
-                return (*subject_outputs(_empty_view("my-subject")), gr.update(choices=[], value=None))
-            from .workspace import sanitize_name
-            safe = sanitize_name(name, "subject name")
-            if safe not in h.subject_names(ctx):               # a new name: keep what is typed in the other boxes
-                return (*typed_kept(subject_outputs(_empty_view(safe))), gr.update(choices=[], value=None))
-            view = h.open_subject(ctx, safe)
-            runs_of = h.list_runs(ctx, view.name)
-            return (*subject_outputs(view), gr.update(choices=runs_of, value=runs_of[0][1] if runs_of else None))
-
-        subject.input(on_subject, subject, [*subject_view, run])
-        subject.select(on_subject, subject, [*subject_view, run])
-
-        @shown
-        def on_upload(name, files, token_, class_noun_):
-            view = h.upload_photos(ctx, name or "my-subject", files or [], token_, class_noun_)
-            return (*typed_kept(subject_outputs(view)), None)
-
-        upload.upload(on_upload, [subject, upload, token, class_noun], [*subject_view, upload])
-
-        @shown
-        def on_use_sample(name):
-            view = h.use_sample(ctx, name)
-            return (*subject_outputs(view), gr.update(choices=h.list_runs(ctx, view.name), value=None))
-
-        use_sample.click(on_use_sample, sample, [*subject_view, run])
-
-        @shown
-        def on_save(name, token_, class_noun_):
-            if not (name or "").strip():
-                raise UserError("give the subject a name first")
-            return typed_kept(subject_outputs(h.save_subject(ctx, name, token_, class_noun_)))
-
-        for box in (token, class_noun):
-            box.blur(on_save, [subject, token, class_noun], subject_view)
-            box.submit(on_save, [subject, token, class_noun], subject_view)
-
-        @shown
-        def on_remove(name, photo_name):
-            if not photo_name:
-                raise UserError("choose a photo to remove (click a crop, or pick it in the list)")
-            return typed_kept(subject_outputs(h.remove_photo(ctx, name, photo_name)))
-
-        remove.click(on_remove, [subject, photo], subject_view)
-
-        def on_crop_select(evt: gr.SelectData):
-            caption = (evt.value or {}).get("caption") or ""
-            return caption.removeprefix("⚠ ").split(":")[0]
-
-        crops.select(on_crop_select, None, photo)
-
-        # ---- train -----------------------------------------------------------------------------
-        @shown
-        def on_preset(name):
-            v = h.preset_values(ctx, name)
-            return v["steps"], v["rank"], v["lr"]
-
-        preset.change(on_preset, preset, [steps, rank, lr])
-
-        @shown
-        def on_start(name, token_, class_noun_, preset_, method_, use_, steps_, rank_, lr_, seed_, prior_,
-                     class_images_, text_encoders_, instance_prompt_):
-            if not (name or "").strip():
-                raise UserError("name the subject and upload photos on the Subject tab first")
-            h.save_subject(ctx, name, token_, class_noun_, instance_prompt_ or "")
-            settings = h.TrainSettings(preset=preset_, method=method_, use=use_, rank=_int(rank_, "rank"),
-                                       steps=_int(steps_, "steps"), lr=_float(lr_, "learning rate"),
-                                       prior_preservation=prior_, class_images=_int(class_images_, "class images"),
-                                       train_text_encoders=text_encoders_, seed=_int(seed_, "seed") or 0,
-                                       instance_prompt=instance_prompt_)
-            ref = h.start_training(ctx, name, settings)
-            runs_of = h.list_runs(ctx, h.run_status(ctx, ref).run.parent.parent.name)
-            return gr.update(choices=runs_of, value=ref), None
-
-        start.click(on_start, [subject, token, class_noun, preset, method, use, steps, rank, lr, seed, prior,
-                               class_images, text_encoders, instance_prompt], [run, seen])
-
-        @shown
-        def on_stop(ref):
-            gr.Info(h.stop_training(ctx, ref))
-
-        stop.click(on_stop, run, None)
-
-        @shown
-        def on_resume(ref):
-            gr.Info(h.resume_training(ctx, ref))
-            return None
-
-        resume.click(on_resume, run, seen)
-
-        def on_tick(ref, last):
-            """Redraw the selected run; parts that did not change are skipped (no flicker)."""
-            if not ref:
-                return (views.progress_html(None), "", gr.skip(), gr.skip(), gr.update(interactive=False),
-                        gr.update(interactive=False), last)
-            try:
-                status = h.run_status(ctx, ref)
-            except Exception as e:                     # a deleted run, a broken file: say so, keep ticking
-                return (views.progress_html(None).replace("No run selected.", escape(str(e))), "", gr.skip(),
-                        gr.skip(), gr.update(interactive=False), gr.update(interactive=False), last)
-            key = (ref, len(status.losses), tuple(len(p) for _, p in status.samples), status.state)
-            changed = key != last
-            return (views.progress_html(status), views.run_details_html(status),
-                    views.loss_svg(status.losses, status.total) if changed else gr.skip(),
-                    views.sample_gallery(status) if changed else gr.skip(),
-                    gr.update(interactive=status.active), gr.update(interactive=status.resumable), key)
-
-        tick_outputs = [progress, details, loss, previews, stop, resume, seen]
-        timer.tick(on_tick, [run, seen], tick_outputs, show_progress="hidden", queue=False)
-        run.change(on_tick, [run, seen], tick_outputs, show_progress="hidden")
-
-        # ---- generate --------------------------------------------------------------------------
-        @shown
-        def on_finished_runs():
-            return _finished_runs(1)[0]
-
-        @shown
-        def on_gen_run(ref):
-            return h.default_prompt(ctx, ref) if ref else ""
-
-        gen_run.change(on_gen_run, gen_run, prompt)
-
-        @shown
-        def on_generate(ref, prompt_, negative_, n_, steps_, guidance_, strength_, seed_, random_):
-            if not ref:
-                raise UserError("no trained subject yet: train one on the Train tab first")
-            result = h.generate_images(ctx, ref, prompt_, negative=negative_, n=int(n_), steps=int(steps_),
-                                       guidance=float(guidance_), seed=None if random_ else _int(seed_, "seed") or 0,
-                                       strength=float(strength_))
-            folder = result.images[0].parent if result.images else ""
-            note = (f'<div class="db-ok">{len(result.images)} image(s) with seed {result.seed}'
-                    f'{"–" + str(result.seed + len(result.images) - 1) if len(result.images) > 1 else ""}, saved in '
-                    f'<code>{escape(str(folder))}</code>.</div>')
-            return [(str(p), f"seed {result.seed + i}") for i, p in enumerate(result.images)], note, result.seed
-
-        generate.click(on_generate, [gen_run, prompt, negative, n, gen_steps, guidance, strength, gen_seed,
-                                     random_seed], [gallery, gen_note, gen_seed])
-
-        # ---- export ----------------------------------------------------------------------------
-        def on_format(f):
-            return h.EXPORT_FORMATS.get(f, ("", ""))[1], ("fp16" if f.startswith("merged") else "fp32")
-
-        fmt.change(on_format, fmt, [fmt_help, dtype])
-
-        @shown
-        def on_exp_run(ref):
-            if not ref:
-                return gr.skip(), ""
-            fmt_, hint = h.suggested_export(ctx, ref)
-            return fmt_, f'<div class="db-details">{escape(hint)}</div>'
-
-        exp_run.change(on_exp_run, exp_run, [fmt, exp_hint])
-
-        @shown
-        def on_export(ref, fmt_, dtype_):
-            if not ref:
-                raise UserError("no trained subject yet: train one on the Train tab first")
-            outcome = h.export_run(ctx, ref, fmt_, dtype_)
-            return views.export_report_html(outcome), str(outcome.path)
-
-        export.click(on_export, [exp_run, fmt, dtype], [exp_report, download])
-
-        @shown
-        def on_analyze_tab():
-            choices = h.list_runs(ctx, finished_only=True)
-            return (gr.update(choices=choices, value=choices[0][1] if choices else None),
-                    gr.update(choices=choices, value=[]))
-
-        analyze_tab.select(on_analyze_tab, None, [ana_run, ana_more])
-
-        @shown
-        def on_analyze(ref, more, axis):
-            if not ref:
-                raise UserError("no trained subject yet: train one on the Train tab first")
-            outcome = h.analyze_runs(ctx, [ref, *(more or [])], axis)
-            return str(outcome.plot), views.analysis_html(outcome)
-
-        analyze.click(on_analyze, [ana_run, ana_more, ana_axis], [ana_plot, ana_text])
-        generate_tab.select(on_finished_runs, None, gen_run)
-        export_tab.select(on_finished_runs, None, exp_run)
+                _train_tab(ctx, c)
+            with gr.Tab("3 · Generate", id="generate", elem_id="tab-generate") as c.generate_tab:
+                _generate_tab(ctx, c)
+            with gr.Tab("4 · Export", id="export", elem_id="tab-export") as c.export_tab:
+                _export_tab(ctx, c)
+            with gr.Tab("5 · Analyze", id="analyze", elem_id="tab-analyze") as c.analyze_tab:
+                _analyze_tab(ctx, c)
+        _wire_subject(ctx, c, demo)
+        _wire_train(ctx, c)
+        _wire_results(ctx, c)
     return demo
+
+
+# ---- layout ------------------------------------------------------------------------------------
+def _subject_tab(ctx: h.Context, c) -> None:
+    gr.Markdown(SUBJECT_INTRO)
+    with gr.Row():
+        c.subject = gr.Dropdown(label="Subject name", allow_custom_value=True, scale=2, elem_id="db-subject",
+                                info="Pick one you made before, or type a new name.")
+        c.token = gr.Textbox(label="Token", value="sks", scale=1, elem_id="db-token",
+                             info="A rare made-up word for your subject.")
+        c.class_noun = gr.Textbox(label="Class noun", scale=1, placeholder="dog", elem_id="db-class-noun",
+                                  info="What it is: dog, person, mug, …")
+    samples = h.sample_subjects(ctx)
+    with gr.Row(visible=bool(samples), elem_id="db-samples"):
+        c.sample = gr.Dropdown(label="No photos at hand? Try a sample subject", choices=samples,
+                               value=samples[0] if samples else None, scale=3,
+                               info="Toy-world subjects the embedded model has never seen.")
+        c.use_sample = gr.Button("Use this sample", scale=1, elem_id="db-use-sample")
+    c.upload = gr.File(label="Drop photos here (many at once)", file_count="multiple",
+                       file_types=[".jpg", ".jpeg", ".png", ".webp"], elem_id="db-upload", height=140)
+    c.subject_summary = gr.HTML(elem_id="db-subject-summary")
+    c.crops = gr.Gallery(label="Prepared crops: what the trainer will see", columns=6, object_fit="contain",
+                         allow_preview=False, fit_columns=False, elem_id="db-crops")
+    with gr.Row():
+        c.photo = gr.Dropdown(label="Photo to remove", info="Or click a crop above.", scale=3, elem_id="db-photo")
+        c.remove = gr.Button("Remove photo", scale=1, variant="secondary", elem_id="db-remove")
+
+
+def _train_tab(ctx: h.Context, c) -> None:
+    preset = h.preset_values(ctx, "balanced")
+    c.train_intro = gr.HTML(elem_id="db-train-intro")
+    c.preset = gr.Radio(label="Preset", choices=h.preset_choices(ctx), value="balanced", info=_preset_info(ctx))
+    with gr.Row():
+        c.method = gr.Radio(label="Method", choices=list(h.METHODS), value="DoRA (recommended)",
+                            info="DoRA learns each weight's size and direction separately and usually beats LoRA "
+                                 "at the same size. DoRA† uses half the rank: a smaller file.")
+        c.use = gr.Radio(label="Where will you use the adapter?", choices=list(h.USES), value="diffusers / Python")
+    gr.Markdown(USE_HELP)
+    with gr.Accordion("Advanced settings", open=False, elem_id="db-advanced"):
+        with gr.Row():
+            c.steps = gr.Number(label="Steps", value=preset["steps"], precision=0, minimum=1, elem_id="db-steps")
+            c.rank = gr.Number(label="Rank", value=preset["rank"], precision=0, minimum=1,
+                               info="Adapter size: higher learns more detail, bigger file.")
+            c.lr = gr.Number(label="Learning rate", value=preset["lr"])
+            c.seed = gr.Number(label="Seed", value=0, precision=0)
+        with gr.Row():
+            c.prior = gr.Checkbox(label="Prior preservation", value=True, elem_id="db-prior",
+                                  info="Also trains on images the base model draws of the class, so 'a dog' does "
+                                       "not turn into your dog.")
+            c.class_images = gr.Number(label="Class images", value=preset["class_images"], precision=0, minimum=1)
+            c.text_encoders = gr.Checkbox(label="Train the text encoders too", value=False,
+                                          info="Can capture a likeness faster; more likely to overfit.")
+        c.instance_prompt = gr.Textbox(label="Training prompt", placeholder="(empty: a photo of <token> <class noun>)",
+                                       info="What each photo is captioned with while training; it must contain "
+                                            "the token.")
+    with gr.Row():
+        c.start = gr.Button("Start training", variant="primary", elem_id="db-start")
+        c.stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="db-stop")
+        c.resume = gr.Button("Resume", interactive=False, elem_id="db-resume")
+    c.run = gr.Dropdown(label="Run", info="Every run of this subject; training continues if you close the page.",
+                        elem_id="db-run")
+    c.progress = gr.HTML(views.progress_html(None), elem_id="db-progress")
+    c.details = gr.HTML()
+    with gr.Row(equal_height=False):
+        c.loss = gr.HTML(views.loss_svg([]), elem_id="db-loss")
+        c.previews = gr.Gallery(label="Preview images during training", columns=4, height=260, object_fit="contain",
+                                fit_columns=False, elem_id="db-previews")
+    c.seen = gr.State(None)                     # what the timer last drew (redraw only on change)
+    c.timer = gr.Timer(1.0)
+
+
+def _generate_tab(ctx: h.Context, c) -> None:
+    gr.Markdown("Make images with a trained subject. Use its token in the prompt, e.g. *a photo of sks dog on the "
+                "beach*. Images are saved in the run folder.")
+    c.gen_run = gr.Dropdown(label="Trained subject", elem_id="db-gen-run", info="Every finished run in the workspace.")
+    c.prompt = gr.Textbox(label="Prompt", lines=2, elem_id="db-prompt")
+    c.negative = gr.Textbox(label="Negative prompt (optional)", placeholder="blurry, low quality")
+    with gr.Row():
+        c.n = gr.Slider(1, 8, value=2, step=1, label="Number of images")
+        c.gen_steps = gr.Slider(1, 100, value=ctx.info.generate["steps"], step=1, label="Steps",
+                                info="More steps: more detail, slower.")
+        c.guidance = gr.Slider(0, 15, value=ctx.info.generate["guidance"], step=0.5, label="Guidance",
+                               info="How closely to follow the prompt.")
+    with gr.Row():
+        c.strength = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Strength",
+                               info="0 = the base model, 1 = as trained.")
+        c.gen_seed = gr.Number(label="Seed", value=0, precision=0)
+        c.random_seed = gr.Checkbox(label="New random seed each time", value=True)
+    c.generate = gr.Button("Generate", variant="primary", elem_id="db-generate")
+    c.gen_note = gr.HTML()
+    c.gallery = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain", fit_columns=False,
+                           elem_id="db-gallery")
+
+
+def _export_tab(ctx: h.Context, c) -> None:
+    gr.Markdown("Download your subject for the tool you use. The report says which tools apply the file exactly as "
+                "trained, which only approximately (and by how much), and which not.")
+    c.exp_run = gr.Dropdown(label="Trained subject", elem_id="db-exp-run")
+    c.exp_hint = gr.HTML()
+    c.fmt = gr.Radio(label="Format", choices=[(v[0], k) for k, v in h.EXPORT_FORMATS.items()], value="kohya",
+                     elem_id="db-format")
+    c.fmt_help = gr.Markdown(h.EXPORT_FORMATS["kohya"][1])
+    c.dtype = gr.Radio(label="Precision", choices=list(h.EXPORT_DTYPES.items()), value="fp32",
+                       info="fp32 keeps the adapter exactly as trained; fp16 halves a merged model's size.")
+    c.export = gr.Button("Export", variant="primary", elem_id="db-export")
+    c.exp_report = gr.HTML(elem_id="db-exp-report")
+    c.download = gr.File(label="Download", interactive=False, elem_id="db-download")
+
+
+def _analyze_tab(ctx: h.Context, c) -> None:
+    gr.Markdown(ANALYZE_TEXT)
+    with gr.Row():
+        c.ana_run = gr.Dropdown(label="Trained subject", elem_id="db-ana-run")
+        c.ana_more = gr.Dropdown(label="Compare with (optional)", multiselect=True,
+                                 info="e.g. a LoRA and a DoRA run of the same subject.")
+    c.ana_axis = gr.Radio(label="Norms taken", choices=list(h.AXES.items()), value="out")
+    c.analyze = gr.Button("Analyze", variant="primary", elem_id="db-analyze")
+    c.ana_plot = gr.Image(label="Magnitude vs direction change", type="filepath", interactive=False,
+                          elem_id="db-ana-plot", height=420)
+    c.ana_text = gr.HTML(elem_id="db-ana-text")
+
+
+# ---- wiring ------------------------------------------------------------------------------------
+def _finished_runs(ctx: h.Context, value=True):
+    choices = h.list_runs(ctx, finished_only=True)
+    return gr.update(choices=choices, value=(choices[0][1] if choices else None) if value else [])
+
+
+def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
+    outputs = [c.subject, c.token, c.class_noun, c.subject_summary, c.crops, c.photo, c.train_intro,
+               c.instance_prompt]
+
+    def show(view: h.SubjectView, *, keep_typing: bool = False):
+        """Values for ``outputs``. Token, class noun and prompt boxes are the user's: a reply to
+        an upload or a save leaves them alone, so it cannot overwrite newer typing."""
+        kept = gr.skip() if keep_typing else None
+        return (gr.update(choices=h.subject_names(ctx) or [view.name], value=view.name),
+                kept or view.token, kept or view.class_noun, views.subject_summary_html(view), view.previews,
+                gr.update(choices=[p.name for p in view.photos], value=None), _train_intro(view),
+                kept or view.instance_prompt)
+
+    def runs_of(name: str, select: bool = True):
+        choices = h.list_runs(ctx, name) if name in h.subject_names(ctx) else []
+        return gr.update(choices=choices, value=choices[0][1] if choices and select else None)
+
+    @shown
+    def on_load():
+        names = h.subject_names(ctx)
+        view = h.open_subject(ctx, names[0]) if names else _empty_view("my-subject")
+        return (*show(view), runs_of(view.name), _finished_runs(ctx), _finished_runs(ctx),
+                gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx)))
+
+    demo.load(on_load, None, [*outputs, c.run, c.gen_run, c.exp_run, c.preset])
+
+    @shown
+    def on_subject(name):
+        safe = sanitize_name(name, "subject name") if (name or "").strip() else "my-subject"
+        if safe not in h.subject_names(ctx):           # a new name: keep what is typed in the other boxes
+            return (*show(_empty_view(safe), keep_typing=True), runs_of(safe))
+        return (*show(h.open_subject(ctx, safe)), runs_of(safe))
+
+    c.subject.input(on_subject, c.subject, [*outputs, c.run])
+    c.subject.select(on_subject, c.subject, [*outputs, c.run])
+
+    @shown
+    def on_upload(name, files, token, class_noun):
+        return (*show(h.upload_photos(ctx, name or "my-subject", files or [], token, class_noun),
+                      keep_typing=True), None)
+
+    c.upload.upload(on_upload, [c.subject, c.upload, c.token, c.class_noun], [*outputs, c.upload])
+
+    @shown
+    def on_use_sample(name):
+        view = h.use_sample(ctx, name)
+        return (*show(view), runs_of(view.name, select=False))
+
+    c.use_sample.click(on_use_sample, c.sample, [*outputs, c.run])
+
+    @shown
+    def on_save(name, token, class_noun):
+        if not (name or "").strip():
+            raise UserError("give the subject a name first")
+        return show(h.save_subject(ctx, name, token, class_noun), keep_typing=True)
+
+    for box in (c.token, c.class_noun):
+        box.blur(on_save, [c.subject, c.token, c.class_noun], outputs)
+        box.submit(on_save, [c.subject, c.token, c.class_noun], outputs)
+
+    @shown
+    def on_remove(name, photo):
+        if not photo:
+            raise UserError("choose a photo to remove (click a crop, or pick it in the list)")
+        return show(h.remove_photo(ctx, name, photo), keep_typing=True)
+
+    c.remove.click(on_remove, [c.subject, c.photo], outputs)
+
+    def on_crop_select(evt: gr.SelectData):
+        caption = (evt.value or {}).get("caption") or ""
+        return caption.removeprefix("⚠ ").split(":")[0]
+
+    c.crops.select(on_crop_select, None, c.photo)
+
+
+def _wire_train(ctx: h.Context, c) -> None:
+    @shown
+    def on_preset(name):
+        v = h.preset_values(ctx, name)
+        return v["steps"], v["rank"], v["lr"]
+
+    c.preset.change(on_preset, c.preset, [c.steps, c.rank, c.lr])
+
+    @shown
+    def on_start(name, token, class_noun, preset, method, use, steps, rank, lr, seed, prior, class_images,
+                 text_encoders, instance_prompt):
+        if not (name or "").strip():
+            raise UserError("name the subject and upload photos on the Subject tab first")
+        subject = h.save_subject(ctx, name, token, class_noun, instance_prompt or "")
+        settings = h.TrainSettings(preset=preset, method=method, use=use, rank=_int(rank, "rank"),
+                                   steps=_int(steps, "steps"), lr=_float(lr, "learning rate"),
+                                   prior_preservation=prior, class_images=_int(class_images, "class images"),
+                                   train_text_encoders=text_encoders, seed=_int(seed, "seed") or 0,
+                                   instance_prompt=instance_prompt)
+        ref = h.start_training(ctx, subject.name, settings)
+        return gr.update(choices=h.list_runs(ctx, subject.name), value=ref), None
+
+    c.start.click(on_start, [c.subject, c.token, c.class_noun, c.preset, c.method, c.use, c.steps, c.rank, c.lr,
+                             c.seed, c.prior, c.class_images, c.text_encoders, c.instance_prompt], [c.run, c.seen])
+
+    @shown
+    def on_stop(ref):
+        gr.Info(h.stop_training(ctx, ref))
+
+    c.stop.click(on_stop, c.run, None)
+
+    @shown
+    def on_resume(ref):
+        gr.Info(h.resume_training(ctx, ref))
+        return None
+
+    c.resume.click(on_resume, c.run, c.seen)
+
+    def on_tick(ref, last):
+        """Redraw the selected run from its folder; parts that did not change are skipped (no flicker)."""
+        idle = (gr.update(interactive=False), gr.update(interactive=False), last)
+        if not ref:
+            return (views.progress_html(None), "", gr.skip(), gr.skip(), *idle)
+        try:
+            status = h.run_status(ctx, ref)
+        except Exception as e:                         # a deleted run, a broken file: say so, keep ticking
+            return (views.progress_html(None).replace("No run selected.", escape(str(e))), "", gr.skip(),
+                    gr.skip(), *idle)
+        key = (ref, len(status.losses), tuple(len(p) for _, p in status.samples), status.state)
+        changed = key != last
+        return (views.progress_html(status), views.run_details_html(status),
+                views.loss_svg(status.losses, status.total) if changed else gr.skip(),
+                views.sample_gallery(status) if changed else gr.skip(),
+                gr.update(interactive=status.active), gr.update(interactive=status.resumable), key)
+
+    tick_outputs = [c.progress, c.details, c.loss, c.previews, c.stop, c.resume, c.seen]
+    c.timer.tick(on_tick, [c.run, c.seen], tick_outputs, show_progress="hidden", queue=False)
+    c.run.change(on_tick, [c.run, c.seen], tick_outputs, show_progress="hidden")
+
+
+def _wire_results(ctx: h.Context, c) -> None:
+    """Generate, Export and Analyze: each lists the finished runs when its tab is opened."""
+    finished = shown(lambda: _finished_runs(ctx))
+    c.generate_tab.select(finished, None, c.gen_run)
+    c.export_tab.select(finished, None, c.exp_run)
+    c.analyze_tab.select(shown(lambda: (_finished_runs(ctx), _finished_runs(ctx, value=False))), None,
+                         [c.ana_run, c.ana_more])
+
+    c.gen_run.change(shown(lambda ref: h.default_prompt(ctx, ref) if ref else ""), c.gen_run, c.prompt)
+
+    @shown
+    def on_generate(ref, prompt, negative, n, steps, guidance, strength, seed, random_seed):
+        if not ref:
+            raise UserError("no trained subject yet: train one on the Train tab first")
+        result = h.generate_images(ctx, ref, prompt, negative=negative, n=int(n), steps=int(steps),
+                                   guidance=float(guidance), seed=None if random_seed else _int(seed, "seed") or 0,
+                                   strength=float(strength))
+        last = result.seed + len(result.images) - 1
+        note = (f'<div class="db-ok">{len(result.images)} image(s), seed {result.seed}'
+                f'{f"–{last}" if last > result.seed else ""}, saved in '
+                f'<code>{escape(str(result.images[0].parent))}</code>.</div>')
+        return [(str(p), f"seed {result.seed + i}") for i, p in enumerate(result.images)], note, result.seed
+
+    c.generate.click(on_generate, [c.gen_run, c.prompt, c.negative, c.n, c.gen_steps, c.guidance, c.strength,
+                                   c.gen_seed, c.random_seed], [c.gallery, c.gen_note, c.gen_seed])
+
+    def on_format(fmt):
+        return h.EXPORT_FORMATS.get(fmt, ("", ""))[1], ("fp16" if fmt.startswith("merged") else "fp32")
+
+    c.fmt.change(on_format, c.fmt, [c.fmt_help, c.dtype])
+
+    @shown
+    def on_exp_run(ref):
+        if not ref:
+            return gr.skip(), ""
+        fmt, hint = h.suggested_export(ctx, ref)
+        return fmt, f'<div class="db-details">{escape(hint)}</div>'
+
+    c.exp_run.change(on_exp_run, c.exp_run, [c.fmt, c.exp_hint])
+
+    @shown
+    def on_export(ref, fmt, dtype):
+        if not ref:
+            raise UserError("no trained subject yet: train one on the Train tab first")
+        outcome = h.export_run(ctx, ref, fmt, dtype)
+        return views.export_report_html(outcome), str(outcome.path)
+
+    c.export.click(on_export, [c.exp_run, c.fmt, c.dtype], [c.exp_report, c.download])
+
+    @shown
+    def on_analyze(ref, more, axis):
+        if not ref:
+            raise UserError("no trained subject yet: train one on the Train tab first")
+        outcome = h.analyze_runs(ctx, [ref, *(more or [])], axis)
+        return str(outcome.plot), views.analysis_html(outcome)
+
+    c.analyze.click(on_analyze, [c.ana_run, c.ana_more, c.ana_axis], [c.ana_plot, c.ana_text])
 
 
 def _preset_info(ctx: h.Context) -> str:
