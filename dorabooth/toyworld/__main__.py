@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 
-def load(model: str):
+def load(model: str, rescale_unseen: bool = True):
     from diffusers import StableDiffusionXLPipeline
 
     from .recipe import pipeline_from_checkpoint
 
     if (Path(model) / "model_index.json").exists():
         return StableDiffusionXLPipeline.from_pretrained(model)
-    return pipeline_from_checkpoint(model)
+    return pipeline_from_checkpoint(model, rescale_unseen)
 
 
 def main(argv=None):
@@ -47,6 +47,10 @@ def main(argv=None):
     c.add_argument("--steps", type=int, default=400)
     c.add_argument("--lr", type=float, default=3e-4)
     c.add_argument("--samples", type=int, default=32)
+    c.add_argument("--token-lr", type=float, default=None,
+                   help="also train the identifier's embedding row at this lr")
+    c.add_argument("--no-rescale", action="store_true",
+                   help="(build folders) keep unseen tokens' tiny random embeddings")
     c.add_argument("--seed", type=int, default=0)
     k = sub.add_parser("package", help="copy a finished build to DEST, score it, draw samples")
     k.add_argument("--build", required=True)
@@ -76,8 +80,9 @@ def main(argv=None):
     elif args.command == "check":
         from .dreambooth_check import check
 
-        show(check(load(args.model), args.subject, steps=args.steps, lr=args.lr,
-                   n_samples=args.samples, seed=args.seed, on_event=show))
+        show(check(load(args.model, not args.no_rescale), args.subject, steps=args.steps,
+                   lr=args.lr, n_samples=args.samples, seed=args.seed, token_lr=args.token_lr,
+                   on_event=show))
     elif args.command == "package":
         from .card import package
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import models, reader
-from .recipe import TIME_IDS, diffusion_inputs, min_snr_weight
+from .recipe import TIME_IDS, diffusion_inputs, encode_prompts, min_snr_weight
 from .scoring import generate
 
 
@@ -58,9 +58,24 @@ def embed(pipe, prompt: str, n: int):
     return ctx.expand(n, -1, -1), pooled.expand(n, -1)
 
 
+def train_token_rows(pipe, token: str) -> list:
+    """Make only `token`'s embedding row trainable in both text encoders."""
+    token_id = pipe.tokenizer.convert_tokens_to_ids(token + "</w>")
+    rows = []
+    for te in (pipe.text_encoder, pipe.text_encoder_2):
+        te.requires_grad_(False)
+        weight = te.get_input_embeddings().weight
+        weight.requires_grad_(True)
+        mask = torch.zeros_like(weight)
+        mask[token_id] = 1
+        weight.register_hook(lambda grad, mask=mask: grad * mask)
+        rows.append(weight)
+    return rows
+
+
 def check(pipe, subject_dir, steps: int = 400, lr: float = 3e-4, rank: int = 8,
           n_class: int = 32, batch: int = 4, n_samples: int = 32, seed: int = 0,
-          prior_weight: float = 1.0, on_event=None) -> dict:
+          prior_weight: float = 1.0, token_lr: float | None = None, on_event=None) -> dict:
     from peft import LoraConfig
 
     subject_dir = Path(subject_dir)
@@ -69,9 +84,11 @@ def check(pipe, subject_dir, steps: int = 400, lr: float = 3e-4, rank: int = 8,
     before = rates(pipe, info, n_samples, seed, described=True)
     inst = encode_images(pipe, [Image.open(subject_dir / f) for f in info["images"]])
     cls = encode_images(pipe, generate(pipe, [info["class_prompt"]] * n_class, seed + 99))
-    inst_ctx, inst_pooled = embed(pipe, info["instance_prompt"], batch)
     cls_ctx, cls_pooled = embed(pipe, info["class_prompt"], batch)
-    ctx, pooled = torch.cat([inst_ctx, cls_ctx]), torch.cat([inst_pooled, cls_pooled])
+    inst_ids = pipe.tokenizer(info["instance_prompt"], padding="max_length", truncation=True,
+                              max_length=pipe.tokenizer.model_max_length,
+                              return_tensors="pt").input_ids
+    token_params = train_token_rows(pipe, info["token"]) if token_lr else []
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(2 * batch, 1)
 
     unet = pipe.unet
@@ -79,7 +96,10 @@ def check(pipe, subject_dir, steps: int = 400, lr: float = 3e-4, rank: int = 8,
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, use_dora=True, init_lora_weights="gaussian",
                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr, weight_decay=1e-2)
+    groups = [{"params": params}]
+    if token_params:  # the identifier's embedding row, in both text encoders
+        groups.append({"params": token_params, "lr": token_lr, "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups, lr, weight_decay=1e-2)
     alphas_cumprod = models.make_scheduler().alphas_cumprod
     g = torch.Generator().manual_seed(seed)
     start = time.time()
@@ -87,6 +107,10 @@ def check(pipe, subject_dir, steps: int = 400, lr: float = 3e-4, rank: int = 8,
     for step in range(steps):
         z = torch.cat([inst[torch.randint(len(inst), (batch,), generator=g)],
                        cls[torch.randint(len(cls), (batch,), generator=g)]])
+        with torch.set_grad_enabled(bool(token_params)):
+            inst_ctx, inst_pooled = encode_prompts(pipe.text_encoder, pipe.text_encoder_2, inst_ids)
+        ctx = torch.cat([inst_ctx.expand(batch, -1, -1), cls_ctx])
+        pooled = torch.cat([inst_pooled.expand(batch, -1), cls_pooled])
         noisy, t, v, a_t = diffusion_inputs(z, alphas_cumprod, g)
         pred = unet(noisy, t, ctx, added_cond_kwargs={"text_embeds": pooled,
                                                       "time_ids": time_ids}).sample
@@ -101,5 +125,5 @@ def check(pipe, subject_dir, steps: int = 400, lr: float = 3e-4, rank: int = 8,
     unet.eval()
     train_s = time.time() - start
     after = rates(pipe, info, n_samples, seed + 1000)
-    return {"subject": info["name"], "steps": steps, "lr": lr, "rank": rank,
+    return {"subject": info["name"], "steps": steps, "lr": lr, "rank": rank, "token_lr": token_lr,
             "train_s": round(train_s, 1), "before": before, "after": after}
