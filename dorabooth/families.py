@@ -77,11 +77,15 @@ def check_family(expected: str, actual: Family, *, source: str) -> None:
 # family and native size. "toy" is any model whose native resolution is at most 128 px
 # (the embedded toy SDXL and the tiny test models).
 TRAIN_PRESETS: dict[str, dict] = {
-    #        resolution: None = the model's native size
-    "toy":  dict(resolution=None, steps=400, lr=1e-3, rank=8, num_class_images=40, class_image_steps=20),
-    "sd1":  dict(resolution=512, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30),
-    "sd2":  dict(resolution=None, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30),
-    "sdxl": dict(resolution=1024, steps=1000, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30),
+    #        resolution None = the model's native size
+    "toy":  dict(resolution=None, steps=600, lr=1e-3, rank=8, num_class_images=40, class_image_steps=20,
+                 train_text_encoders=True),
+    "sd1":  dict(resolution=512, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
+                 train_text_encoders=False),
+    "sd2":  dict(resolution=None, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
+                 train_text_encoders=False),
+    "sdxl": dict(resolution=1024, steps=1000, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
+                 train_text_encoders=False),
 }
 GENERATE_PRESETS: dict[str, dict] = {
     "toy":  dict(steps=20, guidance=5.0),

@@ -30,11 +30,16 @@ def test_defaults_and_derived_values():
     c = TrainConfig(**BASE)
     assert c.method == "dora" and c.token == "sks" and c.prior_preservation
     assert c.resolved_instance_prompt == "a photo of sks dog" and c.resolved_class_prompt == "a photo of dog"
-    r = c.with_defaults(dict(rank=16, resolution=512, steps=100, lr=1e-4, num_class_images=50, class_image_steps=30))
+    r = c.with_defaults(dict(rank=16, resolution=512, steps=100, lr=1e-4, num_class_images=50, class_image_steps=30,
+                             train_text_encoders=True))
     assert (r.rank, r.alpha, r.text_encoder_lr, r.checkpoint_every) == (16, 16.0, 1e-4, 25)
-    assert r.validation_prompts == ("a photo of sks dog",)
+    assert r.validation_prompts == ("a photo of sks dog",) and r.train_text_encoders is True
+    full = TrainConfig(**BASE, method="full").with_defaults(
+        dict(rank=16, resolution=512, steps=100, lr=1e-4, num_class_images=5, class_image_steps=5,
+             train_text_encoders=True))
+    assert full.train_text_encoders is False                   # the full method trains the UNet only
     half = TrainConfig(**BASE, rank=16, half_rank=True).with_defaults(
-        dict(resolution=512, steps=10, lr=1e-4, num_class_images=5, class_image_steps=5))
+        dict(resolution=512, steps=10, lr=1e-4, num_class_images=5, class_image_steps=5, train_text_encoders=False))
     assert (half.effective_rank, half.alpha) == (8, 8.0)       # DoRA†: half the rank, scale 1
     with pytest.raises(ValueError, match="no default for"):
         c.with_defaults({})

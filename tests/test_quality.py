@@ -5,8 +5,8 @@ strength 1 (the adapter) and 0 (exactly the base model) for the same prompts and
 
 - subject prompts ("a photo of sks square …"): the toy world's reader must see the subject
   (shape, split pattern, both colours) measurably more often with the adapter than without;
-- class prompts ("a photo of a square …"): the adapter's images must read like the base
-  model's at the same seed (prior preservation) and rarely turn into the subject;
+- class prompts ("a photo of a square …"): the adapter's images must keep the base model's
+  shape and background at the same seed (prior preservation) and rarely turn into the subject;
 - the whole default run, class images included, must take at most 5 minutes on the 2-core CPU.
 
 It takes a few minutes, so it runs only with ``DORABOOTH_QUALITY=1`` (and the toy model in
@@ -79,22 +79,23 @@ def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
                      "--out", str(run), "--model", str(MODEL), "--quiet"]) == 0
     train_s = time.monotonic() - start
 
-    def attributes(image):
+    def looks(image):
         r = read(image)
-        return (r["shape"], r["pattern"], r["colours"], r["background"])
+        return r["shape"], r["background"]
 
     result = {"train_s": round(train_s, 1), "seeds": SEEDS, "subject": info["name"]}
     for kind, texts in prompts(token, noun).items():
-        base_hits = adapter_hits = same = total = 0
+        counts = defaultdict(int)
         for i, text in enumerate(texts):
             for base, adapted in generate_pairs(run, text, tmp_path / f"{kind}-{i}"):
-                base_hits += is_subject(base, combo)
-                adapter_hits += is_subject(adapted, combo)
-                same += attributes(base) == attributes(adapted)
-                total += 1
-        result[kind] = {"base_subject_rate": round(base_hits / total, 3),
-                        "adapter_subject_rate": round(adapter_hits / total, 3),
-                        "same_as_base": round(same / total, 3), "images": total}
+                counts["base_subject"] += is_subject(base, combo)
+                counts["adapter_subject"] += is_subject(adapted, combo)
+                counts["base_shape"] += read(base)["shape"] == noun
+                counts["adapter_shape"] += read(adapted)["shape"] == noun
+                counts["same_as_base"] += looks(base) == looks(adapted)     # same shape and background
+                counts["images"] += 1
+        n = counts.pop("images")
+        result[kind] = {**{f"{k}_rate": round(v / n, 3) for k, v in counts.items()}, "images": n}
     result["wall_s"] = round(time.monotonic() - start, 1)
     (run / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     with capsys.disabled():
@@ -104,4 +105,5 @@ def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
     assert train_s <= BUDGET_S, f"default run took {train_s:.0f} s (> {BUDGET_S} s)"
     assert subject["adapter_subject_rate"] >= subject["base_subject_rate"] + 0.25, result
     assert klass["adapter_subject_rate"] <= klass["base_subject_rate"] + 0.25, result   # little leak
-    assert klass["same_as_base"] >= 0.5, result                                          # prior kept
+    assert klass["adapter_shape_rate"] >= klass["base_shape_rate"] - 0.2, result        # still the class
+    assert klass["same_as_base_rate"] >= 0.5, result                                     # prior kept

@@ -50,5 +50,5 @@ def make_subject(folder: Path, n: int = 3, seed: int = 0) -> Path:
 def quick(**overrides) -> dict:
     """TrainConfig keyword arguments for a 2-step run (model/images/out must be added)."""
     return {"class_noun": "dog", "steps": 2, "rank": 4, "lr": 1e-3, "num_class_images": 2,
-            "class_image_steps": 2, "sample_every": 0, "validation_prompts": ["a photo of sks dog"],
+            "class_image_steps": 2, "sample_every": 0, "train_text_encoders": False, "validation_prompts": ["a photo of sks dog"],
             **overrides}
