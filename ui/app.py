@@ -167,7 +167,7 @@ def _train_tab(ctx: h.Context, c) -> None:
                                   info="Also trains on images the base model draws of the class, so 'a dog' does "
                                        "not turn into your dog.")
             c.class_images = gr.Number(label="Class images", value=preset["class_images"], precision=0, minimum=1)
-            c.text_encoders = gr.Checkbox(label="Train the text encoders too", value=False,
+            c.text_encoders = gr.Checkbox(label="Train the text encoders too", value=preset["train_text_encoders"],
                                           info="Can capture a likeness faster; more likely to overfit.")
         c.instance_prompt = gr.Textbox(label="Training prompt", placeholder="(empty: a photo of <token> <class noun>)",
                                        info="What each photo is captioned with while training; it must contain "

@@ -81,7 +81,7 @@ def describe_model(model: str | None, model_config: str | None = None) -> ModelI
     gen = generate_defaults(family, pipe)
     return ModelInfo("toy" if model in (None, "toy", "toy-sdxl") else str(model), family.name,
                      int(defaults["resolution"]),
-                     {k: defaults[k] for k in ("steps", "lr", "rank", "num_class_images")},
+                     {k: defaults.get(k) for k in ("steps", "lr", "rank", "num_class_images", "train_text_encoders")},
                      {"steps": gen["steps"], "guidance": gen["guidance"]}, _device_name())
 
 
@@ -284,7 +284,7 @@ class TrainSettings:
     lr: float | None = None
     prior_preservation: bool = True
     class_images: int | None = None
-    train_text_encoders: bool = False
+    train_text_encoders: bool | None = None    # None: the family default
     seed: int = 0
     instance_prompt: str | None = None     # default "a photo of <token> <class noun>"
 
@@ -295,7 +295,7 @@ def preset_values(ctx: Context, preset: str) -> dict:
         raise UserError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
     p, d = PRESETS[preset], ctx.info.defaults
     return {"steps": max(1, round(d["steps"] * p["steps"])), "rank": int(d["rank"] * p["rank"]), "lr": d["lr"],
-            "class_images": d["num_class_images"]}
+            "class_images": d["num_class_images"], "train_text_encoders": bool(d.get("train_text_encoders"))}
 
 
 def measured_speed(ctx: Context) -> float | None:
@@ -360,7 +360,8 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
         prior_preservation=bool(settings.prior_preservation),
         class_images=str(ctx.workspace.class_images(subject.name, subject.class_noun, ctx.info.id)),
         num_class_images=int(settings.class_images or preset["class_images"]),
-        train_text_encoders=bool(settings.train_text_encoders), seed=int(settings.seed),
+        train_text_encoders=(preset["train_text_encoders"] if settings.train_text_encoders is None
+                             else bool(settings.train_text_encoders)), seed=int(settings.seed),
         sample_every=max(1, steps // 4))
 
 

@@ -260,10 +260,11 @@ def test_a_sample_subject_is_copied_into_the_workspace(tmp_path, tiny_model):
 def test_presets_give_real_step_counts(fake):
     ctx, _ = fake
     assert ctx.info.family == "sdxl" and ctx.info.resolution == 32
+    steps = ctx.info.defaults["steps"]                             # the trainer's own default for this model
     values = {p: h.preset_values(ctx, p)["steps"] for p in h.PRESETS}
-    assert values == {"quick": 200, "balanced": 400, "best quality": 600}
+    assert values == {"quick": round(steps / 2), "balanced": steps, "best quality": round(steps * 1.5)}
     labels = [label for label, _ in h.preset_choices(ctx)]
-    assert labels[0] == "Quick — 200 steps"                        # no time until one run was measured
+    assert labels[0] == f"Quick — {round(steps / 2)} steps"        # no time until one run was measured
 
 
 # ---- a real run on the tiny model: train, generate, export, analyse -------------------------
@@ -311,7 +312,8 @@ def test_export_writes_a_download_with_a_report(trained, fmt, name):
     assert outcome.path.name == name and outcome.path.stat().st_size > 0
     assert ctx.workspace.run(ref) in outcome.path.parents
     if fmt == "diffusers-lora":
-        assert {v["consumer"]: v["status"] for v in outcome.report}["diffusers"] == "exact"
+        verdict = {v["consumer"]: v for v in outcome.report}["diffusers"]
+        assert verdict["applied"] == verdict["total"] > 0 and verdict["status"] in ("exact", "approximate")
     html = views.export_report_html(outcome)
     assert name in html and ("Tool" in html or "every tool" in html)
 
