@@ -52,7 +52,7 @@ def copy_pipeline(src, dst):
 
 
 def package(build_dir, dest, n_eval: int = 200, seed: int = 1234, on_event=None) -> dict:
-    """Copy `build_dir/pipeline` to `dest`, score it, time it, draw its samples grid.
+    """Save a build's final EMA checkpoint as a pipeline in `dest`; score, time, draw it.
 
     Writes `dest/samples.png` and `dest/eval.json`; returns the numbers.
     """
@@ -61,10 +61,13 @@ def package(build_dir, dest, n_eval: int = 200, seed: int = 1234, on_event=None)
 
     from diffusers import StableDiffusionXLPipeline
 
+    from .recipe import pipeline_from_checkpoint, save_pipeline
     from .scoring import evaluate
 
     build_dir, dest = Path(build_dir), Path(dest)
-    copy_pipeline(build_dir / "pipeline", dest)
+    if dest.exists():
+        shutil.rmtree(dest)
+    save_pipeline(pipeline_from_checkpoint(build_dir), dest)
     pipe = StableDiffusionXLPipeline.from_pretrained(dest)
     pipe.set_progress_bar_config(disable=True)
     start = time.time()
