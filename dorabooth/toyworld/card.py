@@ -1,4 +1,4 @@
-"""Package a finished build: the pipeline folder, a samples grid and MODEL_CARD.md."""
+"""Package a finished build: the pipeline folder, its scores (eval.json) and a samples grid."""
 from __future__ import annotations
 
 import shutil
@@ -37,18 +37,6 @@ def samples_grid(pipe, prompts=GRID_PROMPTS, per_prompt: int = 4, seed: int = 0,
         for c, im in enumerate(images):
             grid.paste(im.resize((cell, cell), Image.NEAREST), (label_w + c * cell, r * cell))
     return grid
-
-
-def copy_pipeline(src, dst):
-    """Copy a saved pipeline folder (safetensors + json/txt only) to `dst`."""
-    src, dst = Path(src), Path(dst)
-    if dst.exists():
-        shutil.rmtree(dst)
-    for f in src.rglob("*"):
-        if f.is_file() and f.suffix in (".json", ".txt", ".safetensors"):
-            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(f, dst / f.relative_to(src))
-    return dst
 
 
 def package(build_dir, dest, n_eval: int = 200, seed: int = 1234, on_event=None) -> dict:
