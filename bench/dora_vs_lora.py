@@ -264,7 +264,7 @@ def summarise(args, report_runs: dict, results: dict, slopes: dict) -> dict:
         row["peak_mb"] = mean_std([r["peak_mb"] for r in rs])
         row["peak_increase_mb"] = mean_std([r["peak_mb"] - r["rss_before_train_mb"] for r in rs])
         row["trainable"] = rs[0]["trainable"]
-        for key in ("all", "query", "query_within_step"):
+        for key in ("all", "query", "query_within_step", "unet", "unet_within_step"):
             row[f"slope_{key}"] = mean_std([f[key]["slope"] for f in fits])
             row[f"pearson_{key}"] = mean_std([f[key]["pearson"] for f in fits])
         out[method] = row
@@ -303,13 +303,15 @@ def report(data: dict) -> str:
                      f"| {_pm(row['peak_increase_mb'], '.0f')} |")
     lines += ["", "ΔM/ΔD fits (axis 'out', per output row; mean ± std over seeds):", "",
               "| method | slope (all layers) | r (all) | slope (query) | r (query) | slope (query, within step) "
-              "| r (query, within step) |", "|---|---:|---:|---:|---:|---:|---:|"]
+              "| r (query, within step) | slope (UNet) | slope (UNet, within step) |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, row in s.items():
         if not row["runs"]:
             continue
         lines.append(f"| {m} | {_pm(row['slope_all'], '.3g')} | {_pm(row['pearson_all'], '.2f')} "
                      f"| {_pm(row['slope_query'], '.3g')} | {_pm(row['pearson_query'], '.2f')} "
-                     f"| {_pm(row['slope_query_within_step'], '.3g')} | {_pm(row['pearson_query_within_step'], '.2f')} |")
+                     f"| {_pm(row['slope_query_within_step'], '.3g')} | {_pm(row['pearson_query_within_step'], '.2f')} "
+                     f"| {_pm(row['slope_unet'], '.3g')} | {_pm(row['slope_unet_within_step'], '.3g')} |")
     lines += ["", "Learning-rate search (first seed; selection image seeds "
               f"{data['selection_image_seeds']}; subject / prompt fidelity):", "",
               "| method | " + " | ".join(f"lr {lr:g}" for lr in data["lrs"]) + " |",

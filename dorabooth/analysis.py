@@ -329,14 +329,18 @@ def analyze_run(run: str | os.PathLike, *, axis: str = "out", on_event=None) -> 
 
 
 def fits(points: Sequence[Mapping]) -> dict:
-    """The ΔM-on-ΔD fit over all points and over the query projections only, each also
+    """The ΔM-on-ΔD fit over all points, the query projections only and the UNet layers only
+    (what a full fine-tune is measured on, so methods compare on the same layers), each also
     ``within_step``: ΔM and ΔD centred per checkpoint first, so the slope says how layers
     trade magnitude against direction at one time, not that both grow as training goes on."""
     q = [p for p in points if p["query"]]
+    u = [p for p in points if p["layer"].startswith("unet.")]
     return {"all": fit_line([p["dD"] for p in points], [p["dM"] for p in points]),
             "query": fit_line([p["dD"] for p in q], [p["dM"] for p in q]),
+            "unet": fit_line([p["dD"] for p in u], [p["dM"] for p in u]),
             "all_within_step": fit_line(*_centred_per_step(points)),
-            "query_within_step": fit_line(*_centred_per_step(q))}
+            "query_within_step": fit_line(*_centred_per_step(q)),
+            "unet_within_step": fit_line(*_centred_per_step(u))}
 
 
 def _centred_per_step(points: Sequence[Mapping]) -> tuple[list[float], list[float]]:
@@ -374,6 +378,7 @@ def analyze(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *, axis: 
             "fit": "least squares dM = intercept + slope * dD over (layer, step) points; pearson = Pearson r",
             "within_step": "the same fit after subtracting each step's mean dM and dD",
             "query": f"layers named {' or '.join(QUERY_SUFFIXES)}",
+            "unet": "UNet layers only (full fine-tuning changes no text-encoder weight)",
         },
         "axis": axis, "axis_meaning": AXIS_MEANING[axis],
         "runs": results,

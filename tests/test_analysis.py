@@ -76,7 +76,8 @@ def test_analyze_writes_json_and_plot(analysed):
         assert all(p["dM"] >= 0 and p["dD"] >= 0 for p in r["points"])
         assert any(p["dD"] > 0 for p in r["points"])
         assert r["fit"]["query"]["n"] == sum(p["query"] for p in r["points"]) > 0
-        for key in ("all", "query", "all_within_step", "query_within_step"):
+        assert r["fit"]["unet"]["n"] == sum(p["layer"].startswith("unet.") for p in r["points"])
+        for key in ("all", "query", "unet", "all_within_step", "query_within_step", "unet_within_step"):
             assert set(r["fit"][key]) == {"n", "slope", "intercept", "pearson"}
             assert r["fit"][key]["slope"] is not None and math.isfinite(r["fit"][key]["slope"])
     dora, lora, full = data["runs"]
