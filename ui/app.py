@@ -502,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)             # gradio's own requests, each logged
     try:
         ctx = h.make_context(args.workspace, args.model, model_config=args.model_config)
         ctx.info                                          # a missing or unreadable model fails here, readably
