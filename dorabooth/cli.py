@@ -43,7 +43,7 @@ def _add_train(sub) -> None:
     _flag(g, "--class-noun", dest="class_noun", help="what the subject is, e.g. dog")
     _flag(g, "--out", metavar="RUN_DIR", help="run folder to create (or continue with --resume)")
     _flag(g, "--instance-prompt", dest="instance_prompt", help='default: "a photo of <token> <class noun>"')
-    _flag(g, "--class-prompt", dest="class_prompt", help='default: "a photo of <class noun>"')
+    _flag(g, "--class-prompt", dest="class_prompt", help='default: "a photo of a <class noun>"')
     _flag(g, "--model", metavar="M",
           help="base model: hub id, diffusers folder or .safetensors file (default: the embedded toy model)")
     _flag(g, "--model-config", dest="model_config", metavar="DIR",

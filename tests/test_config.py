@@ -29,7 +29,8 @@ def test_validation_says_what_to_change(change, message):
 def test_defaults_and_derived_values():
     c = TrainConfig(**BASE)
     assert c.method == "dora" and c.token == "sks" and c.prior_preservation
-    assert c.resolved_instance_prompt == "a photo of sks dog" and c.resolved_class_prompt == "a photo of dog"
+    assert c.resolved_instance_prompt == "a photo of sks dog" and c.resolved_class_prompt == "a photo of a dog"
+    assert TrainConfig(**{**BASE, "class_noun": "owl"}).resolved_class_prompt == "a photo of an owl"
     r = c.with_defaults(dict(rank=16, resolution=512, steps=100, lr=1e-4, num_class_images=50, class_image_steps=30,
                              train_text_encoders=True))
     assert (r.rank, r.alpha, r.text_encoder_lr, r.checkpoint_every) == (16, 16.0, 1e-4, 25)

@@ -5,8 +5,8 @@ strength 1 (the adapter) and 0 (exactly the base model) for the same prompts and
 
 - subject prompts ("a photo of sks square …"): the toy world's reader must see the subject
   (shape, split pattern, both colours) measurably more often with the adapter than without;
-- class prompts ("a photo of a square …"): the adapter's images must keep the base model's
-  shape and background at the same seed (prior preservation) and rarely turn into the subject;
+- class prompts ("a photo of a square …"): the adapter's images must stay the class the base
+  model drew (same shape rate; the same shape at the same seed) and not turn into the subject;
 - the whole default run, class images included, must take at most 5 minutes on the 2-core CPU.
 
 It takes a few minutes, so it runs only with ``DORABOOTH_QUALITY=1`` (and the toy model in
@@ -79,10 +79,6 @@ def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
                      "--out", str(run), "--model", str(MODEL), "--quiet"]) == 0
     train_s = time.monotonic() - start
 
-    def looks(image):
-        r = read(image)
-        return r["shape"], r["background"]
-
     result = {"train_s": round(train_s, 1), "seeds": SEEDS, "subject": info["name"]}
     for kind, texts in prompts(token, noun).items():
         counts = defaultdict(int)
@@ -92,7 +88,8 @@ def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
                 counts["adapter_subject"] += is_subject(adapted, combo)
                 counts["base_shape"] += read(base)["shape"] == noun
                 counts["adapter_shape"] += read(adapted)["shape"] == noun
-                counts["same_as_base"] += looks(base) == looks(adapted)     # same shape and background
+                counts["same_shape_as_base"] += read(base)["shape"] == read(adapted)["shape"]
+                counts["same_background_as_base"] += read(base)["background"] == read(adapted)["background"]
                 counts["images"] += 1
         n = counts.pop("images")
         result[kind] = {**{f"{k}_rate": round(v / n, 3) for k, v in counts.items()}, "images": n}
@@ -104,6 +101,7 @@ def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
     subject, klass = result["subject"], result["class"]
     assert train_s <= BUDGET_S, f"default run took {train_s:.0f} s (> {BUDGET_S} s)"
     assert subject["adapter_subject_rate"] >= subject["base_subject_rate"] + 0.25, result
-    assert klass["adapter_subject_rate"] <= klass["base_subject_rate"] + 0.25, result   # little leak
-    assert klass["adapter_shape_rate"] >= klass["base_shape_rate"] - 0.2, result        # still the class
-    assert klass["same_as_base_rate"] >= 0.5, result                                     # prior kept
+    assert klass["adapter_subject_rate"] <= klass["base_subject_rate"] + 0.1, result    # no leak
+    assert klass["adapter_shape_rate"] >= klass["base_shape_rate"] - 0.15, result       # still the class
+    assert klass["same_shape_as_base_rate"] >= 0.6, result                               # seed by seed
+    # (backgrounds chosen by a seed shift more easily; same_background_as_base is reported, not asserted)
