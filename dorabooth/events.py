@@ -77,7 +77,8 @@ def follow(path: str | Path, *, poll: float = 0.5, until: tuple[str, ...] = ("do
         time.sleep(poll)
 
 
-def _clock(seconds: float) -> str:
+def format_clock(seconds: float | None) -> str:
+    """Seconds as "m:ss" or "h:mm:ss" ("?" when unknown), for progress displays."""
     if seconds is None or not math.isfinite(seconds):
         return "?"
     seconds = int(round(seconds))
@@ -115,7 +116,7 @@ class ProgressBar:
             done = int(self.width * step / max(total, 1))
             bar = "#" * done + "-" * (self.width - done)
             text = (f"step {step}/{total} [{bar}] loss {event['loss']:.4f} "
-                    f"{event.get('it_s', 0):.2f} it/s ETA {_clock(event.get('eta_s'))}")
+                    f"{event.get('it_s', 0):.2f} it/s ETA {format_clock(event.get('eta_s'))}")
             if self.tty:
                 self.stream.write("\r" + text)
                 self.stream.flush()
@@ -149,7 +150,7 @@ def _describe(event: dict) -> str:
     if kind == "start":
         return f"training {event['method']} on {event['family']} ({event['model']}) for {event['total']} steps"
     if kind == "done":
-        return f"done: {event['adapter']} ({_clock(event.get('seconds'))})"
+        return f"done: {event['adapter']} ({format_clock(event.get('seconds'))})"
     if kind == "stopped":
         return f"stopped at step {event['step']}; resume with --resume"
     if kind == "image":

@@ -9,18 +9,11 @@ from __future__ import annotations
 import math
 from html import escape
 
+from dorabooth.events import format_clock as clock
+
 from . import runs
 from .runs import RunStatus
 from .workspace import MAX_IMAGES, MIN_IMAGES
-
-
-def clock(seconds: float | None) -> str:
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
 # ---- Train tab ---------------------------------------------------------------------------------
