@@ -148,7 +148,8 @@ def _subject_tab(ctx: h.Context, c) -> None:
 def _train_tab(ctx: h.Context, c) -> None:
     preset = h.preset_values(ctx, "balanced")
     c.train_intro = gr.HTML(elem_id="db-train-intro")
-    c.preset = gr.Radio(label="Preset", choices=h.preset_choices(ctx), value="balanced", info=_preset_info(ctx))
+    c.preset = gr.Radio(label="Preset", choices=h.preset_choices(ctx), value="balanced", info=_preset_info(ctx),
+                        elem_id="db-preset")
     with gr.Row():
         c.method = gr.Radio(label="Method", choices=list(h.METHODS), value="DoRA (recommended)",
                             info="DoRA learns each weight's size and direction separately and usually beats LoRA "
@@ -326,7 +327,9 @@ def _wire_train(ctx: h.Context, c) -> None:
         v = h.preset_values(ctx, name)
         return v["steps"], v["rank"], v["lr"]
 
-    c.preset.change(on_preset, c.preset, [c.steps, c.rank, c.lr])
+    # .input, not .change: the page load refreshes the preset's choices, and a .change fired by that
+    # refresh would reset steps/rank/lr the user has already typed (seen in CI: 4 steps became 600).
+    c.preset.input(on_preset, c.preset, [c.steps, c.rank, c.lr])
 
     @shown
     def on_start(name, token, class_noun, preset, method, use, steps, rank, lr, seed, prior, class_images,

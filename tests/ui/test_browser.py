@@ -117,6 +117,9 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     # ---- Train: 4 steps, no prior preservation, wait for the bar to finish ------------------
     _tab(page, "Train")
     page.get_by_text("Advanced settings").click()
+    balanced = page.locator("#db-steps input").input_value()
+    page.locator("#db-preset label", has_text="Quick").click()              # a preset fills in its steps
+    page.wait_for_function(f"document.querySelector('#db-steps input').value != '{balanced}'", timeout=30_000)
     page.locator("#db-steps input").fill("4")
     page.locator("#db-steps input").press("Tab")
     page.locator("#db-prior input[type=checkbox]").uncheck()
@@ -125,7 +128,7 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     assert "Finished: 4 steps" in page.locator("#db-progress").inner_text()
     page.wait_for_selector("#db-loss svg polyline", timeout=10_000)
     page.wait_for_selector("#db-previews img", timeout=10_000)
-    ref = "rex-the-dog/001-dora-balanced"
+    ref = "rex-the-dog/001-dora-quick"
     assert ref in page.locator("#db-run input").input_value()
     _shot(page, "2-train")
 
@@ -138,7 +141,7 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     page.locator("#db-generate").click()
     page.wait_for_selector("#db-gallery img", timeout=60_000)
     assert page.locator("#db-gallery img").count() == 2                    # default: 2 images
-    run = workspace / "rex-the-dog" / "runs" / "001-dora-balanced"
+    run = workspace / "rex-the-dog" / "runs" / "001-dora-quick"
     assert len(list((run / "generated").glob("*.png"))) == 2
     _shot(page, "3-generate")
 
