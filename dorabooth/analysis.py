@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,8 +427,8 @@ def plot(data: Mapping, path: str | os.PathLike, *, layers: str = "query") -> Pa
         ax.set_xlabel("ΔD (mean 1 − cos)")
         ax.set_ylabel("ΔM (mean |m_t − m_0|)")
         ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3))
-    fig.suptitle(f"Magnitude vs direction change; norms {data['axis_meaning'].split(':')[0]} "
-                 f"(axis '{data['axis']}')", fontsize=9)
+    title = f"Magnitude vs direction change; norms {data['axis_meaning'].split(':')[0]} (axis '{data['axis']}')"
+    fig.suptitle(textwrap.fill(title, width=int(15 * 4.2 * len(panels))), fontsize=9)   # ~15 chars/inch at 9 pt
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
