@@ -1,6 +1,6 @@
 """DoRA vs LoRA vs full fine-tuning for DreamBooth on the toy model: the whole experiment.
 
-    python bench/dora_vs_lora.py [--out runs/dora-vs-lora] [--jobs 2] [--lrs 1e-4 1e-3]
+    python bench/dora_vs_lora.py [--out runs/dora-vs-lora] [--jobs 2] [--lrs 1e-4 3e-4 1e-3 3e-3]
                                  [--seeds 0 1 2] [--subject DIR] [--model DIR] [--steps N]
 
 Methods (docs/dora-vs-lora.md): full fine-tuning of the UNet ("FT"), LoRA rank r, DoRA rank
@@ -341,9 +341,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "runs" / "dora-vs-lora")
     p.add_argument("--model", default=None, help="base model (default: the embedded toy model)")
     p.add_argument("--subject", default=None, help="subject folder with subject.json (default: red-white-square)")
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3],
-                   help="the lr grid, the same for every method (default 1e-4 1e-3: the usual full fine-tuning "
-                        "and adapter regimes; more values cost 4 runs each)")
+    p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3, 3e-3],
+                   help="the lr grid, the same for every method (default 1e-4 3e-4 1e-3 3e-3: half-decade "
+                        "steps across the full fine-tuning and adapter regimes; each value costs 4 runs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help="default: the trainer's default for the model")
     p.add_argument("--rank", type=int, default=None, help="r (default: the trainer's default); DoRA† uses r/2")
