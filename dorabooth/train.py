@@ -94,7 +94,10 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
 
     # ---- data: prepared once, class images generated once ----------------------------------
     instance = prepare_instance(config, run, pipe, accelerator, emit)
-    class_pool = prepare_class_images(config, pipe, family, base, instance, accelerator, emit, device)
+    class_pool = prepare_class_images(config, pipe, family, base, instance, accelerator, emit, device, stop)
+    if stop is not None and stop.is_set():             # stopped while drawing class images: those drawn are kept
+        emit("stopped", step=0)
+        return RunResult(run, None, 0, stopped=True, main_process=accelerator.is_main_process)
     sizes = sorted({e.size for e in instance})
     emit("prepared", images=len(instance), sizes=[f"{w}x{h}" for h, w in sizes],
          class_images=sum(len(v) for v in class_pool.values()))
@@ -245,14 +248,17 @@ def prepare_instance(config: TrainConfig, run: Path, pipe, accelerator, emit) ->
             for e in examples]
 
 
-def prepare_class_images(config, pipe, family, base: BaseModel, instance, accelerator, emit, device):
-    """{size: [(Example, image)]}: class images fitted to every subject size (empty without prior)."""
+def prepare_class_images(config, pipe, family, base: BaseModel, instance, accelerator, emit, device, stop=None):
+    """{size: [(Example, image)]}: class images fitted to every subject size (empty without prior,
+    or when ``stop`` was set while they were being drawn)."""
     if not config.prior_preservation:
         return {}
     folder = config.class_dir
     if accelerator.is_main_process:
-        generate_class_images(pipe, family, config, base, folder, emit, accelerator)
+        generate_class_images(pipe, family, config, base, folder, emit, accelerator, stop)
     accelerator.wait_for_everyone()
+    if stop is not None and stop.is_set():
+        return {}
     pool = {}
     for size in sorted({e.size for e in instance}):
         examples, images = class_examples(folder, config.resolved_class_prompt, size,
@@ -266,11 +272,12 @@ def prepare_class_images(config, pipe, family, base: BaseModel, instance, accele
 
 @torch.no_grad()
 def generate_class_images(pipe, family, config: TrainConfig, base: BaseModel, folder: Path, emit,
-                          accelerator) -> None:
+                          accelerator, stop=None) -> None:
     """Fill ``folder`` up to ``num_class_images`` with base-model images of the class prompt.
 
     Image k is drawn with seed ``seed + k``, so a folder grows the same way whatever the
-    batch size, and images already there (earlier runs, or the user's own) are reused.
+    batch size, and images already there (earlier runs, or the user's own) are reused. A set
+    ``stop`` ends it after the current batch; the images written so far stay for the next run.
     """
     folder.mkdir(parents=True, exist_ok=True)
     have = len(list_images(folder))
@@ -283,6 +290,8 @@ def generate_class_images(pipe, family, config: TrainConfig, base: BaseModel, fo
     emit("class_images", done=have, total=want)
     batch = 4
     for start in range(have, want, batch):
+        if stop is not None and stop.is_set():
+            return
         ks = list(range(start, min(start + batch, want)))
         images = sample_images(pipe, [prompt] * len(ks), [config.seed + k for k in ks], config.class_image_steps,
                                gen_defaults["guidance"], config.resolution, accelerator)

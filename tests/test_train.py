@@ -169,6 +169,33 @@ def test_resume_equals_straight_run(root, subject, tmp_path):
     assert "stopped" in types and "resume" in types and types[-1] == "done"
 
 
+def test_stop_while_drawing_class_images_keeps_them_and_resume_finishes(root, subject, tmp_path):
+    """A stop during class-image generation ends the run after that batch (no training step);
+    the images drawn stay, and --resume draws only the rest, then trains."""
+    stop = threading.Event()
+    kw = dict(steps=1, class_images=str(tmp_path / "class"), num_class_images=6)
+    config = TrainConfig(images=str(subject), out=str(tmp_path / "run"), model=model(root, "sd15"), **quick(**kw))
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e["type"] == "class_images" and e["done"] > 0:
+            stop.set()
+
+    result = train(config, on_event=on_event, stop=stop)
+    assert result.stopped and result.step == 0
+    drawn = sorted(p.name for p in (tmp_path / "class").glob("*.png"))
+    assert drawn == [f"class-{k:05d}.png" for k in range(4)]          # the first batch of 4, kept
+    assert "step" not in [e["type"] for e in events] and events[-1]["type"] == "stopped"
+    first = (tmp_path / "class" / drawn[0]).read_bytes()
+
+    events.clear()
+    resumed = train(TrainConfig(**{**config.to_dict(), "resume": True}), on_event=events.append)
+    assert resumed.step == 1 and not resumed.stopped
+    assert len(list((tmp_path / "class").glob("*.png"))) == 6 and (tmp_path / "class" / drawn[0]).read_bytes() == first
+    assert [e["done"] for e in events if e["type"] == "class_images"] == [4, 6]
+
+
 def test_resume_refuses_changed_recipe_and_existing_runs(root, subject, tmp_path):
     config = run_config(root, subject, tmp_path, "sd15", steps=1)
     train(config)
