@@ -57,7 +57,8 @@ def _add_train(sub) -> None:
           help="out (default; PEFT/diffusers files) or in (kohya dora_scale (1, in): A1111/ComfyUI)")
     _bool(g, "--rslora", "rank-stabilised scale alpha / sqrt(rank)")
     _flag(g, "--targets", help="UNet targets: attn (default), cross-attn, attn+ff, all-linear, or module names")
-    _bool(g, "--train-text-encoders", "adapters on the text encoder(s) too (both on SDXL); family default: "
+    _bool(g, "--train-text-encoders", "train the text encoder(s) too (both on SDXL): adapters on them, or with "
+                                       "--method full the whole encoders; family default: "
                                        "on for the toy model, off for SD/SDXL")
     _flag(g, "--text-encoder-lr", dest="text_encoder_lr", type=float, metavar="LR", help="default: --lr")
     g = p.add_argument_group("data")

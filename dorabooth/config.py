@@ -50,7 +50,7 @@ class TrainConfig:
     magnitude_axis: str = "out"                # out (PEFT/diffusers) | in (kohya (1, in), A1111/ComfyUI)
     rslora: bool = False                       # scale alpha / sqrt(rank) instead of alpha / rank
     targets: str = "attn"                      # UNet preset: attn | cross-attn | attn+ff | all-linear
-    train_text_encoders: bool | None = None    # adapters on every text encoder too (both on SDXL)
+    train_text_encoders: bool | None = None    # every text encoder trains too (adapters, or the whole encoder for full)
     text_encoder_lr: float | None = None       # default = lr
 
     # ---- data ------------------------------------------------------------------------------
@@ -139,8 +139,6 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value is None or value >= 0, f"{name} {value}: use 0 (off) or a number of steps")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints: keep at least 1")
-        _check(not (self.method == "full" and self.train_text_encoders is True),
-               "train_text_encoders works with method dora or lora; the full method trains the UNet only")
         _check(all(p.strip() for p in self.validation_prompts), "validation_prompts: empty prompt given")
 
     # ---- derived values ------------------------------------------------------------------------
@@ -182,8 +180,6 @@ class TrainConfig:
     def with_defaults(self, defaults: dict[str, Any]) -> TrainConfig:
         """Fill the ``None`` fields from a family's ``train_defaults`` and derive cadences."""
         values = {k: v for k, v in defaults.items() if k in _FAMILY_FIELDS and getattr(self, k) is None}
-        if self.method == "full" and self.train_text_encoders is None:
-            values["train_text_encoders"] = False              # full trains the UNet only
         cfg = replace(self, **values)
         missing = cfg.unresolved
         if missing:

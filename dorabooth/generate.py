@@ -36,7 +36,8 @@ FULL_UNET = "unet"
 class AdapterSource:
     """What ``--adapter`` pointed at, resolved."""
 
-    kind: str                 # "adapter" (LoRA/DoRA safetensors) | "full" (diffusers UNet folder)
+    kind: str                 # "adapter" (LoRA/DoRA safetensors) | "full" (diffusers UNet folder, and
+                              # in a run folder the fine-tuned text encoders beside it)
     path: Path
     model: str | None         # the base model a run folder was trained on (None: not known / toy)
     from_run: bool
@@ -99,7 +100,7 @@ class Session:
         self.merge = merge
         self.adapter: AdapterSource | None = None
         self.strength = 1.0
-        self._full: tuple[dict, dict] | None = None         # (W0, W) of the UNet for a full fine-tune
+        self._full: dict[str, tuple[dict, dict]] | None = None   # component: (W0, W) of a full fine-tune
 
     # ---- adapters ----------------------------------------------------------------------------
     def use_adapter(self, adapter: str | os.PathLike | AdapterSource | None) -> None:
@@ -130,15 +131,15 @@ class Session:
 
         t = self.strength
         if self._full is not None:
-            w0, w1 = self._full
             with torch.no_grad():
-                for name, p in self.pipe.unet.named_parameters():
-                    if name not in w1:
-                        continue
-                    if t in (0.0, 1.0):                       # exactly the base / the fine-tune
-                        p.copy_((w0 if t == 0.0 else w1)[name])
-                    else:                                      # W0 + t·(W − W0), in fp32
-                        p.copy_(w0[name].float() + t * (w1[name].float() - w0[name].float()))
+                for component, (w0, w1) in self._full.items():
+                    for name, p in getattr(self.pipe, component).named_parameters():
+                        if name not in w1:
+                            continue
+                        if t in (0.0, 1.0):                       # exactly the base / the fine-tune
+                            p.copy_((w0 if t == 0.0 else w1)[name])
+                        else:                                      # W0 + t·(W − W0), in fp32
+                            p.copy_(w0[name].float() + t * (w1[name].float() - w0[name].float()))
             return
         dorabooth.unmerge(self.pipe)
         dorabooth.set_strength(self.pipe, t)
@@ -150,28 +151,40 @@ class Session:
         from . import inject
 
         if self._full is not None:
-            w0, _ = self._full
             with torch.no_grad():
-                for name, p in self.pipe.unet.named_parameters():
-                    if name in w0:
-                        p.copy_(w0[name])
+                for component, (w0, _) in self._full.items():
+                    for name, p in getattr(self.pipe, component).named_parameters():
+                        if name in w0:
+                            p.copy_(w0[name])
             self._full = None
         if any(True for _ in inject.iter_layers(self.pipe)):
             dorabooth.detach(self.pipe)
         self.adapter = None
 
-    def _load_full(self, folder: Path) -> tuple[dict, dict]:
+    def _load_full(self, folder: Path) -> dict[str, tuple[dict, dict]]:
+        """(W0, W) per fine-tuned component: the UNet in ``folder`` and, when ``folder`` is a
+        run's ``unet/``, the text encoders the run fine-tuned (``text_encoder*/`` beside it)."""
+        parts = {"unet": folder}
+        if folder.name == FULL_UNET and (folder.parent / "config.json").is_file():
+            parts.update({d.name: d for d in sorted(folder.parent.glob("text_encoder*"))
+                          if d.is_dir() and getattr(self.pipe, d.name, None) is not None})
+        return {name: self._load_component(name, path) for name, path in parts.items()}
+
+    def _load_component(self, name: str, folder: Path) -> tuple[dict, dict]:
         from safetensors.torch import load_file
 
-        weights = folder / "diffusion_pytorch_model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{folder}: no diffusion_pytorch_model.safetensors (full fine-tune UNet)")
-        trained = load_file(str(weights))
-        current = dict(self.pipe.unet.named_parameters())
+        files = sorted(folder.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{folder}: no .safetensors weights (the fine-tuned {name} of a full fine-tune)")
+        current = dict(getattr(self.pipe, name).named_parameters())
+        trained = {}
+        for f in files:
+            for k, v in load_file(str(f)).items():          # a CLIP file may lack the text_model. level
+                trained[k if k in current or f"text_model.{k}" not in current else f"text_model.{k}"] = v
         unknown = sorted(set(trained) - set(current))
         wrong = [k for k in trained if k in current and trained[k].shape != current[k].shape]
         if unknown or wrong:
-            raise ValueError(f"{folder}: the fine-tuned UNet does not fit this base model "
+            raise ValueError(f"{folder}: the fine-tuned {name} does not fit this base model "
                              f"({len(unknown)} unknown and {len(wrong)} mis-shaped weights, e.g. "
                              f"{(unknown + wrong)[:2]}); use the base model it was trained from")
         base = {k: current[k].detach().clone() for k in trained}

@@ -321,14 +321,16 @@ def text_encoders(pipe, family: Family) -> list:
 
 
 def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
-    """Attach adapters (dora/lora) or unfreeze the UNet (full); returns the trainable parameters
-    by pipeline-qualified name (``unet.…``, ``text_encoder.…``)."""
+    """Attach adapters (dora/lora) or unfreeze the UNet, and with ``train_text_encoders`` the
+    text encoders (full); returns the trainable parameters by pipeline-qualified name
+    (``unet.…``, ``text_encoder.…``)."""
     import dorabooth
 
     if config.method == "full":
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
-                component.requires_grad_(name == "unet")
+                component.requires_grad_(name == "unet" or (bool(config.train_text_encoders)
+                                                             and name.startswith("text_encoder")))
     else:
         dorabooth.attach(pipe, method=config.method, rank=config.effective_rank, alpha=config.effective_alpha,
                          unet_targets=config.targets, text_encoders=config.train_text_encoders,
@@ -708,22 +710,28 @@ def decode_latents(pipe, latents: torch.Tensor) -> list[Image.Image]:
 
 def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerator) -> Path:
     """``adapter.safetensors`` (diffusers/PEFT format) for dora/lora; for ``full`` a diffusers
-    UNet folder ``unet/`` (``diffusion_pytorch_model.safetensors`` + ``config.json``)."""
+    UNet folder ``unet/`` (``diffusion_pytorch_model.safetensors`` + ``config.json``) and, when
+    they trained, the text encoders beside it (``text_encoder/``, ``text_encoder_2/``: the
+    pipeline's own folder names). Returns the adapter file or the ``unet/`` folder."""
     import dorabooth
 
     accelerator.wait_for_everyone()
     if config.method == "full":
         target = run / FULL_UNET
         if accelerator.is_main_process:
-            tmp = run / f".{FULL_UNET}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            for p in pipe.unet.parameters():
-                if not torch.isfinite(p).all():
-                    raise TrainingDiverged("the fine-tuned UNet has NaN/inf weights; not writing it")
-            pipe.unet.save_pretrained(tmp, safe_serialization=True)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+            trained = [n for n, c in pipe.components.items()
+                       if isinstance(c, torch.nn.Module) and (n == FULL_UNET or n.startswith("text_encoder"))
+                       and _has_trainable(c)]
+            for name in trained:                       # check all before writing any
+                if not all(torch.isfinite(p).all() for p in getattr(pipe, name).parameters()):
+                    raise TrainingDiverged(f"the fine-tuned {name} has NaN/inf weights; not writing it")
+            for name in sorted(trained, key=lambda n: n == FULL_UNET):   # unet/ last: it marks the run finished
+                tmp = run / f".{name}.tmp"
+                shutil.rmtree(tmp, ignore_errors=True)
+                getattr(pipe, name).save_pretrained(tmp, safe_serialization=True)
+                if (run / name).exists():
+                    shutil.rmtree(run / name)
+                os.replace(tmp, run / name)
     else:
         target = run / ADAPTER
         if accelerator.is_main_process:

@@ -16,7 +16,6 @@ BASE = dict(images="imgs", class_noun="dog", out="run")
     (dict(token="two words"), "one rare word"),
     (dict(class_noun=" "), "--class-noun"),
     (dict(magnitude_axis="row"), "magnitude_axis 'row'"),
-    (dict(method="full", train_text_encoders=True), "full method trains the UNet only"),
     (dict(optimizer="sgd"), "adamw, adamw8bit"),
     (dict(mixed_precision="fp8"), "no, fp16, bf16"),
     (dict(batch_size=0), "batch_size 0"),
@@ -38,7 +37,7 @@ def test_defaults_and_derived_values():
     full = TrainConfig(**BASE, method="full").with_defaults(
         dict(rank=16, resolution=512, steps=100, lr=1e-4, num_class_images=5, class_image_steps=5,
              train_text_encoders=True))
-    assert full.train_text_encoders is False                   # the full method trains the UNet only
+    assert full.train_text_encoders is True                    # the family default, for full as for adapters
     half = TrainConfig(**BASE, rank=16, half_rank=True).with_defaults(
         dict(resolution=512, steps=10, lr=1e-4, num_class_images=5, class_image_steps=5, train_text_encoders=False))
     assert (half.effective_rank, half.alpha) == (8, 8.0)       # DoRA†: half the rank, scale 1

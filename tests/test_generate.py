@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 import dorabooth
 from dorabooth.config import TrainConfig
@@ -136,17 +137,22 @@ def test_full_fine_tune_strengths(root, tmp_path):
     subject = make_subject(root / "subject")
     run = tmp_path / "full"
     train(TrainConfig(images=str(subject), out=str(run), model=model, method="full",
-                      **quick(prior_preservation=False, lr=1e-2)))
+                      **quick(prior_preservation=False, lr=1e-2, train_text_encoders=True)))
     session = Session(model)
     base = pixels(session.generate("a photo of sks dog", seed=2, **ARGS))
+    te0 = {k: v.clone() for k, v in session.pipe.text_encoder.state_dict().items()}
     session.use_adapter(run)
     assert session.adapter.kind == "full"
     session.set_strength(0.0)
     assert np.array_equal(pixels(session.generate("a photo of sks dog", seed=2, **ARGS)), base)
     session.set_strength(1.0)
     assert not np.array_equal(pixels(session.generate("a photo of sks dog", seed=2, **ARGS)), base)
+    tuned = load_file(str(run / "text_encoder" / "model.safetensors"))    # the fine-tuned encoder is in use
+    live = dict(session.pipe.text_encoder.named_parameters())
+    assert all(torch.equal(live[k], v) for k, v in tuned.items())
     session.use_adapter(None)
     assert np.array_equal(pixels(session.generate("a photo of sks dog", seed=2, **ARGS)), base)
+    assert all(torch.equal(v, te0[k]) for k, v in session.pipe.text_encoder.state_dict().items())
 
 
 def test_errors(root, sdxl_session, tmp_path):

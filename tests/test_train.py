@@ -56,6 +56,7 @@ SMOKE = [  # family, method, prior preservation, text encoders
     ("sdxl", "dora", False, True),
     ("sd15", "full", True, False),
     ("sdxl", "full", False, False),
+    ("sdxl", "full", False, True),
 ]
 
 
@@ -84,8 +85,15 @@ def test_two_step_smoke(root, subject, tmp_path, kind, method, prior, te):
     if method == "full":
         from diffusers import UNet2DConditionModel
         tuned = UNet2DConditionModel.from_pretrained(run / "unet")
-        base = MAKERS[kind]().unet
-        assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), base.parameters()))
+        fresh = MAKERS[kind]()
+        assert any(not torch.equal(a, b) for a, b in zip(tuned.parameters(), fresh.unet.parameters()))
+        for name in ("text_encoder", "text_encoder_2"):          # the whole encoders, beside unet/
+            assert (run / name).is_dir() == te, name
+            if te:
+                saved = {k: v for f in (run / name).glob("*.safetensors") for k, v in load_file(str(f)).items()}
+                original = dict(getattr(fresh, name).named_parameters())
+                assert saved.keys() == original.keys()
+                assert any(not torch.equal(saved[k], original[k]) for k in saved)
         return
     adapter = run / "adapter.safetensors"
     with safe_open(str(adapter), "pt") as f:
