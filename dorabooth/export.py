@@ -247,10 +247,14 @@ def export(adapters: Sequence[tuple[object, float]] | object, *, format: str, ou
         raise ValueError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     emit = on_event or (lambda e: None)
     pairs = _pairs(adapters)
-    loaded = [load_adapter(src) for src, _ in pairs]
-    out_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose fp16, bf16 or fp32")
+    out_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    full = [p for p in (_full_run(src) for src, _ in pairs) if p is not None]
+    if full:
+        return _export_full(full[0], pairs, format, Path(out), model, model_config, pipe, out_dtype, overwrite,
+                            emit)
+    loaded = [load_adapter(src) for src, _ in pairs]
     emit({"event": "export", "stage": "adapters read", "count": len(loaded)})
 
     if format in ("diffusers-lora", "kohya"):
@@ -279,6 +283,57 @@ def export(adapters: Sequence[tuple[object, float]] | object, *, format: str, ou
         path = _export_diffusers(pipe, keys, strengths, Path(out), out_dtype, meta, overwrite, emit)
     emit({"event": "export", "stage": "written", "path": str(path)})
     return ExportResult(path, format, notes=[f"merged {len(keys)} modules"], metadata=meta)
+
+
+def _full_run(source) -> Path | None:
+    """The run folder of a finished ``--method full`` run (``unet/``, no adapter file), else None."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    p = Path(source)
+    if p.is_dir() and (p / "config.json").is_file() and (p / "unet" / "config.json").is_file() \
+            and not (p / "adapter.safetensors").is_file():
+        return p
+    return None
+
+
+def _export_full(run: Path, pairs, format, out: Path, model, model_config, pipe, dtype, overwrite,
+                 emit) -> ExportResult:
+    """A full fine-tune (its ``unet/`` and any ``text_encoder*/``) as a merged checkpoint, at
+    strength t: W0 + t·(W − W0) in every fine-tuned weight, as ``dorabooth generate`` uses it."""
+    from .generate import Session, resolve_adapter
+
+    if len(pairs) != 1:
+        raise ValueError(f"{run}: a full fine-tune exports on its own; it cannot be combined with adapters")
+    if format not in ("merged-diffusers", "merged-single-file"):
+        raise ValueError(f"{run}: a full fine-tune is a whole model, not an adapter; export it with --format "
+                         f"merged-single-file or merged-diffusers")
+    t = pairs[0][1]
+    source = resolve_adapter(run)
+    pipe, info = _load_base(model, pipe, [source.model or "toy"], model_config or source.model_config)
+    family = _family(pipe)
+    meta = {
+        "dorabooth.version": __version__,
+        "dorabooth.family": family,
+        "dorabooth.base_model": str((info.id if info else None) or model or source.model or "toy"),
+        "dorabooth.base_hash": info.hash if info else "",
+        "dorabooth.adapters": json.dumps([{"source": str(run), "strength": t, "method": "full"}]),
+        "dorabooth.merge": "full fine-tune: W0 + t (W - W0) in every fine-tuned weight",
+    }
+    session = Session(pipe=pipe, device=pipe.device, dtype=pipe.unet.dtype)   # swaps the weights in place
+    session.use_adapter(source)
+    session.set_strength(t)
+    parts = session.fine_tuned_components
+    emit({"event": "export", "stage": "fine-tune loaded", "components": parts})
+    try:
+        if format == "merged-single-file":        # written from the pipeline: every weight may have changed
+            path = _export_single_file(pipe, None, family, [], [], out, dtype, meta, overwrite, emit)
+        else:
+            path = _export_diffusers(pipe, [], [], out, dtype, meta, overwrite, emit)
+    finally:
+        session.use_adapter(None)                 # a caller's pipeline gets its base weights back
+    emit({"event": "export", "stage": "written", "path": str(path)})
+    return ExportResult(path, format, notes=[f"full fine-tune of {', '.join(parts)} at strength {t:g}"],
+                        metadata=meta)
 
 
 def _export_adapter(loaded, strengths, format, out: Path, model, model_config, pipe, dtype, overwrite,

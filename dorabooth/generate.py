@@ -118,6 +118,11 @@ class Session:
         self.adapter = source
         self._apply_strength()
 
+    @property
+    def fine_tuned_components(self) -> list[str]:
+        """The pipeline components a loaded full fine-tune replaces (``unet``, ``text_encoder``…)."""
+        return sorted(self._full or {})
+
     def set_strength(self, t: float) -> None:
         """Adapter strength t ≥ 0 (DESIGN §3); 0 gives exactly the base model's images."""
         if t < 0 or not isinstance(t, (int, float)):
