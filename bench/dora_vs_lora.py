@@ -53,8 +53,6 @@ REPORT_SEEDS = (0, 1, 2)              # image seeds for the reported numbers
 def job(spec: dict) -> dict:
     """Train ``spec["config"]`` (unless ``spec["train"]`` is false), then evaluate it on each
     image-seed set of ``spec["evals"]``; returns the measurements."""
-    import resource
-
     import torch
 
     from dorabooth.config import TrainConfig
@@ -65,25 +63,70 @@ def job(spec: dict) -> dict:
     config = TrainConfig.from_dict(spec["config"])
     out = {"evals": {}}
     if spec.get("train", True):
-        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         t0 = time.monotonic()
         try:
-            train(config)
+            with PeakRSS() as rss:
+                train(config)
         except TrainingDiverged as e:          # a result for this lr, not a crash of the experiment
             return {**out, "diverged": str(e), "train_s": time.monotonic() - t0}
         seconds = time.monotonic() - t0
-        peak = (torch.cuda.max_memory_allocated() / 2**20 if cuda
-                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-        out.update(train_s=seconds, peak_mb=peak, memory_kind="cuda max allocated" if cuda else "process peak RSS",
-                   rss_before_train_mb=rss0, trainable=_trainable(Path(config.out)))
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss.peak_mb
+        out.update(train_s=seconds, peak_mb=peak,
+                   memory_kind="cuda max allocated" if cuda else f"process RSS while training ({rss.how})",
+                   rss_before_train_mb=0.0 if cuda else rss.start_mb, trainable=_trainable(Path(config.out)))
     for name, seeds in spec["evals"].items():
         res = evaluate_run(config.out, seeds=seeds, scorer="toy")
         out["evals"][name] = {"metrics": res["metrics"], "per_prompt": res["per_prompt"], "skipped": res["skipped"],
                               "seeds": list(seeds)}
     return out
+
+
+class PeakRSS:
+    """The resident set size of this process while the block runs: ``start_mb`` when it began
+    and ``peak_mb``, the largest value sampled every 5 ms from ``/proc/self/statm`` (spikes
+    shorter than that can be missed). Where there is no /proc, ``ru_maxrss`` before and after:
+    the process's high-water mark, which a peak reached before the block (imports) can hide."""
+
+    def __init__(self, every_s: float = 0.005):
+        import threading
+
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.proc = Path("/proc/self/statm").is_file()
+        self.how = f"sampled every {every_s * 1000:g} ms" if self.proc else "ru_maxrss"
+
+    @staticmethod
+    def _now_mb() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    @staticmethod
+    def _maxrss_mb() -> float:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def _sample(self):
+        while not self._stop.wait(self.every_s):
+            self.peak_mb = max(self.peak_mb, self._now_mb())
+
+    def __enter__(self):
+        self.start_mb = self._now_mb() if self.proc else self._maxrss_mb()
+        self.peak_mb = self.start_mb
+        if self.proc:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self._now_mb())
+        else:
+            self.peak_mb = self._maxrss_mb()
+        return False
 
 
 def _trainable(run: Path) -> int | None:
