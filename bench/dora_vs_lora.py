@@ -181,12 +181,14 @@ def subject_folder(arg: str | None, out: Path) -> Path:
     return write_subjects(out / "subjects")[0]
 
 
-def config_for(args, subject: Path, info: dict, method: str, lr: float, seed: int, out: Path) -> dict:
+def config_for(args, subject: Path, info: dict, method: str, lr: float, seed: int, out: Path,
+               class_dir: Path | None = None, checkpoint_every: int | None = None) -> dict:
     cfg = dict(images=str(subject), class_noun=info["class_noun"], token=info["token"],
                instance_prompt=info["instance_prompt"], class_prompt=info["class_prompt"],
-               out=str(out), model=args.model, lr=lr, seed=seed, class_images=str(args.out / "class-images"),
-               checkpoint_every=args.checkpoint_every, keep_checkpoints=1000, sample_every=0,
-               **METHODS[method])
+               out=str(out), model=args.model, lr=lr, seed=seed,
+               class_images=str(class_dir or args.out / "class-images"),
+               checkpoint_every=args.checkpoint_every if checkpoint_every is None else checkpoint_every,
+               keep_checkpoints=1000, sample_every=0, **METHODS[method])
     if args.steps:
         cfg["steps"] = args.steps
     if args.rank:
@@ -250,18 +252,87 @@ def experiment(args) -> dict:
     return data
 
 
-def prepare_class_images(args, subject: Path, info: dict) -> None:
+def replicate(args, data: dict) -> dict:
+    """Every method at the lr the search chose, on each other sample subject, with the same
+    training seeds; quality only (no checkpoints, no ΔM/ΔD). Written to
+    ``OUT/replication.{json,md}``; finished runs are reused."""
+    from dorabooth.evaluate import mean_std
+
+    started = time.monotonic()
+    log = lambda msg: print(f"[{time.monotonic() - started:7.1f}s] replicate: {msg}", flush=True)  # noqa: E731
+    shipped = sorted(p for p in (REPO / "assets" / "subjects").iterdir() if (p / "subject.json").is_file())
+    subjects = [p for p in shipped if p.name != data["subject"]["name"]]
+    chosen, per_subject = data["chosen_lr"], {}
+    per_subject[data["subject"]["name"]] = {m: [data["runs"][n]["evals"]["report"]["metrics"]
+                                                for n in data["report_runs"][m] if not data["runs"][n].get("diverged")]
+                                            for m in METHODS}
+    for subject in subjects:
+        info = json.loads((subject / "subject.json").read_text())
+        root = args.out / "replicate" / subject.name
+        prepare_class_images(args, subject, info, root / "class-images")
+        runs: dict[str, list] = {m: [] for m in METHODS}
+        with ThreadPoolExecutor(args.jobs) as pool:
+            futures = []
+            for m in METHODS:
+                for seed in args.seeds:
+                    name = run_name(m, chosen[m], seed)
+                    cfg = config_for(args, subject, info, m, chosen[m], seed, root / "runs" / name,
+                                     class_dir=root / "class-images", checkpoint_every=0)
+                    spec = {"config": cfg, "threads": args.threads, "evals": {"report": list(REPORT_SEEDS)}}
+                    futures.append((m, name, pool.submit(run_job, spec, root / "runs" / name)))
+            for m, name, f in futures:
+                r = f.result()
+                log(f"{subject.name}/{name}: " + (f"DIVERGED: {r['diverged'][:80]}" if r.get("diverged") else
+                    f"train {r['train_s']:.0f}s, report {_fmt_metrics(r['evals']['report']['metrics'])}"))
+                if not r.get("diverged"):
+                    runs[m].append(r["evals"]["report"]["metrics"])
+        per_subject[subject.name] = runs
+    table = {}
+    for m in METHODS:
+        row = {}
+        for key in ("subject_fidelity", "prompt_fidelity", "class_leak"):
+            row[key] = {name: mean_std([r[key] for r in runs[m]]) for name, runs in per_subject.items()}
+            row[key]["all"] = mean_std([r[key] for runs in per_subject.values() for r in runs[m]])
+            row[key]["subject_means"] = mean_std([v[0] for name, v in row[key].items()
+                                                  if name in per_subject and v[0] is not None])
+        row["runs"] = sum(len(runs[m]) for runs in per_subject.values())
+        table[m] = row
+    out = {"chosen_lr": chosen, "seeds": args.seeds, "subjects": list(per_subject), "table": table,
+           "wall_s": time.monotonic() - started}
+    (args.out / "replication.json").write_text(json.dumps(out, indent=1))
+    (args.out / "replication.md").write_text(replication_report(out))
+    log(f"done: {args.out / 'replication.md'}")
+    return out
+
+
+def replication_report(rep: dict) -> str:
+    subjects = rep["subjects"]
+    lines = [f"Every method at its chosen lr {rep['chosen_lr']} on {len(subjects)} subjects, training seeds "
+             f"{rep['seeds']}; mean ± std over the seeds per subject, then over all runs and over the "
+             f"subjects' means. Replication wall time: {rep['wall_s'] / 60:.1f} min.", ""]
+    for key in ("subject_fidelity", "prompt_fidelity", "class_leak"):
+        lines += [f"{key.replace('_', ' ')}:", "",
+                  "| method | " + " | ".join(subjects) + " | all runs | mean of subjects |",
+                  "|---|" + "---:|" * (len(subjects) + 2)]
+        for m, row in rep["table"].items():
+            cells = [_pm(row[key][s]) for s in subjects] + [_pm(row[key]["all"]), _pm(row[key]["subject_means"])]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def prepare_class_images(args, subject: Path, info: dict, folder: Path | None = None) -> None:
     """Draw the shared class images once, before runs start in parallel (a 1-step LoRA run)."""
     from dorabooth.config import TrainConfig
     from dorabooth.train import train
 
-    folder = args.out / "class-images"
+    folder = folder or args.out / "class-images"
     if folder.is_dir() and any(folder.glob("*.png")):
         return
-    warm = args.out / "class-images-run"
+    warm = folder.parent / f"{folder.name}-run"
     import shutil
     shutil.rmtree(warm, ignore_errors=True)
-    cfg = config_for(args, subject, info, "LoRA", args.lrs[0], 0, warm)
+    cfg = config_for(args, subject, info, "LoRA", args.lrs[0], 0, warm, class_dir=folder)
     cfg.update(steps=1, checkpoint_every=0)
     train(TrainConfig.from_dict(cfg))
     shutil.rmtree(warm, ignore_errors=True)
@@ -394,9 +465,14 @@ def main(argv=None) -> int:
                    help="checkpoint cadence: the points of the ΔM/ΔD analysis (default 50)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--replicate", action="store_true",
+                   help="then train every method at its chosen lr on the other sample subjects too (same seeds, "
+                        "no lr search, no checkpoints; ≈ 7 min per subject here) and report them with the first")
     args = p.parse_args(argv)
     data = experiment(args)
     print(report(data))
+    if args.replicate:
+        print(replication_report(replicate(args, data)))
     return 0
 
 
