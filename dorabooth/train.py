@@ -14,9 +14,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -70,14 +71,65 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    emit = EventLog(run / "events.jsonl", on_event) if accelerator.is_main_process else EventLog()
     try:
-        return _train(config, accelerator, run, emit, stop)
-    except Exception as e:
-        emit("error", message=f"{type(e).__name__}: {e}")
-        raise
+        with run_lock(run) if accelerator.is_main_process else nullcontext():
+            emit = EventLog(run / "events.jsonl", on_event) if accelerator.is_main_process else EventLog()
+            try:
+                return _train(config, accelerator, run, emit, stop)
+            except Exception as e:
+                emit("error", message=f"{type(e).__name__}: {e}")
+                raise
     finally:
         _release(accelerator)
+
+
+LOCK = ".training.lock"
+
+
+class RunBusy(RuntimeError):
+    """Another process (or thread) is training this run folder right now."""
+
+
+@contextmanager
+def run_lock(run: Path):
+    """One trainer per run folder: a second ``train`` / ``--resume`` of the same folder fails at
+    once instead of interleaving checkpoints with the first. The lock file holds
+    ``host:pid``; one left by a process that no longer runs on this machine is taken over."""
+    lock = run / LOCK
+    me = f"{socket.gethostname()}:{os.getpid()}"
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = lock.read_text().strip()
+            except OSError:
+                owner = ""
+            if attempt == 0 and not _lock_owner_alive(owner):
+                lock.unlink(missing_ok=True)              # left by a killed run: take it over
+                continue
+            raise RunBusy(f"{run} is being trained by another process ({owner or 'unknown'}); wait for it to "
+                          f"finish or stop it, then --resume. If nothing is training it, delete {lock}") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _lock_owner_alive(owner: str) -> bool:
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True                                   # another machine's, or unreadable: assume it runs
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) -> RunResult:

@@ -204,6 +204,26 @@ def test_stop_while_drawing_class_images_keeps_them_and_resume_finishes(root, su
     assert [e["done"] for e in events if e["type"] == "class_images"] == [4, 6]
 
 
+def test_one_trainer_per_run_folder(root, subject, tmp_path):
+    """A live lock refuses a second trainer before anything is written; a lock left by a dead
+    process is taken over; the lock is gone when training ends."""
+    import socket
+
+    from dorabooth.train import LOCK, RunBusy
+
+    config = run_config(root, subject, tmp_path, "sd15", steps=1, prior_preservation=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / LOCK).write_text(f"{socket.gethostname()}:{os.getpid()}")          # this very process: alive
+    with pytest.raises(RunBusy, match=f"being trained by another process .*delete {run / LOCK}"):
+        train(config)
+    assert sorted(p.name for p in run.iterdir()) == [LOCK]                     # nothing else touched
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / LOCK).write_text(f"{socket.gethostname()}:{dead.stdout.strip()}")
+    assert train(config).step == 1
+    assert not (run / LOCK).exists()
+
+
 def test_resume_refuses_changed_recipe_and_existing_runs(root, subject, tmp_path):
     config = run_config(root, subject, tmp_path, "sd15", steps=1)
     train(config)
