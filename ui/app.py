@@ -241,9 +241,16 @@ def _analyze_tab(ctx: h.Context, c) -> None:
 
 
 # ---- wiring ------------------------------------------------------------------------------------
-def _finished_runs(ctx: h.Context, value=True):
+def _newest_or(ctx: h.Context, keep: str | None) -> tuple[list, str | None]:
+    """(finished-run choices, the run to select): ``keep`` while it is still listed, else the newest."""
     choices = h.list_runs(ctx, finished_only=True)
-    return gr.update(choices=choices, value=(choices[0][1] if choices else None) if value else [])
+    refs = [ref for _, ref in choices]
+    return choices, (keep if keep in refs else (refs[0] if refs else None))
+
+
+def _finished_runs(ctx: h.Context, value=True, keep: str | None = None):
+    choices, chosen = _newest_or(ctx, keep)
+    return gr.update(choices=choices, value=chosen if value else [])
 
 
 def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
@@ -267,10 +274,13 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
     def on_load():
         names = h.subject_names(ctx)
         view = h.open_subject(ctx, names[0]) if names else _empty_view("my-subject")
+        _, newest = _newest_or(ctx, None)
+        fmt, hint = _export_suggestion(ctx, newest)
         return (*show(view), runs_of(view.name), _finished_runs(ctx), _finished_runs(ctx),
-                gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx)))
+                gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx)),
+                h.default_prompt(ctx, newest) if newest else gr.skip(), fmt, hint)
 
-    demo.load(on_load, None, [*outputs, c.run, c.gen_run, c.exp_run, c.preset])
+    demo.load(on_load, None, [*outputs, c.run, c.gen_run, c.exp_run, c.preset, c.prompt, c.fmt, c.exp_hint])
 
     @shown
     def on_subject(name):
@@ -384,14 +394,35 @@ def _wire_train(ctx: h.Context, c) -> None:
 
 
 def _wire_results(ctx: h.Context, c) -> None:
-    """Generate, Export and Analyze: each lists the finished runs when its tab is opened."""
-    finished = shown(lambda: _finished_runs(ctx))
-    c.generate_tab.select(finished, None, c.gen_run)
-    c.export_tab.select(finished, None, c.exp_run)
-    c.analyze_tab.select(shown(lambda: (_finished_runs(ctx), _finished_runs(ctx, value=False))), None,
-                         [c.ana_run, c.ana_more])
+    """Generate, Export and Analyze: each lists the finished runs when its tab is opened, keeping
+    the run the user picked (and their prompt, format and dtype) while it is still listed.
+    Prompt and format follow the run on a user's pick (.input) or when the tab's refresh
+    changes the run — never on a refresh alone, which would overwrite what the user typed."""
+    @shown
+    def on_generate_tab(current, prompt):
+        choices, chosen = _newest_or(ctx, current)
+        refill = chosen and (chosen != current or not (prompt or "").strip())
+        return gr.update(choices=choices, value=chosen), h.default_prompt(ctx, chosen) if refill else gr.skip()
 
-    c.gen_run.change(shown(lambda ref: h.default_prompt(ctx, ref) if ref else ""), c.gen_run, c.prompt)
+    c.generate_tab.select(on_generate_tab, [c.gen_run, c.prompt], [c.gen_run, c.prompt])
+    c.gen_run.input(shown(lambda ref: h.default_prompt(ctx, ref) if ref else ""), c.gen_run, c.prompt)
+
+    @shown
+    def on_export_tab(current):
+        choices, chosen = _newest_or(ctx, current)
+        fmt, hint = _export_suggestion(ctx, chosen) if chosen != current else (gr.skip(), gr.skip())
+        return gr.update(choices=choices, value=chosen), fmt, hint
+
+    c.export_tab.select(on_export_tab, c.exp_run, [c.exp_run, c.fmt, c.exp_hint])
+
+    @shown
+    def on_analyze_tab(current, more):
+        choices, chosen = _newest_or(ctx, current)
+        refs = {ref for _, ref in choices}
+        return (gr.update(choices=choices, value=chosen),
+                gr.update(choices=choices, value=[r for r in (more or []) if r in refs]))
+
+    c.analyze_tab.select(on_analyze_tab, [c.ana_run, c.ana_more], [c.ana_run, c.ana_more])
 
     @shown
     def on_generate(ref, prompt, negative, n, steps, guidance, strength, seed, random_seed):
@@ -414,14 +445,7 @@ def _wire_results(ctx: h.Context, c) -> None:
 
     c.fmt.change(on_format, c.fmt, [c.fmt_help, c.dtype])
 
-    @shown
-    def on_exp_run(ref):
-        if not ref:
-            return gr.skip(), ""
-        fmt, hint = h.suggested_export(ctx, ref)
-        return fmt, f'<div class="db-details">{escape(hint)}</div>'
-
-    c.exp_run.change(on_exp_run, c.exp_run, [c.fmt, c.exp_hint])
+    c.exp_run.input(shown(lambda ref: _export_suggestion(ctx, ref)), c.exp_run, [c.fmt, c.exp_hint])
 
     @shown
     def on_export(ref, fmt, dtype):
@@ -440,6 +464,14 @@ def _wire_results(ctx: h.Context, c) -> None:
         return str(outcome.plot), views.analysis_html(outcome)
 
     c.analyze.click(on_analyze, [c.ana_run, c.ana_more, c.ana_axis], [c.ana_plot, c.ana_text])
+
+
+def _export_suggestion(ctx: h.Context, ref: str | None):
+    """(format, hint html) the run was trained for; no run: leave the format as it is."""
+    if not ref:
+        return gr.skip(), ""
+    fmt, hint = h.suggested_export(ctx, ref)
+    return fmt, f'<div class="db-details">{escape(hint)}</div>'
 
 
 def _preset_info(ctx: h.Context) -> str:

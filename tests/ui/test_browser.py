@@ -138,6 +138,8 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
                            timeout=10_000)
     page.wait_for_function("document.querySelector('#db-prompt textarea')?.value.includes('sks dog')",
                            timeout=10_000)                                  # the token is pre-filled
+    mine = "a photo of sks dog on the moon"
+    page.locator("#db-prompt textarea").fill(mine)
     page.locator("#db-generate").click()
     page.wait_for_selector("#db-gallery img", timeout=60_000)
     assert page.locator("#db-gallery img").count() == 2                    # default: 2 images
@@ -173,11 +175,26 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     assert "Slope" in page.locator("#db-ana-text").inner_text()
     _shot(page, "5-analyze")
 
+    # ---- A second run finishes; back on Generate the run and prompt the user had are kept -----
+    _tab(page, "Train")
+    page.locator("#db-start").click()
+    page.wait_for_function("document.querySelector('#db-run input')?.value.includes('002-')", timeout=30_000)
+    second = workspace / "rex-the-dog" / "runs" / "002-dora-quick"
+    deadline = time.monotonic() + 120
+    while not (second / "adapter.safetensors").is_file() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    page.wait_for_function("document.querySelector('#db-progress')?.innerText.includes('Finished')", timeout=30_000)
+    _tab(page, "Generate")
+    page.wait_for_timeout(1500)                                             # the tab's refresh has run
+    assert page.locator("#db-prompt textarea").input_value() == mine
+    assert ref in page.locator("#db-gen-run input").input_value()
+
     # ---- Reload: the run is still listed and still finished --------------------------------
     page.reload()
     page.wait_for_selector("#db-upload", timeout=60_000)
     _tab(page, "Train")
-    page.wait_for_function(f"document.querySelector('#db-run input')?.value.includes('{ref}')", timeout=20_000)
+    newest = "rex-the-dog/002-dora-quick"                                    # the newest run is shown
+    page.wait_for_function(f"document.querySelector('#db-run input')?.value.includes('{newest}')", timeout=20_000)
     page.wait_for_selector("#db-progress [data-state=finished]", timeout=20_000)
     _shot(page, "6-after-reload")
     _no_traceback(page)
