@@ -33,7 +33,9 @@ from pathlib import Path
 
 import torch
 
-PROMPTS_DIR = Path(__file__).resolve().parent.parent / "prompts"
+from .models import shipped_path
+
+PROMPTS_DIR = shipped_path("prompts")
 DEFAULT_PROMPTS = {"toy": PROMPTS_DIR / "toy-eval.json", "embedding": PROMPTS_DIR / "dreambooth-objects.txt"}
 SCORERS = ("auto", "toy", "embedding")
 DEFAULT_SEEDS = (0, 1, 2)

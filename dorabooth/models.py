@@ -19,7 +19,28 @@ import torch
 
 from .families import Family, detect_family
 
-TOY_MODEL = Path(__file__).resolve().parent.parent / "assets" / "toy-sdxl"
+def shipped_path(top: str, name: str = "") -> Path:
+    """``<top>/<name>`` of what the project ships beside the package (``assets``, ``prompts``):
+    in the source tree (a checkout or an editable install) or, in a wheel install, inside the
+    data-only package ``dorabooth_<top>`` the wheel carries."""
+    import importlib.util
+
+    source = Path(__file__).resolve().parent.parent / top / name
+    if source.exists():
+        return source
+    spec = importlib.util.find_spec(f"dorabooth_{top}")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(location) / name).exists():
+            return Path(location) / name
+    return source                          # missing everywhere: errors name the source-tree path
+
+
+def asset_dir(name: str) -> Path:
+    """``assets/<name>`` (the toy model, the sample subjects), wherever it was installed."""
+    return shipped_path("assets", name)
+
+
+TOY_MODEL = asset_dir("toy-sdxl")
 TOY_ALIASES = ("toy", "toy-sdxl")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")

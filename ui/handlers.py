@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+from dorabooth.models import asset_dir
+
 from . import runs
 from .runs import RunStatus, read_status
 from .worker import TrainingWorker
@@ -130,7 +132,7 @@ class SessionCache:
             torch.cuda.empty_cache()
 
 
-SAMPLES = Path(__file__).resolve().parent.parent / "assets" / "subjects"   # made for the toy model
+SAMPLES = asset_dir("subjects")                    # made for the toy model
 
 
 @dataclass
