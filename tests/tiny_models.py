@@ -60,34 +60,28 @@ def tiny_vae(seed: int = 0):
     ).eval()
 
 
-def tiny_sd15_unet(seed: int = 0):
+def _tiny_unet(seed: int, **arch):
+    """A small UNet2DConditionModel: 4 latent channels, blocks (16, 32), one layer each."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32),
+                                layers_per_block=1, norm_num_groups=8, **arch).eval()
+
+
+def tiny_sd15_unet(seed: int = 0):
+    return _tiny_unet(
+        seed,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=4,
-        norm_num_groups=8,
-    ).eval()
+    )
 
 
 def tiny_sdxl_unet(seed: int = 0):
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(16, 32),
-        layers_per_block=1,
+    return _tiny_unet(
+        seed,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2),
@@ -97,8 +91,7 @@ def tiny_sdxl_unet(seed: int = 0):
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=80,  # 6 time ids × 8 + pooled text_encoder_2 (32)
-        norm_num_groups=8,
-    ).eval()
+    )
 
 
 def _scheduler():

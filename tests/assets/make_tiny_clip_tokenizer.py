@@ -5,26 +5,15 @@ marker `</w>`), a few merges for common test words, and the two special tokens. 
 with `CLIPTokenizer.from_pretrained(folder)`: in transformers 5, `CLIPTokenizer(vocab_file=…)`
 silently ignores the files (see /work/shared/notes/toyworld.md).
 
-Run from the repository root: `python tests/assets/make_tiny_clip_tokenizer.py`.
+Run from the repository root (dorabooth installed): `python tests/assets/make_tiny_clip_tokenizer.py`.
 """
 
 import json
 from pathlib import Path
 
+from dorabooth.toyworld.tokenizer import bytes_to_unicode   # CLIP's reversible byte -> character map
+
 MERGES = ["o f</w>", "t h", "th e</w>", "s k", "sk s</w>", "d o", "do g</w>", "p h", "ph o"]
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    # The reversible byte -> printable-character map used by CLIP and GPT-2.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def main(folder: Path = Path(__file__).parent / "tiny-clip-tokenizer") -> None:
