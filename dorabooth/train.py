@@ -119,6 +119,15 @@ def run_lock(run: Path):
         lock.unlink(missing_ok=True)
 
 
+def run_busy(run: str | os.PathLike) -> str | None:
+    """``host:pid`` of the live process training ``run`` now (its lock), or None."""
+    try:
+        owner = (Path(run) / LOCK).read_text().strip()
+    except OSError:
+        return None
+    return owner if _lock_owner_alive(owner) else None
+
+
 def _lock_owner_alive(owner: str) -> bool:
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():

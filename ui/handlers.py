@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import secrets
 import shutil
 import threading
@@ -398,7 +399,13 @@ def resume_training(ctx: Context, ref: str) -> str:
     from dorabooth import TrainConfig
     from dorabooth.config import read_run_config
 
+    from dorabooth.train import run_busy
+
     run = ctx.workspace.run(ref)
+    owner = run_busy(run)
+    if owner is not None and not owner.endswith(f":{os.getpid()}"):        # this app's own run: see below
+        raise UserError(f"{ref} is being trained right now by another process ({owner}, e.g. `dorabooth train` "
+                        f"in a terminal); wait for it to finish, or stop it there")
     status = run_status(ctx, ref)
     if not status.resumable:
         raise UserError(f"{ref} is {status.state}; only stopped, failed or interrupted runs can be resumed")

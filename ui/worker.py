@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dorabooth.events import EventLog
+from dorabooth.train import RunBusy
 
 log = logging.getLogger("dorabooth.ui")
 
@@ -113,6 +114,8 @@ class TrainingWorker:
                 if self._before_train is not None:
                     self._before_train()
                 self._train(job.config, stop=self._stop)
+            except RunBusy:                            # another process trains it: its events are its own
+                log.warning("training %s skipped: another process trains it", job.run)
             except Exception as e:                     # the run's events.jsonl says what happened
                 log.exception("training %s failed", job.run)
                 _record_error(job.run, e)

@@ -2,12 +2,17 @@
 run states read from disk, generation, export, analysis, and the page's error messages."""
 
 import json
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from dorabooth.train import LOCK
 
 from ui import handlers as h
 from ui import runs, views
@@ -342,7 +347,15 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, tiny_model):
         stopped = _wait(ctx, ref)
         assert stopped.state == runs.STOPPED and stopped.step == 2 and stopped.checkpoint == 2
         assert "Resume</b> continues from the checkpoint at step 2" in views.progress_html(stopped)
-        h.resume_training(ctx, ref)
+        busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # "another trainer"
+        try:
+            (ctx.workspace.run(ref) / LOCK).write_text(f"{socket.gethostname()}:{busy.pid}")
+            with pytest.raises(UserError, match="being trained right now by another process"):
+                h.resume_training(ctx, ref)
+        finally:
+            busy.kill()
+            busy.wait()
+        h.resume_training(ctx, ref)                     # its lock is stale now: taken over
         done = _wait(ctx, ref)
         assert done.finished, done.message
         assert [s for s, _ in done.losses] == [1, 2, 3, 4]
