@@ -111,6 +111,7 @@ class RunInfo:
     targets: str
     base: str                        # the base model folder/file the weights come from
     base_hash: str | None = None     # its fingerprint when the run was trained
+    text_encoders: bool = False      # the run trained the text encoders (adapters on them, or FT of them)
 
     @property
     def label(self) -> str:
@@ -138,7 +139,8 @@ def read_run(run: str | os.PathLike) -> RunInfo:
     return RunInfo(path=path, method=cfg.get("method", "dora"), rank=rank, half_rank=bool(cfg.get("half_rank")),
                    magnitude_axis=cfg.get("magnitude_axis") if cfg.get("method", "dora") == "dora" else None,
                    seed=cfg.get("seed"), lr=cfg.get("lr"), steps=cfg.get("steps"),
-                   targets=cfg.get("targets") or "attn", base=str(base), base_hash=bm.get("hash"))
+                   targets=cfg.get("targets") or "attn", base=str(base), base_hash=bm.get("hash"),
+                   text_encoders=bool(cfg.get("train_text_encoders")))
 
 
 def snapshots(info: RunInfo) -> list[tuple[int, Path]]:
@@ -236,9 +238,11 @@ def check_base(info: RunInfo) -> None:
 
 
 def full_target_modules(info: RunInfo) -> list[str]:
-    """``unet.<module>`` names a full fine-tune is analysed on: the run's ``targets`` (default
-    ``attn``) resolved by :func:`dorabooth.inject.resolve_targets` on a stand-in of the base
-    UNet: its 2-D weights as meta-device ``nn.Linear`` modules (read from file headers only)."""
+    """The module keys a full fine-tune is analysed on — the layers the adapters would adapt:
+    ``unet.<module>`` for the run's ``targets`` (default ``attn``) resolved by
+    :func:`dorabooth.inject.resolve_targets` on a stand-in of the base UNet (its 2-D weights as
+    meta-device ``nn.Linear`` modules, read from file headers only), and, when the run trained
+    the text encoders, their attention projections (``text_encoder*.text_model.…q/k/v/out_proj``)."""
     from safetensors import safe_open
     from torch import nn
 
@@ -255,7 +259,25 @@ def full_target_modules(info: RunInfo) -> list[str]:
                 shape = f.get_slice(key).get_shape()
                 if key.endswith(".weight") and len(shape) == 2:
                     _add_linear(root, key[: -len(".weight")], shape)
-    return [f"unet.{n}" for n in resolve_targets(root, info.targets)]
+    unet = [f"unet.{n}" for n in resolve_targets(root, info.targets)]
+    return unet + (_text_encoder_targets(folder) if info.text_encoders else [])
+
+
+def _text_encoder_targets(folder: Path) -> list[str]:
+    from safetensors import safe_open
+
+    from .inject import TEXT_ENCODER_TARGETS
+
+    out = []
+    for te in sorted(d for d in folder.glob("text_encoder*") if d.is_dir()):
+        for file in sorted(te.glob("*.safetensors")):
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    module = key.removesuffix(".weight")
+                    if key.endswith(".weight") and module.endswith(TEXT_ENCODER_TARGETS):
+                        level = "" if module.startswith("text_model.") else "text_model."
+                        out.append(f"{te.name}.{level}{module}")
+    return sorted(out)
 
 
 def _add_linear(root, name: str, shape) -> None:
@@ -279,16 +301,19 @@ def snapshot_weights(info: RunInfo, path: Path, modules: Sequence[str] | None,
 
         adapter = read_adapter_file(path)
         return {k: adapted_weight(base(k), mod, 1.0) for k, mod in sorted(adapter.modules.items())}
-    if path.is_dir():                                        # the final unet/ folder
-        names = {k: [k.removeprefix("unet.") + ".weight"] for k in modules}
-        files = sorted(path.glob("*.safetensors"))
-    else:                                                    # a checkpoint's trainable.safetensors
-        names = {k: [k + ".weight"] for k in modules}
-        files = [path]
     out = {}
     for k in modules:
+        component, _, module = k.partition(".")
+        modules = [module]
+        if module.startswith("text_model."):                 # transformers 5 models and files lack the level
+            modules.append(module.removeprefix("text_model."))
+        if path.is_dir():                                    # the final unet/ (text_encoder*/ beside it)
+            names = [f"{m}.weight" for m in modules]
+            files = sorted((path.parent / component).glob("*.safetensors"))
+        else:                                                # a checkpoint's trainable.safetensors
+            names, files = [f"{component}.{m}.weight" for m in modules], [path]
         for f in files:
-            t = _read_tensor(f, names[k])
+            t = _read_tensor(f, names)
             if t is not None:
                 out[k] = t
                 break

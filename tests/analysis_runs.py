@@ -16,6 +16,7 @@ METHODS = {  # name: TrainConfig overrides
     "dora-in": dict(method="dora", magnitude_axis="in"),
     "lora": dict(method="lora"),
     "full": dict(method="full"),
+    "full-te": dict(method="full", train_text_encoders=True),
 }
 
 

@@ -3,6 +3,7 @@ tiny 3-checkpoint runs of each method (checked against the adapter layers' own m
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,6 +128,41 @@ def test_full_points_match_the_saved_weights(analysed):
         W = ckpt["unet." + key] if p["step"] == 2 else final[key] if p["step"] == STEPS else None
         if W is not None:
             assert (p["dM"], p["dD"]) == pytest.approx(magnitude_direction(base[key], W), rel=1e-9)
+
+
+def test_full_fine_tune_of_the_text_encoders_is_measured_on_the_adapters_layers(tmp_path_factory, analysed):
+    """FT that also trained the text encoders: the same layers as a DoRA run with text-encoder
+    adapters (UNet attention + q/k/v/out_proj of each encoder), read from the checkpoint and the
+    final text_encoder*/ folders."""
+    from safetensors import safe_open
+
+    runs, _, data = analysed
+    run = tiny_run(tmp_path_factory, "full-te")
+    result = analyze([run], tmp_path_factory.mktemp("analysis-full-te"))["runs"][0]
+    layers = {p["layer"] for p in result["points"]}
+    assert layers == {p["layer"] for p in data["runs"][0]["points"]}            # the DoRA run's layers
+    assert any(k.startswith("text_encoder_2.") for k in layers)
+    base = read_run(run).base
+    ckpt = load_file(str(run / "checkpoints" / "step-2" / "trainable.safetensors"))
+    checked = 0
+    for p in result["points"]:
+        component, _, module = p["layer"].partition(".")
+        if not component.startswith("text_encoder") or p["step"] not in (2, STEPS):
+            continue
+        names = [f"{module}.weight", f"{module.removeprefix('text_model.')}.weight"]
+        W0 = W = None
+        for f in (Path(base) / component).glob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as fh:
+                W0 = next((fh.get_tensor(n) for n in names if n in fh.keys()), W0)
+        if p["step"] == 2:
+            W = next(ckpt[f"{component}.{n}"] for n in names if f"{component}.{n}" in ckpt)
+        else:
+            for f in (run / component).glob("*.safetensors"):
+                with safe_open(str(f), framework="pt") as fh:
+                    W = next((fh.get_tensor(n) for n in names if n in fh.keys()), W)
+        assert (p["dM"], p["dD"]) == pytest.approx(magnitude_direction(W0, W), rel=1e-9)
+        checked += 1
+    assert checked > 0
 
 
 def test_analyze_axis_in_and_errors(tmp_path_factory, tmp_path, capsys):
