@@ -448,7 +448,7 @@ def plot(data: Mapping, path: str | os.PathLike, *, layers: str = "query") -> Pa
         slope = "n/a" if fit["slope"] is None else f"{fit['slope']:.3g}"
         r = "n/a" if fit["pearson"] is None else f"{fit['pearson']:.2f}"
         ax.set_title(f"{panel['label']} ({len(panel['runs'])} run{'s' * (len(panel['runs']) > 1)})\n"
-                     f"slope {slope}, r = {r} [{which}]", fontsize=9)
+                     f"slope {slope}, r = {r} [{which}]", fontsize=9, pad=14)   # room for the axis offset (1e-3)
         ax.set_xlabel("ΔD (mean 1 − cos)")
         ax.set_ylabel("ΔM (mean |m_t − m_0|)")
         ax.ticklabel_format(axis="both", style="sci", scilimits=(-2, 3))
