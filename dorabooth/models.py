@@ -185,11 +185,71 @@ def _from_single_file(path: str, dtype: torch.dtype, config: str | None):
     if config is not None:
         extra["config"] = config
     try:
-        return cls.from_single_file(path, **_dtype_kwargs(dtype), **extra)
+        pipe = cls.from_single_file(path, **_dtype_kwargs(dtype), **extra)
+        unloaded = _unloaded_components(pipe)
+        if not unloaded:
+            return pipe
+        problem, cause = f"it left {', '.join(unloaded)} without weights", None
     except Exception as e:
-        raise OSError(f"{path}: diffusers could not load this {family} checkpoint ({type(e).__name__}: {e}). "
-                      f"Without internet, pass the matching diffusers folder as the single-file config "
-                      f"(--model-config DIR)") from e
+        problem, cause = f"{type(e).__name__}: {e}", e
+    local = config is not None and (Path(config) / "model_index.json").is_file()
+    if local:           # e.g. SDXL encoders of equal width, which diffusers tells apart by width only
+        try:
+            return _from_single_file_mapped(path, dtype, Path(config), family)
+        except Exception as e:
+            problem += f"; dorabooth's own key map failed too ({type(e).__name__}: {e})"
+    raise OSError(f"{path}: diffusers could not load this {family} checkpoint ({problem}). "
+                  + ("Check that --model-config is the diffusers folder of the model this file was made from"
+                     if local else "Without internet, pass the matching diffusers folder as the single-file "
+                                   "config (--model-config DIR)")) from cause
+
+
+def _unloaded_components(pipe) -> list[str]:
+    return [name for name, c in pipe.components.items()
+            if isinstance(c, torch.nn.Module) and any(p.is_meta for p in c.parameters())]
+
+
+def _from_single_file_mapped(path: str, dtype: torch.dtype, config: Path, family: str):
+    """The pipeline of ``config`` (a diffusers folder: its component configs, tokenizers and
+    scheduler) with every weight read from the single file through the original-layout key map
+    the exporter writes with (:class:`dorabooth.formats.single_file.Mapper`); strict: a weight
+    the file lacks is an error."""
+    import importlib
+
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from .formats.single_file import Mapper
+
+    index = DiffusionPipeline.load_config(str(config))
+    parts = {}
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
+            continue
+        library, class_name = spec
+        component_cls = getattr(importlib.import_module(library), class_name)
+        folder = config / name
+        if not issubclass(component_cls, torch.nn.Module):
+            parts[name] = component_cls.from_pretrained(str(folder))              # tokenizer, scheduler
+        elif library == "diffusers":
+            parts[name] = component_cls.from_config(component_cls.load_config(str(folder)))
+        else:
+            from transformers import AutoConfig
+            parts[name] = component_cls(AutoConfig.from_pretrained(str(folder)))
+    original = load_file(path)
+    mapper = Mapper(family, parts["unet"].config, parts["vae"].config)
+    for name, module in parts.items():
+        if not isinstance(module, torch.nn.Module):
+            continue
+        state = {k: mapper.read(original, name, k).to(v.dtype) for k, v in module.state_dict().items()}
+        module.load_state_dict(state, strict=True)
+        if dtype != torch.float32:
+            module.to(dtype)
+        module.eval()
+    pipeline_cls = getattr(importlib.import_module("diffusers"), index["_class_name"])
+    extra = {} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None,
+                                          "requires_safety_checker": False}
+    return pipeline_cls(**parts, **{k: v for k, v in extra.items() if k not in parts})
 
 
 def weights_hash(path: str | os.PathLike) -> str:

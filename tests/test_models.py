@@ -138,3 +138,31 @@ def test_single_file_through_diffusers_from_single_file(sd15_folder, tmp_path):
     for c in ("unet", "vae", "text_encoder"):
         ref, got = getattr(pipe, c).state_dict(), getattr(loaded, c).state_dict()
         assert all(torch.equal(ref[k], got[k]) for k in ref), c
+
+
+def test_sdxl_single_file_with_equal_width_encoders_loads_through_our_key_map(tmp_path):
+    """diffusers' from_single_file tells SDXL's two text encoders apart by width and leaves one
+    unloaded when they are equal (the toy model, this tiny one: 32/32); load_pipeline then reads
+    every weight through the exporter's own key map, given the model's diffusers folder."""
+    from dorabooth.formats.single_file import Mapper
+
+    pipe = make_sdxl_pipeline()
+    assert pipe.text_encoder.config.hidden_size == pipe.text_encoder_2.config.hidden_size
+    folder = tmp_path / "sdxl"
+    pipe.save_pretrained(folder, safe_serialization=True)
+    parts = ("unet", "vae", "text_encoder", "text_encoder_2")
+    original = Mapper("sdxl", pipe.unet.config, pipe.vae.config).to_original(
+        {c: getattr(pipe, c).state_dict() for c in parts})
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in original.items()}, str(path))
+    loaded, base = models.load_pipeline(str(path), single_file_config=str(folder))
+    assert (base.kind, base.family, type(loaded).__name__) == ("single_file", "sdxl", "StableDiffusionXLPipeline")
+    for c in parts:
+        ref, got = getattr(pipe, c).state_dict(), getattr(loaded, c).state_dict()
+        assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref), c
+    images = loaded(prompt="a photo", num_inference_steps=2, height=32, width=32, output_type="np").images
+    assert images.shape == (1, 32, 32, 3)
+    del original["conditioner.embedders.1.model.text_projection"]               # a weight missing: an error
+    save_file({k: v.contiguous() for k, v in original.items()}, str(path))
+    with pytest.raises(OSError, match="key map failed too .*text_projection"):
+        models.load_pipeline(str(path), single_file_config=str(folder))
