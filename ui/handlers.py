@@ -525,6 +525,9 @@ EXPORT_DTYPES = {"fp32 (full precision)": "fp32", "fp16 (half the size)": "fp16"
 def suggested_export(ctx: Context, ref: str) -> tuple[str, str]:
     """(format, why): the adapter format the run was trained for, and a sentence saying so."""
     s = run_status(ctx, ref).settings
+    if s.get("method") == "full":
+        return "merged-single-file", ("A full fine-tune (e.g. from `dorabooth train --method full`): it is a whole "
+                                      "model, so it exports as a merged checkpoint, not an adapter.")
     if s.get("method") == "lora":
         return "kohya", "A LoRA run: its adapter file works in every tool."
     if s.get("magnitude_axis") == "in":

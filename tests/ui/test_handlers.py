@@ -410,3 +410,25 @@ def test_console_script_reports_a_missing_model(tmp_path, capsys):
 
     assert main(["--model", str(tmp_path / "nope"), "--workspace", str(tmp_path / "ws")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_a_full_fine_tune_from_the_command_line_exports_as_a_merged_checkpoint(tmp_path, tiny_model):
+    """A `dorabooth train --method full` run written into the workspace: the app lists it,
+    suggests the merged checkpoint and exports it; adapter formats are refused with the reason."""
+    from dorabooth import TrainConfig, train
+
+    ctx = h.make_context(tmp_path / "ws", tiny_model)
+    try:
+        h.upload_photos(ctx, "rex", make_photos(tmp_path / "up"), "sks", "dog")
+        train(TrainConfig(images=str(tmp_path / "up"), class_noun="dog", out=str(tmp_path / "ws/rex/runs/001-full"),
+                          model=tiny_model, method="full", steps=2, prior_preservation=False, sample_every=0))
+        ref = "rex/001-full"
+        assert ref in [r for _, r in h.list_runs(ctx, finished_only=True)]
+        fmt, why = h.suggested_export(ctx, ref)
+        assert fmt == "merged-single-file" and "whole model" in why
+        outcome = h.export_run(ctx, ref, fmt)
+        assert outcome.path.is_file() and outcome.path.suffix == ".safetensors"
+        with pytest.raises(ValueError, match="not an adapter"):
+            h.export_run(ctx, ref, "kohya")
+    finally:
+        ctx.close()
