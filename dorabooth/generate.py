@@ -136,15 +136,7 @@ class Session:
 
         t = self.strength
         if self._full is not None:
-            with torch.no_grad():
-                for component, (w0, w1) in self._full.items():
-                    for name, p in getattr(self.pipe, component).named_parameters():
-                        if name not in w1:
-                            continue
-                        if t in (0.0, 1.0):                       # exactly the base / the fine-tune
-                            p.copy_((w0 if t == 0.0 else w1)[name])
-                        else:                                      # W0 + t·(W − W0), in fp32
-                            p.copy_(w0[name].float() + t * (w1[name].float() - w0[name].float()))
+            self._write_full(t)
             return
         dorabooth.unmerge(self.pipe)
         dorabooth.set_strength(self.pipe, t)
@@ -156,15 +148,24 @@ class Session:
         from . import inject
 
         if self._full is not None:
-            with torch.no_grad():
-                for component, (w0, _) in self._full.items():
-                    for name, p in getattr(self.pipe, component).named_parameters():
-                        if name in w0:
-                            p.copy_(w0[name])
+            self._write_full(0.0)                      # the base weights back
             self._full = None
         if any(True for _ in inject.iter_layers(self.pipe)):
             dorabooth.detach(self.pipe)
         self.adapter = None
+
+    @torch.no_grad()
+    def _write_full(self, t: float) -> None:
+        """Put W0 + t·(W − W0) of the loaded full fine-tune into the pipeline's weights
+        (t = 0 and 1 copy W0 and W exactly; otherwise blended in fp32)."""
+        for component, (w0, w1) in self._full.items():
+            for name, p in getattr(self.pipe, component).named_parameters():
+                if name not in w1:
+                    continue
+                if t in (0.0, 1.0):
+                    p.copy_((w0 if t == 0.0 else w1)[name])
+                else:
+                    p.copy_(w0[name].float() + t * (w1[name].float() - w0[name].float()))
 
     def _load_full(self, folder: Path) -> dict[str, tuple[dict, dict]]:
         """(W0, W) per fine-tuned component: the UNet in ``folder`` and, when ``folder`` is a
@@ -178,14 +179,17 @@ class Session:
     def _load_component(self, name: str, folder: Path) -> tuple[dict, dict]:
         from safetensors.torch import load_file
 
+        from .formats.layout import text_module
+        from .inject import TEXT_ENCODER_COMPONENTS, module_name
+
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{folder}: no .safetensors weights (the fine-tuned {name} of a full fine-tune)")
-        current = dict(getattr(self.pipe, name).named_parameters())
-        trained = {}
-        for f in files:
-            for k, v in load_file(str(f)).items():          # a CLIP file may lack the text_model. level
-                trained[k if k in current or f"text_model.{k}" not in current else f"text_model.{k}"] = v
+        model = getattr(self.pipe, name)
+        current = dict(model.named_parameters())
+        trained = {k: v for f in files for k, v in load_file(str(f)).items()}
+        if name in TEXT_ENCODER_COMPONENTS:            # files and models with or without text_model.
+            trained = {module_name(model, name, text_module(k)): v for k, v in trained.items()}
         unknown = sorted(set(trained) - set(current))
         wrong = [k for k in trained if k in current and trained[k].shape != current[k].shape]
         if unknown or wrong:
