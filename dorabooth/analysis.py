@@ -180,9 +180,7 @@ class BaseWeights:
     def __call__(self, key: str) -> torch.Tensor:
         component, _, module = key.partition(".")
         if self.folder is not None:
-            names = [f"{module}.weight"]
-            if module.startswith("text_model."):                 # transformers 5 files lack the level
-                names.append(f"{module.removeprefix('text_model.')}.weight")
+            names = _weight_names(module)
             for file in sorted((self.folder / component).glob("*.safetensors")):
                 t = _read_tensor(file, names)
                 if t is not None:
@@ -210,6 +208,15 @@ def _local_folder(base: str) -> Path | None:
 
     p = TOY_MODEL if base in TOY_ALIASES else Path(base).expanduser()
     return p if p.is_dir() and (p / "model_index.json").is_file() else None
+
+
+def _weight_names(module: str, prefix: str = "") -> list[str]:
+    """The names ``module``'s weight may have in a file: a CLIP module with and without the
+    ``text_model.`` level (transformers 5 models and files lack it)."""
+    names = [f"{prefix}{module}.weight"]
+    if module.startswith("text_model."):
+        names.append(f"{prefix}{module.removeprefix('text_model.')}.weight")
+    return names
 
 
 def _read_tensor(file: Path, names: Iterable[str]) -> torch.Tensor | None:
@@ -266,6 +273,7 @@ def full_target_modules(info: RunInfo) -> list[str]:
 def _text_encoder_targets(folder: Path) -> list[str]:
     from safetensors import safe_open
 
+    from .formats.layout import text_module
     from .inject import TEXT_ENCODER_TARGETS
 
     out = []
@@ -275,8 +283,7 @@ def _text_encoder_targets(folder: Path) -> list[str]:
                 for key in f.keys():
                     module = key.removesuffix(".weight")
                     if key.endswith(".weight") and module.endswith(TEXT_ENCODER_TARGETS):
-                        level = "" if module.startswith("text_model.") else "text_model."
-                        out.append(f"{te.name}.{level}{module}")
+                        out.append(f"{te.name}.{text_module(module)}")
     return sorted(out)
 
 
@@ -304,14 +311,10 @@ def snapshot_weights(info: RunInfo, path: Path, modules: Sequence[str] | None,
     out = {}
     for k in modules:
         component, _, module = k.partition(".")
-        modules = [module]
-        if module.startswith("text_model."):                 # transformers 5 models and files lack the level
-            modules.append(module.removeprefix("text_model."))
         if path.is_dir():                                    # the final unet/ (text_encoder*/ beside it)
-            names = [f"{m}.weight" for m in modules]
-            files = sorted((path.parent / component).glob("*.safetensors"))
+            names, files = _weight_names(module), sorted((path.parent / component).glob("*.safetensors"))
         else:                                                # a checkpoint's trainable.safetensors
-            names, files = [f"{component}.{m}.weight" for m in modules], [path]
+            names, files = _weight_names(module, prefix=f"{component}."), [path]
         for f in files:
             t = _read_tensor(f, names)
             if t is not None:
