@@ -73,8 +73,8 @@ def load_adapter(source) -> tuple[Adapter, str | None]:
         base = bm.get("path") or bm.get("id") if isinstance(bm, dict) else bm
         if not (p / "adapter.safetensors").is_file():
             method = (run.get("config") or {}).get("method")
-            hint = " (a --method full run: its fine-tuned UNet is in unet/)" if method == "full" else \
-                " (training did not finish; export a checkpoint's adapter instead)"
+            hint = (" (a --method full run that did not finish: --resume it, then export it as a merged checkpoint)"
+                    if method == "full" else " (training did not finish; export a checkpoint's adapter instead)")
             raise FileNotFoundError(f"{p}: run folder has no adapter.safetensors{hint}")
     adapter = adapter_files.read_adapter_file(p)
     return adapter, base or adapter.base_model
@@ -250,7 +250,7 @@ def export(adapters: Sequence[tuple[object, float]] | object, *, format: str, ou
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r}: choose fp16, bf16 or fp32")
     out_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    full = [p for p in (_full_run(src) for src, _ in pairs) if p is not None]
+    full = [s for s in (_full_run(src) for src, _ in pairs) if s is not None]
     if full:
         return _export_full(full[0], pairs, format, Path(out), model, model_config, pipe, out_dtype, overwrite,
                             emit)
@@ -266,72 +266,75 @@ def export(adapters: Sequence[tuple[object, float]] | object, *, format: str, ou
         check_family(a, family)
     keys = sorted({k for a, _ in loaded for k in a.modules})
     base_id = (info.id if info else None) or model or getattr(getattr(pipe, "config", None), "_name_or_path", None)
-    meta = {
+    meta = _merged_metadata(family, base_id, info, [{"source": a.source, "strength": t, "method": a.method,
+                                                     "magnitude_axis": a.axis, "rank": a.ranks(), "format": a.format}
+                                                    for (a, _), (_, t) in zip(loaded, pairs)], MERGE_DEFINITION)
+    strengths = [(a, t) for (a, _), (_, t) in zip(loaded, pairs)]
+    path = _write_merged(pipe, info, family, keys, strengths, format, Path(out), out_dtype, meta, overwrite, emit)
+    return ExportResult(path, format, notes=[f"merged {len(keys)} modules"], metadata=meta)
+
+
+def _merged_metadata(family: str, base_id, info, adapters: list[dict], merge: str) -> dict[str, str]:
+    """The ``dorabooth.*`` header of a merged checkpoint: what was merged into which base, and how."""
+    return {
         "dorabooth.version": __version__,
         "dorabooth.family": family,
         "dorabooth.base_model": str(base_id),
         "dorabooth.base_hash": info.hash if info else "",
-        "dorabooth.adapters": json.dumps([{"source": a.source, "strength": t, "method": a.method,
-                                           "magnitude_axis": a.axis, "rank": a.ranks(), "format": a.format}
-                                          for (a, _), (_, t) in zip(loaded, pairs)]),
-        "dorabooth.merge": MERGE_DEFINITION,
+        "dorabooth.adapters": json.dumps(adapters),
+        "dorabooth.merge": merge,
     }
-    strengths = [(a, t) for (a, _), (_, t) in zip(loaded, pairs)]
+
+
+def _write_merged(pipe, info, family, keys, strengths, format, out: Path, dtype, meta, overwrite, emit) -> Path:
     if format == "merged-single-file":
-        path = _export_single_file(pipe, info, family, keys, strengths, Path(out), out_dtype, meta, overwrite, emit)
+        path = _export_single_file(pipe, info, family, keys, strengths, out, dtype, meta, overwrite, emit)
     else:
-        path = _export_diffusers(pipe, keys, strengths, Path(out), out_dtype, meta, overwrite, emit)
+        path = _export_diffusers(pipe, keys, strengths, out, dtype, meta, overwrite, emit)
     emit({"event": "export", "stage": "written", "path": str(path)})
-    return ExportResult(path, format, notes=[f"merged {len(keys)} modules"], metadata=meta)
+    return path
 
 
-def _full_run(source) -> Path | None:
-    """The run folder of a finished ``--method full`` run (``unet/``, no adapter file), else None."""
-    if not isinstance(source, (str, os.PathLike)):
+def _full_run(source):
+    """The resolved ``--method full`` run folder (an ``AdapterSource`` of kind "full"), else None."""
+    from .generate import resolve_adapter
+
+    if not isinstance(source, (str, os.PathLike)) or not (Path(source) / "unet").is_dir():
         return None
-    p = Path(source)
-    if p.is_dir() and (p / "config.json").is_file() and (p / "unet" / "config.json").is_file() \
-            and not (p / "adapter.safetensors").is_file():
-        return p
-    return None
+    try:
+        resolved = resolve_adapter(source)
+    except FileNotFoundError:                       # not a run, or unfinished: load_adapter says which
+        return None
+    return resolved if resolved.kind == "full" and resolved.from_run else None
 
 
-def _export_full(run: Path, pairs, format, out: Path, model, model_config, pipe, dtype, overwrite,
+def _export_full(source, pairs, format, out: Path, model, model_config, pipe, dtype, overwrite,
                  emit) -> ExportResult:
     """A full fine-tune (its ``unet/`` and any ``text_encoder*/``) as a merged checkpoint, at
     strength t: W0 + t·(W − W0) in every fine-tuned weight, as ``dorabooth generate`` uses it."""
-    from .generate import Session, resolve_adapter
+    from .generate import Session
 
+    run = source.path.parent
     if len(pairs) != 1:
         raise ValueError(f"{run}: a full fine-tune exports on its own; it cannot be combined with adapters")
     if format not in ("merged-diffusers", "merged-single-file"):
         raise ValueError(f"{run}: a full fine-tune is a whole model, not an adapter; export it with --format "
                          f"merged-single-file or merged-diffusers")
     t = pairs[0][1]
-    source = resolve_adapter(run)
     pipe, info = _load_base(model, pipe, [source.model or "toy"], model_config or source.model_config)
     family = _family(pipe)
-    meta = {
-        "dorabooth.version": __version__,
-        "dorabooth.family": family,
-        "dorabooth.base_model": str((info.id if info else None) or model or source.model or "toy"),
-        "dorabooth.base_hash": info.hash if info else "",
-        "dorabooth.adapters": json.dumps([{"source": str(run), "strength": t, "method": "full"}]),
-        "dorabooth.merge": "full fine-tune: W0 + t (W - W0) in every fine-tuned weight",
-    }
+    meta = _merged_metadata(family, (info.id if info else None) or model or source.model or "toy", info,
+                            [{"source": str(run), "strength": t, "method": "full"}],
+                            "full fine-tune: W0 + t (W - W0) in every fine-tuned weight")
     session = Session(pipe=pipe, device=pipe.device, dtype=pipe.unet.dtype)   # swaps the weights in place
     session.use_adapter(source)
     session.set_strength(t)
     parts = session.fine_tuned_components
     emit({"event": "export", "stage": "fine-tune loaded", "components": parts})
-    try:
-        if format == "merged-single-file":        # written from the pipeline: every weight may have changed
-            path = _export_single_file(pipe, None, family, [], [], out, dtype, meta, overwrite, emit)
-        else:
-            path = _export_diffusers(pipe, [], [], out, dtype, meta, overwrite, emit)
+    try:                                          # info=None: written from the pipeline, every weight may differ
+        path = _write_merged(pipe, None, family, [], [], format, out, dtype, meta, overwrite, emit)
     finally:
         session.use_adapter(None)                 # a caller's pipeline gets its base weights back
-    emit({"event": "export", "stage": "written", "path": str(path)})
     return ExportResult(path, format, notes=[f"full fine-tune of {', '.join(parts)} at strength {t:g}"],
                         metadata=meta)
 
