@@ -33,6 +33,7 @@ from .config import TrainConfig, read_run_config, write_run_config
 from .data import (Example, batch_stream, class_examples, flipped_crop_left, instance_caption, list_images,
                    prepare_images, read_manifest, to_tensor)
 from .events import EventLog
+from .formats.files import atomic_folder
 from .families import Family, detect_family
 from .models import BaseModel, load_pipeline
 
@@ -128,6 +129,11 @@ def run_busy(run: str | os.PathLike) -> str | None:
     return owner if _lock_owner_alive(owner) else None
 
 
+def _stop_requested(stop) -> bool:
+    """``stop`` (anything with ``is_set()``, or None) asks the run to stop."""
+    return stop is not None and stop.is_set()
+
+
 def _lock_owner_alive(owner: str) -> bool:
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
@@ -156,7 +162,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     # ---- data: prepared once, class images generated once ----------------------------------
     instance = prepare_instance(config, run, pipe, accelerator, emit)
     class_pool = prepare_class_images(config, pipe, family, base, instance, accelerator, emit, device, stop)
-    if stop is not None and stop.is_set():             # stopped while drawing class images: those drawn are kept
+    if _stop_requested(stop):                           # stopped while drawing class images: those drawn are kept
         emit("stopped", step=0)
         return RunResult(run, None, 0, stopped=True, main_process=accelerator.is_main_process)
     sizes = sorted({e.size for e in instance})
@@ -240,7 +246,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         mean_loss = float(accelerator.reduce(step_loss, "mean"))
         emit("step", step=step, total=total, loss=round(mean_loss, 6), lr=schedule.get_last_lr()[0],
              it_s=round(it_s, 3), eta_s=round((total - step) / it_s, 1), **{k: round(v, 6) for k, v in parts.items()})
-        stopping = stop is not None and stop.is_set()
+        stopping = _stop_requested(stop)
         if _due(step, config.checkpoint_every, total) or stopping:
             last_good = save_checkpoint(run, step, pipe, params, optimizer, schedule, gen, config, accelerator, emit)
         if _due(step, config.sample_every, total) or step == total:
@@ -318,7 +324,7 @@ def prepare_class_images(config, pipe, family, base: BaseModel, instance, accele
     if accelerator.is_main_process:
         generate_class_images(pipe, family, config, base, folder, emit, accelerator, stop)
     accelerator.wait_for_everyone()
-    if stop is not None and stop.is_set():
+    if _stop_requested(stop):
         return {}
     pool = {}
     for size in sorted({e.size for e in instance}):
@@ -351,7 +357,7 @@ def generate_class_images(pipe, family, config: TrainConfig, base: BaseModel, fo
     emit("class_images", done=have, total=want)
     batch = 4
     for start in range(have, want, batch):
-        if stop is not None and stop.is_set():
+        if _stop_requested(stop):
             return
         ks = list(range(start, min(start + batch, want)))
         images = sample_images(pipe, [prompt] * len(ks), [config.seed + k for k in ks], config.class_image_steps,
@@ -787,12 +793,8 @@ def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerato
                 if not all(torch.isfinite(p).all() for p in getattr(pipe, name).parameters()):
                     raise TrainingDiverged(f"the fine-tuned {name} has NaN/inf weights; not writing it")
             for name in sorted(trained, key=lambda n: n == FULL_UNET):   # unet/ last: it marks the run finished
-                tmp = run / f".{name}.tmp"
-                shutil.rmtree(tmp, ignore_errors=True)
-                getattr(pipe, name).save_pretrained(tmp, safe_serialization=True)
-                if (run / name).exists():
-                    shutil.rmtree(run / name)
-                os.replace(tmp, run / name)
+                with atomic_folder(run / name, overwrite=True) as tmp:
+                    getattr(pipe, name).save_pretrained(tmp, safe_serialization=True)
     else:
         target = run / ADAPTER
         if accelerator.is_main_process:
