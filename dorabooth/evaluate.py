@@ -123,19 +123,17 @@ class EvalRun:
 
 
 def read_eval_run(run: str | os.PathLike) -> EvalRun:
+    """The run's facts for evaluation; its prompts exactly as the trainer resolved them."""
     from .analysis import read_run
+    from .config import read_run_config
 
     info = read_run(run)
-    data = json.loads((info.path / "config.json").read_text())
-    cfg = data["config"]
-    token = cfg.get("token") or "sks"
-    noun = cfg["class_noun"]
+    config, data = read_run_config(info.path)
     return EvalRun(path=info.path, method=info.method, label=info.label, base=info.base,
-                   base_id=str((data.get("base_model") or {}).get("id") or cfg.get("model") or "toy"),
-                   token=token, class_noun=noun,
-                   instance_prompt=cfg.get("instance_prompt") or f"a photo of {token} {noun}",
-                   class_prompt=cfg.get("class_prompt") or f"a photo of {noun}",
-                   images=cfg.get("images") or "", seed=info.seed, lr=info.lr)
+                   base_id=str((data.get("base_model") or {}).get("id") or config.model or "toy"),
+                   token=config.token, class_noun=config.class_noun,
+                   instance_prompt=config.resolved_instance_prompt, class_prompt=config.resolved_class_prompt,
+                   images=config.images or "", seed=info.seed, lr=info.lr)
 
 
 def adapter_of(run: EvalRun, checkpoint: int | None):

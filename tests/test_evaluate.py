@@ -96,6 +96,18 @@ def test_eval_cli_prints_a_table_and_writes_json(dora_run, tmp_path, capsys):
     assert len(result["skipped"]) + len(kept) == 3
 
 
+def test_eval_uses_the_prompts_the_trainer_resolved(dora_run):
+    """No prompts in the run's config: eval's {instance} and {class_prompt} are the trainer's defaults."""
+    from dorabooth.config import read_run_config
+    from dorabooth.evaluate import read_eval_run
+
+    config, _ = read_run_config(dora_run)
+    assert config.instance_prompt is None and config.class_prompt is None
+    run = read_eval_run(dora_run)
+    assert (run.instance_prompt, run.class_prompt) == ("a photo of sks dog", "a photo of a dog")
+    assert run.class_prompt == config.resolved_class_prompt
+
+
 def test_eval_of_a_checkpoint_with_defaults(dora_run):
     res = evaluate_run(dora_run, scorer="toy", seeds=[0], steps=1, checkpoint=2)
     assert res["snapshot"] == "step-2" and res["prompt_set"] == "toy-eval"
