@@ -421,6 +421,15 @@ def _place(position: int) -> str:
     return "next in line" if position == 1 else f"number {position} in line"
 
 
+def _finished_run(ctx: Context, ref: str) -> tuple[Path, RunStatus]:
+    """The folder and status of a finished run; a readable error for any other."""
+    run = ctx.workspace.run(ref)
+    status = read_status(run, ctx.worker.position(run))
+    if not status.finished:
+        raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
+    return run, status
+
+
 def run_status(ctx: Context, ref: str) -> RunStatus:
     run = ctx.workspace.run(ref)
     return read_status(run, ctx.worker.position(run))
@@ -438,10 +447,7 @@ def list_runs(ctx: Context, subject_name: str | None = None, *, finished_only: b
 
 
 def run_label(ctx: Context, run: Path, status: RunStatus) -> str:
-    s = status.settings
-    names = {"dora": "DoRA†" if s.get("half_rank") else "DoRA", "lora": "LoRA", "full": "full fine-tune"}
-    method = names.get(s.get("method"), s.get("method", "?"))
-    return f"{ctx.workspace.ref(run)} · {method}, {s.get('steps', '?')} steps"
+    return f"{ctx.workspace.ref(run)} · {status.method_name}, {status.settings.get('steps', '?')} steps"
 
 
 def recover_queue(ctx: Context) -> list[str]:
@@ -469,8 +475,7 @@ class GenerateResult:
 
 def default_prompt(ctx: Context, ref: str) -> str:
     """The prompt the run was trained with: it brings the subject out."""
-    s = run_status(ctx, ref).settings
-    return s.get("instance_prompt") or f"a photo of {s.get('token', 'sks')} {s.get('class_noun', '')}".strip()
+    return run_status(ctx, ref).instance_prompt
 
 
 def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", n: int = 1,
@@ -482,10 +487,7 @@ def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", 
     """
     from dorabooth import generate
 
-    run = ctx.workspace.run(ref)
-    status = read_status(run, ctx.worker.position(run))
-    if not status.finished:
-        raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
+    run, status = _finished_run(ctx, ref)
     if not (prompt or "").strip():
         raise UserError("write a prompt, e.g. 'a photo of sks dog on the beach'")
     if not 1 <= int(n) <= 16:
@@ -550,10 +552,7 @@ def export_run(ctx: Context, ref: str, fmt: str, dtype: str = "fp32") -> ExportO
     """Write ``<run>/exports/<format>-<dtype>/…`` with dorabooth's exporter; returns the download."""
     from dorabooth import export
 
-    run = ctx.workspace.run(ref)
-    status = read_status(run, ctx.worker.position(run))
-    if not status.finished:
-        raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
+    run, status = _finished_run(ctx, ref)
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     s = status.settings

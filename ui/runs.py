@@ -50,6 +50,19 @@ class RunStatus:
     def resumable(self) -> bool:
         return self.state in (STOPPED, FAILED, INTERRUPTED, NOT_STARTED)
 
+    @property
+    def method_name(self) -> str:
+        """"DoRA", "DoRA†" (half rank), "LoRA" or "full fine-tune", as the page names methods."""
+        s = self.settings
+        names = {"dora": "DoRA†" if s.get("half_rank") else "DoRA", "lora": "LoRA", "full": "full fine-tune"}
+        return names.get(s.get("method"), str(s.get("method", "?")))
+
+    @property
+    def instance_prompt(self) -> str:
+        """The prompt the run was trained with (the trainer's default when none was given)."""
+        s = self.settings
+        return s.get("instance_prompt") or f"a photo of {s.get('token', 'sks')} {s.get('class_noun', '')}".strip()
+
 
 def read_events(run: str | Path) -> list[dict]:
     """The complete, well-formed lines of ``events.jsonl`` (a half-written last line is left out)."""

@@ -74,23 +74,19 @@ def run_details_html(status: RunStatus | None) -> str:
     if status is None or not status.settings:
         return ""
     s = status.settings
-    method = {"dora": "DoRA† (half rank)" if s.get("half_rank") else "DoRA", "lora": "LoRA"}.get(
-        s.get("method"), str(s.get("method")))
+    method = status.method_name + (" (half rank)" if s.get("method") == "dora" and s.get("half_rank") else "")
     axis = {"out": "for diffusers", "in": "for ComfyUI/A1111"}.get(s.get("magnitude_axis"), "")
     parts = [f"<b>{escape(method)}</b>" + (f" {axis}" if s.get("method") == "dora" else ""),
              f"rank {s.get('rank', '?')}", f"{s.get('steps', '?')} steps", f"learning rate {s.get('lr', '?')}",
              "prior preservation " + ("on" if s.get("prior_preservation") else "off"),
              "text encoders " + ("trained" if s.get("train_text_encoders") else "frozen"),
-             f"prompt “{escape(_instance_prompt(s))}”"]
+             f"prompt “{escape(status.instance_prompt)}”"]
     html = f'<div class="db-details">{" · ".join(parts)}</div>'
     if status.skipped:
         items = "".join(f"<li><b>{escape(f)}</b>: {escape(r)}</li>" for f, r in status.skipped)
         html += f'<div class="db-warn">The trainer skipped these photos:<ul>{items}</ul></div>'
     return html
 
-
-def _instance_prompt(s: dict) -> str:
-    return s.get("instance_prompt") or f"a photo of {s.get('token', 'sks')} {s.get('class_noun', '')}".strip()
 
 
 def loss_svg(losses: list[tuple[int, float]], total: int = 0, width: int = 560, height: int = 200) -> str:
