@@ -89,6 +89,12 @@ def check(pipe, subject_dir, steps: int = 400, lr: float = 3e-4, rank: int = 8,
                               max_length=pipe.tokenizer.model_max_length,
                               return_tensors="pt").input_ids
     token_params = train_token_rows(pipe, info["token"]) if token_lr else []
+
+    def instance_embeds():
+        with torch.set_grad_enabled(bool(token_params)):
+            return encode_prompts(pipe.text_encoder, pipe.text_encoder_2, inst_ids)
+
+    fixed = None if token_params else instance_embeds()      # re-encoded per step only while its row trains
     time_ids = torch.tensor([TIME_IDS], dtype=torch.float32).repeat(2 * batch, 1)
 
     unet = pipe.unet
@@ -107,8 +113,7 @@ def check(pipe, subject_dir, steps: int = 400, lr: float = 3e-4, rank: int = 8,
     for step in range(steps):
         z = torch.cat([inst[torch.randint(len(inst), (batch,), generator=g)],
                        cls[torch.randint(len(cls), (batch,), generator=g)]])
-        with torch.set_grad_enabled(bool(token_params)):
-            inst_ctx, inst_pooled = encode_prompts(pipe.text_encoder, pipe.text_encoder_2, inst_ids)
+        inst_ctx, inst_pooled = fixed or instance_embeds()
         ctx = torch.cat([inst_ctx.expand(batch, -1, -1), cls_ctx])
         pooled = torch.cat([inst_pooled.expand(batch, -1), cls_pooled])
         noisy, t, v, a_t = diffusion_inputs(z, alphas_cumprod, g)
