@@ -44,6 +44,7 @@ TOY_MODEL = asset_dir("toy-sdxl")
 TOY_ALIASES = ("toy", "toy-sdxl")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+NO_SAFETY_CHECKER = {"safety_checker": None, "requires_safety_checker": False}   # SD 1.x/2.x pipelines
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FULL_HASH_LIMIT = 512 * 2**20
 
@@ -136,7 +137,7 @@ def _from_folder(folder: str, dtype: torch.dtype):
                          f"(SD 1.x, SD 2.x, SDXL)")
     extra = {}
     if "safety_checker" in index:
-        extra = {"safety_checker": None, "requires_safety_checker": False}
+        extra = dict(NO_SAFETY_CHECKER)
     try:
         return DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **_dtype_kwargs(dtype), **extra)
     except OSError as e:
@@ -181,7 +182,7 @@ def _from_single_file(path: str, dtype: torch.dtype, config: str | None):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     family = checkpoint_family(path)
     cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    extra = {} if family == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    extra = {} if family == "sdxl" else dict(NO_SAFETY_CHECKER)
     if config is not None:
         extra["config"] = config
     try:
@@ -247,8 +248,7 @@ def _from_single_file_mapped(path: str, dtype: torch.dtype, config: Path, family
             module.to(dtype)
         module.eval()
     pipeline_cls = getattr(importlib.import_module("diffusers"), index["_class_name"])
-    extra = {} if family == "sdxl" else {"safety_checker": None, "feature_extractor": None,
-                                          "requires_safety_checker": False}
+    extra = {} if family == "sdxl" else {**NO_SAFETY_CHECKER, "feature_extractor": None}
     return pipeline_cls(**parts, **{k: v for k, v in extra.items() if k not in parts})
 
 
