@@ -121,12 +121,14 @@ def run_lock(run: Path):
 
 
 def run_busy(run: str | os.PathLike) -> str | None:
-    """``host:pid`` of the live process training ``run`` now (its lock), or None."""
+    """``host:pid`` of another live process training ``run`` now (its lock), or None (no lock, a
+    dead owner's, or this process's own: its threads know their runs)."""
     try:
         owner = (Path(run) / LOCK).read_text().strip()
     except OSError:
         return None
-    return owner if _lock_owner_alive(owner) else None
+    mine = owner == f"{socket.gethostname()}:{os.getpid()}"
+    return owner if not mine and _lock_owner_alive(owner) else None
 
 
 def _stop_requested(stop) -> bool:

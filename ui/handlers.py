@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import secrets
 import shutil
 import threading
@@ -403,7 +402,7 @@ def resume_training(ctx: Context, ref: str) -> str:
 
     run = ctx.workspace.run(ref)
     owner = run_busy(run)
-    if owner is not None and not owner.endswith(f":{os.getpid()}"):        # this app's own run: see below
+    if owner is not None:
         raise UserError(f"{ref} is being trained right now by another process ({owner}, e.g. `dorabooth train` "
                         f"in a terminal); wait for it to finish, or stop it there")
     status = run_status(ctx, ref)
