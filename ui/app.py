@@ -248,11 +248,6 @@ def _newest_or(ctx: h.Context, keep: str | None) -> tuple[list, str | None]:
     return choices, (keep if keep in refs else (refs[0] if refs else None))
 
 
-def _finished_runs(ctx: h.Context, value=True, keep: str | None = None):
-    choices, chosen = _newest_or(ctx, keep)
-    return gr.update(choices=choices, value=chosen if value else [])
-
-
 def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
     outputs = [c.subject, c.token, c.class_noun, c.subject_summary, c.crops, c.photo, c.train_intro,
                c.instance_prompt]
@@ -274,9 +269,10 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
     def on_load():
         names = h.subject_names(ctx)
         view = h.open_subject(ctx, names[0]) if names else _empty_view("my-subject")
-        _, newest = _newest_or(ctx, None)
+        finished, newest = _newest_or(ctx, None)             # one scan of the workspace for both lists
         fmt, hint = _export_suggestion(ctx, newest)
-        return (*show(view), runs_of(view.name), _finished_runs(ctx), _finished_runs(ctx),
+        return (*show(view), runs_of(view.name), gr.update(choices=finished, value=newest),
+                gr.update(choices=finished, value=newest),
                 gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx)),
                 h.default_prompt(ctx, newest) if newest else gr.skip(), fmt, hint)
 
