@@ -174,7 +174,9 @@ def run_job(spec: dict, folder: Path) -> dict:
 def subject_folder(arg: str | None, out: Path) -> Path:
     if arg:
         return Path(arg)
-    shipped = REPO / "assets" / "subjects" / "red-white-square"
+    from dorabooth.models import asset_dir
+
+    shipped = asset_dir("subjects") / "red-white-square"
     if (shipped / "subject.json").is_file():
         return shipped
     from dorabooth.toyworld.subjects import write_subjects       # the same files, written by their generator
@@ -260,7 +262,9 @@ def replicate(args, data: dict) -> dict:
 
     started = time.monotonic()
     log = lambda msg: print(f"[{time.monotonic() - started:7.1f}s] replicate: {msg}", flush=True)  # noqa: E731
-    shipped = sorted(p for p in (REPO / "assets" / "subjects").iterdir() if (p / "subject.json").is_file())
+    from dorabooth.models import asset_dir
+
+    shipped = sorted(p for p in asset_dir("subjects").iterdir() if (p / "subject.json").is_file())
     subjects = [p for p in shipped if p.name != data["subject"]["name"]]
     chosen, per_subject = data["chosen_lr"], {}
     per_subject[data["subject"]["name"]] = {m: [data["runs"][n]["evals"]["report"]["metrics"]
