@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-AXES = ("out", "in")
+from .conventions import MAGNITUDE_AXES
 CHECKPOINTS = "checkpoints"          # as dorabooth.train writes them (DESIGN §6)
 ADAPTER = "adapter.safetensors"
 FULL_UNET = "unet"
@@ -55,7 +55,7 @@ METHOD_NAMES = {"full": "FT", "lora": "LoRA", "dora": "DoRA"}
 @torch.no_grad()
 def magnitude_direction(W0: torch.Tensor, W: torch.Tensor, axis: str = "out") -> tuple[float, float]:
     """(ΔM, ΔD) of ``W`` against ``W0`` (both (out, in)) along ``axis`` (module docstring)."""
-    if axis not in AXES:
+    if axis not in MAGNITUDE_AXES:
         raise ValueError(f"axis must be 'out' (per output row) or 'in' (per input column), got {axis!r}")
     if W0.shape != W.shape or W0.ndim != 2:
         raise ValueError(f"need two (out, in) weights of one shape, got {tuple(W0.shape)} and {tuple(W.shape)}")
@@ -485,4 +485,4 @@ def summary_table(data: Mapping) -> str:
 
 
 __all__ = ["magnitude_direction", "fit_line", "analyze_run", "analyze", "plot", "summary_table", "read_run",
-           "snapshots", "AXES", "AXIS_MEANING"]
+           "snapshots", "AXIS_MEANING"]

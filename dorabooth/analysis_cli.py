@@ -11,6 +11,8 @@ import argparse
 import json
 import sys
 
+from .conventions import MAGNITUDE_AXES
+
 ANALYZE_EPILOG = """\
 For every adapted weight W (out, in) and every saved checkpoint t of each run:
   dM = mean_i |m_t,i - m_0,i|    dD = mean_i (1 - cos(W_t,i, W_0,i))
@@ -28,7 +30,7 @@ def add_analyze(sub) -> None:
                        epilog=ANALYZE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (dorabooth train --out)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created)")
-    p.add_argument("--axis", choices=("out", "in"), default="out",
+    p.add_argument("--axis", choices=MAGNITUDE_AXES, default="out",
                    help="norms per output row (out, default) or per input column (in)")
     p.add_argument("--plot-layers", dest="plot_layers", choices=("query", "all"), default="query",
                    help="plot the query projections as the paper does (default) or every adapted layer")

@@ -14,6 +14,8 @@ import os
 import sys
 from pathlib import Path
 
+from .conventions import MAGNITUDE_AXES
+
 TRAIN_EPILOG = """\
 Defaults marked "family default" depend on the base model (see the README's table):
 resolution, steps, learning rate, rank, number of class images. The resolved values are
@@ -53,7 +55,7 @@ def _add_train(sub) -> None:
     _flag(g, "--rank", type=int, metavar="N", help="adapter rank (family default)")
     _flag(g, "--alpha", type=float, metavar="A", help="scale = alpha / rank (default alpha = rank)")
     _bool(g, "--half-rank", "DoRA†: the DoRA paper's half-rank setting (uses rank // 2)")
-    _flag(g, "--magnitude-axis", dest="magnitude_axis", choices=("out", "in"),
+    _flag(g, "--magnitude-axis", dest="magnitude_axis", choices=MAGNITUDE_AXES,
           help="out (default; PEFT/diffusers files) or in (kohya dora_scale (1, in): A1111/ComfyUI)")
     _bool(g, "--rslora", "rank-stabilised scale alpha / sqrt(rank)")
     _flag(g, "--targets", help="UNet targets: attn (default), cross-attn, attn+ff, all-linear, or module names")
@@ -237,7 +239,7 @@ def _extension_commands() -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .version import __version__
 
     parser = argparse.ArgumentParser(prog="dorabooth", description="DreamBooth with DoRA for Stable Diffusion / SDXL.")
     parser.add_argument("--version", action="version", version=f"dorabooth {__version__}")

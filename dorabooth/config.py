@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-METHODS = ("dora", "lora", "full")
-MAGNITUDE_AXES = ("out", "in")
+from .conventions import MAGNITUDE_AXES, METHODS
+
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISION = ("no", "fp16", "bf16")

@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MAGNITUDE_AXES = ("out", "in")
-NORM_EPS = 1e-12
+from .conventions import MAGNITUDE_AXES, NORM_EPS
+
 
 
 def _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):

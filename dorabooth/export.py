@@ -34,13 +34,13 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
 from .formats import adapter_files
 from .formats.consumers import FileView, Verdict, consumer_report
 from .formats.files import atomic_folder, check_finite, read_safetensors, write_safetensors
 from .formats.layout import UNetLayout
 from .formats.neutral import Adapter, ModuleAdapter, adapted_weight, base_norm, split_module_key
 from .formats.single_file import Mapper, modelspec
+from .version import __version__
 
 FORMATS = ("diffusers-lora", "kohya", "merged-diffusers", "merged-single-file")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -547,16 +547,3 @@ def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str
     te_layers = _te_layers(pipe) if pipe is not None else _te_layers_guess(adapter)
     info["consumers"] = [v.to_dict() for v in report_for(adapter, kind, keys, family, unet_config, te_layers, base)]
     return info
-
-
-# ``dorabooth.export(...)`` is the public entry point, and ``dorabooth.export`` is also this
-# module (importing a submodule binds its name on the package). Making the module callable
-# keeps both true whichever import happens first.
-class _CallableModule(type(json)):
-    def __call__(self, *args, **kwargs) -> ExportResult:
-        return export(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

@@ -15,7 +15,7 @@ from .formats.adapter_files import ADAPTER_FORMATS
 
 EXPORT_EPILOG = """\
 --strength T applies to the --adapter before it (default 1.0); with several adapters they are
-merged one after another (see `python -c "import dorabooth.export as e; print(e.__doc__)"`).
+merged one after another (docs/export.md).
 Adapter formats: diffusers-lora (diffusers/PEFT, magnitude axis 'out' only) and kohya
 (ComfyUI/A1111/LyCORIS; dora_scale (out, 1) or (1, in)). Checkpoints: merged-diffusers (a
 pipeline folder) and merged-single-file (one .safetensors in the original SD/SDXL layout).

@@ -21,12 +21,13 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import __version__
+from . import adapters
 from . import families as fam
 from .config import read_run_config
 from .events import EventLog
 from .families import detect_family
 from .models import load_pipeline
+from .version import __version__
 
 ADAPTER_FILE = "adapter.safetensors"
 FULL_UNET = "unet"
@@ -105,8 +106,6 @@ class Session:
     # ---- adapters ----------------------------------------------------------------------------
     def use_adapter(self, adapter: str | os.PathLike | AdapterSource | None) -> None:
         """Swap the adapter (None removes it); the base weights are restored first, never reloaded."""
-        import dorabooth
-
         self._remove_adapter()
         if adapter is None:
             return
@@ -114,7 +113,7 @@ class Session:
         if source.kind == "full":
             self._full = self._load_full(source.path)
         else:
-            dorabooth.load_adapter(self.pipe, source.path)
+            adapters.load_adapter(self.pipe, source.path)
         self.adapter = source
         self._apply_strength()
 
@@ -132,26 +131,23 @@ class Session:
             self._apply_strength()
 
     def _apply_strength(self) -> None:
-        import dorabooth
-
         t = self.strength
         if self._full is not None:
             self._write_full(t)
             return
-        dorabooth.unmerge(self.pipe)
-        dorabooth.set_strength(self.pipe, t)
+        adapters.unmerge(self.pipe)
+        adapters.set_strength(self.pipe, t)
         if self.merge and t != 0.0:      # t = 0 runs the base layers themselves: bit-exact base images
-            dorabooth.merge(self.pipe)
+            adapters.merge(self.pipe)
 
     def _remove_adapter(self) -> None:
-        import dorabooth
         from . import inject
 
         if self._full is not None:
             self._write_full(0.0)                      # the base weights back
             self._full = None
         if any(True for _ in inject.iter_layers(self.pipe)):
-            dorabooth.detach(self.pipe)
+            adapters.detach(self.pipe)
         self.adapter = None
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from safetensors.torch import load_file, save_file
 
-from . import __version__, losses
+from . import adapters, losses
 from . import families as fam
 from .config import TrainConfig, read_run_config, write_run_config
 from .data import (Example, batch_stream, class_examples, flipped_crop_left, instance_caption, list_images,
@@ -36,6 +36,7 @@ from .events import EventLog
 from .formats.files import atomic_folder
 from .families import Family, detect_family
 from .models import BaseModel, load_pipeline
+from .version import __version__
 
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter.safetensors"
@@ -393,15 +394,13 @@ def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
     """Attach adapters (dora/lora) or unfreeze the UNet, and with ``train_text_encoders`` the
     text encoders (full); returns the trainable parameters by pipeline-qualified name
     (``unet.…``, ``text_encoder.…``)."""
-    import dorabooth
-
     if config.method == "full":
         for name, component in pipe.components.items():
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(name == "unet" or (bool(config.train_text_encoders)
                                                              and name.startswith("text_encoder")))
     else:
-        dorabooth.attach(pipe, method=config.method, rank=config.effective_rank, alpha=config.effective_alpha,
+        adapters.attach(pipe, method=config.method, rank=config.effective_rank, alpha=config.effective_alpha,
                          unet_targets=config.targets, text_encoders=config.train_text_encoders,
                          magnitude_axis=config.magnitude_axis, rslora=config.rslora)
     params = {}
@@ -653,8 +652,6 @@ def save_checkpoint(run: Path, step: int, pipe, params, optimizer, schedule, gen
     data position and every process's RNG, plus ``adapter.safetensors`` (usable with generate);
     written under a temporary name and renamed, then older checkpoints beyond
     ``keep_checkpoints`` are removed."""
-    import dorabooth
-
     root = run / CHECKPOINTS
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -673,7 +670,7 @@ def save_checkpoint(run: Path, step: int, pipe, params, optimizer, schedule, gen
                  "lr_schedule": schedule.state_dict(), "dorabooth_version": __version__}
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
         if config.method != "full":                     # the same adapter as a user-facing file
-            dorabooth.save_adapter(pipe, tmp / ADAPTER, base_model=config.model)
+            adapters.save_adapter(pipe, tmp / ADAPTER, base_model=config.model)
         if final.exists():                              # re-saving a step (stop right after a checkpoint)
             old = root / f".old-step-{step}"
             os.replace(final, old)
@@ -782,8 +779,6 @@ def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerato
     UNet folder ``unet/`` (``diffusion_pytorch_model.safetensors`` + ``config.json``) and, when
     they trained, the text encoders beside it (``text_encoder/``, ``text_encoder_2/``: the
     pipeline's own folder names). Returns the adapter file or the ``unet/`` folder."""
-    import dorabooth
-
     accelerator.wait_for_everyone()
     if config.method == "full":
         target = run / FULL_UNET
@@ -800,7 +795,7 @@ def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerato
     else:
         target = run / ADAPTER
         if accelerator.is_main_process:
-            dorabooth.save_adapter(pipe, target, base_model=base.id)
+            adapters.save_adapter(pipe, target, base_model=base.id)
     accelerator.wait_for_everyone()
     return target
 

@@ -151,7 +151,7 @@ def _train_tab(ctx: h.Context, c) -> None:
     c.preset = gr.Radio(label="Preset", choices=h.preset_choices(ctx), value="balanced", info=_preset_info(ctx),
                         elem_id="db-preset")
     with gr.Row():
-        c.method = gr.Radio(label="Method", choices=list(h.METHODS), value="DoRA (recommended)",
+        c.method = gr.Radio(label="Method", choices=list(h.METHOD_LABELS), value="DoRA (recommended)",
                             info="DoRA learns each weight's size and direction separately and usually beats LoRA "
                                  "at the same size. DoRA† uses half the rank: a smaller file.")
         c.use = gr.Radio(label="Where will you use the adapter?", choices=list(h.USES), value="diffusers / Python")
@@ -233,7 +233,7 @@ def _analyze_tab(ctx: h.Context, c) -> None:
         c.ana_run = gr.Dropdown(label="Trained subject", elem_id="db-ana-run")
         c.ana_more = gr.Dropdown(label="Compare with (optional)", multiselect=True,
                                  info="e.g. a LoRA and a DoRA run of the same subject.")
-    c.ana_axis = gr.Radio(label="Norms taken", choices=list(h.AXES.items()), value="out")
+    c.ana_axis = gr.Radio(label="Norms taken", choices=list(h.AXIS_LABELS.items()), value="out")
     c.analyze = gr.Button("Analyze", variant="primary", elem_id="db-analyze")
     c.ana_plot = gr.Image(label="Magnitude vs direction change", type="filepath", interactive=False,
                           elem_id="db-ana-plot", height=420)

@@ -263,7 +263,7 @@ PRESETS = {
     "balanced": dict(steps=1.0, rank=1, text="the recommended settings for this model"),
     "best quality": dict(steps=1.5, rank=2, text="more steps and a larger adapter: slower, a bigger file"),
 }
-METHODS = {
+METHOD_LABELS = {
     "DoRA (recommended)": dict(method="dora", half_rank=False),
     "LoRA": dict(method="lora", half_rank=False),
     "DoRA† (half rank)": dict(method="dora", half_rank=True),
@@ -342,8 +342,8 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
     usable = sum(p.usable for p in ctx.workspace.photos(subject.name, resolution=ctx.info.resolution))
     if usable < MIN_IMAGES:
         raise UserError(f"{subject.name} has {usable} usable photo(s); add at least {MIN_IMAGES} on the Subject tab")
-    if settings.method not in METHODS:
-        raise UserError(f"method {settings.method!r}: choose one of {', '.join(METHODS)}")
+    if settings.method not in METHOD_LABELS:
+        raise UserError(f"method {settings.method!r}: choose one of {', '.join(METHOD_LABELS)}")
     if settings.use not in USES:
         raise UserError(f"choose where the adapter will be used: {', '.join(USES)}")
     preset = preset_values(ctx, settings.preset)
@@ -357,7 +357,7 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
     return TrainConfig(
         images=str(subject.images), class_noun=subject.class_noun, out=str(run), token=subject.token,
         instance_prompt=prompt, class_prompt=class_prompt, model=ctx.model, model_config=ctx.model_config,
-        **METHODS[settings.method], magnitude_axis=USES[settings.use],
+        **METHOD_LABELS[settings.method], magnitude_axis=USES[settings.use],
         rank=int(settings.rank or preset["rank"]), steps=steps, lr=float(settings.lr or preset["lr"]),
         prior_preservation=bool(settings.prior_preservation),
         class_images=str(ctx.workspace.class_images(subject.name, subject.class_noun, ctx.info.id)),
@@ -371,7 +371,7 @@ def start_training(ctx: Context, subject_name: str, settings: TrainSettings) -> 
     """Queue a new run; returns its reference ``subject/run``. The run folder holds the request
     at once, so it is listed (and survives a restart) even while it waits."""
     subject = ctx.workspace.subject(subject_name)
-    label = f"{METHODS.get(settings.method, {}).get('method', 'run')}-{settings.preset}"
+    label = f"{METHOD_LABELS.get(settings.method, {}).get('method', 'run')}-{settings.preset}"
     run = ctx.workspace.new_run(subject.name, label)
     try:
         config = build_config(ctx, subject.name, settings, run)
@@ -588,7 +588,7 @@ def _base_model_path(run: Path) -> str | None:
 # =============================================================================================
 # Analyze
 # =============================================================================================
-AXES = {"per output row (dorabooth's magnitude axis)": "out", "per input column (the paper's notation)": "in"}
+AXIS_LABELS = {"per output row (dorabooth's magnitude axis)": "out", "per input column (the paper's notation)": "in"}
 
 
 @dataclass
@@ -609,7 +609,7 @@ def analyze_runs(ctx: Context, refs: list[str], axis: str = "out") -> AnalysisOu
     refs = [r for r in dict.fromkeys(refs or []) if r]
     if not refs:
         raise UserError("choose a trained run to analyse")
-    if axis not in AXES.values():
+    if axis not in AXIS_LABELS.values():
         raise UserError("axis: choose per output row ('out') or per input column ('in')")
     folders = []
     for ref in refs:

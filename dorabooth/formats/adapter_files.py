@@ -20,6 +20,7 @@ import torch
 from . import diffusers_lora, kohya
 from .files import read_metadata, read_safetensors, write_safetensors
 from .layout import UNetLayout
+from ..version import __version__
 from .neutral import Adapter, ModuleAdapter, axis_from_shape, scale_for, split_module_key
 
 ADAPTER_FORMATS = ("diffusers-lora", "kohya")
@@ -194,8 +195,6 @@ def write_diffusers_lora(adapter: Adapter, path: str | os.PathLike, *, family: s
                          base_model: str | None = None, overwrite: bool = True) -> Path:
     """The canonical diffusers/PEFT file (axis ``out`` only). ``module_names``: all module names
     per component of the base model, to write short PEFT ``target_modules`` (else full names)."""
-    from .. import __version__
-
     if adapter.axis in ("in", "mixed"):
         raise ValueError(f"{adapter.source or 'adapter'}: {AXIS_IN_REFUSAL}")
     target = diffusers_lora.resolve_path(path)

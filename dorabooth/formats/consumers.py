@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import UNetLayout, flatten, unet_to_original
-from .neutral import NORM_EPS, Adapter, ModuleAdapter, adapted_weight, split_module_key
+from ..conventions import NORM_EPS
+from .neutral import Adapter, ModuleAdapter, adapted_weight, split_module_key
 
 EXACT_TOL = 1e-5
 CONSUMERS = ("diffusers", "ComfyUI", "A1111", "LyCORIS")

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .. import __version__
+from ..version import __version__
 from .layout import UNetLayout, flatten, is_original_unet_name, original_to_unet, text_module, unet_to_original, unflatten
 from .neutral import Adapter, ModuleAdapter, axis_from_shape, split_module_key
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-AXES = ("out", "in")
-NORM_EPS = 1e-12          # as dorabooth.dora.NORM_EPS
+from ..conventions import MAGNITUDE_AXES, NORM_EPS
+
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -48,7 +48,7 @@ class ModuleAdapter:
         if (self.magnitude is None) != (self.axis is None):
             raise ValueError("a DoRA module needs both a magnitude and its axis; a LoRA module neither")
         if self.magnitude is not None:
-            if self.axis not in AXES:
+            if self.axis not in MAGNITUDE_AXES:
                 raise ValueError(f"magnitude axis must be 'out' or 'in', got {self.axis!r}")
             self.magnitude = self.magnitude.detach().float().reshape(-1)
             n = self.out_features if self.axis == "out" else self.in_features

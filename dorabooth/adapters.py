@@ -1,0 +1,237 @@
+"""The pipeline API: attach, load, save, strength, merge and detach adapters on a diffusers pipeline.
+
+Works on ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` objects; module names
+returned by ``attach``/``load_adapter``/``detach`` carry the component prefix (``unet.``,
+``text_encoder.``, ``text_encoder_2.``) followed by the name in that component's
+``named_modules()``. The layer itself is :mod:`dorabooth.dora`, finding and wrapping modules
+:mod:`dorabooth.inject`, the file layouts :mod:`dorabooth.formats`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch import nn
+
+from . import inject
+from .conventions import ADAPTER_METHODS, MAGNITUDE_AXES
+from .dora import DoRALinear
+from .families import check_family, detect_family
+from .formats.adapter_files import read_adapter_file, to_adapter_file
+from .formats.diffusers_lora import ComponentAdapter, peft_target_modules, read_adapter, write_adapter
+from .version import __version__
+
+
+def _frozen_others(pipe, adapted: set[str]) -> None:
+    for name, component in getattr(pipe, "components", {}).items():
+        if name not in adapted and hasattr(component, "requires_grad_") and hasattr(component, "named_parameters"):
+            inject.freeze(component)
+
+
+def attach(
+    pipe,
+    *,
+    method: str = "dora",
+    rank: int = 16,
+    alpha: float | None = None,
+    unet_targets: str | Sequence[str] = "attn",
+    text_encoders: bool = False,
+    magnitude_axis: str = "out",
+    rslora: bool = False,
+    dropout: float = 0.0,
+) -> list[str]:
+    """Wrap target Linear layers of the UNet (and the text encoders) with DoRA or LoRA layers.
+
+    ``unet_targets``: a preset (``attn`` = to_q/to_k/to_v/to_out.0 of attn1 and attn2,
+    ``cross-attn`` = attn2 only, ``attn+ff``, ``all-linear``) or module names/regexes.
+    Text encoders get q_proj, k_proj, v_proj, out_proj. ``alpha`` defaults to ``rank``.
+    All other weights of the pipeline are frozen. Returns the wrapped module names.
+    """
+
+    if method not in ADAPTER_METHODS:
+        raise ValueError(f"method must be one of {', '.join(ADAPTER_METHODS)}, got {method!r}")
+    if magnitude_axis not in MAGNITUDE_AXES:
+        raise ValueError(f"magnitude_axis must be 'out' or 'in', got {magnitude_axis!r}")
+    family = detect_family(pipe)
+    components = inject.pipeline_components(pipe)
+    attached = [c for c, m in components.items() if inject.dora_modules(m)]
+    if attached:
+        raise ValueError(f"the pipeline already has dorabooth adapters on {', '.join(attached)}; "
+                         f"call dorabooth.detach(pipe) first")
+    plan = {"unet": unet_targets}
+    if text_encoders:
+        plan.update({c: inject.TEXT_ENCODER_TARGETS for c in family.text_encoders})
+    layer = dict(rank=rank, alpha=float(rank if alpha is None else alpha), use_dora=method == "dora",
+                 magnitude_axis=magnitude_axis, rslora=rslora, dropout=dropout)
+    names: list[str] = []
+    done: list[str] = []
+    try:
+        for component, targets in plan.items():
+            wrapped = inject.inject(components[component], targets, **layer)
+            done.append(component)
+            names += [f"{component}.{n}" for n in wrapped]
+    except Exception:
+        for component in done:  # all or nothing
+            inject.detach(components[component])
+        raise
+    _frozen_others(pipe, set(plan))
+    return names
+
+
+def detach(pipe) -> list[str]:
+    """Remove all adapters: the original ``nn.Linear`` modules (holding W0) come back, and
+    ``requires_grad`` flags are restored to what they were before ``attach``."""
+
+    names = []
+    for component, model in inject.pipeline_components(pipe).items():
+        names += [f"{component}.{n}" for n in inject.detach(model)]
+    for name, component in getattr(pipe, "components", {}).items():
+        if name not in ("unet", *inject.TEXT_ENCODER_COMPONENTS) and hasattr(component, "named_parameters"):
+            inject.detach(component)
+    return names
+
+
+def _layers(pipe):
+
+    layers = list(inject.iter_layers(pipe))
+    if not layers:
+        raise ValueError("the pipeline has no dorabooth adapters; attach() or load_adapter() first")
+    return layers
+
+
+def set_strength(pipe, t: float) -> None:
+    """Adapter strength t (DESIGN §3): t = 0 is exactly the base model, t = 1 the trained adapter."""
+    for layer in _layers(pipe):
+        layer.set_strength(t)
+
+
+def merge(pipe) -> None:
+    """Write the adapted weights (at the current strength) into the base layers, in place.
+
+    All or nothing: if a layer's merged weight is not finite, every layer is unmerged again."""
+    layers = _layers(pipe)
+    try:
+        for layer in layers:
+            layer.merge()
+    except Exception:
+        for layer in layers:
+            layer.unmerge()
+        raise
+
+
+def unmerge(pipe) -> None:
+    """Undo ``merge``: the base layers get W0 back bit-exactly."""
+    for layer in _layers(pipe):
+        layer.unmerge()
+
+
+def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None) -> Path:
+    """Write the pipeline's adapter as ``pytorch_lora_weights.safetensors`` (diffusers/PEFT layout).
+
+    ``path``: a folder, or a file name ending in ``.safetensors``. ``base_model`` (a hub id or
+    path) is recorded in the metadata; by default the pipeline's own ``name_or_path`` if set.
+    The file loads with stock ``pipe.load_lora_weights(path)`` and with :func:`load_adapter`.
+    """
+
+    family = detect_family(pipe)
+    components, peft_targets = {}, {}
+    for component, model in inject.pipeline_components(pipe).items():
+        layers = inject.dora_modules(model)
+        if not layers:
+            continue
+        config = inject.component_config(model, component)
+        wrapped = [n for n, _ in layers]
+        modules = tuple(inject.canonical_name(model, component, n) for n in wrapped)
+        targets = inject.attached_targets(model) or modules
+        components[component] = ComponentAdapter(
+            rank=config["rank"], alpha=config["alpha"], use_dora=config["use_dora"],
+            magnitude_axis=config["magnitude_axis"], rslora=config["rslora"], modules=modules, targets=tuple(targets))
+        names = [n for n, _ in model.named_modules() if not _inside_adapter(n, wrapped)]
+        peft_targets[component] = peft_target_modules(names, wrapped, component)
+    if not components:
+        raise ValueError("the pipeline has no dorabooth adapters to save; attach() and train first")
+    if "unet" not in components:
+        raise ValueError("dorabooth adapters always include the UNet; this pipeline has adapters only on "
+                         f"{', '.join(components)}")
+    if base_model is None:
+        base_model = getattr(pipe, "name_or_path", None) or None
+    return write_adapter(path, inject.adapter_state_dict(pipe), components, peft_targets=peft_targets,
+                         family=family.name, base_model=base_model, version=__version__)
+
+
+def _inside_adapter(name: str, wrapped: Sequence[str]) -> bool:
+    """True for the submodules a DoRALinear adds (base_layer, lora_A, …): PEFT would not see them."""
+    return any(name.startswith(w + ".") for w in wrapped)
+
+
+def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
+    """Load an adapter file into ``pipe``: ours, stock diffusers/PEFT, or kohya/LyCORIS/OneTrainer
+    (``dora_scale`` on either axis, detected by shape; an axis is never reinterpreted).
+
+    Attaches layers as the file describes (rank, alpha, method, magnitude axis, targets)
+    unless matching layers are attached already (then only the tensors are replaced, e.g. to
+    resume training). Adapters on components the file does not cover are detached. Raises,
+    naming the file, on a family mismatch, unknown modules or shape mismatches; in that case
+    the pipeline is left unchanged. Returns the adapted module names.
+    """
+    neutral = read_adapter_file(path)          # any format: diffusers/PEFT, kohya, LyCORIS, OneTrainer
+    adapter = read_adapter(neutral.source) if neutral.format.startswith("diffusers/PEFT") else to_adapter_file(neutral)
+    source = str(adapter.path)
+    family = detect_family(pipe)
+    if adapter.family is not None:
+        check_family(adapter.family, family, source=source)
+    components = inject.pipeline_components(pipe)
+    for component in adapter.components:
+        if component not in components:
+            raise ValueError(f"{source}: adapter has {component} weights but the {family.name} pipeline has no "
+                             f"{component}; load it onto the model family it was trained for")
+    for component, spec in adapter.components.items():
+        model = components[component]
+        for canonical in spec.modules:
+            name = inject.module_name(model, component, canonical)
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"{source}: {component}.{canonical} does not exist in this "
+                                 f"{type(model).__name__} ({family.name}); the adapter is for another base model") from None
+            base = module.base_layer if isinstance(module, DoRALinear) else module
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"{source}: {component}.{canonical} is a {type(base).__name__}, not a Linear layer")
+            a = adapter.tensors[f"{component}.{canonical}.lora_A.weight"]
+            b = adapter.tensors[f"{component}.{canonical}.lora_B.weight"]
+            if (b.shape[0], a.shape[1]) != tuple(base.weight.shape):
+                raise ValueError(f"{source}: {component}.{canonical} is (out, in) = {tuple(base.weight.shape)} here but "
+                                 f"{(b.shape[0], a.shape[1])} in the file; the adapter is for another base model")
+            if spec.rank > min(base.weight.shape):
+                raise ValueError(f"{source}: rank {spec.rank} exceeds min(in, out) of {component}.{canonical}")
+
+    names = []
+    for component, model in components.items():
+        spec = adapter.components.get(component)
+        current = {inject.canonical_name(model, component, n): m for n, m in inject.dora_modules(model)}
+        if spec is None:
+            inject.detach(model)
+            inject.freeze(model)
+            continue
+        if not _matches(current, spec):
+            inject.detach(model)
+            inject.inject(model, spec.targets, names=[inject.module_name(model, component, c) for c in spec.modules],
+                          rank=spec.rank, alpha=spec.alpha, use_dora=spec.use_dora,
+                          magnitude_axis=spec.magnitude_axis or "out", rslora=spec.rslora)
+        names += [f"{component}.{n}" for n, _ in inject.dora_modules(model)]
+    inject.load_adapter_state_dict(pipe, adapter.tensors, source=source)
+    _frozen_others(pipe, set(adapter.components))
+    return names
+
+
+def _matches(current: dict, spec) -> bool:
+    if set(current) != set(spec.modules):
+        return False
+    return all(m.rank == spec.rank and m.alpha == spec.alpha and m.use_dora == spec.use_dora
+               and m.rslora == spec.rslora and (not spec.use_dora or m.magnitude_axis == spec.magnitude_axis)
+               for m in current.values())
+
+
+__all__ = ["attach", "detach", "set_strength", "merge", "unmerge", "save_adapter", "load_adapter"]
