@@ -27,7 +27,6 @@ trade-off alone.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import textwrap
@@ -37,10 +36,9 @@ from pathlib import Path
 
 import torch
 
+from . import rundir as rd
 from .conventions import MAGNITUDE_AXES
-CHECKPOINTS = "checkpoints"          # as dorabooth.train writes them (DESIGN §6)
-ADAPTER = "adapter.safetensors"
-FULL_UNET = "unet"
+from .formats.files import write_json
 QUERY_SUFFIXES = ("to_q", "q_proj")
 AXIS_MEANING = {
     "out": "per output row of W (out, in): m = ||W[i, :]||, i = 1..out (dorabooth/PEFT/NVlabs axis)",
@@ -124,23 +122,15 @@ class RunInfo:
 
 def read_run(run: str | os.PathLike) -> RunInfo:
     """The facts of a run folder the analysis needs, from its ``config.json``."""
-    path = Path(run)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} is not a dorabooth run folder (no config.json); pass the folder "
-                                f"`dorabooth train --out` created")
-    data = json.loads(cfg_file.read_text())
-    cfg = data.get("config", {})
-    rank = cfg.get("rank")
-    if rank is not None and cfg.get("half_rank"):
-        rank //= 2
-    bm = data.get("base_model") or {}
-    base = bm.get("path") or cfg.get("model") or "toy"
-    return RunInfo(path=path, method=cfg.get("method", "dora"), rank=rank, half_rank=bool(cfg.get("half_rank")),
-                   magnitude_axis=cfg.get("magnitude_axis") if cfg.get("method", "dora") == "dora" else None,
-                   seed=cfg.get("seed"), lr=cfg.get("lr"), steps=cfg.get("steps"),
-                   targets=cfg.get("targets") or "attn", base=str(base), base_hash=bm.get("hash"),
-                   text_encoders=bool(cfg.get("train_text_encoders")))
+    return run_info(rd.read_run(run))
+
+
+def run_info(r: rd.Run) -> RunInfo:
+    c = r.config
+    return RunInfo(path=r.path, method=c.method, rank=c.effective_rank, half_rank=c.half_rank,
+                   magnitude_axis=c.magnitude_axis if c.method == "dora" else None, seed=c.seed, lr=c.lr,
+                   steps=c.steps, targets=c.targets or "attn", base=r.base_weights, base_hash=r.base_hash,
+                   text_encoders=bool(c.train_text_encoders))
 
 
 def snapshots(info: RunInfo) -> list[tuple[int, Path]]:
@@ -149,18 +139,13 @@ def snapshots(info: RunInfo) -> list[tuple[int, Path]]:
     DoRA/LoRA: ``checkpoints/step-N/adapter.safetensors`` and ``adapter.safetensors``; full:
     ``checkpoints/step-N/trainable.safetensors`` and ``unet/``. The final result counts as
     step ``config.steps`` (the trainer writes it only when the run finished)."""
-    name = "trainable.safetensors" if info.method == "full" else ADAPTER
-    found: dict[int, Path] = {}
-    root = info.path / CHECKPOINTS
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.is_dir() and d.name.startswith("step-") and d.name[5:].isdigit() and (d / name).is_file():
-                found[int(d.name[5:])] = d / name
-    final = info.path / (FULL_UNET if info.method == "full" else ADAPTER)
+    name = rd.TRAINABLE if info.method == "full" else rd.ADAPTER
+    found = {step: rd.checkpoint_dir(info.path, step) / name for step in rd.checkpoint_steps(info.path, holding=name)}
+    final = rd.final_result(info.path, info.method)
     if final.exists() and info.steps is not None:
         found[int(info.steps)] = final
     if not found:
-        raise FileNotFoundError(f"{info.path}: no checkpoints ({CHECKPOINTS}/step-N/{name}) and no final "
+        raise FileNotFoundError(f"{info.path}: no checkpoints ({rd.CHECKPOINTS}/step-N/{name}) and no final "
                                 f"{final.name}; train first, with --checkpoint-every N to see the path over time")
     return sorted(found.items())
 
@@ -417,9 +402,7 @@ def analyze(runs: Sequence[str | os.PathLike], out: str | os.PathLike, *, axis: 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data["plot"] = str(plot(data, out / "analysis.png", layers=plot_layers))
-    tmp = out / ".analysis.json.tmp"
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, out / "analysis.json")
+    write_json(out / "analysis.json", data)
     return data
 
 

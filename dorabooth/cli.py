@@ -116,7 +116,8 @@ def _output_flags(p) -> None:
 
 def train_config_from_args(args):
     """A TrainConfig from --config / RUN_DIR/config.json (with --resume) overlaid with the flags given."""
-    from .config import TrainConfig, read_run_config
+    from .config import TrainConfig
+    from .rundir import is_run, read_config
 
     given = {k: v for k, v in vars(args).items()
              if k not in ("handler", "command", "json", "quiet", "config_file", "min_snr")}
@@ -128,8 +129,8 @@ def train_config_from_args(args):
         base = data.get("config", data)
         for mechanic in ("out", "resume"):
             base.pop(mechanic, None)
-    if given.get("resume") and given.get("out") and (Path(given["out"]) / "config.json").is_file():
-        base = read_run_config(given["out"])[0].to_dict()
+    if given.get("resume") and given.get("out") and is_run(given["out"]):
+        base = read_config(given["out"])[0].to_dict()
     merged = {**base, **given}
     missing = [f"--{n.replace('_', '-')}" for n in ("images", "class_noun", "out") if not merged.get(n)]
     if missing:

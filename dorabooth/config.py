@@ -10,7 +10,6 @@ and repeated from it alone.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -156,7 +155,7 @@ class TrainConfig:
 
     @property
     def resolved_instance_prompt(self) -> str:
-        return self.instance_prompt or f"a photo of {self.token} {self.class_noun}"
+        return self.instance_prompt or default_instance_prompt(self.token, self.class_noun)
 
     @property
     def resolved_class_prompt(self) -> str:
@@ -223,6 +222,11 @@ _FAMILY_FIELDS = frozenset({"rank", "resolution", "steps", "lr", "num_class_imag
                             "train_text_encoders"})
 
 
+def default_instance_prompt(token: str, class_noun: str) -> str:
+    """The instance prompt when none is given: "a photo of sks dog"."""
+    return f"a photo of {token} {class_noun}".strip()
+
+
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
@@ -236,23 +240,4 @@ def _positive(name: str, value: float | None) -> None:
     _check(value is None or (math.isfinite(value) and value > 0), f"{name} {value}: use a positive number")
 
 
-def write_run_config(path: Path, config: TrainConfig, extra: dict[str, Any]) -> None:
-    """``config.json``: the resolved config under ``"config"`` plus version, base model and family."""
-    data = {**extra, "config": config.to_dict()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
-
-
-def read_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The config of a run folder and the rest of its ``config.json`` (version, base model, family)."""
-    path = Path(run_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a dorabooth run folder (no config.json)")
-    data = json.loads(path.read_text())
-    config = TrainConfig.from_dict(data.pop("config"))
-    return config, data
-
-
-__all__ = ["TrainConfig", "METHODS", "MAGNITUDE_AXES", "LR_SCHEDULES", "OPTIMIZERS", "MIXED_PRECISION",
-           "read_run_config", "write_run_config"]
+__all__ = ["TrainConfig", "METHODS", "MAGNITUDE_AXES", "LR_SCHEDULES", "OPTIMIZERS", "MIXED_PRECISION"]

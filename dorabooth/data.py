@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .formats.files import write_json
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000           # ~8000 × 8000; bigger files are refused before decoding
 MAX_FILE_BYTES = 200 * 2**20
@@ -241,9 +243,7 @@ def _safe_stem(stem: str) -> str:
 
 def write_manifest(folder: Path, examples: list[Example], skipped: list[Skipped]) -> None:
     data = {"examples": [asdict(e) for e in examples], "skipped": [asdict(s) for s in skipped]}
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(folder / MANIFEST)
+    write_json(folder / MANIFEST, data)
 
 
 def read_manifest(folder: str | Path) -> tuple[list[Example], list[Skipped]]:

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import torch
 
+from . import rundir as rd
+from .formats.files import write_json
 from .models import shipped_path
 
 PROMPTS_DIR = shipped_path("prompts")
@@ -124,32 +126,24 @@ class EvalRun:
 
 def read_eval_run(run: str | os.PathLike) -> EvalRun:
     """The run's facts for evaluation; its prompts exactly as the trainer resolved them."""
-    from .analysis import read_run
-    from .config import read_run_config
+    from .analysis import run_info
 
-    info = read_run(run)
-    config, data = read_run_config(info.path)
+    r = rd.read_run(run)
+    info, config = run_info(r), r.config
     return EvalRun(path=info.path, method=info.method, label=info.label, base=info.base,
-                   base_id=str((data.get("base_model") or {}).get("id") or config.model or "toy"),
-                   token=config.token, class_noun=config.class_noun,
+                   base_id=r.base_id, token=config.token, class_noun=config.class_noun,
                    instance_prompt=config.resolved_instance_prompt, class_prompt=config.resolved_class_prompt,
                    images=config.images or "", seed=info.seed, lr=info.lr)
 
 
-def adapter_of(run: EvalRun, checkpoint: int | None):
+def adapter_of(run: EvalRun, checkpoint: int | None) -> rd.AdapterSource:
     """What to load for the run: its final adapter / unet, or a checkpoint's adapter file."""
-    from .generate import AdapterSource, resolve_adapter
-
     if checkpoint is None:
-        return resolve_adapter(run.path)
+        return rd.resolve_adapter(run.path)
     if run.method == "full":
         raise ValueError(f"{run.path}: evaluating a checkpoint of a full fine-tune is not supported (its "
                          f"checkpoints hold training state, not a UNet folder); evaluate the final unet/")
-    path = run.path / "checkpoints" / f"step-{checkpoint}" / "adapter.safetensors"
-    if not path.is_file():
-        have = sorted(p.parent.name for p in (run.path / "checkpoints").glob("step-*/adapter.safetensors"))
-        raise FileNotFoundError(f"{path} does not exist; checkpoints with adapters: {', '.join(have) or 'none'}")
-    return AdapterSource("adapter", path, run.base, True)
+    return rd.AdapterSource("adapter", rd.checkpoint_adapter(run.path, checkpoint), run.base, True)
 
 
 def is_toy_base(run: EvalRun) -> bool:
@@ -167,7 +161,7 @@ def subject_images(run: EvalRun) -> list[Path]:
     """The run's prepared subject images (``instance/``), else the photos it was given."""
     from .data import list_images
 
-    for folder in (run.path / "instance", Path(run.images)):
+    for folder in (run.path / rd.INSTANCE, Path(run.images)):
         if folder.is_dir():
             found = list_images(folder)
             if found:
@@ -434,17 +428,10 @@ def evaluate(runs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None
         results.append(result)
         if out is None:
             name = "eval.json" if result["snapshot"] == "final" else f"eval-{result['snapshot']}.json"
-            _write_json(Path(run) / name, result)
+            write_json(Path(run) / name, result)
     if out is not None:
-        _write_json(Path(out), {"runs": results})
+        write_json(Path(out), {"runs": results})
     return results
-
-
-def _write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def format_table(results: Sequence[Mapping]) -> str:

@@ -24,6 +24,12 @@ from pathlib import Path
 EventCallback = Callable[[dict], None]
 
 
+def stop_requested(stop) -> bool:
+    """``stop`` (anything with ``is_set()``, e.g. a ``threading.Event``, or None) asks a long
+    operation to stop at its next safe point."""
+    return stop is not None and stop.is_set()
+
+
 class EventLog:
     """Builds events, appends them to ``path`` (if given) and passes them to ``on_event``."""
 
@@ -42,12 +48,22 @@ class EventLog:
 
 
 def read_events(path: str | Path) -> list[dict]:
-    """All complete event lines of an ``events.jsonl`` file."""
+    """The complete, well-formed event lines of an ``events.jsonl`` file ([] when there is none
+    yet); a half-written last line (a writer mid-append) and damaged lines are left out."""
+    path = Path(path)
+    if not path.is_file():
+        return []
     events = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
-            if line.endswith("\n"):
-                events.append(json.loads(line))
+            if not line.endswith("\n"):
+                break
+            try:
+                event = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(event, dict):
+                events.append(event)
     return events
 
 

@@ -96,6 +96,11 @@ GENERATE_PRESETS: dict[str, dict] = {
 TOY_MAX_RESOLUTION = 128
 
 
+def text_encoder_modules(pipe, family: Family) -> list:
+    """The pipeline's text encoder modules, in the family's order."""
+    return [getattr(pipe, n) for n in family.text_encoders]
+
+
 def native_resolution(pipe) -> int:
     """The image side the UNet was trained for: sample_size × the VAE's downscale factor."""
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)

@@ -14,7 +14,6 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,51 +22,12 @@ from PIL.PngImagePlugin import PngInfo
 
 from . import adapters
 from . import families as fam
-from .config import read_run_config
 from .events import EventLog
 from .families import detect_family
+from .formats.files import atomic_file
 from .models import load_pipeline
+from .rundir import FULL_UNET, AdapterSource, resolve_adapter
 from .version import __version__
-
-ADAPTER_FILE = "adapter.safetensors"
-FULL_UNET = "unet"
-
-
-@dataclass(frozen=True)
-class AdapterSource:
-    """What ``--adapter`` pointed at, resolved."""
-
-    kind: str                 # "adapter" (LoRA/DoRA safetensors) | "full" (diffusers UNet folder, and
-                              # in a run folder the fine-tuned text encoders beside it)
-    path: Path
-    model: str | None         # the base model a run folder was trained on (None: not known / toy)
-    from_run: bool
-    model_config: str | None = None   # its --model-config, for a single-file base
-
-
-def resolve_adapter(adapter: str | os.PathLike) -> AdapterSource:
-    """A run folder (its ``adapter.safetensors`` or ``unet/``), a folder with
-    ``pytorch_lora_weights.safetensors``, or a ``.safetensors`` adapter file."""
-    p = Path(adapter).expanduser()
-    if p.is_dir() and (p / "config.json").is_file() and ((p / ADAPTER_FILE).is_file() or (p / FULL_UNET).is_dir()
-                                                         or (p / "instance").is_dir()):
-        config, _ = read_run_config(p)
-        if (p / ADAPTER_FILE).is_file():
-            return AdapterSource("adapter", p / ADAPTER_FILE, config.model, True, config.model_config)
-        if (p / FULL_UNET / "config.json").is_file():
-            return AdapterSource("full", p / FULL_UNET, config.model, True, config.model_config)
-        raise FileNotFoundError(f"run folder {p} has no final adapter yet (no {ADAPTER_FILE}); finish or "
-                                f"--resume the run, or pass a checkpoint's adapter file")
-    if p.is_dir() and (p / "diffusion_pytorch_model.safetensors").is_file():
-        return AdapterSource("full", p, None, False)
-    if p.is_dir() and (p / "pytorch_lora_weights.safetensors").is_file():
-        return AdapterSource("adapter", p / "pytorch_lora_weights.safetensors", None, False)
-    if p.is_file() and p.suffix == ".safetensors":
-        return AdapterSource("adapter", p, None, False)
-    if p.is_file():
-        raise ValueError(f"--adapter {p}: only .safetensors adapter files are read")
-    raise FileNotFoundError(f"--adapter {p}: not a run folder, adapter folder or .safetensors file")
-
 
 def default_device() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
@@ -264,9 +224,8 @@ def save_png(image: Image.Image, folder: str | os.PathLike, name: str) -> Path:
         if key in image.info:
             info.add_text(key, image.info[key])
     path = folder / name
-    tmp = folder / f".{name}.tmp"
-    image.save(tmp, format="PNG", pnginfo=info)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
     return path
 
 
@@ -312,4 +271,4 @@ def generate(prompt: str, *, out: str | os.PathLike, adapter: str | os.PathLike 
     return paths
 
 
-__all__ = ["Session", "generate", "resolve_adapter", "AdapterSource", "save_png"]
+__all__ = ["Session", "generate", "save_png"]

@@ -209,6 +209,11 @@ def freeze(model: nn.Module) -> None:
     model.requires_grad_(False)
 
 
+def has_trainable(model: nn.Module) -> bool:
+    """True when any parameter of ``model`` trains."""
+    return any(p.requires_grad for p in model.parameters())
+
+
 def component_config(model: nn.Module, component: str = "model") -> dict:
     """rank, alpha, use_dora, magnitude_axis and rslora shared by all adapter layers of ``model``.
 

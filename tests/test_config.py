@@ -2,7 +2,8 @@
 
 import pytest
 
-from dorabooth.config import TrainConfig, read_run_config, write_run_config
+from dorabooth.config import TrainConfig
+from dorabooth.rundir import read_config, write_config
 
 BASE = dict(images="imgs", class_noun="dog", out="run")
 
@@ -47,14 +48,14 @@ def test_defaults_and_derived_values():
 
 def test_json_round_trip(tmp_path):
     c = TrainConfig(**BASE, validation_prompts=["a", "b"], adam_betas=[0.9, 0.99], rank=4)
-    write_run_config(tmp_path / "config.json", c, {"dorabooth_version": "x", "family": "sdxl"})
-    again, extra = read_run_config(tmp_path)
+    write_config(tmp_path, c, {"dorabooth_version": "x", "family": "sdxl"})
+    again, extra = read_config(tmp_path)
     assert again == c and extra["family"] == "sdxl"
     assert again.validation_prompts == ("a", "b")
     with pytest.raises(ValueError, match="unknown config field"):
         TrainConfig.from_dict({**BASE, "learning_rate": 1})
     with pytest.raises(FileNotFoundError, match="not a dorabooth run folder"):
-        read_run_config(tmp_path / "nothing")
+        read_config(tmp_path / "nothing")
 
 
 def test_recipe_differences_ignore_run_mechanics():

@@ -98,10 +98,10 @@ def test_eval_cli_prints_a_table_and_writes_json(dora_run, tmp_path, capsys):
 
 def test_eval_uses_the_prompts_the_trainer_resolved(dora_run):
     """No prompts in the run's config: eval's {instance} and {class_prompt} are the trainer's defaults."""
-    from dorabooth.config import read_run_config
+    from dorabooth.rundir import read_config
     from dorabooth.evaluate import read_eval_run
 
-    config, _ = read_run_config(dora_run)
+    config, _ = read_config(dora_run)
     assert config.instance_prompt is None and config.class_prompt is None
     run = read_eval_run(dora_run)
     assert (run.instance_prompt, run.class_prompt) == ("a photo of sks dog", "a photo of a dog")

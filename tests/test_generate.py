@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 import dorabooth
 from dorabooth.config import TrainConfig
-from dorabooth.generate import Session, generate, resolve_adapter
+from dorabooth.generate import Session, generate
+from dorabooth.rundir import resolve_adapter
 from dorabooth.train import train
 from tiny_runs import MAKERS, make_subject, quick, save_model
 

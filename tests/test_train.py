@@ -18,7 +18,8 @@ import dorabooth
 from dorabooth import losses
 from dorabooth.config import TrainConfig
 from dorabooth.events import read_events
-from dorabooth.train import TrainingDiverged, lr_factor, train
+from dorabooth.optim import lr_factor
+from dorabooth.train import TrainingDiverged, train
 from tiny_runs import MAKERS, make_subject, quick, save_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,7 +210,7 @@ def test_one_trainer_per_run_folder(root, subject, tmp_path):
     process is taken over; the lock is gone when training ends."""
     import socket
 
-    from dorabooth.train import LOCK, RunBusy
+    from dorabooth.rundir import LOCK, RunBusy
 
     config = run_config(root, subject, tmp_path, "sd15", steps=1, prior_preservation=False)
     run = tmp_path / "run"

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import SimpleNamespace
 
+from dorabooth import rundir as rd
 from dorabooth.models import asset_dir
 
 from . import runs
@@ -396,20 +397,16 @@ def stop_training(ctx: Context, ref: str) -> str:
 def resume_training(ctx: Context, ref: str) -> str:
     """Queue a stopped, failed or interrupted run again, continuing from its newest checkpoint."""
     from dorabooth import TrainConfig
-    from dorabooth.config import read_run_config
-
-    from dorabooth.train import run_busy
-
     run = ctx.workspace.run(ref)
-    owner = run_busy(run)
+    owner = rd.run_busy(run)
     if owner is not None:
         raise UserError(f"{ref} is being trained right now by another process ({owner}, e.g. `dorabooth train` "
                         f"in a terminal); wait for it to finish, or stop it there")
     status = run_status(ctx, ref)
     if not status.resumable:
         raise UserError(f"{ref} is {status.state}; only stopped, failed or interrupted runs can be resumed")
-    if (run / "config.json").is_file():
-        config = replace(read_run_config(run)[0], resume=True)
+    if rd.is_run(run):
+        config = replace(rd.read_config(run)[0], resume=True)
     else:                                              # it never started: start it as requested
         config = TrainConfig.from_dict(json.loads((run / REQUEST_FILE).read_text())["config"])
     position = ctx.worker.submit(run, config)
@@ -575,14 +572,11 @@ def export_run(ctx: Context, ref: str, fmt: str, dtype: str = "fp32") -> ExportO
 
 
 def _base_model_path(run: Path) -> str | None:
-    """The base model's local path recorded in the run (to measure the consumer report's errors)."""
+    """Where the run's base weights are (to measure the consumer report's errors)."""
     try:
-        data = json.loads((run / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return rd.read_run(run).base_weights
+    except (OSError, ValueError):
         return None
-    base = data.get("base_model") or {}
-    path = base.get("path")
-    return path if path and Path(path).exists() else data.get("config", {}).get("model")
 
 
 # =============================================================================================

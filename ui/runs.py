@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dorabooth import events
+from dorabooth import rundir as rd
+from dorabooth.config import default_instance_prompt
+
 from .workspace import REQUEST_FILE
 
 # States, in the words the page uses.
@@ -61,32 +65,18 @@ class RunStatus:
     def instance_prompt(self) -> str:
         """The prompt the run was trained with (the trainer's default when none was given)."""
         s = self.settings
-        return s.get("instance_prompt") or f"a photo of {s.get('token', 'sks')} {s.get('class_noun', '')}".strip()
+        return s.get("instance_prompt") or default_instance_prompt(s.get("token", "sks"), s.get("class_noun", ""))
 
 
 def read_events(run: str | Path) -> list[dict]:
-    """The complete, well-formed lines of ``events.jsonl`` (a half-written last line is left out)."""
-    path = Path(run) / "events.jsonl"
-    if not path.is_file():
-        return []
-    events = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
-    return events
+    """The run's events (the complete, well-formed lines of its ``events.jsonl``)."""
+    return events.read_events(Path(run) / rd.EVENTS)
 
 
 def run_settings(run: str | Path) -> dict:
     """The run's config: the resolved ``config.json`` once training started, else the request."""
     run = Path(run)
-    for name, key in (("config.json", "config"), (REQUEST_FILE, "config")):
+    for name, key in ((rd.CONFIG, "config"), (REQUEST_FILE, "config")):
         path = run / name
         if path.is_file():
             try:
@@ -94,7 +84,7 @@ def run_settings(run: str | Path) -> dict:
             except (OSError, json.JSONDecodeError):
                 continue
             settings = dict(data.get(key, {}))
-            settings["_resolved"] = name == "config.json"
+            settings["_resolved"] = name == rd.CONFIG
             settings["_preset"] = _request(run).get("preset")
             settings["_base_model"] = (data.get("base_model") or {}).get("id")
             return settings

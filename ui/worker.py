@@ -15,8 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from dorabooth import rundir as rd
 from dorabooth.events import EventLog
-from dorabooth.train import RunBusy
+from dorabooth.rundir import RunBusy
 
 log = logging.getLogger("dorabooth.ui")
 
@@ -81,7 +82,7 @@ class TrainingWorker:
             for job in self._line:
                 if job.run == run:
                     self._line.remove(job)
-                    EventLog(run / "events.jsonl")("stopped", step=0,
+                    EventLog(run / rd.EVENTS)("stopped", step=0,
                                                    message="taken out of the queue before it started")
                     return "removed"
         return "idle"
@@ -130,4 +131,4 @@ def _record_error(run: Path, error: Exception) -> None:
 
     events = read_events(run)
     if not events or events[-1].get("type") != "error":
-        EventLog(run / "events.jsonl")("error", message=f"{type(error).__name__}: {error}")
+        EventLog(run / rd.EVENTS)("error", message=f"{type(error).__name__}: {error}")

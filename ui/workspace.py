@@ -25,7 +25,9 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dorabooth import rundir as rd
 from dorabooth.data import UnusableImage, fit, load_image
+from dorabooth.formats.files import atomic_file, write_bytes, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_UPLOAD_BYTES = 30 * 2**20          # per photo
@@ -56,14 +58,6 @@ def sanitize_name(name: str, what: str = "name") -> str:
     return text
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, data: dict) -> None:
-    _atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 @dataclass
@@ -126,8 +120,8 @@ class Workspace:
             if not create:
                 raise UserError(f"there is no subject called {safe!r} yet; upload photos to create it")
             (folder / "images").mkdir(parents=True, exist_ok=True)
-            _atomic_write_json(meta, {"name": safe, "token": "sks", "class_noun": "",
-                                      "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            write_json(meta, {"name": safe, "token": "sks", "class_noun": "",
+                              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2)
         data = json.loads(meta.read_text())
         return Subject(safe, folder, data.get("token") or "sks", data.get("class_noun") or "",
                        data.get("instance_prompt") or "", data.get("class_prompt") or "")
@@ -147,7 +141,7 @@ class Workspace:
             data["instance_prompt"] = " ".join(instance_prompt.split())
         if class_prompt is not None:
             data["class_prompt"] = " ".join(class_prompt.split())
-        _atomic_write_json(meta, data)
+        write_json(meta, data, indent=2)
         return self.subject(subject.name)
 
     # ---- photos ----------------------------------------------------------------------------
@@ -191,7 +185,7 @@ class Workspace:
                 continue
             target = _unique(subject.images, sanitize_name(src.stem, "file name") if _has_word(src.stem)
                              else "photo", ".jpg" if suffix == ".jpeg" else suffix)
-            _atomic_write_bytes(target, data)
+            write_bytes(target, data)
             known[digest] = target.name
             count += 1
             result.stored = target.name
@@ -248,9 +242,8 @@ class Workspace:
         crop, _ = fit(load_image(photo.path), (resolution, resolution))
         if resolution < PREVIEW_SIDE:
             crop = crop.resize((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.NEAREST)
-        tmp = folder / f".{path.name}.tmp"
-        crop.save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            crop.save(tmp, format="PNG")
         return path
 
     def _photo_files(self, subject: Subject) -> list[Path]:
@@ -277,7 +270,7 @@ class Workspace:
             folder = self.root / sanitize_name(s, "subject name") / "runs"
             if folder.is_dir():
                 found += sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
-                                 and ((p / REQUEST_FILE).is_file() or (p / "config.json").is_file())),
+                                 and ((p / REQUEST_FILE).is_file() or rd.is_run(p))),
                                 key=lambda p: p.name, reverse=True)
         return found
 

@@ -99,6 +99,34 @@ def temp_sibling(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}")
 
 
+@contextmanager
+def atomic_file(path: str | os.PathLike):
+    """Yield a temporary sibling of ``path`` to write; on success it is renamed onto ``path``
+    (readers never see a half-written file), on an error it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(target)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, data, *, indent: int | None = 1, **dumps) -> Path:
+    """``data`` as JSON (plus a final newline), written atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, **dumps) + "\n", encoding="utf-8")
+    return Path(path)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """``data`` written atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = True) -> Path:
     """Check finiteness, write to a temporary sibling, then rename onto ``path``."""
@@ -108,12 +136,8 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     check_finite(tensors, str(target))
     out = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(target)
-    try:
+    with atomic_file(target) as tmp:
         save_file(out, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
     return target
 
 

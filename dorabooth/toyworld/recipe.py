@@ -16,17 +16,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from ..formats.files import atomic_file, write_json
 from . import models, world
 from .tokenizer import MAX_LENGTH, load_tokenizer, write_tokenizer
 
@@ -235,10 +234,9 @@ def save_checkpoint(jdir: Path, modules: dict, opt, state: dict):
     tensors = {f"{name}.{k}": v.detach().contiguous()
                for name, m in modules.items() for k, v in m.state_dict().items()}
     tensors.update(_opt_state_tensors(opt))
-    save_file(tensors, str(jdir / "ckpt.tmp.safetensors"))
-    os.replace(jdir / "ckpt.tmp.safetensors", jdir / "ckpt.safetensors")
-    (jdir / "state.tmp.json").write_text(json.dumps(state, indent=1))
-    os.replace(jdir / "state.tmp.json", jdir / "state.json")
+    with atomic_file(jdir / "ckpt.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    write_json(jdir / "state.json", state)
 
 
 def load_checkpoint(jdir: Path, modules: dict, opt):

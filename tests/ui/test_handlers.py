@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dorabooth.train import LOCK
+from dorabooth.rundir import LOCK
 
 from ui import handlers as h
 from ui import runs, views

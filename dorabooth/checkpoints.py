@@ -1,0 +1,170 @@
+"""Writing and restoring a run's training state (DESIGN §6), and its final result.
+
+``checkpoints/step-N/`` holds the trainable tensors, the optimizer (tensors as safetensors,
+the rest as JSON), the LR schedule, the data position and every process's RNG, plus the
+adapter as a user-facing file; it is written under a temporary name and renamed, so a
+killed run resumes from the last complete one. The final result is ``adapter.safetensors``
+(dora/lora) or the fine-tuned ``unet/`` and text encoders (full).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import adapters, inject
+from . import rundir as rd
+from .config import TrainConfig
+from .formats.files import atomic_folder, write_json
+from .models import BaseModel
+from .version import __version__
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """The live objects a checkpoint saves and restores."""
+
+    params: dict[str, torch.nn.Parameter]     # trainable, by pipeline-qualified name (unet.…, text_encoder.…)
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator                      # this process's data/noise generator
+
+
+def _optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state_dict split into tensors (safetensors) and the rest (JSON)."""
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for name, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, idx, name = key.split(".", 2)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    out = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"cuda.{i}"] = s
+    return out
+
+
+def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit) -> Path:
+    """``checkpoints/step-N/``: trainable tensors, optimizer (safetensors + JSON), LR schedule,
+    data position and every process's RNG, plus ``adapter.safetensors`` (usable with generate);
+    written under a temporary name and renamed, then older checkpoints beyond
+    ``keep_checkpoints`` are removed."""
+    final = rd.checkpoint_dir(run, step)
+    tmp = final.with_name(f".tmp-{final.name}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    save_file(_rng_state(state.gen), str(tmp / f"rng-{accelerator.process_index}.safetensors"))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_file({n: p.detach().float().cpu().contiguous() for n, p in state.params.items()},
+                  str(tmp / rd.TRAINABLE), metadata={"method": config.method})
+        opt_tensors, opt_meta = _optimizer_state(state.optimizer)
+        save_file(opt_tensors, str(tmp / rd.OPTIMIZER))
+        meta = {"step": step, "processes": accelerator.num_processes, "optimizer": opt_meta,
+                "lr_schedule": state.schedule.state_dict(), "dorabooth_version": __version__}
+        write_json(tmp / rd.STATE, meta, default=_json_default)
+        if config.method != "full":                     # the same adapter as a user-facing file
+            adapters.save_adapter(pipe, tmp / rd.ADAPTER, base_model=config.model)
+        if final.exists():                              # re-saving a step (stop right after a checkpoint)
+            old = final.with_name(f".old-{final.name}")
+            os.replace(final, old)
+            shutil.rmtree(old)
+        os.replace(tmp, final)
+        for s in rd.checkpoint_steps(run)[:-config.keep_checkpoints]:
+            shutil.rmtree(rd.checkpoint_dir(run, s), ignore_errors=True)
+        emit("checkpoint", step=step, path=str(final))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _json_default(value):
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.numel() == 1 else value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's state.json")
+
+
+def restore_checkpoint(run: Path, state: TrainState, accelerator, emit) -> int:
+    """Load the newest checkpoint into the live objects; returns its step (0 if none)."""
+    ckpt = rd.latest_checkpoint(run)
+    if ckpt is None:
+        emit("resume", step=0, message=f"no checkpoint in {run / rd.CHECKPOINTS}; starting from step 0")
+        return 0
+    meta = json.loads((ckpt / rd.STATE).read_text())
+    if meta["processes"] != accelerator.num_processes:
+        raise ValueError(f"{ckpt} was written by {meta['processes']} process(es) and this run has "
+                         f"{accelerator.num_processes}; resume with the same number of processes")
+    tensors = load_file(str(ckpt / rd.TRAINABLE))
+    params = state.params
+    missing = sorted(set(params) - set(tensors))
+    if missing or len(tensors) != len(params):
+        raise ValueError(f"{ckpt}: trainable tensors do not match this run (missing e.g. {missing[:3]})")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(tensors[name].to(p.device, p.dtype))
+    _load_optimizer_state(state.optimizer, load_file(str(ckpt / rd.OPTIMIZER)), meta["optimizer"])
+    state.schedule.load_state_dict(meta["lr_schedule"])
+    rng = load_file(str(ckpt / f"rng-{accelerator.process_index}.safetensors"))
+    state.gen.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))])
+    emit("resume", step=meta["step"], path=str(ckpt))
+    return meta["step"]
+
+
+def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerator) -> Path:
+    """``adapter.safetensors`` (diffusers/PEFT format) for dora/lora; for ``full`` a diffusers
+    UNet folder ``unet/`` (``diffusion_pytorch_model.safetensors`` + ``config.json``) and, when
+    they trained, the text encoders beside it (``text_encoder/``, ``text_encoder_2/``: the
+    pipeline's own folder names). Returns the adapter file or the ``unet/`` folder."""
+    accelerator.wait_for_everyone()
+    if config.method == "full":
+        target = run / rd.FULL_UNET
+        if accelerator.is_main_process:
+            trained = [n for n, c in pipe.components.items()
+                       if isinstance(c, torch.nn.Module) and (n == rd.FULL_UNET or n.startswith("text_encoder"))
+                       and inject.has_trainable(c)]
+            for name in trained:                       # check all before writing any
+                if not all(torch.isfinite(p).all() for p in getattr(pipe, name).parameters()):
+                    raise TrainingDiverged(f"the fine-tuned {name} has NaN/inf weights; not writing it")
+            for name in sorted(trained, key=lambda n: n == rd.FULL_UNET):   # unet/ last: it marks the run finished
+                with atomic_folder(run / name, overwrite=True) as tmp:
+                    getattr(pipe, name).save_pretrained(tmp, safe_serialization=True)
+    else:
+        target = run / rd.ADAPTER
+        if accelerator.is_main_process:
+            adapters.save_adapter(pipe, target, base_model=base.id)
+    accelerator.wait_for_everyone()
+    return target
