@@ -38,6 +38,7 @@ import torch
 
 from . import rundir as rd
 from .conventions import MAGNITUDE_AXES
+from .events import EventLog
 from .formats.files import write_json
 QUERY_SUFFIXES = ("to_q", "q_proj")
 AXIS_MEANING = {
@@ -315,6 +316,7 @@ def snapshot_weights(info: RunInfo, path: Path, modules: Sequence[str] | None,
 # =============================================================================================
 def analyze_run(run: str | os.PathLike, *, axis: str = "out", on_event=None) -> dict:
     """ΔM/ΔD of every adapted weight at every snapshot of ``run``, and the fits (module docstring)."""
+    emit = EventLog(None, on_event)
     info = read_run(run)
     snaps = snapshots(info)
     check_base(info)
@@ -332,8 +334,7 @@ def analyze_run(run: str | os.PathLike, *, axis: str = "out", on_event=None) -> 
         for layer, W in snapshot_weights(info, path, modules, w0).items():
             dM, dD = magnitude_direction(w0(layer), W, axis)
             points.append({"layer": layer, "step": step, "dM": dM, "dD": dD, "query": is_query(layer)})
-        if on_event is not None:
-            on_event({"type": "analyze", "run": str(info.path), "step": step})
+        emit("analyze", run=str(info.path), step=step)
     return {
         "run": str(info.path), "label": info.label, "method": info.method, "rank": info.rank,
         "half_rank": info.half_rank, "trained_magnitude_axis": info.magnitude_axis, "seed": info.seed,

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from . import rundir as rd
+from .events import EventLog
 from .formats.files import write_json
 from .models import shipped_path
 
@@ -363,6 +364,7 @@ def evaluate_run(run: str | os.PathLike, *, prompts: str | os.PathLike | None = 
 
     if not seeds:
         raise ValueError("give at least one seed")
+    emit = EventLog(None, on_event)
     r = read_eval_run(run)
     sc = make_scorer(r, scorer, clip, dino)
     pset = load_prompts(prompts if prompts is not None else DEFAULT_PROMPTS[sc.name])
@@ -388,8 +390,7 @@ def evaluate_run(run: str | os.PathLike, *, prompts: str | os.PathLike | None = 
         per_prompt.append({"prompt": text, "kind": item.kind, "expect": dict(item.expect), "n": len(rows),
                            "subject": _mean(x["subject"] for x in rows),
                            "prompt_fidelity": _mean(x["prompt"] for x in rows)})
-        if on_event is not None:
-            on_event({"type": "eval", "run": str(r.path), "done": i + 1, "total": len(pset.prompts)})
+        emit("eval", run=str(r.path), done=i + 1, total=len(pset.prompts))
     subj = [x for x in images_out if pset.prompts[x["prompt_index"]].kind == "subject"]
     cls = [x for x in images_out if pset.prompts[x["prompt_index"]].kind == "class"]
     metrics = {"subject_fidelity": _mean(x["subject"] for x in subj),

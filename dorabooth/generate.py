@@ -20,13 +20,14 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from . import adapters
+from . import adapters, inject
 from . import families as fam
 from .events import EventLog
 from .families import detect_family
 from .formats.files import atomic_file
+from .finetune import FineTunedWeights
 from .models import load_pipeline
-from .rundir import FULL_UNET, AdapterSource, resolve_adapter
+from .rundir import AdapterSource, resolve_adapter
 from .version import __version__
 
 def default_device() -> tuple[torch.device, torch.dtype]:
@@ -61,7 +62,7 @@ class Session:
         self.merge = merge
         self.adapter: AdapterSource | None = None
         self.strength = 1.0
-        self._full: dict[str, tuple[dict, dict]] | None = None   # component: (W0, W) of a full fine-tune
+        self._full: FineTunedWeights | None = None          # a loaded full fine-tune
 
     # ---- adapters ----------------------------------------------------------------------------
     def use_adapter(self, adapter: str | os.PathLike | AdapterSource | None) -> None:
@@ -71,7 +72,7 @@ class Session:
             return
         source = adapter if isinstance(adapter, AdapterSource) else resolve_adapter(adapter)
         if source.kind == "full":
-            self._full = self._load_full(source.path)
+            self._full = FineTunedWeights(self.pipe, source.path)
         else:
             adapters.load_adapter(self.pipe, source.path)
         self.adapter = source
@@ -80,7 +81,7 @@ class Session:
     @property
     def fine_tuned_components(self) -> list[str]:
         """The pipeline components a loaded full fine-tune replaces (``unet``, ``text_encoder``…)."""
-        return sorted(self._full or {})
+        return self._full.components if self._full is not None else []
 
     def set_strength(self, t: float) -> None:
         """Adapter strength t ≥ 0 (DESIGN §3); 0 gives exactly the base model's images."""
@@ -93,7 +94,7 @@ class Session:
     def _apply_strength(self) -> None:
         t = self.strength
         if self._full is not None:
-            self._write_full(t)
+            self._full.apply(t)
             return
         adapters.unmerge(self.pipe)
         adapters.set_strength(self.pipe, t)
@@ -101,60 +102,12 @@ class Session:
             adapters.merge(self.pipe)
 
     def _remove_adapter(self) -> None:
-        from . import inject
-
         if self._full is not None:
-            self._write_full(0.0)                      # the base weights back
+            self._full.apply(0.0)                      # the base weights back
             self._full = None
         if any(True for _ in inject.iter_layers(self.pipe)):
             adapters.detach(self.pipe)
         self.adapter = None
-
-    @torch.no_grad()
-    def _write_full(self, t: float) -> None:
-        """Put W0 + t·(W − W0) of the loaded full fine-tune into the pipeline's weights
-        (t = 0 and 1 copy W0 and W exactly; otherwise blended in fp32)."""
-        for component, (w0, w1) in self._full.items():
-            for name, p in getattr(self.pipe, component).named_parameters():
-                if name not in w1:
-                    continue
-                if t in (0.0, 1.0):
-                    p.copy_((w0 if t == 0.0 else w1)[name])
-                else:
-                    p.copy_(w0[name].float() + t * (w1[name].float() - w0[name].float()))
-
-    def _load_full(self, folder: Path) -> dict[str, tuple[dict, dict]]:
-        """(W0, W) per fine-tuned component: the UNet in ``folder`` and, when ``folder`` is a
-        run's ``unet/``, the text encoders the run fine-tuned (``text_encoder*/`` beside it)."""
-        parts = {"unet": folder}
-        if folder.name == FULL_UNET and (folder.parent / "config.json").is_file():
-            parts.update({d.name: d for d in sorted(folder.parent.glob("text_encoder*"))
-                          if d.is_dir() and getattr(self.pipe, d.name, None) is not None})
-        return {name: self._load_component(name, path) for name, path in parts.items()}
-
-    def _load_component(self, name: str, folder: Path) -> tuple[dict, dict]:
-        from safetensors.torch import load_file
-
-        from .formats.layout import text_module
-        from .inject import TEXT_ENCODER_COMPONENTS, module_name
-
-        files = sorted(folder.glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{folder}: no .safetensors weights (the fine-tuned {name} of a full fine-tune)")
-        model = getattr(self.pipe, name)
-        current = dict(model.named_parameters())
-        trained = {k: v for f in files for k, v in load_file(str(f)).items()}
-        if name in TEXT_ENCODER_COMPONENTS:            # files and models with or without text_model.
-            trained = {module_name(model, name, text_module(k)): v for k, v in trained.items()}
-        unknown = sorted(set(trained) - set(current))
-        wrong = [k for k in trained if k in current and trained[k].shape != current[k].shape]
-        if unknown or wrong:
-            raise ValueError(f"{folder}: the fine-tuned {name} does not fit this base model "
-                             f"({len(unknown)} unknown and {len(wrong)} mis-shaped weights, e.g. "
-                             f"{(unknown + wrong)[:2]}); use the base model it was trained from")
-        base = {k: current[k].detach().clone() for k in trained}
-        tuned = {k: v.to(self.device, current[k].dtype) for k, v in trained.items()}
-        return base, tuned
 
     # ---- images ------------------------------------------------------------------------------
     @torch.no_grad()
