@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from . import rundir as rd
+from .finetune import FineTunedWeights
 from .formats import adapter_files
 from .formats.consumers import FileView, Verdict, consumer_report
 from .formats.files import atomic_folder, check_finite, read_safetensors, write_safetensors
@@ -297,12 +299,10 @@ def _write_merged(pipe, info, family, keys, strengths, format, out: Path, dtype,
 
 def _full_run(source):
     """The resolved ``--method full`` run folder (an ``AdapterSource`` of kind "full"), else None."""
-    from .generate import resolve_adapter
-
-    if not isinstance(source, (str, os.PathLike)) or not (Path(source) / "unet").is_dir():
+    if not isinstance(source, (str, os.PathLike)) or not (Path(source) / rd.FULL_UNET).is_dir():
         return None
     try:
-        resolved = resolve_adapter(source)
+        resolved = rd.resolve_adapter(source)
     except FileNotFoundError:                       # not a run, or unfinished: load_adapter says which
         return None
     return resolved if resolved.kind == "full" and resolved.from_run else None
@@ -312,8 +312,6 @@ def _export_full(source, pairs, format, out: Path, model, model_config, pipe, dt
                  emit) -> ExportResult:
     """A full fine-tune (its ``unet/`` and any ``text_encoder*/``) as a merged checkpoint, at
     strength t: W0 + t·(W − W0) in every fine-tuned weight, as ``dorabooth generate`` uses it."""
-    from .generate import Session
-
     run = source.path.parent
     if len(pairs) != 1:
         raise ValueError(f"{run}: a full fine-tune exports on its own; it cannot be combined with adapters")
@@ -326,15 +324,14 @@ def _export_full(source, pairs, format, out: Path, model, model_config, pipe, dt
     meta = _merged_metadata(family, (info.id if info else None) or model or source.model or "toy", info,
                             [{"source": str(run), "strength": t, "method": "full"}],
                             "full fine-tune: W0 + t (W - W0) in every fine-tuned weight")
-    session = Session(pipe=pipe, device=pipe.device, dtype=pipe.unet.dtype)   # swaps the weights in place
-    session.use_adapter(source)
-    session.set_strength(t)
-    parts = session.fine_tuned_components
+    fine_tune = FineTunedWeights(pipe, source.path)   # swaps the weights in place
+    fine_tune.apply(t)
+    parts = fine_tune.components
     emit({"event": "export", "stage": "fine-tune loaded", "components": parts})
     try:                                          # info=None: written from the pipeline, every weight may differ
         path = _write_merged(pipe, None, family, [], [], format, out, dtype, meta, overwrite, emit)
     finally:
-        session.use_adapter(None)                 # a caller's pipeline gets its base weights back
+        fine_tune.apply(0.0)                      # a caller's pipeline gets its base weights back
     return ExportResult(path, format, notes=[f"full fine-tune of {', '.join(parts)} at strength {t:g}"],
                         metadata=meta)
 

@@ -26,3 +26,13 @@ def pipe(family_name):
 def make_pipe(family_name):
     """A factory: `make_pipe()` builds another pipeline identical to `pipe`."""
     return MAKERS[family_name]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """A soft size report (files over 400 lines, functions over 60): printed, never failing."""
+    from layering import size_report
+
+    rows = size_report()
+    terminalreporter.write_sep("-", f"size report: {len(rows)} file(s)/function(s) over 400/60 lines")
+    for row in rows:
+        terminalreporter.write_line(row)

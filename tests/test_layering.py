@@ -1,0 +1,53 @@
+"""The layers hold (docs/architecture.md), and the checker catches each kind of violation."""
+
+import pytest
+
+from layering import FACE, LAYERS, import_graph, imports, layer_of, violations
+
+
+def test_the_package_keeps_its_layers():
+    graph = import_graph()
+    assert "dorabooth.train" in graph and "dorabooth.formats.kohya" in graph
+    assert violations(graph) == []
+
+
+def test_the_face_is_only_a_face():
+    from layering import ROOT
+
+    text = (ROOT / "dorabooth" / "__init__.py").read_text()
+    assert len(text.splitlines()) < 40
+    code = [line for line in text.split('"""')[-1].splitlines() if line.strip()]
+    assert all(line.startswith(("from .", "__all__", " ", '"', "]")) for line in code), code
+
+
+def _graph(**edges):
+    return {f"dorabooth.{m}" if m != "face" else FACE: {f"dorabooth.{t}" if t != "face" else FACE for t in ts}
+            for m, ts in edges.items()}
+
+
+@pytest.mark.parametrize("edges, words", [
+    ({"train": {"face"}, "face": {"train"}}, "imports the package face"),
+    ({"export": {"generate"}, "generate": set()}, "imports its sibling"),
+    ({"evaluate": set(), "generate": set(), "train": {"generate"}}, "imports its sibling"),
+    ({"models": {"generate"}, "generate": set()}, "a higher layer"),
+    ({"dora": {"inject"}, "inject": set()}, "a higher layer"),
+    ({"inject": {"rundir"}, "rundir": {"models"}, "models": {"inject"}}, "import cycle"),
+    ({"brand_new": set()}, "is in no layer"),
+])
+def test_the_checker_catches(edges, words):
+    found = violations(_graph(**edges))
+    assert any(words in v for v in found), found
+
+
+def test_imports_inside_functions_count():
+    source = "def f():\n    from .generate import Session\n    from . import rundir as rd\n"
+    mods = {"dorabooth.export", "dorabooth.generate", "dorabooth.rundir", "dorabooth"}
+    assert imports("dorabooth.export", source, mods, False) == {"dorabooth.generate", "dorabooth.rundir"}
+    assert imports("dorabooth.export", "import dorabooth\n", mods, False) == {FACE}
+
+
+def test_layers_name_each_module_once():
+    names = [n for _, group in LAYERS for n in group]
+    assert len(names) == len(set(names))
+    assert layer_of("dorabooth.formats.kohya") == layer_of("dorabooth.rundir")
+    assert layer_of("dorabooth.formats.files") < layer_of("dorabooth.rundir") < layer_of("dorabooth.train")
