@@ -39,7 +39,13 @@ import torch
 from . import rundir as rd
 from .conventions import MAGNITUDE_AXES
 from .events import EventLog
+from .formats.adapter_files import read_adapter_file
 from .formats.files import write_json
+from .formats.layout import text_module
+from .formats.neutral import adapted_weight
+from .inject import TEXT_ENCODER_TARGETS, module_name, resolve_targets
+from .models import TOY_ALIASES, TOY_MODEL, load_pipeline, weights_hash
+
 QUERY_SUFFIXES = ("to_q", "q_proj")
 AXIS_MEANING = {
     "out": "per output row of W (out, in): m = ||W[i, :]||, i = 1..out (dorabooth/PEFT/NVlabs axis)",
@@ -174,9 +180,6 @@ class BaseWeights:
         return self._from_pipeline(component, module, key)
 
     def _from_pipeline(self, component: str, module: str, key: str) -> torch.Tensor:
-        from .inject import module_name
-        from .models import load_pipeline
-
         if self._pipe is None:
             self._pipe, _ = load_pipeline(None if self.base == "toy" else self.base)
         model = getattr(self._pipe, component, None)
@@ -190,8 +193,6 @@ class BaseWeights:
 
 
 def _local_folder(base: str) -> Path | None:
-    from .models import TOY_ALIASES, TOY_MODEL
-
     p = TOY_MODEL if base in TOY_ALIASES else Path(base).expanduser()
     return p if p.is_dir() and (p / "model_index.json").is_file() else None
 
@@ -218,8 +219,6 @@ def _read_tensor(file: Path, names: Iterable[str]) -> torch.Tensor | None:
 
 def check_base(info: RunInfo) -> None:
     """W0 must be the weights the run started from: refuse a base folder that changed since."""
-    from .models import weights_hash
-
     folder = _local_folder(info.base)
     if info.base_hash is None or folder is None:
         return
@@ -239,8 +238,6 @@ def full_target_modules(info: RunInfo) -> list[str]:
     from safetensors import safe_open
     from torch import nn
 
-    from .inject import resolve_targets
-
     folder = _local_folder(info.base)
     if folder is None:
         raise ValueError(f"analysing a full fine-tune needs the base model as a local diffusers folder; "
@@ -258,9 +255,6 @@ def full_target_modules(info: RunInfo) -> list[str]:
 
 def _text_encoder_targets(folder: Path) -> list[str]:
     from safetensors import safe_open
-
-    from .formats.layout import text_module
-    from .inject import TEXT_ENCODER_TARGETS
 
     out = []
     for te in sorted(d for d in folder.glob("text_encoder*") if d.is_dir()):
@@ -289,9 +283,6 @@ def snapshot_weights(info: RunInfo, path: Path, modules: Sequence[str] | None,
                      base: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
     """``{module key: W_t}`` of one snapshot: merged adapter weights, or a full fine-tune's weights."""
     if info.method != "full":
-        from .formats.adapter_files import read_adapter_file
-        from .formats.neutral import adapted_weight
-
         adapter = read_adapter_file(path)
         return {k: adapted_weight(base(k), mod, 1.0) for k, mod in sorted(adapter.modules.items())}
     out = {}

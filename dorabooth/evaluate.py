@@ -34,9 +34,12 @@ from pathlib import Path
 import torch
 
 from . import rundir as rd
+from .analysis import run_info
+from .data import list_images
 from .events import EventLog
 from .formats.files import write_json
-from .models import shipped_path
+from .generate import Session, save_png
+from .models import TOY_ALIASES, TOY_MODEL, shipped_path
 
 PROMPTS_DIR = shipped_path("prompts")
 DEFAULT_PROMPTS = {"toy": PROMPTS_DIR / "toy-eval.json", "embedding": PROMPTS_DIR / "dreambooth-objects.txt"}
@@ -127,8 +130,6 @@ class EvalRun:
 
 def read_eval_run(run: str | os.PathLike) -> EvalRun:
     """The run's facts for evaluation; its prompts exactly as the trainer resolved them."""
-    from .analysis import run_info
-
     r = rd.read_run(run)
     info, config = run_info(r), r.config
     return EvalRun(path=info.path, method=info.method, label=info.label, base=info.base,
@@ -148,8 +149,6 @@ def adapter_of(run: EvalRun, checkpoint: int | None) -> rd.AdapterSource:
 
 
 def is_toy_base(run: EvalRun) -> bool:
-    from .models import TOY_ALIASES, TOY_MODEL
-
     if run.base_id in TOY_ALIASES:
         return True
     try:
@@ -160,8 +159,6 @@ def is_toy_base(run: EvalRun) -> bool:
 
 def subject_images(run: EvalRun) -> list[Path]:
     """The run's prepared subject images (``instance/``), else the photos it was given."""
-    from .data import list_images
-
     for folder in (run.path / rd.INSTANCE, Path(run.images)):
         if folder.is_dir():
             found = list_images(folder)
@@ -360,8 +357,6 @@ def evaluate_run(run: str | os.PathLike, *, prompts: str | os.PathLike | None = 
     """Generate ``len(seeds)`` images per prompt with ``run`` and score them (module docstring).
 
     ``session``: a :class:`dorabooth.generate.Session` on the run's base model to reuse."""
-    from .generate import Session, save_png
-
     if not seeds:
         raise ValueError("give at least one seed")
     emit = EventLog(None, on_event)
@@ -414,8 +409,6 @@ def evaluate(runs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None
     ``out``: a ``.json`` file for all results; by default each run gets ``RUN/eval.json``
     (``RUN/eval-step-N.json`` for a checkpoint). ``save_images``: a folder that gets one
     subfolder of PNGs per run. Other keyword arguments go to :func:`evaluate_run`."""
-    from .generate import Session
-
     if not runs:
         raise ValueError("give at least one run folder")
     sessions: dict[str, object] = {}

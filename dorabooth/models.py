@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 from .families import Family, detect_family
+from .formats.single_file import Mapper
+
 
 def shipped_path(top: str, name: str = "") -> Path:
     """``<top>/<name>`` of what the project ships beside the package (``assets``, ``prompts``):
@@ -219,8 +221,6 @@ def _from_single_file_mapped(path: str, dtype: torch.dtype, config: Path, family
 
     from diffusers import DiffusionPipeline
     from safetensors.torch import load_file
-
-    from .formats.single_file import Mapper
 
     index = DiffusionPipeline.load_config(str(config))
     parts = {}

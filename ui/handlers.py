@@ -20,12 +20,20 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from dorabooth import rundir as rd
+from dorabooth.config import TrainConfig
 from dorabooth.models import asset_dir
 
 from . import runs
 from .runs import RunStatus, read_status
 from .worker import TrainingWorker
-from .workspace import MIN_IMAGES, REQUEST_FILE, Photo, UploadResult, UserError, Workspace
+from .workspace import (
+    MIN_IMAGES,
+    REQUEST_FILE,
+    Photo,
+    UploadResult,
+    UserError,
+    Workspace,
+)
 
 
 # =============================================================================================
@@ -335,8 +343,6 @@ def _duration(seconds: float) -> str:
 
 def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: Path):
     """The TrainConfig for a run of ``subject_name`` (validated by TrainConfig itself)."""
-    from dorabooth import TrainConfig
-
     subject = ctx.workspace.subject(subject_name)
     if not subject.class_noun:
         raise UserError("say what the subject is (the class noun, e.g. 'dog') on the Subject tab first")
@@ -396,7 +402,6 @@ def stop_training(ctx: Context, ref: str) -> str:
 
 def resume_training(ctx: Context, ref: str) -> str:
     """Queue a stopped, failed or interrupted run again, continuing from its newest checkpoint."""
-    from dorabooth import TrainConfig
     run = ctx.workspace.run(ref)
     owner = rd.run_busy(run)
     if owner is not None:
@@ -453,8 +458,6 @@ def recover_queue(ctx: Context) -> list[str]:
         if (run / REQUEST_FILE).is_file() and not (run / "events.jsonl").exists() and ctx.worker.position(run) is None:
             waiting.append(run)
     waiting.sort(key=lambda r: (r / REQUEST_FILE).stat().st_mtime)
-    from dorabooth import TrainConfig
-
     for run in waiting:
         ctx.worker.submit(run, TrainConfig.from_dict(json.loads((run / REQUEST_FILE).read_text())["config"]))
     return [ctx.workspace.ref(r) for r in waiting]
