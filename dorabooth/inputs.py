@@ -38,7 +38,7 @@ def prepare_instance(config: TrainConfig, run: Path, pipe, accelerator, emit) ->
             for e in examples]
 
 
-def prepare_class_images(config, pipe, family, base: BaseModel, instance, accelerator, emit, device, stop=None):
+def prepare_class_images(config, pipe, family, base: BaseModel, instance, accelerator, emit, stop=None):
     """{size: [(Example, image)]}: class images fitted to every subject size (empty without prior,
     or when ``stop`` was set while they were being drawn)."""
     if not config.prior_preservation:
@@ -67,7 +67,7 @@ def size_groups(examples: list[Example]) -> dict[tuple[int, int], list[int]]:
     return groups
 
 
-def make_text_encoder(pipe, family: Family, config: TrainConfig, instance, class_pool, device):
+def make_text_encoder(pipe, family: Family, config: TrainConfig, instance, class_pool):
     """``encode(prompts, live_encoders) -> (embeds, pooled)``: live when the text encoders train,
     else every prompt of the run encoded once and looked up."""
     if config.train_text_encoders:

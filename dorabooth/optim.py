@@ -23,7 +23,7 @@ def check_optimizer_available(name: str) -> None:
                            "use --optimizer adamw on this machine")
 
 
-def make_optimizer(pipe, params: dict[str, torch.nn.Parameter], config: TrainConfig):
+def make_optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig):
     """AdamW over two groups per learning rate: magnitudes and biases get no weight decay
     (decay would pull DoRA's m towards 0, not towards ‖W0‖)."""
     groups = []

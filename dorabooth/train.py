@@ -84,13 +84,13 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     config = resolve_config(config, pipe, family, run)
     accelerator.wait_for_everyone()                    # every process has checked the folder first
     if accelerator.is_main_process:
-        rd.write_config(run, config, run_metadata(config, base, family, pipe, accelerator))
+        rd.write_config(run, config, run_metadata(base, family, pipe, accelerator))
     pipe.set_progress_bar_config(disable=True)
     device, weight_dtype = accelerator.device, _weight_dtype(config.mixed_precision)
 
     # ---- data: prepared once, class images generated once ----------------------------------
     instance = prepare_instance(config, run, pipe, accelerator, emit)
-    class_pool = prepare_class_images(config, pipe, family, base, instance, accelerator, emit, device, stop)
+    class_pool = prepare_class_images(config, pipe, family, base, instance, accelerator, emit, stop)
     if stop_requested(stop):                           # stopped while drawing class images: those drawn are kept
         emit("stopped", step=0)
         return RunResult(run, None, 0, stopped=True, main_process=accelerator.is_main_process)
@@ -103,17 +103,17 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         torch.manual_seed(config.seed)                 # adapter init (A) is the same on every process
         params = setup_method(pipe, config)            # {name: parameter} that train
     trainable_modules = [m for m in (pipe.unet, *fam.text_encoder_modules(pipe, family)) if has_trainable(m)]
-    place(pipe, family, config, device, weight_dtype)
+    place(pipe, family, device, weight_dtype)
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(pipe, family, config)
 
     # ---- choices resolved before the loop --------------------------------------------------
-    encode = make_text_encoder(pipe, family, config, instance, class_pool, device)
+    encode = make_text_encoder(pipe, family, config, instance, class_pool)
     latents_of = make_latent_source(pipe, config, instance, class_pool, device)
     add_conds = lambda pooled, examples, flips: fam.added_conditions(        # noqa: E731
         family, pooled, [time_ids(e, f) for e, f in zip(examples, flips)])
     draw_class = make_class_sampler(class_pool, config.batch_size)
-    optimizer = make_optimizer(pipe, params, config)
+    optimizer = make_optimizer(params, config)
     schedule = make_lr_schedule(optimizer, config)
     prepared = accelerator.prepare(*trainable_modules, optimizer)
     wrapped, optimizer = list(prepared[:-1]), prepared[-1]
@@ -215,7 +215,7 @@ def resolve_config(config: TrainConfig, pipe, family: Family, run: Path) -> Trai
     return resolved
 
 
-def run_metadata(config, base: BaseModel, family: Family, pipe, accelerator) -> dict:
+def run_metadata(base: BaseModel, family: Family, pipe, accelerator) -> dict:
     return {
         "dorabooth_version": __version__,
         "base_model": base.to_dict(),
@@ -250,7 +250,7 @@ def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
     return params
 
 
-def place(pipe, family: Family, config: TrainConfig, device, weight_dtype) -> None:
+def place(pipe, family: Family, device, weight_dtype) -> None:
     """Frozen weights in the mixed-precision dtype, trainable ones in fp32, all on ``device``.
     The VAE stays fp32 (SDXL's VAE overflows in fp16)."""
     for name in ("unet", *family.text_encoders):

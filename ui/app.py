@@ -504,7 +504,10 @@ def _int(value, what: str) -> int | None:
 def _float(value, what: str) -> float | None:
     if value is None or value == "":
         return None
-    return float(value)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{what}: use a number, e.g. 0.0001") from None
 
 
 def launch(demo: gr.Blocks, ctx: h.Context, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
