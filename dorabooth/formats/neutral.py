@@ -15,8 +15,8 @@ Tensors (fp32)::
     scale     s = alpha / r  (alpha / sqrt(r) with rsLoRA; kohya files store alpha = s·r)
     magnitude m : (out,) for axis "out", (in,) for axis "in", None for plain LoRA
 
-:func:`adapted_weight` is the one definition of what a module adapter does to a weight
-(DESIGN §3) that merges, exports and the consumer report all use.
+:func:`adapted_weight` applies a module adapter to a weight with the one definition of W'(t)
+(DESIGN §3, :func:`dorabooth.dora.dora_weight`) that merges, exports and the consumer report use.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..conventions import MAGNITUDE_AXES, NORM_EPS
+from ..conventions import MAGNITUDE_AXES
+from ..dora import dora_weight
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -77,10 +78,6 @@ class ModuleAdapter:
     @property
     def is_dora(self) -> bool:
         return self.magnitude is not None
-
-    def delta(self, strength: float = 1.0) -> torch.Tensor:
-        """t·s·B·A in fp32: (out, in)."""
-        return (strength * self.scale) * (self.up @ self.down)
 
 
 @dataclass
@@ -175,42 +172,9 @@ def scale_for(alpha: float | None, rank: int, rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
-def _norm(V: torch.Tensor, axis: str) -> torch.Tensor:
-    return torch.linalg.vector_norm(V, dim=1 if axis == "out" else 0).clamp_min(NORM_EPS)
-
-
-@torch.no_grad()
 def adapted_weight(W: torch.Tensor, mod: ModuleAdapter, strength: float = 1.0,
                    trained_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """W' for one module at strength t, in fp32: (out, in). DESIGN §3::
-
-        V(t) = W + t·s·B·A
-        m(t) = ‖W‖ + t·(m − m₀)                    (norms along the module's axis)
-        W'   = diag(m(t) / ‖V(t)‖_row) · V(t)      axis "out"
-        W'   = V(t) · diag(m(t) / ‖V(t)‖_col)      axis "in"
-        W'   = V(t)                                 plain LoRA
-
-    ``W`` is the weight the module is applied to; m₀ = ``trained_norm`` is ‖W0‖ of the base
-    the adapter was trained on (default ‖W‖: a single adapter on its own base, where
-    m(t) = m₀ + t·(m − m₀) exactly as the live layer). ``t = 0`` returns ``W`` unchanged
-    (bit for bit, as a copy in fp32).
-    """
-    W = W.detach().float()
-    if tuple(W.shape) != (mod.out_features, mod.in_features):
-        raise ValueError(f"adapter is for a ({mod.out_features}, {mod.in_features}) weight, the base weight "
-                         f"is {tuple(W.shape)}; it was made for another model")
-    if strength == 0.0:
-        return W.clone()
-    V = W + mod.delta(strength)
-    if not mod.is_dora:
-        return V
-    base_norm = _norm(W, mod.axis)
-    m0 = base_norm if trained_norm is None else trained_norm.float().reshape(-1)
-    m = base_norm + strength * (mod.magnitude - m0)
-    g = m / _norm(V, mod.axis)
-    return V * (g[:, None] if mod.axis == "out" else g[None, :])
-
-
-def base_norm(W: torch.Tensor, axis: str) -> torch.Tensor:
-    """‖W‖ along ``axis`` in fp32 (the m₀ an adapter trained on ``W`` started from)."""
-    return _norm(W.detach().float(), axis)
+    """W' for one module at strength t, in fp32: (out, in): :func:`dorabooth.dora.dora_weight`
+    for ``mod``. ``W`` is the weight the module is applied to; ``trained_norm`` is m₀ = ‖W0‖ of
+    the base the adapter was trained on (default ‖W‖: a single adapter on its own base)."""
+    return dora_weight(W, mod.down, mod.up, mod.scale, mod.magnitude, mod.axis, t=strength, m0=trained_norm)
