@@ -15,6 +15,10 @@ Tensors (fp32)::
     scale     s = alpha / r  (alpha / sqrt(r) with rsLoRA; kohya files store alpha = s·r)
     magnitude m : (out,) for axis "out", (in,) for axis "in", None for plain LoRA
 
+What a file format stores per component rather than per module (PEFT's ``LoraConfig``: rank,
+alpha, use_dora, rsLoRA, targets) is derived from the modules by :meth:`Adapter.component_config`
+and :meth:`Adapter.component_targets`; :attr:`Adapter.tensors` gives the live layers' tensors.
+
 :func:`adapted_weight` applies a module adapter to a weight with the one definition of W'(t)
 (DESIGN §3, :func:`dorabooth.dora.dora_weight`) that merges, exports and the consumer report use.
 """
@@ -22,6 +26,7 @@ Tensors (fp32)::
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +96,7 @@ class Adapter:
     rslora: bool | None = None
     base_model: str | None = None
     targets: dict[str, list[str]] | None = None   # per component, if the file says
+    lora_alpha: dict[str, float] = field(default_factory=dict)   # per component, PEFT's alpha if the file says
     file_names: dict[str, str] = field(default_factory=dict)      # module key → name in the file
     magnitude_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored
 
@@ -107,8 +113,11 @@ class Adapter:
 
     @property
     def components(self) -> list[str]:
-        return sorted({k.split(".", 1)[0] for k in self.modules}, key=lambda c: COMPONENTS.index(c)
-                      if c in COMPONENTS else 99)
+        return sorted(self.by_component(), key=COMPONENTS.index)
+
+    def by_component(self) -> dict[str, list[str]]:
+        """Module keys per component, in the order the modules come."""
+        return group_by_component(self.modules)
 
     def ranks(self) -> list[int]:
         return sorted({m.rank for m in self.modules.values()})
@@ -116,16 +125,51 @@ class Adapter:
     def alphas(self) -> list[float]:
         return sorted({round(m.alpha, 6) for m in self.modules.values()})
 
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under the live layers' (PEFT's) names, e.g. ``unet.<module>.lora_A.weight``,
+        ``….lora_B.weight`` and ``….lora_magnitude_vector`` ((out,) for axis "out", (1, in) for "in")."""
+        out = {}
+        for key, m in self.modules.items():
+            out[f"{key}.lora_A.weight"] = m.down
+            out[f"{key}.lora_B.weight"] = m.up
+            if m.is_dora:
+                out[f"{key}.lora_magnitude_vector"] = m.magnitude if m.axis == "out" else m.magnitude[None, :]
+        return out
+
+    def component_config(self, component: str) -> dict:
+        """rank, alpha, use_dora, magnitude_axis and rslora of ``component``'s layers (the keys of
+        ``inject.component_config``): one of each per component, as PEFT's ``LoraConfig`` holds them.
+
+        alpha is the one the file states (``lora_alpha``) where it gives the modules' scale, else
+        s·r (s·sqrt(r) with rsLoRA)."""
+        mods = [self.modules[k] for k in self.by_component()[component]]
+        ranks = {m.rank for m in mods}
+        scales = {round(m.scale, 9) for m in mods}
+        kinds = {m.is_dora for m in mods}
+        axes = {m.axis for m in mods if m.is_dora}
+        if len(ranks) > 1 or len(scales) > 1 or len(kinds) > 1 or len(axes) > 1:
+            raise ValueError(f"{component}: modules differ in rank {sorted(ranks)}, scale or method; the "
+                             f"diffusers-lora format holds one rank/alpha/method per component (kohya holds any)")
+        rank, rslora = ranks.pop(), bool(self.rslora)
+        alpha = self.lora_alpha.get(component)
+        if alpha is None or any(scale_for(alpha, rank, rslora) != m.scale for m in mods):
+            alpha = mods[0].scale * (math.sqrt(rank) if rslora else rank)
+        return {"rank": rank, "alpha": alpha, "use_dora": kinds.pop(), "magnitude_axis": axes.pop() if axes else None,
+                "rslora": rslora}
+
+    def component_targets(self, component: str) -> list[str]:
+        """The target spec ``component`` was attached with; the module paths if the file does not say."""
+        return list((self.targets or {}).get(component) or module_paths(self.by_component()[component]))
+
     def summary(self) -> dict:
         """What ``adapter-info`` prints."""
-        per = {}
-        for c in self.components:
-            mods = [m for k, m in self.modules.items() if k.split(".", 1)[0] == c]
-            per[c] = len(mods)
+        per = self.by_component()
         return {
             "file": self.source, "format": self.format, "family": self.family, "method": self.method,
             "magnitude_axis": self.axis, "rank": self.ranks(), "alpha": self.alphas(),
-            "rslora": self.rslora, "modules": len(self.modules), "modules_per_component": per,
+            "rslora": self.rslora, "modules": len(self.modules),
+            "modules_per_component": {c: len(per[c]) for c in self.components},
             "base_model": self.base_model, "unknown_keys": list(self.unknown_keys),
         }
 
@@ -136,6 +180,19 @@ def split_module_key(key: str) -> tuple[str, str]:
     if component not in COMPONENTS or not module:
         raise ValueError(f"{key!r} is not a module key (expected unet./text_encoder./text_encoder_2. + module path)")
     return component, module
+
+
+def module_paths(keys: Iterable[str]) -> list[str]:
+    """Module keys → module paths within their component (``split_module_key(k)[1]``)."""
+    return [split_module_key(k)[1] for k in keys]
+
+
+def group_by_component(keys: Iterable[str]) -> dict[str, list[str]]:
+    """Module keys grouped by component, in order of first appearance: ``{"unet": [key, …], …}``."""
+    per: dict[str, list[str]] = {}
+    for key in keys:
+        per.setdefault(split_module_key(key)[0], []).append(key)
+    return per
 
 
 def axis_from_shape(shape: tuple[int, ...], out_f: int, in_f: int, *, one_d: str = "out") -> str:
