@@ -5,6 +5,7 @@ import torch
 
 import dorabooth
 from dorabooth.export import convert
+from dorabooth.inject import iter_layers
 from export_helpers import BUILDERS, adapted
 from tiny_models import rel_err, text_encoder_output, unet_output
 
@@ -21,7 +22,7 @@ def test_kohya_file_loads_live_and_matches(tmp_path, kind, axis):
     fresh = BUILDERS[kind]()                       # same seed: same base weights
     names = dorabooth.load_adapter(fresh, kohya)
     assert any(n.startswith("text_encoder.") for n in names) and any(n.startswith("unet.") for n in names)
-    layers = list(dorabooth._layers(fresh))
+    layers = list(iter_layers(fresh))
     assert {m.magnitude_axis for m in layers} == {axis}             # never reinterpreted
     with torch.no_grad():
         assert rel_err(unet_output(fresh), ref_unet) < 1e-5
