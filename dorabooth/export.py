@@ -168,7 +168,7 @@ def bake_strength(adapter: Adapter, t: float, base: Mapping[str, torch.Tensor]) 
         modules[key] = ModuleAdapter(m.down, t * m.up, m.scale, mag, m.axis)
     return Adapter(modules=modules, family=adapter.family, format=adapter.format, source=adapter.source,
                    metadata=adapter.metadata, rslora=adapter.rslora, base_model=adapter.base_model,
-                   targets=adapter.targets)
+                   targets=adapter.targets, lora_alpha=adapter.lora_alpha)
 
 
 # ---- export -----------------------------------------------------------------------------------
