@@ -19,8 +19,9 @@ from . import inject
 from .conventions import ADAPTER_METHODS, MAGNITUDE_AXES
 from .dora import DoRALinear
 from .families import check_family, detect_family
-from .formats.adapter_files import read_adapter_file, to_adapter_file
-from .formats.diffusers_lora import ComponentAdapter, peft_target_modules, read_adapter, write_adapter
+from .formats.adapter_files import read_adapter_file
+from .formats.diffusers_lora import write_adapter
+from .formats.neutral import Adapter, ModuleAdapter, module_paths
 from .version import __version__
 
 
@@ -136,29 +137,44 @@ def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None
     """
 
     family = detect_family(pipe)
-    components, peft_targets = {}, {}
+    adapter = _attached_adapter(pipe)
+    if not adapter.modules:
+        raise ValueError("the pipeline has no dorabooth adapters to save; attach() and train first")
+    if "unet" not in adapter.by_component():
+        raise ValueError("dorabooth adapters always include the UNet; this pipeline has adapters only on "
+                         f"{', '.join(adapter.by_component())}")
+    names = {}        # every module PEFT would see (none inside our layers), for short target_modules
+    for component, model in inject.pipeline_components(pipe).items():
+        wrapped = [n for n, _ in inject.dora_modules(model)]
+        names[component] = [inject.canonical_name(model, component, n) for n, _ in model.named_modules()
+                            if n and not _inside_adapter(n, wrapped)]
+    if base_model is None:
+        base_model = getattr(pipe, "name_or_path", None) or None
+    return write_adapter(path, adapter, family=family.name, module_names=names, base_model=base_model,
+                         version=__version__)
+
+
+def _attached_adapter(pipe) -> Adapter:
+    """The pipeline's attached adapter layers as the neutral in-memory adapter (no copies of the
+    fp32 tensors), with the configuration they were attached with."""
+    modules, targets, alphas, rslora = {}, {}, {}, set()
     for component, model in inject.pipeline_components(pipe).items():
         layers = inject.dora_modules(model)
         if not layers:
             continue
         config = inject.component_config(model, component)
-        wrapped = [n for n, _ in layers]
-        modules = tuple(inject.canonical_name(model, component, n) for n in wrapped)
-        targets = inject.attached_targets(model) or modules
-        components[component] = ComponentAdapter(
-            rank=config["rank"], alpha=config["alpha"], use_dora=config["use_dora"],
-            magnitude_axis=config["magnitude_axis"], rslora=config["rslora"], modules=modules, targets=tuple(targets))
-        names = [n for n, _ in model.named_modules() if not _inside_adapter(n, wrapped)]
-        peft_targets[component] = peft_target_modules(names, wrapped, component)
-    if not components:
-        raise ValueError("the pipeline has no dorabooth adapters to save; attach() and train first")
-    if "unet" not in components:
-        raise ValueError("dorabooth adapters always include the UNet; this pipeline has adapters only on "
-                         f"{', '.join(components)}")
-    if base_model is None:
-        base_model = getattr(pipe, "name_or_path", None) or None
-    return write_adapter(path, inject.adapter_state_dict(pipe), components, peft_targets=peft_targets,
-                         family=family.name, base_model=base_model, version=__version__)
+        keys = []
+        for name, layer in layers:
+            key = f"{component}.{inject.canonical_name(model, component, name)}"
+            m = layer.lora_magnitude_vector if layer.use_dora else None
+            modules[key] = ModuleAdapter(layer.lora_A.weight, layer.lora_B.weight, layer.scale, m,
+                                         layer.magnitude_axis if layer.use_dora else None)
+            keys.append(key)
+        targets[component] = list(inject.attached_targets(model) or module_paths(keys))
+        alphas[component] = config["alpha"]
+        rslora.add(config["rslora"])
+    return Adapter(modules=modules, rslora=rslora.pop() if len(rslora) == 1 else None, targets=targets,
+                   lora_alpha=alphas)
 
 
 def _inside_adapter(name: str, wrapped: Sequence[str]) -> bool:
@@ -176,62 +192,72 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
     naming the file, on a family mismatch, unknown modules or shape mismatches; in that case
     the pipeline is left unchanged. Returns the adapted module names.
     """
-    neutral = read_adapter_file(path)          # any format: diffusers/PEFT, kohya, LyCORIS, OneTrainer
-    adapter = read_adapter(neutral.source) if neutral.format.startswith("diffusers/PEFT") else to_adapter_file(neutral)
-    source = str(adapter.path)
+    adapter = read_adapter_file(path)          # any format: diffusers/PEFT, kohya, LyCORIS, OneTrainer
+    source = adapter.source
     family = detect_family(pipe)
     if adapter.family is not None:
         check_family(adapter.family, family, source=source)
     components = inject.pipeline_components(pipe)
-    for component in adapter.components:
+    per = adapter.by_component()
+    for component in per:
         if component not in components:
             raise ValueError(f"{source}: adapter has {component} weights but the {family.name} pipeline has no "
                              f"{component}; load it onto the model family it was trained for")
-    for component, spec in adapter.components.items():
-        model = components[component]
-        for canonical in spec.modules:
-            name = inject.module_name(model, component, canonical)
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"{source}: {component}.{canonical} does not exist in this "
-                                 f"{type(model).__name__} ({family.name}); the adapter is for another base model") from None
-            base = module.base_layer if isinstance(module, DoRALinear) else module
-            if not isinstance(base, nn.Linear):
-                raise ValueError(f"{source}: {component}.{canonical} is a {type(base).__name__}, not a Linear layer")
-            a = adapter.tensors[f"{component}.{canonical}.lora_A.weight"]
-            b = adapter.tensors[f"{component}.{canonical}.lora_B.weight"]
-            if (b.shape[0], a.shape[1]) != tuple(base.weight.shape):
-                raise ValueError(f"{source}: {component}.{canonical} is (out, in) = {tuple(base.weight.shape)} here but "
-                                 f"{(b.shape[0], a.shape[1])} in the file; the adapter is for another base model")
-            if spec.rank > min(base.weight.shape):
-                raise ValueError(f"{source}: rank {spec.rank} exceeds min(in, out) of {component}.{canonical}")
+    configs = {component: adapter.component_config(component) for component in per}
+    _check_fits(adapter, components, configs, family.name)
 
     names = []
     for component, model in components.items():
-        spec = adapter.components.get(component)
+        config = configs.get(component)
         current = {inject.canonical_name(model, component, n): m for n, m in inject.dora_modules(model)}
-        if spec is None:
+        if config is None:
             inject.detach(model)
             inject.freeze(model)
             continue
-        if not _matches(current, spec):
+        paths = module_paths(per[component])
+        if not _matches(current, paths, config):
             inject.detach(model)
-            inject.inject(model, spec.targets, names=[inject.module_name(model, component, c) for c in spec.modules],
-                          rank=spec.rank, alpha=spec.alpha, use_dora=spec.use_dora,
-                          magnitude_axis=spec.magnitude_axis or "out", rslora=spec.rslora)
+            inject.inject(model, adapter.component_targets(component),
+                          names=[inject.module_name(model, component, c) for c in paths],
+                          rank=config["rank"], alpha=config["alpha"], use_dora=config["use_dora"],
+                          magnitude_axis=config["magnitude_axis"] or "out", rslora=config["rslora"])
         names += [f"{component}.{n}" for n, _ in inject.dora_modules(model)]
     inject.load_adapter_state_dict(pipe, adapter.tensors, source=source)
-    _frozen_others(pipe, set(adapter.components))
+    _frozen_others(pipe, set(per))
     return names
 
 
-def _matches(current: dict, spec) -> bool:
-    if set(current) != set(spec.modules):
+def _check_fits(adapter: Adapter, components: dict[str, nn.Module], configs: dict[str, dict], family: str) -> None:
+    """Raise, naming the file, unless every module of ``adapter`` is a Linear of the same shape here."""
+    source = adapter.source
+    for component, keys in adapter.by_component().items():
+        model = components[component]
+        rank = configs[component]["rank"]
+        for key, canonical in zip(keys, module_paths(keys)):
+            try:
+                module = model.get_submodule(inject.module_name(model, component, canonical))
+            except AttributeError:
+                raise ValueError(f"{source}: {key} does not exist in this {type(model).__name__} ({family}); "
+                                 f"the adapter is for another base model") from None
+            base = module.base_layer if isinstance(module, DoRALinear) else module
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"{source}: {key} is a {type(base).__name__}, not a Linear layer")
+            mod = adapter.modules[key]
+            if (mod.out_features, mod.in_features) != tuple(base.weight.shape):
+                raise ValueError(f"{source}: {key} is (out, in) = {tuple(base.weight.shape)} here but "
+                                 f"{(mod.out_features, mod.in_features)} in the file; the adapter is for another "
+                                 f"base model")
+            if rank > min(base.weight.shape):
+                raise ValueError(f"{source}: rank {rank} exceeds min(in, out) of {key}")
+
+
+def _matches(current: dict[str, DoRALinear], paths: list[str], config: dict) -> bool:
+    """True if the attached layers are exactly ``paths`` with ``config`` (then only tensors are loaded)."""
+    if set(current) != set(paths):
         return False
-    return all(m.rank == spec.rank and m.alpha == spec.alpha and m.use_dora == spec.use_dora
-               and m.rslora == spec.rslora and (not spec.use_dora or m.magnitude_axis == spec.magnitude_axis)
-               for m in current.values())
+    c = config
+    return all(m.rank == c["rank"] and m.alpha == c["alpha"] and m.use_dora == c["use_dora"] and m.rslora == c["rslora"]
+               and (not c["use_dora"] or m.magnitude_axis == c["magnitude_axis"]) for m in current.values())
 
 
 __all__ = ["attach", "detach", "set_strength", "merge", "unmerge", "save_adapter", "load_adapter"]

@@ -40,7 +40,8 @@ from .formats import adapter_files
 from .formats.consumers import FileView, Verdict, consumer_report
 from .formats.files import atomic_folder, check_finite, read_safetensors, write_safetensors
 from .formats.layout import UNetLayout
-from .formats.neutral import Adapter, ModuleAdapter, adapted_weight, base_norm, split_module_key
+from .dora import axis_norm, magnitude_at
+from .formats.neutral import Adapter, ModuleAdapter, adapted_weight, split_module_key
 from .formats.single_file import Mapper, modelspec
 from .version import __version__
 
@@ -152,7 +153,7 @@ def merge_weights(base: Mapping[str, torch.Tensor],
                 raise KeyError(f"no base weight for {key}")
             W0 = base[key].float()
             W = current.get(key, W0)
-            trained = base_norm(W0, mod.axis) if mod.is_dora else None
+            trained = axis_norm(W0, mod.axis) if mod.is_dora else None
             current[key] = adapted_weight(W, mod, t, trained_norm=trained)
     return current
 
@@ -165,14 +166,11 @@ def bake_strength(adapter: Adapter, t: float, base: Mapping[str, torch.Tensor]) 
         return adapter
     modules = {}
     for key, m in adapter.modules.items():
-        mag = None
-        if m.is_dora:
-            m0 = base_norm(base[key], m.axis)
-            mag = m0 + t * (m.magnitude - m0)
+        mag = magnitude_at(m.magnitude, axis_norm(base[key], m.axis), t) if m.is_dora else None
         modules[key] = ModuleAdapter(m.down, t * m.up, m.scale, mag, m.axis)
     return Adapter(modules=modules, family=adapter.family, format=adapter.format, source=adapter.source,
                    metadata=adapter.metadata, rslora=adapter.rslora, base_model=adapter.base_model,
-                   targets=adapter.targets)
+                   targets=adapter.targets, lora_alpha=adapter.lora_alpha)
 
 
 # ---- export -----------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dorabooth.dora import DoRALinear, low_rank_norm, naive_norm
+from dorabooth.dora import DoRALinear
+from dorabooth.dora_autograd import low_rank_norm, naive_norm
 
 AXES = ["out", "in"]
 

@@ -265,18 +265,21 @@ def test_peft_save_pretrained_files(tmp_path):
 @pytest.mark.parametrize("axis", ["in", "out"])
 def test_kohya_file_attaches_as_live_layers(adapters, axis):
     """A kohya file → the canonical in-memory adapter → live DoRALinear layers: same outputs."""
-    from dorabooth.formats.adapter_files import to_adapter_file
+    from dorabooth.formats.neutral import module_paths
     from export_helpers import BUILDERS
     from tiny_models import unet_output
 
     pipe, path, d = adapters("sdxl", axis)
     kfile = export(path, format="kohya", out=d / f"live-{axis}.safetensors", pipe=pipe).path
-    af = to_adapter_file(read_adapter_file(kfile))
+    ad = read_adapter_file(kfile)
     fresh = BUILDERS["sdxl"]()
-    for component, spec in af.components.items():
+    for component, keys in ad.by_component().items():
         model = getattr(fresh, component)
-        inject.inject(model, spec.targets, names=[inject.module_name(model, component, c) for c in spec.modules],
-                      rank=spec.rank, alpha=spec.alpha, use_dora=spec.use_dora, magnitude_axis=spec.magnitude_axis)
-    inject.load_adapter_state_dict(fresh, af.tensors, source=str(kfile))
+        config = ad.component_config(component)
+        inject.inject(model, ad.component_targets(component),
+                      names=[inject.module_name(model, component, c) for c in module_paths(keys)],
+                      rank=config["rank"], alpha=config["alpha"], use_dora=config["use_dora"],
+                      magnitude_axis=config["magnitude_axis"])
+    inject.load_adapter_state_dict(fresh, ad.tensors, source=str(kfile))
     a, b = unet_output(fresh), unet_output(pipe)
     assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5

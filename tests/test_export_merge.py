@@ -19,7 +19,8 @@ import dorabooth
 from dorabooth import inject
 from dorabooth.export import MERGE_DEFINITION, export, merge_weights, pipeline_weight
 from dorabooth.formats.adapter_files import read_adapter_file
-from dorabooth.formats.neutral import adapted_weight, base_norm
+from dorabooth.dora import axis_norm
+from dorabooth.formats.neutral import adapted_weight
 from export_helpers import BUILDERS, adapted
 from tiny_models import text_encoder_output, unet_output
 
@@ -131,7 +132,7 @@ def test_several_adapters_merge_one_after_another(case):
     for k in keys:   # the documented definition, written out with the single-module formula
         W1 = adapted_weight(W0[k], a1.modules[k], 0.8)
         m2 = a2.modules[k]
-        W2 = adapted_weight(W1, m2, 0.6, trained_norm=base_norm(W0[k], m2.axis))
+        W2 = adapted_weight(W1, m2, 0.6, trained_norm=axis_norm(W0[k], m2.axis))
         assert torch.equal(both[k], W2)
     # one adapter alone == the live layer at that strength (DESIGN §3)
     layers = inject.pipeline_dora_modules(pipe)

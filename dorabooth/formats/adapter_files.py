@@ -10,18 +10,16 @@ refused with the formats that can carry it.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 from pathlib import Path
 
 import torch
 
 from . import diffusers_lora, kohya
-from .files import read_metadata, read_safetensors, write_safetensors
+from .files import read_json, read_metadata, read_safetensors, write_safetensors
 from .layout import UNetLayout
 from ..version import __version__
-from .neutral import Adapter, ModuleAdapter, axis_from_shape, scale_for, split_module_key
+from .neutral import Adapter, ModuleAdapter, axis_from_shape, scale_for
 
 ADAPTER_FORMATS = ("diffusers-lora", "kohya")
 _DIFFUSERS_SUFFIXES = tuple(diffusers_lora._READ_SUFFIXES)
@@ -62,54 +60,26 @@ def read_adapter_file(path: str | os.PathLike) -> Adapter:
         else:
             raise FileNotFoundError(f"{p}: folder holds neither adapter.safetensors (a dorabooth run) nor "
                                     f"{diffusers_lora.WEIGHT_NAME}")
-    keys, meta = read_metadata(p, "adapter file")
+    keys, meta = read_metadata(p, "adapter file")      # the header only: a base checkpoint is refused unread
     try:
         kind = detect_format(keys, meta)
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
+    tensors, meta = read_safetensors(p, "adapter file")
     if kind == "kohya":
-        tensors, meta = read_safetensors(p, "adapter file")
         return kohya.read_state_dict(tensors, meta, str(p))
     if kind == "peft":
-        return _read_peft(p)
-    return from_adapter_file(diffusers_lora.read_adapter(p))
+        return _read_peft(p, tensors, meta)
+    return diffusers_lora.read_state_dict(tensors, meta, str(p))
 
 
-def from_adapter_file(af: "diffusers_lora.AdapterFile") -> Adapter:
-    """helper: diffusers/PEFT ``AdapterFile`` (canonical tensors + per-component config) → neutral."""
-    modules, shapes = {}, {}
-    for component, spec in af.components.items():
-        s = scale_for(spec.alpha, spec.rank, spec.rslora)
-        for module in spec.modules:
-            key = f"{component}.{module}"
-            down = af.tensors[f"{key}.lora_A.weight"]
-            up = af.tensors[f"{key}.lora_B.weight"]
-            m = af.tensors.get(f"{key}.{diffusers_lora.MAGNITUDE}")
-            if m is not None:
-                shapes[key] = tuple(m.shape)
-            modules[key] = ModuleAdapter(down, up, s, None if m is None else m.reshape(-1),
-                                         spec.magnitude_axis if m is not None else None)
-    rs = {c.rslora for c in af.components.values()}
-    stated = "dorabooth.format_version" in af.metadata
-    axes = {c.magnitude_axis for c in af.components.values() if c.use_dora}
-    kind = "DoRA" if axes else "LoRA"
-    return Adapter(modules=modules, family=af.family,
-                   format=f"diffusers/PEFT ({kind}{', magnitude (out,)' if axes == {'out'} else ', magnitude (1, in)' if axes == {'in'} else ''}"
-                          f"{', dorabooth' if stated else ''})",
-                   source=str(af.path), metadata=dict(af.metadata), rslora=rs.pop() if len(rs) == 1 else None,
-                   base_model=af.base_model,
-                   targets={c: list(spec.targets) for c, spec in af.components.items()},
-                   magnitude_shapes=shapes)
-
-
-def _read_peft(p: Path) -> Adapter:
+def _read_peft(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapter:
     """PEFT ``save_pretrained`` of one model: ``base_model.model.<module>.lora_A.weight`` keys,
     LoraConfig in ``adapter_config.json`` next to the file (else scale 1)."""
-    tensors, meta = read_safetensors(p, "adapter file")
     config = {}
     cfg_path = p.with_name("adapter_config.json")
     if cfg_path.is_file():
-        config = json.loads(cfg_path.read_text())
+        config = read_json(cfg_path, "PEFT adapter config")
     groups: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, t in tensors.items():
@@ -151,45 +121,6 @@ def write_kohya(adapter: Adapter, path: str | os.PathLike, *, family: str, layou
     return write_safetensors(path, sd, meta, overwrite=overwrite)
 
 
-def _component_spec(adapter: Adapter, component: str, keys: list[str]) -> diffusers_lora.ComponentAdapter:
-    mods = [adapter.modules[k] for k in keys]
-    ranks = {m.rank for m in mods}
-    scales = {round(m.scale, 9) for m in mods}
-    kinds = {m.is_dora for m in mods}
-    axes = {m.axis for m in mods if m.is_dora}
-    if len(ranks) > 1 or len(scales) > 1 or len(kinds) > 1 or len(axes) > 1:
-        raise ValueError(f"{component}: modules differ in rank {sorted(ranks)}, scale or method; the "
-                         f"diffusers-lora format holds one rank/alpha/method per component (kohya holds any)")
-    rank = ranks.pop()
-    rslora = bool(adapter.rslora)
-    alpha = mods[0].scale * (math.sqrt(rank) if rslora else rank)
-    modules = tuple(split_module_key(k)[1] for k in keys)
-    targets = tuple((adapter.targets or {}).get(component) or modules)
-    return diffusers_lora.ComponentAdapter(rank=rank, alpha=alpha, use_dora=kinds.pop(),
-                                           magnitude_axis=axes.pop() if axes else None, rslora=rslora,
-                                           modules=modules, targets=targets)
-
-
-def to_adapter_file(adapter: Adapter) -> "diffusers_lora.AdapterFile":
-    """The neutral adapter as the in-memory ``AdapterFile`` that ``dorabooth.load_adapter``
-    attaches from (canonical tensors, one rank/alpha/method/axis per component); both axes,
-    magnitudes in the live layer's shape ((out,) or (1, in))."""
-    per: dict[str, list[str]] = {}
-    for key in adapter.modules:
-        per.setdefault(split_module_key(key)[0], []).append(key)
-    tensors, components = {}, {}
-    for component, keys in per.items():
-        components[component] = _component_spec(adapter, component, keys)
-        for key in keys:
-            m = adapter.modules[key]
-            tensors[f"{key}.lora_A.weight"] = m.down
-            tensors[f"{key}.lora_B.weight"] = m.up
-            if m.is_dora:
-                tensors[f"{key}.{diffusers_lora.MAGNITUDE}"] = m.magnitude if m.axis == "out" else m.magnitude[None, :]
-    return diffusers_lora.AdapterFile(path=Path(adapter.source or "<memory>"), tensors=tensors, components=components,
-                                      family=adapter.family, base_model=adapter.base_model, metadata=adapter.metadata)
-
-
 def write_diffusers_lora(adapter: Adapter, path: str | os.PathLike, *, family: str,
                          module_names: dict[str, list[str]] | None = None,
                          base_model: str | None = None, overwrite: bool = True) -> Path:
@@ -197,27 +128,6 @@ def write_diffusers_lora(adapter: Adapter, path: str | os.PathLike, *, family: s
     per component of the base model, to write short PEFT ``target_modules`` (else full names)."""
     if adapter.axis in ("in", "mixed"):
         raise ValueError(f"{adapter.source or 'adapter'}: {AXIS_IN_REFUSAL}")
-    target = diffusers_lora.resolve_path(path)
-    if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
-    per: dict[str, list[str]] = {}
-    for key in adapter.modules:
-        per.setdefault(split_module_key(key)[0], []).append(key)
-    tensors, components, peft_targets = {}, {}, {}
-    for component, keys in per.items():
-        spec = _component_spec(adapter, component, keys)
-        components[component] = spec
-        for key in keys:
-            m = adapter.modules[key]
-            tensors[f"{key}.lora_A.weight"] = m.down
-            tensors[f"{key}.lora_B.weight"] = m.up
-            if m.is_dora:
-                tensors[f"{key}.{diffusers_lora.MAGNITUDE}"] = m.magnitude
-        wrapped = list(spec.modules)
-        names = (module_names or {}).get(component)
-        if names:
-            peft_targets[component] = diffusers_lora.peft_target_modules(names, wrapped, component)
-        else:
-            peft_targets[component] = wrapped if component == "unet" else [n.removeprefix("text_model.") for n in wrapped]
-    return diffusers_lora.write_adapter(target, tensors, components, peft_targets=peft_targets, family=family,
-                                        base_model=base_model or adapter.base_model, version=__version__)
+    return diffusers_lora.write_adapter(path, adapter, family=family, module_names=module_names,
+                                        base_model=base_model or adapter.base_model, version=__version__,
+                                        overwrite=overwrite)

@@ -30,25 +30,26 @@ device meta is not on the expected device cpu!", stock's own files included). Al
 names load whatever the order.
 
 The reader accepts that layout, raw PEFT names (``lora_A``/``lora_B``) and text-encoder
-paths with or without ``text_model.``, and returns canonical keys (see ``inject``).
+paths with or without ``text_model.``, and returns the neutral :class:`~.neutral.Adapter`
+with canonical keys (see ``inject``); the writer takes one, its per-component ``LoraConfig``
+from :meth:`~.neutral.Adapter.component_config`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+
+from .files import read_safetensors, write_safetensors
+from .neutral import COMPONENTS, Adapter, ModuleAdapter, group_by_component, module_paths, scale_for
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FORMAT_VERSION = "1"
 PEFT_METADATA_KEY = "lora_adapter_metadata"   # diffusers' LORA_ADAPTER_METADATA_KEY
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 MAGNITUDE = "lora_magnitude_vector"
 # What lives under CLIPTextModel(WithProjection).text_model (transformers 4); text_projection does not.
 _CLIP_TRANSFORMER_PARTS = ("encoder.", "embeddings.", "final_layer_norm")
@@ -83,33 +84,6 @@ _READ_SUFFIXES = {
     "lora_linear_layer.up.weight": "lora_B.weight",
     MAGNITUDE: MAGNITUDE,
 }
-
-
-@dataclass(frozen=True)
-class ComponentAdapter:
-    """One component's adapter as stored in a file: what is needed to attach it again."""
-
-    rank: int
-    alpha: float
-    use_dora: bool
-    magnitude_axis: str | None      # "out" | "in" for DoRA, None for LoRA
-    rslora: bool
-    modules: tuple[str, ...]        # canonical module names, relative to the component
-    targets: tuple[str, ...]        # the target spec (preset / patterns) it was attached with
-
-
-@dataclass
-class AdapterFile:
-    path: Path
-    tensors: dict[str, torch.Tensor]                 # canonical keys, e.g. "unet.<module>.lora_A.weight"
-    components: dict[str, ComponentAdapter]
-    family: str | None = None                        # None for files not written by dorabooth
-    base_model: str | None = None
-    metadata: dict[str, str] = field(default_factory=dict)  # the raw safetensors header metadata
-
-    @property
-    def method(self) -> str:
-        return "dora" if any(c.use_dora for c in self.components.values()) else "lora"
 
 
 # ---- keys ----------------------------------------------------------------------------------
@@ -175,15 +149,15 @@ def _number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def _lora_config_kwargs(c: ComponentAdapter, target_modules: list[str]) -> dict:
+def _lora_config_kwargs(config: dict, target_modules: list[str]) -> dict:
     # Only arguments that every peft since DoRA support (0.9) accepts: stock loaders call
     # LoraConfig(**this), and an unknown key would make them fail.
     return {
-        "r": c.rank,
-        "lora_alpha": _number(c.alpha),
+        "r": config["rank"],
+        "lora_alpha": _number(config["alpha"]),
         "target_modules": target_modules,
-        "use_dora": c.use_dora,
-        "use_rslora": c.rslora,
+        "use_dora": config["use_dora"],
+        "use_rslora": config["rslora"],
         "lora_dropout": 0.0,
         "bias": "none",
         "init_lora_weights": True,
@@ -196,72 +170,71 @@ def _lora_config_kwargs(c: ComponentAdapter, target_modules: list[str]) -> dict:
 # ---- write ---------------------------------------------------------------------------------
 def write_adapter(
     path: str | os.PathLike,
-    tensors: dict[str, torch.Tensor],
-    components: dict[str, ComponentAdapter],
+    adapter: Adapter,
     *,
-    peft_targets: dict[str, list[str]],
     family: str,
+    module_names: dict[str, list[str]] | None = None,
     base_model: str | None = None,
     version: str = "",
+    overwrite: bool = True,
 ) -> Path:
-    """Write canonical ``tensors`` as a diffusers/PEFT adapter file; returns the file path.
+    """Write ``adapter`` as a diffusers/PEFT adapter file (either magnitude axis); returns the file path.
 
     ``path``: a ``.safetensors`` file or a folder (then ``pytorch_lora_weights.safetensors``
-    inside it). The file is written to a temporary name and renamed, and every tensor is
-    checked to be finite first.
+    inside it). ``module_names``: every module name of each component of the base model, in
+    canonical naming, for short PEFT ``target_modules`` (else the full module names). The file
+    is written to a temporary name and renamed, and every tensor is checked to be finite first.
     """
     target = resolve_path(path)
-    for key, t in tensors.items():
-        if not torch.isfinite(t.detach()).all():
+    tensors = adapter.tensors
+    for key, t in tensors.items():      # before write_safetensors' own check: this names the adapter's key
+        if not torch.isfinite(t).all():
             raise ValueError(f"{target}: adapter tensor {key} is not finite (NaN/inf); not writing a broken adapter")
-    out = {k: t.detach().to("cpu").contiguous() for k, t in to_diffusers_layout(tensors).items()}
-
+    per = adapter.by_component()
+    configs = {c: adapter.component_config(c) for c in per}
     peft_meta = {}
-    for name, c in components.items():
-        for k, v in _lora_config_kwargs(c, peft_targets[name]).items():
+    for name, config in configs.items():
+        wrapped = module_paths(per[name])
+        names = (module_names or {}).get(name)
+        if names:
+            targets = peft_target_modules(names, wrapped, name)
+        else:
+            targets = wrapped if name == "unet" else [n.removeprefix("text_model.") for n in wrapped]
+        for k, v in _lora_config_kwargs(config, targets).items():
             peft_meta[f"{name}.{k}"] = v
 
-    def same(attr):
-        values = {n: getattr(c, attr) for n, c in components.items()}
-        return len(set(values.values())) == 1, values
-
-    def describe(attr, fmt=str):
-        uniform, values = same(attr)
-        if uniform:
+    def describe(key, fmt=str):
+        values = {n: c[key] for n, c in configs.items()}
+        if len(set(values.values())) == 1:
             return fmt(next(iter(values.values())))
         return json.dumps({n: (fmt(v) if not isinstance(v, (int, float)) else _number(v)) for n, v in values.items()})
 
-    method_of = {n: ("dora" if c.use_dora else "lora") for n, c in components.items()}
-    axis_of = {n: (c.magnitude_axis or "none") for n, c in components.items()}
+    def one_or_all(values: dict[str, str]) -> str:
+        return next(iter(values.values())) if len(set(values.values())) == 1 else json.dumps(values)
+
+    method_of = {n: ("dora" if c["use_dora"] else "lora") for n, c in configs.items()}
+    axis_of = {n: (c["magnitude_axis"] or "none") for n, c in configs.items()}
     metadata = {
         "format": "pt",
         PEFT_METADATA_KEY: json.dumps(peft_meta, indent=2, sort_keys=True),
         "dorabooth.format_version": FORMAT_VERSION,
         "dorabooth.family": family,
-        "dorabooth.method": method_of["unet"] if len(set(method_of.values())) == 1 else json.dumps(method_of),
-        "dorabooth.magnitude_axis": next(iter(axis_of.values())) if len(set(axis_of.values())) == 1 else json.dumps(axis_of),
+        "dorabooth.method": one_or_all(method_of),
+        "dorabooth.magnitude_axis": one_or_all(axis_of),
         "dorabooth.rank": describe("rank"),
         "dorabooth.alpha": describe("alpha", lambda a: str(_number(a))),
         "dorabooth.rslora": describe("rslora", lambda b: "true" if b else "false"),
-        "dorabooth.targets": json.dumps({n: list(c.targets) for n, c in components.items()}),
+        "dorabooth.targets": json.dumps({n: adapter.component_targets(n) for n in configs}),
     }
     if version:
         metadata["dorabooth.version"] = version
     if base_model:
         metadata["dorabooth.base_model"] = str(base_model)
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        save_file(out, str(tmp), metadata=metadata)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return target
+    return write_safetensors(target, to_diffusers_layout(tensors), metadata, overwrite=overwrite)
 
 
 # ---- read ----------------------------------------------------------------------------------
-def _peft_metadata(raw: dict[str, str], source: Path) -> dict[str, dict]:
+def _peft_metadata(raw: Mapping[str, str], source: str) -> dict[str, dict]:
     text = raw.get(PEFT_METADATA_KEY)
     if not text:
         return {}
@@ -277,9 +250,10 @@ def _peft_metadata(raw: dict[str, str], source: Path) -> dict[str, dict]:
     return per
 
 
-def _component_from_tensors(
-    component: str, grouped: dict[str, dict[str, torch.Tensor]], peft: dict, ours: dict[str, str], source: Path
-) -> ComponentAdapter:
+def _component_facts(component: str, grouped: dict[str, dict[str, torch.Tensor]], peft: dict, ours: dict[str, str],
+                     source: str) -> tuple[int, float, bool, str | None, list[str]]:
+    """(rank, alpha, rslora, magnitude axis, targets) of one component, checked against its tensors
+    (``grouped``: module path → tensors) and both headers; one of each per component."""
     modules = tuple(sorted(grouped))
     ranks = {g["lora_A.weight"].shape[0] for g in grouped.values()}
     if len(ranks) > 1 or peft.get("rank_pattern") or peft.get("alpha_pattern"):
@@ -329,24 +303,25 @@ def _component_from_tensors(
     if not targets:
         targets = peft.get("target_modules") or list(modules)
         targets = [targets] if isinstance(targets, str) else targets
-    return ComponentAdapter(rank=int(rank), alpha=alpha, use_dora=use_dora, magnitude_axis=axis,
-                            rslora=rslora, modules=modules, targets=tuple(targets))
+    return int(rank), alpha, rslora, axis, list(targets)
 
 
-def read_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read a diffusers/PEFT adapter file into canonical tensors and per-component configs."""
+def read_adapter(path: str | os.PathLike) -> Adapter:
+    """Read a diffusers/PEFT adapter file (a ``.safetensors`` file or a folder holding ``WEIGHT_NAME``)."""
     source = resolve_path(path)
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such adapter file")
     try:
-        with safe_open(str(source), framework="pt") as f:
-            raw_meta = dict(f.metadata() or {})
-            raw = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error type for corrupt headers
-        raise ValueError(f"{source}: not a readable safetensors file ({e})") from e
+        tensors, meta = read_safetensors(source, "adapter file")
+    except ValueError as e:
+        raise ValueError(f"{source}: not a readable safetensors file ({str(e).removeprefix(f'{source}: ')})") from None
+    return read_state_dict(tensors, meta, str(source))
 
+
+def read_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], source: str = "<memory>") -> Adapter:
+    """A diffusers/PEFT adapter's tensors and header → the neutral adapter; errors name ``source``."""
     tensors, unknown = {}, []
-    for key, t in raw.items():
+    for key, t in sd.items():
         canonical = from_file_key(key)
         if canonical is None:
             unknown.append(key)
@@ -362,30 +337,50 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     if not tensors:
         raise ValueError(f"{source}: the file holds no adapter tensors")
 
-    grouped: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}      # module key → {"lora_A.weight": …, …}
     for key, t in tensors.items():
-        component, _, rest = key.partition(".")
         for suffix in ("lora_A.weight", "lora_B.weight", MAGNITUDE):
-            if rest.endswith("." + suffix):
-                grouped.setdefault(component, {}).setdefault(rest[: -len(suffix) - 1], {})[suffix] = t
-    for component, modules in grouped.items():
-        for module, g in modules.items():
-            for need in ("lora_A.weight", "lora_B.weight"):
-                if need not in g:
-                    raise ValueError(f"{source}: {component}.{module} has no {need.split('.')[0]} "
-                                     f"(down/up) weight; the file is incomplete")
-            a, b = g["lora_A.weight"], g["lora_B.weight"]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-                raise ValueError(f"{source}: {component}.{module}: down {tuple(a.shape)} and up {tuple(b.shape)} "
-                                 f"are not (r, in) and (out, r) of one rank")
+            if key.endswith("." + suffix):
+                grouped.setdefault(key[: -len(suffix) - 1], {})[suffix] = t
+    for module, g in grouped.items():
+        for need in ("lora_A.weight", "lora_B.weight"):
+            if need not in g:
+                raise ValueError(f"{source}: {module} has no {need.split('.')[0]} (down/up) weight; the file is "
+                                 f"incomplete")
+        a, b = g["lora_A.weight"], g["lora_B.weight"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{source}: {module}: down {tuple(a.shape)} and up {tuple(b.shape)} "
+                             f"are not (r, in) and (out, r) of one rank")
 
-    ours = {k: v for k, v in raw_meta.items() if k.startswith("dorabooth.")}
+    ours = {k: v for k, v in meta.items() if k.startswith("dorabooth.")}
     version = ours.get("dorabooth.format_version")
     if version is not None and version != FORMAT_VERSION:
         raise ValueError(f"{source}: dorabooth adapter format version {version} is not supported by this "
                          f"dorabooth (reads version {FORMAT_VERSION}); upgrade dorabooth")
-    peft = _peft_metadata(raw_meta, source)
-    components = {c: _component_from_tensors(c, grouped[c], peft.get(c, {}), ours, source)
-                  for c in COMPONENTS if c in grouped}
-    return AdapterFile(path=source, tensors=tensors, components=components, family=ours.get("dorabooth.family"),
-                       base_model=ours.get("dorabooth.base_model"), metadata=raw_meta)
+    peft = _peft_metadata(meta, source)
+    per = group_by_component(grouped)
+    modules, alphas, rsloras, axes, targets, shapes = {}, {}, {}, set(), {}, {}
+    for component in (c for c in COMPONENTS if c in per):
+        keys = sorted(per[component])
+        by_path = dict(zip(module_paths(keys), (grouped[k] for k in keys)))
+        rank, alpha, rslora, axis, targets[component] = _component_facts(component, by_path, peft.get(component, {}),
+                                                                         ours, source)
+        alphas[component], rsloras[component] = alpha, rslora
+        s = scale_for(alpha, rank, rslora)
+        for key in keys:
+            g = grouped[key]
+            m = g.get(MAGNITUDE)
+            if m is not None:
+                shapes[key] = tuple(m.shape)
+                axes.add(axis)
+            modules[key] = ModuleAdapter(g["lora_A.weight"], g["lora_B.weight"], s,
+                                         None if m is None else m.reshape(-1), None if m is None else axis)
+    rs = set(rsloras.values())
+    kind = "DoRA" if axes else "LoRA"
+    magnitude = ", magnitude (out,)" if axes == {"out"} else ", magnitude (1, in)" if axes == {"in"} else ""
+    stated = ", dorabooth" if "dorabooth.format_version" in meta else ""
+    return Adapter(modules=modules, family=ours.get("dorabooth.family"),
+                   format=f"diffusers/PEFT ({kind}{magnitude}{stated})",
+                   source=source, metadata=dict(meta), rslora=rs.pop() if len(rs) == 1 else None,
+                   base_model=ours.get("dorabooth.base_model"), targets=targets, lora_alpha=alphas,
+                   magnitude_shapes=shapes)

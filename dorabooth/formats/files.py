@@ -1,8 +1,9 @@
-"""Reading and writing ``.safetensors`` files safely: clear errors, atomic writes.
+"""Reading and writing ``.safetensors`` (and small JSON) files safely: clear errors, atomic writes.
 
-Owns: refusing pickles (never ``torch.load`` a user's file), turning safetensors' terse
-errors for truncated or corrupt files into messages that name the file, the finiteness
-check before anything is written, and write-to-temp-then-rename (DESIGN §10).
+Every file ``formats/`` reads or writes goes through here. Owns: refusing pickles (never
+``torch.load`` a user's file), turning safetensors' terse errors for truncated or corrupt
+files into messages that name the file, the finiteness check before anything is written,
+and write-to-temp-then-rename (DESIGN §10).
 """
 
 from __future__ import annotations
@@ -84,6 +85,17 @@ def read_safetensors(path: str | os.PathLike, what: str = "file",
             return {k: f.get_tensor(k) for k in names}, meta
     except Exception as e:
         raise ValueError(f"{p}: not a readable .safetensors {what} ({e})") from e
+
+
+def read_json(path: str | os.PathLike, what: str = "file"):
+    """The parsed JSON of a small text file (a config next to an adapter or in a run folder)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such {what}")
+    try:
+        return json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{p}: not valid JSON ({e})") from None
 
 
 def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:

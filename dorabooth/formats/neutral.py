@@ -15,18 +15,24 @@ Tensors (fp32)::
     scale     s = alpha / r  (alpha / sqrt(r) with rsLoRA; kohya files store alpha = s·r)
     magnitude m : (out,) for axis "out", (in,) for axis "in", None for plain LoRA
 
-:func:`adapted_weight` is the one definition of what a module adapter does to a weight
-(DESIGN §3) that merges, exports and the consumer report all use.
+What a file format stores per component rather than per module (PEFT's ``LoraConfig``: rank,
+alpha, use_dora, rsLoRA, targets) is derived from the modules by :meth:`Adapter.component_config`
+and :meth:`Adapter.component_targets`; :attr:`Adapter.tensors` gives the live layers' tensors.
+
+:func:`adapted_weight` applies a module adapter to a weight with the one definition of W'(t)
+(DESIGN §3, :func:`dorabooth.dora.dora_weight`) that merges, exports and the consumer report use.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
-from ..conventions import MAGNITUDE_AXES, NORM_EPS
+from ..conventions import MAGNITUDE_AXES
+from ..dora import dora_weight
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -78,10 +84,6 @@ class ModuleAdapter:
     def is_dora(self) -> bool:
         return self.magnitude is not None
 
-    def delta(self, strength: float = 1.0) -> torch.Tensor:
-        """t·s·B·A in fp32: (out, in)."""
-        return (strength * self.scale) * (self.up @ self.down)
-
 
 @dataclass
 class Adapter:
@@ -94,6 +96,7 @@ class Adapter:
     rslora: bool | None = None
     base_model: str | None = None
     targets: dict[str, list[str]] | None = None   # per component, if the file says
+    lora_alpha: dict[str, float] = field(default_factory=dict)   # per component, PEFT's alpha if the file says
     file_names: dict[str, str] = field(default_factory=dict)      # module key → name in the file
     magnitude_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored
 
@@ -110,8 +113,11 @@ class Adapter:
 
     @property
     def components(self) -> list[str]:
-        return sorted({k.split(".", 1)[0] for k in self.modules}, key=lambda c: COMPONENTS.index(c)
-                      if c in COMPONENTS else 99)
+        return sorted(self.by_component(), key=COMPONENTS.index)
+
+    def by_component(self) -> dict[str, list[str]]:
+        """Module keys per component, in the order the modules come."""
+        return group_by_component(self.modules)
 
     def ranks(self) -> list[int]:
         return sorted({m.rank for m in self.modules.values()})
@@ -119,16 +125,51 @@ class Adapter:
     def alphas(self) -> list[float]:
         return sorted({round(m.alpha, 6) for m in self.modules.values()})
 
+    @property
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors under the live layers' (PEFT's) names, e.g. ``unet.<module>.lora_A.weight``,
+        ``….lora_B.weight`` and ``….lora_magnitude_vector`` ((out,) for axis "out", (1, in) for "in")."""
+        out = {}
+        for key, m in self.modules.items():
+            out[f"{key}.lora_A.weight"] = m.down
+            out[f"{key}.lora_B.weight"] = m.up
+            if m.is_dora:
+                out[f"{key}.lora_magnitude_vector"] = m.magnitude if m.axis == "out" else m.magnitude[None, :]
+        return out
+
+    def component_config(self, component: str) -> dict:
+        """rank, alpha, use_dora, magnitude_axis and rslora of ``component``'s layers (the keys of
+        ``inject.component_config``): one of each per component, as PEFT's ``LoraConfig`` holds them.
+
+        alpha is the one the file states (``lora_alpha``) where it gives the modules' scale, else
+        s·r (s·sqrt(r) with rsLoRA)."""
+        mods = [self.modules[k] for k in self.by_component()[component]]
+        ranks = {m.rank for m in mods}
+        scales = {round(m.scale, 9) for m in mods}
+        kinds = {m.is_dora for m in mods}
+        axes = {m.axis for m in mods if m.is_dora}
+        if len(ranks) > 1 or len(scales) > 1 or len(kinds) > 1 or len(axes) > 1:
+            raise ValueError(f"{component}: modules differ in rank {sorted(ranks)}, scale or method; the "
+                             f"diffusers-lora format holds one rank/alpha/method per component (kohya holds any)")
+        rank, rslora = ranks.pop(), bool(self.rslora)
+        alpha = self.lora_alpha.get(component)
+        if alpha is None or any(scale_for(alpha, rank, rslora) != m.scale for m in mods):
+            alpha = mods[0].scale * (math.sqrt(rank) if rslora else rank)
+        return {"rank": rank, "alpha": alpha, "use_dora": kinds.pop(), "magnitude_axis": axes.pop() if axes else None,
+                "rslora": rslora}
+
+    def component_targets(self, component: str) -> list[str]:
+        """The target spec ``component`` was attached with; the module paths if the file does not say."""
+        return list((self.targets or {}).get(component) or module_paths(self.by_component()[component]))
+
     def summary(self) -> dict:
         """What ``adapter-info`` prints."""
-        per = {}
-        for c in self.components:
-            mods = [m for k, m in self.modules.items() if k.split(".", 1)[0] == c]
-            per[c] = len(mods)
+        per = self.by_component()
         return {
             "file": self.source, "format": self.format, "family": self.family, "method": self.method,
             "magnitude_axis": self.axis, "rank": self.ranks(), "alpha": self.alphas(),
-            "rslora": self.rslora, "modules": len(self.modules), "modules_per_component": per,
+            "rslora": self.rslora, "modules": len(self.modules),
+            "modules_per_component": {c: len(per[c]) for c in self.components},
             "base_model": self.base_model, "unknown_keys": list(self.unknown_keys),
         }
 
@@ -139,6 +180,19 @@ def split_module_key(key: str) -> tuple[str, str]:
     if component not in COMPONENTS or not module:
         raise ValueError(f"{key!r} is not a module key (expected unet./text_encoder./text_encoder_2. + module path)")
     return component, module
+
+
+def module_paths(keys: Iterable[str]) -> list[str]:
+    """Module keys → module paths within their component (``split_module_key(k)[1]``)."""
+    return [split_module_key(k)[1] for k in keys]
+
+
+def group_by_component(keys: Iterable[str]) -> dict[str, list[str]]:
+    """Module keys grouped by component, in order of first appearance: ``{"unet": [key, …], …}``."""
+    per: dict[str, list[str]] = {}
+    for key in keys:
+        per.setdefault(split_module_key(key)[0], []).append(key)
+    return per
 
 
 def axis_from_shape(shape: tuple[int, ...], out_f: int, in_f: int, *, one_d: str = "out") -> str:
@@ -175,42 +229,9 @@ def scale_for(alpha: float | None, rank: int, rslora: bool = False) -> float:
     return float(alpha) / (math.sqrt(rank) if rslora else rank)
 
 
-def _norm(V: torch.Tensor, axis: str) -> torch.Tensor:
-    return torch.linalg.vector_norm(V, dim=1 if axis == "out" else 0).clamp_min(NORM_EPS)
-
-
-@torch.no_grad()
 def adapted_weight(W: torch.Tensor, mod: ModuleAdapter, strength: float = 1.0,
                    trained_norm: torch.Tensor | None = None) -> torch.Tensor:
-    """W' for one module at strength t, in fp32: (out, in). DESIGN §3::
-
-        V(t) = W + t·s·B·A
-        m(t) = ‖W‖ + t·(m − m₀)                    (norms along the module's axis)
-        W'   = diag(m(t) / ‖V(t)‖_row) · V(t)      axis "out"
-        W'   = V(t) · diag(m(t) / ‖V(t)‖_col)      axis "in"
-        W'   = V(t)                                 plain LoRA
-
-    ``W`` is the weight the module is applied to; m₀ = ``trained_norm`` is ‖W0‖ of the base
-    the adapter was trained on (default ‖W‖: a single adapter on its own base, where
-    m(t) = m₀ + t·(m − m₀) exactly as the live layer). ``t = 0`` returns ``W`` unchanged
-    (bit for bit, as a copy in fp32).
-    """
-    W = W.detach().float()
-    if tuple(W.shape) != (mod.out_features, mod.in_features):
-        raise ValueError(f"adapter is for a ({mod.out_features}, {mod.in_features}) weight, the base weight "
-                         f"is {tuple(W.shape)}; it was made for another model")
-    if strength == 0.0:
-        return W.clone()
-    V = W + mod.delta(strength)
-    if not mod.is_dora:
-        return V
-    base_norm = _norm(W, mod.axis)
-    m0 = base_norm if trained_norm is None else trained_norm.float().reshape(-1)
-    m = base_norm + strength * (mod.magnitude - m0)
-    g = m / _norm(V, mod.axis)
-    return V * (g[:, None] if mod.axis == "out" else g[None, :])
-
-
-def base_norm(W: torch.Tensor, axis: str) -> torch.Tensor:
-    """‖W‖ along ``axis`` in fp32 (the m₀ an adapter trained on ``W`` started from)."""
-    return _norm(W.detach().float(), axis)
+    """W' for one module at strength t, in fp32: (out, in): :func:`dorabooth.dora.dora_weight`
+    for ``mod``. ``W`` is the weight the module is applied to; ``trained_norm`` is m₀ = ‖W0‖ of
+    the base the adapter was trained on (default ‖W‖: a single adapter on its own base)."""
+    return dora_weight(W, mod.down, mod.up, mod.scale, mod.magnitude, mod.axis, t=strength, m0=trained_norm)

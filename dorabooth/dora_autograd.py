@@ -1,0 +1,189 @@
+"""The fused DoRA forward/backward and the low-rank norm: the fast path of ``dora.DoRALinear``.
+
+Torch only. Notation and the forward formulas are in :mod:`dorabooth.dora`'s docstring; x, x_d
+are 2-D (T, in), T = all leading dims; g = m / ‖V‖ : (out,) for axis "out", (in,) for "in".
+
+Low-rank norm (never forms the (out, in) matrix V; ‖W0‖² is cached, W0 is frozen)::
+
+    ‖V_i:‖² = ‖W0_i:‖² + 2s·Σ_k B_ik (W0·Aᵀ)_ik + s²·Σ_k B_ik (B·(A·Aᵀ))_ik
+              W0·Aᵀ : (out, r),  A·Aᵀ : (r, r)            — axis "out"
+    ‖V_:j‖² = ‖W0_:j‖² + 2s·Σ_k A_kj (Bᵀ·W0)_kj + s²·Σ_k A_kj ((Bᵀ·B)·A)_kj
+              Bᵀ·W0 : (r, in),   Bᵀ·B : (r, r)            — axis "in"
+
+Both cost O(out·in·r) time and (out + in)·r memory instead of out·in.
+
+Backward (custom autograd functions below; G = ∂L/∂y : (T, out), u = A·x : (T, r))::
+
+    axis "out":  h = W0·x + s·B·u,  Gg = G ⊙ g
+        ∂L/∂g = Σ_t G ⊙ h      (h recovered from the saved output: h = (y − bias) / g)
+        ∂L/∂B = s·Ggᵀ·u        ∂L/∂A = s·(Gg·B)ᵀ·x        ∂L/∂x = Gg·W0 + s·(Gg·B)·A
+    axis "in":   Gx̃ = G·W0 + s·(G·B)·A
+        ∂L/∂g = Σ_t Gx̃ ⊙ x     ∂L/∂B = s·Gᵀ·u             ∂L/∂A = s·(G·B)ᵀ·x̃
+        ∂L/∂x = Gx̃ ⊙ g
+
+Saved for backward: x and u (what LoRA saves) plus, for axis "out", the layer's own output
+(which attention keeps anyway for q/k/v). ∂L/∂m then follows from g = m / ‖V‖ by autograd.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .conventions import NORM_EPS
+
+
+def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, the same tensor when it already is (no call into ``.to``)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def dora_forward(x, x_d, weight, bias, lora_A, lora_B, g, scale, axis):
+    """y : (T, out) for 2-D x, x_d : (T, in), all in one dtype; g : (out,) or (in,) by ``axis``.
+
+    Without a gradient to compute this is the plain formula; with one, the fused autograd
+    function (outside autocast: its inputs are already in the compute dtype)."""
+    if not (torch.is_grad_enabled() and (x.requires_grad or g.requires_grad or lora_A.requires_grad)):
+        y, _ = (_out_axis if axis == "out" else _in_axis)(x, x_d, weight, bias, lora_A, lora_B, g, scale)
+        return y
+    function = _DoRAOutAxis if axis == "out" else _DoRAInAxis
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return function.apply(x, x_d, weight, bias, lora_A, lora_B, g, scale)
+    return function.apply(x, x_d, weight, bias, lora_A, lora_B, g, scale)
+
+
+def _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
+    """y = g ⊙ (W0·x + s·B·(A·x_d)) + bias for 2-D x, x_d : (T, in); g : (out,). Returns (y, u)."""
+    u = F.linear(x_d, lora_A)                                 # (T, r)
+    y = F.linear(x, weight).addmm_(u, lora_B.t(), alpha=scale).mul_(g)   # (T, out)
+    if bias is not None:
+        y.add_(bias)
+    return y, u
+
+
+def _in_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
+    """y = W0·x̃ + s·B·(A·x̃_d) + bias, x̃ = x ⊙ g, for 2-D x, x_d : (T, in); g : (in,)."""
+    xt = x * g                                                # (T, in)
+    u = F.linear(xt if x_d is x else x_d * g, lora_A)         # (T, r)
+    y = F.linear(xt, weight, bias).addmm_(u, lora_B.t(), alpha=scale)   # (T, out)
+    return y, u
+
+
+class _DoRAOutAxis(torch.autograd.Function):
+    """``_out_axis`` with a backward that saves x, u and the output only.
+
+    The frozen weight, bias and the (small) adapter matrices ride on ``ctx`` directly: they
+    are not activations, and packing them as saved tensors costs time in every layer.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, g, scale):
+        y, u = _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale)
+        ctx.scale, ctx.same_input = scale, x_d is x
+        ctx.weight, ctx.bias, ctx.lora_A, ctx.lora_B, ctx.g = weight, bias, lora_A, lora_B, g.detach()
+        ctx.save_for_backward(x, x_d, u, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, x_d, u, y = ctx.saved_tensors
+        s, weight, bias, lora_A, lora_B, g = ctx.scale, ctx.weight, ctx.bias, ctx.lora_A, ctx.lora_B, ctx.g
+        need_x, need_xd, _, _, need_A, need_B, need_g, _ = ctx.needs_input_grad
+        grad_x = grad_xd = grad_A = grad_B = grad_g = None
+
+        Gg = grad_y * g                                       # (T, out)
+        GgB = Gg @ (lora_B * s)                               # s·Gg·B : (T, r)
+        if need_B:
+            grad_B = (Gg.t() @ u).mul_(s)                     # (out, r)
+        if need_A:
+            grad_A = GgB.t() @ x_d                            # (r, in)
+        if need_g:
+            # Σ_t G·h with h = (y − bias)/g, without a (T, out) copy of h.
+            Gy = torch.linalg.vecdot(grad_y, y, dim=0)        # (out,)
+            if bias is not None:
+                Gy.sub_(grad_y.sum(0).mul_(bias))
+            if bool(g.all()):
+                grad_g = Gy.div_(g)
+            else:                                             # g = 0 hides h: recompute those rows
+                rows = (g == 0).nonzero().squeeze(1)
+                grad_g = Gy.div_(torch.where(g == 0, torch.ones_like(g), g))
+                h = x @ weight[rows].t() + s * (u @ lora_B[rows].t())  # (T, k)
+                grad_g[rows] = (grad_y[:, rows] * h).sum(0)
+        if need_x or need_xd:
+            if ctx.same_input:
+                grad_x = (Gg @ weight).addmm_(GgB, lora_A)    # (T, in)
+            else:
+                grad_x = Gg @ weight if need_x else None
+                grad_xd = GgB @ lora_A if need_xd else None
+        return grad_x, grad_xd, None, None, grad_A, grad_B, grad_g, None
+
+
+class _DoRAInAxis(torch.autograd.Function):
+    """``_in_axis`` with a backward that saves x and u only (frozen tensors ride on ``ctx``)."""
+
+    @staticmethod
+    def forward(ctx, x, x_d, weight, bias, lora_A, lora_B, g, scale):
+        y, u = _in_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale)
+        ctx.scale, ctx.same_input = scale, x_d is x
+        ctx.weight, ctx.lora_A, ctx.lora_B, ctx.g = weight, lora_A, lora_B, g.detach()
+        ctx.save_for_backward(x, x_d, u)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, x_d, u = ctx.saved_tensors
+        s, weight, lora_A, lora_B, g = ctx.scale, ctx.weight, ctx.lora_A, ctx.lora_B, ctx.g
+        need_x, need_xd, _, _, need_A, need_B, need_g, _ = ctx.needs_input_grad
+        grad_x = grad_xd = grad_A = grad_B = grad_g = None
+
+        GB = grad_y @ (lora_B * s)                            # s·G·B : (T, r)
+        if need_B:
+            grad_B = (grad_y.t() @ u).mul_(s)                 # (out, r)
+        if need_A:
+            grad_A = GB.t() @ (x_d * g)                       # (r, in)
+        if ctx.same_input:
+            dxt = (grad_y @ weight).addmm_(GB, lora_A)        # ∂L/∂x̃ : (T, in)
+            if need_g:
+                grad_g = torch.linalg.vecdot(dxt, x, dim=0)
+            if need_x or need_xd:
+                grad_x = dxt.mul_(g)
+        else:
+            dxt = grad_y @ weight                             # base path, input x
+            dxt_d = GB @ lora_A                               # low-rank path, input x_d
+            if need_g:
+                grad_g = torch.linalg.vecdot(dxt, x, dim=0) + torch.linalg.vecdot(dxt_d, x_d, dim=0)
+            grad_x = dxt.mul_(g) if need_x else None
+            grad_xd = dxt_d.mul_(g) if need_xd else None
+        return grad_x, grad_xd, None, None, grad_A, grad_B, grad_g, None
+
+
+def low_rank_norm(weight, lora_A, lora_B, scale, axis, w0_sq=None, eps=NORM_EPS):
+    """‖W0 + s·B·A‖ along ``axis`` ("out": per row → (out,), "in": per column → (in,)), fp32.
+
+    ``w0_sq`` is ‖W0‖² along the axis if already known. See the module docstring for the
+    formula; cross and square terms share one (out, r) or (r, in) matrix:
+    ‖V_i:‖² = ‖W0_i:‖² + Σ_k B_ik·(2s·W0·Aᵀ + s²·B·A·Aᵀ)_ik. The result is clamped at
+    ``eps`` so zero rows give g = 0, never NaN.
+    """
+    A, B = cast(lora_A, torch.float32), cast(lora_B, torch.float32)
+    if axis == "out":
+        if w0_sq is None:
+            w0_sq = weight.float().square().sum(1)
+        WA = cast(weight @ cast(lora_A, weight.dtype).t(), torch.float32)    # (out, r)
+        M = torch.addmm(WA, B, A @ A.t(), beta=2.0 * scale, alpha=scale * scale)
+        n2 = torch.linalg.vecdot(B, M, dim=1)                                 # (out,)
+    else:
+        if w0_sq is None:
+            w0_sq = weight.float().square().sum(0)
+        BW = cast(cast(lora_B, weight.dtype).t() @ weight, torch.float32)    # (r, in)
+        M = torch.addmm(BW, B.t() @ B, A, beta=2.0 * scale, alpha=scale * scale)
+        n2 = torch.linalg.vecdot(A, M, dim=0)                                 # (in,)
+    return n2.add_(w0_sq).clamp_min_(eps * eps).sqrt_()
+
+
+def naive_norm(weight, lora_A, lora_B, scale, axis, eps=NORM_EPS):
+    """Reference for ``low_rank_norm``: forms V = W0 + s·B·A explicitly (fp32)."""
+    V = weight.float() + scale * (lora_B.float() @ lora_A.float())
+    return torch.linalg.vector_norm(V, dim=1 if axis == "out" else 0).clamp_min(eps)
