@@ -57,7 +57,7 @@ def adapters(tmp_path_factory):
 def test_kohya_layout_and_round_trip(adapters, kind, axis):
     pipe, path, d = adapters(kind, axis)
     out = d / "kohya.safetensors"
-    result = export(path, format="kohya", out=out, pipe=pipe)
+    export(path, format="kohya", out=out, pipe=pipe)
     tensors, meta = read(out)
     names = {k.split(".")[0] for k in tensors}
     layers = inject.pipeline_dora_modules(pipe)

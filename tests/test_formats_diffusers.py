@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import dorabooth
 from dorabooth import inject
