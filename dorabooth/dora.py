@@ -167,11 +167,15 @@ class DoRALinear(nn.Module):
         return y.reshape(*lead, self.out_features)            # (..., out)
 
     # ---- merge -----------------------------------------------------------------------
+    @property
+    def base_weight(self) -> torch.Tensor:
+        """W0 : (out, in), also while the adapter is merged into the base layer (detached)."""
+        return (self._w0_backup if self.merged else self.base_layer.weight).detach()
+
     @torch.no_grad()
     def merged_weight(self, strength: float | None = None) -> torch.Tensor:
         """W'(t) in fp32: (out, in) (:func:`dora_weight`). ``strength`` defaults to the layer's current strength."""
-        W0 = self._w0_backup if self.merged else self.base_layer.weight
-        return dora_weight(W0, self.lora_A.weight, self.lora_B.weight, self.scale, self.lora_magnitude_vector,
+        return dora_weight(self.base_weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.lora_magnitude_vector,
                            self.magnitude_axis, t=self.strength if strength is None else strength)
 
     @torch.no_grad()

@@ -119,7 +119,7 @@ def _run_convert(args) -> int:
 
 
 def _run_info(args) -> int:
-    from .export import adapter_info
+    from .describe import adapter_info
 
     info = adapter_info(Path(args.file), consumers=args.consumers, model=args.model, model_config=args.model_config)
     if args.json:

@@ -39,6 +39,7 @@ OPTIMIZER = "optimizer.safetensors"
 STATE = "state.json"                     # a checkpoint's step, optimizer scalars, LR schedule
 LOCK = ".training.lock"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"   # what save_lora_weights writes into a folder
+UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"   # what a diffusers UNet folder holds
 
 
 # ---- config.json -----------------------------------------------------------------------------
@@ -153,7 +154,7 @@ def resolve_adapter(adapter: str | os.PathLike) -> AdapterSource:
     """A run folder (its ``adapter.safetensors`` or ``unet/``), a folder with
     ``pytorch_lora_weights.safetensors``, or a ``.safetensors`` adapter file."""
     p = Path(adapter).expanduser()
-    if p.is_dir() and is_run(p) and ((p / ADAPTER).is_file() or (p / FULL_UNET).is_dir() or (p / INSTANCE).is_dir()):
+    if p.is_dir() and is_run(p) and not (p / UNET_WEIGHTS).is_file():          # (a UNet folder has a config.json too)
         config, _ = read_config(p)
         if (p / ADAPTER).is_file():
             return AdapterSource("adapter", p / ADAPTER, config.model, True, config.model_config)
@@ -162,7 +163,7 @@ def resolve_adapter(adapter: str | os.PathLike) -> AdapterSource:
         hint = (" (a --method full run that did not finish: --resume it, then export it as a merged checkpoint)"
                 if config.method == "full" else "; finish or --resume the run, or pass a checkpoint's adapter file")
         raise FileNotFoundError(f"run folder {p} has no final adapter yet (no {ADAPTER}){hint}")
-    if p.is_dir() and (p / "diffusion_pytorch_model.safetensors").is_file():
+    if p.is_dir() and (p / UNET_WEIGHTS).is_file():
         return AdapterSource("full", p, None, False)
     if p.is_dir() and (p / LORA_WEIGHT_NAME).is_file():
         return AdapterSource("adapter", p / LORA_WEIGHT_NAME, None, False)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 import dorabooth
-from dorabooth.export import pipeline_weight
+from dorabooth.merging import pipeline_weight
 from tiny_models import MAKERS, _scheduler, randomize_adapter_params, tiny_text_encoder, tiny_tokenizer, tiny_vae
 
 

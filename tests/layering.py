@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                 "dora_autograd", "optim", "formats.files", "formats.layout", "formats.single_file"}),
     ("model access", {"inject", "models", "rundir", "formats", "formats.*", "toyworld", "toyworld.*", "testing",
                       "testing.*"}),
-    ("pipeline API", {"adapters", "finetune"}),
+    ("pipeline API", {"adapters", "finetune", "merging", "describe"}),
     ("the trainer's rooms", {"checkpoints", "sampling", "inputs"}),
     ("operations", {"train", "generate", "export"}),
     ("studies of runs", {"analysis", "evaluate"}),

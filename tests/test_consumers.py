@@ -17,7 +17,9 @@ from safetensors import safe_open
 
 import dorabooth
 from dorabooth import inject
-from dorabooth.export import adapter_info, export, pipeline_weight
+from dorabooth.describe import adapter_info
+from dorabooth.export import export
+from dorabooth.merging import pipeline_weight
 from dorabooth.formats.adapter_files import read_adapter_file
 from dorabooth.formats.consumers import (
     comfy_key_map,

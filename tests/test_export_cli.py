@@ -7,6 +7,7 @@ import pytest
 from safetensors import safe_open
 
 import dorabooth
+from dorabooth.config import TrainConfig
 from dorabooth.export_cli import add_export_commands
 from export_helpers import BUILDERS, adapted
 
@@ -83,14 +84,16 @@ def test_run_folder_records_its_base_model(files, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "adapter.safetensors").write_bytes(out.read_bytes())
+    config = TrainConfig(images=str(d), class_noun="dog", out=str(run_dir), model=str(d / "base"))
     (run_dir / "config.json").write_text(json.dumps({"base_model": {"id": "tiny", "path": str(d / "base")},
-                                                     "config": {"method": "dora"}}))
+                                                     "config": config.to_dict()}))
     assert run(["export", "--adapter", str(run_dir), "--format", "merged-diffusers", "--out", str(tmp_path / "m")]) == 0
     assert (tmp_path / "m" / "model_index.json").is_file()
     meta = json.loads((tmp_path / "m" / "dorabooth_export.json").read_text())
     assert meta["dorabooth.base_model"] == str(d / "base") and meta["dorabooth.base_hash"].startswith("sha256")
     empty = tmp_path / "unfinished"
     empty.mkdir()
-    (empty / "config.json").write_text(json.dumps({"config": {"method": "full"}}))
+    full = TrainConfig(images=str(d), class_noun="dog", out=str(empty), method="full")
+    (empty / "config.json").write_text(json.dumps({"config": full.to_dict()}))
     with pytest.raises(FileNotFoundError, match="no adapter.safetensors.*--method full"):
         run(["export", "--adapter", str(empty), "--format", "kohya", "--out", str(tmp_path / "k.safetensors")])

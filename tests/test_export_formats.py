@@ -13,7 +13,9 @@ from safetensors.torch import save_file
 
 import dorabooth
 from dorabooth import inject
-from dorabooth.export import adapter_info, convert, export, pipeline_weight
+from dorabooth.describe import adapter_info
+from dorabooth.export import convert, export
+from dorabooth.merging import pipeline_weight
 from dorabooth.formats.adapter_files import read_adapter_file
 from dorabooth.formats.neutral import adapted_weight
 from export_helpers import FAMILY, adapted

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 import dorabooth
 from dorabooth import inject
-from dorabooth.export import MERGE_DEFINITION, export, merge_weights, pipeline_weight
+from dorabooth.export import export
+from dorabooth.merging import MERGE_DEFINITION, merge_weights, pipeline_weight
 from dorabooth.formats.adapter_files import read_adapter_file
 from dorabooth.dora import axis_norm
 from dorabooth.formats.neutral import adapted_weight

@@ -20,6 +20,23 @@ def test_the_face_is_only_a_face():
     assert all(line.startswith(("from .", "__all__", " ", '"', "]")) for line in code), code
 
 
+def test_public_names_are_not_shadowed_by_submodules():
+    """Importing a submodule binds its name on the package: a module named like a public
+    function (merge.py beside dorabooth.merge) would silently replace the function."""
+    import importlib
+    import inspect
+
+    import dorabooth
+    from layering import package_modules
+
+    for module in package_modules():                # every submodule imported, as a long session would
+        if module.endswith("__main__"):
+            continue
+        importlib.import_module(module)
+    for name in dorabooth.__all__:
+        assert not inspect.ismodule(getattr(dorabooth, name)), f"dorabooth.{name} is a module"
+
+
 def _graph(**edges):
     return {f"dorabooth.{m}" if m != "face" else FACE: {f"dorabooth.{t}" if t != "face" else FACE for t in ts}
             for m, ts in edges.items()}

@@ -1,0 +1,171 @@
+"""Reading what is exported, and saying what each tool will make of an adapter file.
+
+:func:`read_source` turns a run folder, an adapter file or an in-memory Adapter into the
+neutral adapter plus the base it recorded; :class:`BaseSpec` finds the base model (a given
+pipeline, ``--model``, else the recorded one); :func:`consumer_report` is the per-tool
+report (exact / approximate / not applied) that ``export`` attaches to the files it writes
+and that ``adapter-info --consumers`` prints: one code path for both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import rundir as rd
+from .families import detect_family
+from .formats import adapter_files
+from .formats.consumers import FileView, Verdict
+from .formats.consumers import consumer_report as _consumer_report
+from .formats.files import read_metadata
+from .formats.layout import UNetLayout
+from .formats.neutral import Adapter
+from .inject import canonical_name
+from .merging import pipeline_weights
+from .models import BaseModel, load_pipeline
+
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+# ---- what is exported ----------------------------------------------------------------------------
+def read_source(source) -> tuple[Adapter, str | None]:
+    """(adapter, base model recorded with it) from a run folder, an adapter file or an Adapter."""
+    if isinstance(source, Adapter):
+        return source, source.base_model
+    p = Path(source)
+    if p.is_dir() and rd.is_run(p):
+        run = rd.read_run(p)
+        resolved = rd.resolve_adapter(p)             # a clear error when the run has no final adapter
+        if resolved.kind == "full":
+            raise ValueError(f"{p}: a full fine-tune is a whole model, not an adapter; export it with --format "
+                             f"merged-single-file or merged-diffusers")
+        adapter = adapter_files.read_adapter_file(resolved.path)
+        return adapter, run.base_weights
+    adapter = adapter_files.read_adapter_file(p)
+    return adapter, adapter.base_model
+
+
+def check_family(adapter: Adapter, family: str) -> None:
+    if adapter.family and adapter.family != family:
+        raise ValueError(f"{adapter.source or 'adapter'}: made for a {adapter.family} model, but the base model "
+                         f"is {family}; pass the matching --model")
+
+
+@dataclass(frozen=True)
+class Base:
+    """A loaded base model: the pipeline, where it came from (None: a caller's pipeline), its family."""
+
+    pipe: object
+    info: BaseModel | None
+    family: str
+
+
+@dataclass(frozen=True)
+class BaseSpec:
+    """How to find the base model: a caller's pipeline wins; else ``model``; else the base the
+    adapter recorded. ``model_config``: the diffusers folder describing a single-file model."""
+
+    model: str | None = None
+    model_config: str | None = None
+    pipe: object | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.pipe is not None or self.model is not None
+
+    def load(self, recorded: str | None = None, model_config: str | None = None) -> Base:
+        if self.pipe is not None:
+            return Base(self.pipe, None, detect_family(self.pipe).name)
+        candidate = self.model or recorded
+        if not candidate:
+            raise ValueError("no base model: pass --model (hub id, diffusers folder or .safetensors)")
+        pipe, info = load_pipeline(candidate, single_file_config=self.model_config or model_config)
+        return Base(pipe, info, detect_family(pipe).name)
+
+
+# ---- what the tools make of it -------------------------------------------------------------------
+def unet_layout(adapter: Adapter, pipe, family: str) -> UNetLayout:
+    """The UNet's block layout for kohya names: the base's own config when it is at hand, else
+    the layout recorded in the file, else the family's standard one."""
+    if pipe is not None:
+        return UNetLayout.from_config(pipe.unet.config)
+    if "dorabooth.unet_layout" in adapter.metadata:
+        return UNetLayout.from_json(json.loads(adapter.metadata["dorabooth.unet_layout"]))
+    return UNetLayout.default(family)
+
+
+def module_names(pipe) -> dict[str, list[str]]:
+    """Every module name (canonical) per adapted component of ``pipe``."""
+    return {c: [canonical_name(m, c, n) for n, _ in m.named_modules() if n]
+            for c in ("unet", *TEXT_ENCODERS) if (m := getattr(pipe, c, None)) is not None}
+
+
+def consumer_report(adapter: Adapter, family: str, pipe=None, weights=None) -> list[Verdict]:
+    """How ComfyUI, A1111, diffusers, LyCORIS… apply the file ``adapter`` was read from.
+
+    ``pipe``: the base model (its UNet config and text-encoder depths name the keys exactly);
+    without it they are inferred from the adapter. ``weights``: ``{module key: W0}`` to
+    measure each tool's error; without it the report says what it cannot measure."""
+    keys, _ = read_metadata(adapter.source)
+    kind = "kohya" if any(k.endswith(".lora_down.weight") for k in keys) else "diffusers"
+    if pipe is not None:
+        unet_config = pipe.unet.config
+        te_layers = {c: int(m.config.num_hidden_layers) for c in TEXT_ENCODERS
+                     if (m := getattr(pipe, c, None)) is not None}
+    else:
+        unet_config = _unet_config_guess(adapter, unet_layout(adapter, None, family))
+        te_layers = _te_layers_guess(adapter)
+    view = FileView(adapter, kind, keys, adapter.file_names, adapter.magnitude_shapes)
+    return _consumer_report(view, family, unet_config, te_layers, None if weights is None else weights.__getitem__)
+
+
+def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str | None = None,
+                 model_config: str | None = None, pipe=None) -> dict:
+    """What ``dorabooth adapter-info`` prints: format, family, method, rank, alpha, axis,
+    modules, unknown keys; with ``consumers``, the per-tool report."""
+    adapter, recorded = read_source(path)
+    info = adapter.summary()
+    if not consumers:
+        return info
+    spec = BaseSpec(model, model_config, pipe)
+    if not spec.given and recorded and Path(recorded).exists():
+        spec = BaseSpec(recorded, model_config)
+    base = spec.load(recorded) if spec.given else None
+    if base is not None:
+        check_family(adapter, base.family)
+    family = adapter.family or (base.family if base is not None else None)
+    if family is None:
+        info["consumers"] = "unknown model family; pass --model"
+        return info
+    pipe = base.pipe if base is not None else None
+    weights = pipeline_weights(pipe, adapter.modules) if pipe is not None else None
+    info["consumers"] = [v.to_dict() for v in consumer_report(adapter, family, pipe, weights)]
+    return info
+
+
+def _unet_config_guess(adapter: Adapter, layout: UNetLayout) -> dict:
+    """A UNet config with the adapter's blocks (for key maps when the base model is not at hand):
+    transformer depth per level = 1 + the largest transformer_blocks index the adapter uses."""
+    n = len(layout.down_attention)
+    depth = [1] * n
+    for key in adapter.modules:
+        p = key.split(".")
+        if p[0] != "unet" or "transformer_blocks" not in p:
+            continue
+        level = {"down_blocks": lambda: int(p[2]), "up_blocks": lambda: n - 1 - int(p[2])}.get(p[1], lambda: n - 1)()
+        depth[level] = max(depth[level], int(p[p.index("transformer_blocks") + 1]) + 1)
+    return {"layers_per_block": layout.layers_per_block,
+            "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in layout.down_attention],
+            "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in layout.up_attention],
+            "transformer_layers_per_block": depth}
+
+
+def _te_layers_guess(adapter: Adapter) -> dict[str, int]:
+    out = {}
+    for key in adapter.modules:
+        p = key.split(".")
+        if p[0] != "unet" and "layers" in p:
+            out[p[0]] = max(out.get(p[0], 0), int(p[p.index("layers") + 1]) + 1)
+    return out
