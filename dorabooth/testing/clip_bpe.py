@@ -75,7 +75,7 @@ def _from_wheel(download_dir: Path) -> bytes:
     if not wheels:
         download_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", PACKAGE, "-d", str(download_dir)]
+               "--disable-pip-version-check", "--retries", "2", "--timeout", "30", "-q", PACKAGE, "-d", str(download_dir)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wheels = sorted(download_dir.glob("open_clip_torch-*.whl"))
         if proc.returncode != 0 or not wheels:
