@@ -180,15 +180,18 @@ def materialise(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     torch.nn.Module.to(module, torch.float16)   # meta parameters: only their dtype changes (buffers: cast)
     g = torch.Generator().manual_seed(seed)
     for pname, p in list(module.named_parameters()):
+        owner_name, _, leaf = pname.rpartition(".")
+        owner = module.get_submodule(owner_name)
         value = torch.empty(p.shape, dtype=torch.float16)
-        if pname.endswith("bias"):
+        if leaf == "bias":
             value.zero_()
-        elif p.ndim == 1:                     # GroupNorm / LayerNorm weights (the only 1-D weights here)
+        elif isinstance(owner, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
             value.fill_(1.0)
-        else:                                 # Linear (out, in), Conv (out, in, kh, kw), Embedding (n, d)
+        elif p.ndim >= 2:                     # Linear (out, in), Conv (out, in, kh, kw), Embedding (n, d)
             value.normal_(0.0, INIT_STD, generator=g)
-        owner, _, leaf = pname.rpartition(".")
-        module.get_submodule(owner)._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+        else:
+            raise ValueError(f"{pname} {tuple(p.shape)} of {type(owner).__name__}: no init rule for it")
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
     return module.eval()
 
 
@@ -270,7 +273,8 @@ def _write_rest(name: str, folder: Path, root: Path) -> None:
     scheduler = config["scheduler"]
     cls = getattr(diffusers, scheduler["_class_name"])
     cls.from_config({k: v for k, v in scheduler.items() if not k.startswith("_")}).save_pretrained(str(folder / "scheduler"))
-    index = {**config["model_index"], "_diffusers_version": diffusers.__version__}
+    index = {"_class_name": config["model_index"]["_class_name"], "_diffusers_version": diffusers.__version__,
+             **config["model_index"]}
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
