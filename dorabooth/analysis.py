@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 import textwrap
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +40,7 @@ from . import rundir as rd
 from .conventions import MAGNITUDE_AXES
 from .events import EventLog
 from .formats.adapter_files import read_adapter_file
-from .formats.files import write_json
+from .formats.files import read_metadata, read_tensor, tensor_shapes, write_json
 from .formats.layout import text_module
 from .formats.neutral import adapted_weight
 from .inject import TEXT_ENCODER_TARGETS, module_name, resolve_targets
@@ -174,7 +174,7 @@ class BaseWeights:
         if self.folder is not None:
             names = _weight_names(module)
             for file in sorted((self.folder / component).glob("*.safetensors")):
-                t = _read_tensor(file, names)
+                t = read_tensor(file, names)
                 if t is not None:
                     return t
         return self._from_pipeline(component, module, key)
@@ -206,17 +206,6 @@ def _weight_names(module: str, prefix: str = "") -> list[str]:
     return names
 
 
-def _read_tensor(file: Path, names: Iterable[str]) -> torch.Tensor | None:
-    from safetensors import safe_open
-
-    with safe_open(str(file), framework="pt") as f:
-        keys = set(f.keys())
-        for n in names:
-            if n in keys:
-                return f.get_tensor(n)
-    return None
-
-
 def check_base(info: RunInfo) -> None:
     """W0 must be the weights the run started from: refuse a base folder that changed since."""
     folder = _local_folder(info.base)
@@ -235,7 +224,6 @@ def full_target_modules(info: RunInfo) -> list[str]:
     :func:`dorabooth.inject.resolve_targets` on a stand-in of the base UNet (its 2-D weights as
     meta-device ``nn.Linear`` modules, read from file headers only), and, when the run trained
     the text encoders, their attention projections (``text_encoder*.text_model.…q/k/v/out_proj``)."""
-    from safetensors import safe_open
     from torch import nn
 
     folder = _local_folder(info.base)
@@ -244,26 +232,21 @@ def full_target_modules(info: RunInfo) -> list[str]:
                          f"{info.base} is not one")
     root = nn.Module()
     for file in sorted((folder / "unet").glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shape = f.get_slice(key).get_shape()
-                if key.endswith(".weight") and len(shape) == 2:
-                    _add_linear(root, key[: -len(".weight")], shape)
+        for key, shape in tensor_shapes(file, "base model weights").items():
+            if key.endswith(".weight") and len(shape) == 2:
+                _add_linear(root, key[: -len(".weight")], shape)
     unet = [f"unet.{n}" for n in resolve_targets(root, info.targets)]
     return unet + (_text_encoder_targets(folder) if info.text_encoders else [])
 
 
 def _text_encoder_targets(folder: Path) -> list[str]:
-    from safetensors import safe_open
-
     out = []
     for te in sorted(d for d in folder.glob("text_encoder*") if d.is_dir()):
         for file in sorted(te.glob("*.safetensors")):
-            with safe_open(str(file), framework="pt") as f:
-                for key in f.keys():
-                    module = key.removesuffix(".weight")
-                    if key.endswith(".weight") and module.endswith(TEXT_ENCODER_TARGETS):
-                        out.append(f"{te.name}.{text_module(module)}")
+            for key in read_metadata(file, "base model weights")[0]:
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and module.endswith(TEXT_ENCODER_TARGETS):
+                    out.append(f"{te.name}.{text_module(module)}")
     return sorted(out)
 
 
@@ -293,7 +276,7 @@ def snapshot_weights(info: RunInfo, path: Path, modules: Sequence[str] | None,
         else:                                                # a checkpoint's trainable.safetensors
             names, files = _weight_names(module, prefix=f"{component}."), [path]
         for f in files:
-            t = _read_tensor(f, names)
+            t = read_tensor(f, names)
             if t is not None:
                 out[k] = t
                 break

@@ -16,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from . import adapters, inject
 from . import rundir as rd
 from .config import TrainConfig
-from .formats.files import atomic_folder, write_json
+from .formats.files import atomic_folder, read_safetensors, write_json, write_safetensors
 from .models import BaseModel
 from .version import __version__
 
@@ -83,13 +82,13 @@ def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Train
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    save_file(_rng_state(state.gen), str(tmp / f"rng-{accelerator.process_index}.safetensors"))
+    write_safetensors(tmp / f"rng-{accelerator.process_index}.safetensors", _rng_state(state.gen))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_file({n: p.detach().float().cpu().contiguous() for n, p in state.params.items()},
-                  str(tmp / rd.TRAINABLE), metadata={"method": config.method})
+        write_safetensors(tmp / rd.TRAINABLE, {n: p.detach().float() for n, p in state.params.items()},
+                          {"method": config.method})
         opt_tensors, opt_meta = _optimizer_state(state.optimizer)
-        save_file(opt_tensors, str(tmp / rd.OPTIMIZER))
+        write_safetensors(tmp / rd.OPTIMIZER, opt_tensors)
         meta = {"step": step, "processes": accelerator.num_processes, "optimizer": opt_meta,
                 "lr_schedule": state.schedule.state_dict(), "dorabooth_version": __version__}
         write_json(tmp / rd.STATE, meta, default=_json_default)
@@ -125,7 +124,7 @@ def restore_checkpoint(run: Path, state: TrainState, accelerator, emit) -> int:
     if meta["processes"] != accelerator.num_processes:
         raise ValueError(f"{ckpt} was written by {meta['processes']} process(es) and this run has "
                          f"{accelerator.num_processes}; resume with the same number of processes")
-    tensors = load_file(str(ckpt / rd.TRAINABLE))
+    tensors, _ = read_safetensors(ckpt / rd.TRAINABLE, "checkpoint")
     params = state.params
     missing = sorted(set(params) - set(tensors))
     if missing or len(tensors) != len(params):
@@ -133,9 +132,9 @@ def restore_checkpoint(run: Path, state: TrainState, accelerator, emit) -> int:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
-    _load_optimizer_state(state.optimizer, load_file(str(ckpt / rd.OPTIMIZER)), meta["optimizer"])
+    _load_optimizer_state(state.optimizer, read_safetensors(ckpt / rd.OPTIMIZER, "checkpoint")[0], meta["optimizer"])
     state.schedule.load_state_dict(meta["lr_schedule"])
-    rng = load_file(str(ckpt / f"rng-{accelerator.process_index}.safetensors"))
+    rng, _ = read_safetensors(ckpt / f"rng-{accelerator.process_index}.safetensors", "checkpoint")
     state.gen.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
     if torch.cuda.is_available():

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from .families import Family, detect_family
+from .formats.files import read_metadata, read_safetensors
 from .formats.single_file import Mapper
 
 
@@ -157,12 +158,7 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
 
 def checkpoint_family(path: str) -> str:
     """sd1 | sd2 | sdxl from the key names of an original-layout checkpoint (no tensors read)."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt") as f:
-            keys = set(f.keys())
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable .safetensors file ({e})") from e
+    keys = set(read_metadata(path, "checkpoint")[0])
     if any("lora_" in k or k.endswith(".alpha") or "lora." in k for k in list(keys)[:200]):
         raise ValueError(f"{path} is a LoRA/DoRA adapter, not a base model; pass it as --adapter and "
                          f"the base model as --model")
@@ -220,7 +216,6 @@ def _from_single_file_mapped(path: str, dtype: torch.dtype, config: Path, family
     import importlib
 
     from diffusers import DiffusionPipeline
-    from safetensors.torch import load_file
 
     index = DiffusionPipeline.load_config(str(config))
     parts = {}
@@ -237,7 +232,7 @@ def _from_single_file_mapped(path: str, dtype: torch.dtype, config: Path, family
         else:
             from transformers import AutoConfig
             parts[name] = component_cls(AutoConfig.from_pretrained(str(folder)))
-    original = load_file(path)
+    original, _ = read_safetensors(path, "checkpoint")
     mapper = Mapper(family, parts["unet"].config, parts["vae"].config)
     for name, module in parts.items():
         if not isinstance(module, torch.nn.Module):

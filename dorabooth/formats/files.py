@@ -74,6 +74,28 @@ def read_metadata(path: str | os.PathLike, what: str = "file") -> tuple[list[str
         raise ValueError(f"{p}: not a readable .safetensors {what} ({e})") from e
 
 
+def tensor_shapes(path: str | os.PathLike, what: str = "file") -> dict[str, tuple[int, ...]]:
+    """{tensor name: shape} from the header alone (no tensor read)."""
+    p = check_readable(path, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable .safetensors {what} ({e})") from e
+
+
+def read_tensor(path: str | os.PathLike, names: Iterable[str], what: str = "file") -> torch.Tensor | None:
+    """The first of ``names`` the file holds (one tensor read), or None when it holds none of them."""
+    p = check_readable(path, what)
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            keys = set(f.keys())
+            name = next((n for n in names if n in keys), None)
+            return None if name is None else f.get_tensor(name)
+    except Exception as e:
+        raise ValueError(f"{p}: not a readable .safetensors {what} ({e})") from e
+
+
 def read_safetensors(path: str | os.PathLike, what: str = "file",
                      keys: Iterable[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, header metadata) of a ``.safetensors`` file; ``keys`` limits what is read."""
