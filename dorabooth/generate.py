@@ -14,6 +14,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +35,18 @@ def default_device() -> tuple[torch.device, torch.dtype]:
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.float16
     return torch.device("cpu"), torch.float32
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How one prompt is drawn, with the model family's defaults filled in (:meth:`Session.sampling`)."""
+
+    prompt: str
+    negative: str | None
+    steps: int
+    guidance: float
+    width: int
+    height: int
 
 
 class Session:
@@ -110,6 +123,17 @@ class Session:
         self.adapter = None
 
     # ---- images ------------------------------------------------------------------------------
+    def sampling(self, prompt: str, *, negative: str | None = None, steps: int | None = None,
+                 guidance: float | None = None, width: int | None = None, height: int | None = None) -> Sampling:
+        """How ``prompt`` is drawn on this model: the family's defaults for what is not given, checked."""
+        width = width or self.defaults["resolution"]
+        height = height or self.defaults["resolution"]
+        multiple = fam.size_multiple(self.pipe)
+        if width % multiple or height % multiple:
+            raise ValueError(f"width/height {width}×{height}: use multiples of {multiple} for this model")
+        return Sampling(prompt, negative, steps or self.defaults["steps"],
+                        self.defaults["guidance"] if guidance is None else guidance, width, height)
+
     @torch.no_grad()
     def generate(self, prompt: str, *, negative: str | None = None, n: int = 1, steps: int | None = None,
                  guidance: float | None = None, seed: int = 0, seeds: Sequence[int] | None = None,
@@ -120,22 +144,16 @@ class Session:
         seeds = list(seeds) if seeds is not None else [seed + i for i in range(n)]
         if not seeds:
             raise ValueError("n must be at least 1")
-        steps = steps or self.defaults["steps"]
-        guidance = self.defaults["guidance"] if guidance is None else guidance
-        width = width or self.defaults["resolution"]
-        height = height or self.defaults["resolution"]
-        multiple = fam.size_multiple(self.pipe)
-        if width % multiple or height % multiple:
-            raise ValueError(f"width/height {width}×{height}: use multiples of {multiple} for this model")
+        how = self.sampling(prompt, negative=negative, steps=steps, guidance=guidance, width=width, height=height)
         images = []
         for start in range(0, len(seeds), batch_size):
             chunk = seeds[start:start + batch_size]
-            out = self.pipe(prompt=[prompt] * len(chunk),
-                            negative_prompt=None if negative is None else [negative] * len(chunk),
-                            num_inference_steps=steps, guidance_scale=guidance, width=width, height=height,
-                            generator=[torch.Generator().manual_seed(s) for s in chunk]).images
+            out = self.pipe(prompt=[how.prompt] * len(chunk),
+                            negative_prompt=None if how.negative is None else [how.negative] * len(chunk),
+                            num_inference_steps=how.steps, guidance_scale=how.guidance, width=how.width,
+                            height=how.height, generator=[torch.Generator().manual_seed(s) for s in chunk]).images
             for s, image in zip(chunk, out):
-                params = self._parameters(prompt, negative, steps, guidance, s, width, height)
+                params = self._parameters(how, s)
                 image.info["parameters"] = _a1111_text(params)
                 image.info["dorabooth"] = json.dumps(params)
                 images.append(image)
@@ -143,10 +161,11 @@ class Session:
                     on_image(image)
         return images
 
-    def _parameters(self, prompt, negative, steps, guidance, seed, width, height) -> dict:
+    def _parameters(self, how: Sampling, seed: int) -> dict:
         return {
-            "prompt": prompt, "negative_prompt": negative or "", "steps": steps, "guidance": guidance,
-            "seed": seed, "width": width, "height": height, "sampler": type(self.pipe.scheduler).__name__,
+            "prompt": how.prompt, "negative_prompt": how.negative or "", "steps": how.steps,
+            "guidance": how.guidance, "seed": seed, "width": how.width, "height": how.height,
+            "sampler": type(self.pipe.scheduler).__name__,
             "strength": self.strength if self.adapter is not None else None,
             "adapter": str(self.adapter.path) if self.adapter is not None else None,
             "merged": bool(self.merge and self.adapter is not None and self.adapter.kind == "adapter"
