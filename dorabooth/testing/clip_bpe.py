@@ -28,8 +28,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from functools import lru_cache
 from pathlib import Path
+
+from ..toyworld.tokenizer import bytes_to_unicode
 
 PACKAGE = "open_clip_torch"                        # the registry package that ships the file
 MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"  # its path inside the wheel
@@ -39,21 +40,6 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB_SIZE = 49408
 MAX_LENGTH = 77
 NUM_MERGES = 49152 - 256 - 2                       # 48,894
-
-
-@lru_cache(1)
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible byte → printable character map (OpenAI ``simple_tokenizer``)."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def _sha256(data: bytes) -> str:

@@ -5,9 +5,17 @@
 - `recipe.build`: trains the model from scratch (resumable); `reader.read`: attributes of
   an image by pixel analysis; `scoring.evaluate`: caption-following scores.
 """
-from .recipe import Recipe, build
-
 __all__ = ["Recipe", "build", "read", "evaluate"]
+
+
+def __getattr__(name):
+    """``Recipe`` and ``build`` load the recipe (and diffusers) on first use, so the world,
+    its tokenizer and the reader import in milliseconds."""
+    if name in ("Recipe", "build"):
+        from . import recipe
+
+        return getattr(recipe, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def read(image):
