@@ -33,7 +33,7 @@ from .inputs import (draw_flips, make_class_sampler, make_latent_source, make_te
                      prepare_instance, size_groups, time_ids)
 from .models import BaseModel, load_pipeline
 from .optim import check_optimizer_available, make_lr_schedule, make_optimizer
-from .rundir import RunBusy, run_busy, run_lock  # noqa: F401  (re-exported: callers catch RunBusy here)
+from .rundir import run_lock
 from .sampling import save_samples
 from .version import __version__
 
@@ -306,4 +306,4 @@ def _release(accelerator) -> None:
         GradientState._reset_state()
 
 
-__all__ = ["train", "TrainConfig", "RunResult", "TrainingDiverged", "RunBusy", "run_busy"]
+__all__ = ["train", "TrainConfig", "RunResult", "TrainingDiverged"]
