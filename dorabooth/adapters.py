@@ -135,7 +135,6 @@ def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None
     path) is recorded in the metadata; by default the pipeline's own ``name_or_path`` if set.
     The file loads with stock ``pipe.load_lora_weights(path)`` and with :func:`load_adapter`.
     """
-
     family = detect_family(pipe)
     adapter = _attached_adapter(pipe)
     if not adapter.modules:
