@@ -24,7 +24,7 @@ from .formats.layout import UNetLayout
 from .formats.neutral import Adapter
 from .inject import canonical_name
 from .merging import pipeline_weights
-from .models import BaseModel, load_pipeline
+from .models import BaseModel, load_pipeline, resolve_model
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -88,12 +88,35 @@ class BaseSpec:
 # ---- what the tools make of it -------------------------------------------------------------------
 def unet_layout(adapter: Adapter, pipe, family: str) -> UNetLayout:
     """The UNet's block layout for kohya names: the base's own config when it is at hand, else
-    the layout recorded in the file, else the family's standard one."""
+    the layout recorded in the file, else that of the base the file records (its UNet config or
+    single-file keys, read without loading it), else the family's standard one."""
     if pipe is not None:
         return UNetLayout.from_config(pipe.unet.config)
     if "dorabooth.unet_layout" in adapter.metadata:
         return UNetLayout.from_json(json.loads(adapter.metadata["dorabooth.unet_layout"]))
+    config = recorded_unet_config(adapter)
+    if config is not None:
+        return UNetLayout.from_config(config)
+    path = _recorded_base(adapter, "single_file")
+    if path is not None:
+        return UNetLayout.from_original_keys(read_metadata(path, "checkpoint")[0])
     return UNetLayout.default(family)
+
+
+def _recorded_base(adapter: Adapter, kind: str) -> str | None:
+    """The local folder or file of the base the adapter records, if it is one of ``kind``."""
+    try:
+        found, location = resolve_model(adapter.base_model) if adapter.base_model else (None, None)
+    except (OSError, ValueError):
+        return None
+    return location if found == kind else None
+
+
+def recorded_unet_config(adapter: Adapter) -> dict | None:
+    """The UNet config of the base the adapter records, when that is a local diffusers folder."""
+    folder = _recorded_base(adapter, "folder")
+    config = Path(folder) / "unet" / "config.json" if folder else None
+    return json.loads(config.read_text()) if config is not None and config.is_file() else None
 
 
 def module_names(pipe) -> dict[str, list[str]]:
@@ -115,7 +138,7 @@ def consumer_report(adapter: Adapter, family: str, pipe=None, weights=None) -> l
         te_layers = {c: int(m.config.num_hidden_layers) for c in TEXT_ENCODERS
                      if (m := getattr(pipe, c, None)) is not None}
     else:
-        unet_config = _unet_config_guess(adapter, unet_layout(adapter, None, family))
+        unet_config = recorded_unet_config(adapter) or _unet_config_guess(adapter, unet_layout(adapter, None, family))
         te_layers = _te_layers_guess(adapter)
     view = FileView(adapter, kind, keys, adapter.file_names, adapter.magnitude_shapes)
     return _consumer_report(view, family, unet_config, te_layers, None if weights is None else weights.__getitem__)

@@ -44,7 +44,7 @@ from .formats.files import (
     write_safetensors,
 )
 from .formats.neutral import Adapter
-from .formats.single_file import Mapper, modelspec
+from .formats.single_file import Mapper, image_spec, modelspec
 from .merging import (
     MERGE_DEFINITION,
     bake_strength,
@@ -164,7 +164,7 @@ def _export_adapter(loaded, target: Target, spec: BaseSpec, emit) -> ExportResul
     if target.format == "kohya":
         path = adapter_files.write_kohya(adapter, target.path, family=family, layout=unet_layout(adapter, pipe, family),
                                          dtype=target.dtype or torch.float32, base_model=recorded,
-                                         overwrite=target.overwrite)
+                                         overwrite=target.overwrite, **(image_spec(pipe) if pipe is not None else {}))
     else:
         path = adapter_files.write_diffusers_lora(adapter, target.path, family=family,
                                                   module_names=module_names(pipe) if pipe is not None else None,
@@ -285,7 +285,7 @@ def _rebuilt(model, sd: dict[str, torch.Tensor]):
 
 def _single_file(base: Base, comps: dict[str, dict[str, torch.Tensor]], target: Target, meta) -> Path:
     mapper = Mapper(base.family, base.pipe.unet.config, base.pipe.vae.config)
-    header = {**modelspec(base.family, target.path.stem), **meta}
+    header = {**modelspec(base.family, target.path.stem, **image_spec(base.pipe)), **meta}
     return write_safetensors(target.path, mapper.to_original(comps), header, overwrite=target.overwrite)
 
 
@@ -300,5 +300,5 @@ def _single_file_from_file(base: Base, strengths, keys, target: Target, meta) ->
     if target.dtype is not None:
         sd = cast(sd, target.dtype)
     header = {**{k: v for k, v in base_meta.items() if not k.startswith("dorabooth.")},
-              **modelspec(base.family, target.path.stem), **meta}
+              **modelspec(base.family, target.path.stem, **image_spec(base.pipe)), **meta}
     return write_safetensors(target.path, sd, header, overwrite=target.overwrite)

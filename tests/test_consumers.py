@@ -2,8 +2,8 @@
 
 * ComfyUI (reimplemented from comfy/lora.py, comfy/utils.py, comfy/weight_adapter/): every key
   of our kohya files is loaded; ``(1, in)`` applies exactly; ``(out, 1)`` applies
-  V·m/‖W0‖_row, and the consumer report's error is that formula's error.
-* A1111 (networks.py / network.py reimplemented): SDXL sgm names all match; ``(1, in)`` exact.
+  V·m/‖W0‖_row. Neither ComfyUI nor A1111 can load the tiny bases themselves, and the report
+  says so; its numbers for real bases are checked in test_interop_fullsize.py.
 * diffusers (the real one): a kohya DoRA file loads as plain LoRA; our diffusers file's
   text-encoder magnitudes are dropped with transformers 5 — the report predicts both numbers.
 * LyCORIS (the real lycoris-lora): files it writes import exactly on both axes; it loads our
@@ -101,14 +101,11 @@ def test_comfyui_uses_every_key_and_applies_the_file(files, kind, axis):
                 m = ad.modules[key]
                 V = W0.float() + m.scale * (m.up @ m.down)
                 assert rel_fro(Wc, V * (m.magnitude / torch.linalg.vector_norm(W0.float(), dim=1))[:, None]) < 1e-6
-    info = adapter_info(path, consumers=True, pipe=MAKERS[kind]())
-    comfy = report(info, "ComfyUI")
-    if axis == "in":
-        assert max(errs) < 1e-6 and comfy["status"] == "exact"
-    else:
-        assert max(errs) > 1e-3 and comfy["status"] == "approximate"
-        assert comfy["max_rel_error"] == pytest.approx(max(errs), rel=1e-4)
-        assert "PR #15458" in comfy["why"] and "merged" in comfy["instead"]
+    assert max(errs) < 1e-6 if axis == "in" else max(errs) > 1e-3
+    # ComfyUI's checkpoint loader recognises no tiny UNet, and the report says so; its numbers for
+    # bases ComfyUI loads are checked at full width in test_interop_fullsize.py
+    comfy = report(adapter_info(path, consumers=True, pipe=MAKERS[kind]()), "ComfyUI")
+    assert comfy["status"] == "fails to load" and "ComfyUI cannot load this base model" in comfy["why"]
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])
@@ -118,22 +115,19 @@ def test_comfyui_ignores_diffusers_unet_keys_and_magnitudes(files, kind):
     modules, loaded = comfy_loaded_keys(keys, comfy_key_map(FAMILY[kind], pipe.unet.config, te_layers(pipe)))
     assert not [k for k in loaded if k.startswith("unet.") or "magnitude" in k]
     assert modules and all(v.startswith("text_encoder") for v in modules.values())
-    info = adapter_info(src, consumers=True, pipe=MAKERS[kind]())
-    assert report(info, "ComfyUI")["status"] == "approximate"
-    assert report(info, "A1111")["status"] == "not applied"
+    info = adapter_info(src, consumers=True, pipe=MAKERS[kind]())        # (full width: test_interop_fullsize)
+    assert report(info, "ComfyUI")["status"] == report(info, "A1111")["status"] == "fails to load"
 
 
-@pytest.mark.parametrize("axis", ["out", "in"])
-def test_a1111_sdxl_names_match_and_axis_decides(files, axis):
-    # SDXL only: for diffusers-style SD 1.x names A1111 hard-codes 2 layers per block (the tiny SD1.5 has 1)
-    kind = "sdxl"
-    pipe, path, src = files(kind, axis)
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_a1111_cannot_load_the_tiny_bases(files, kind):
+    # A1111 builds SD/SDXL from fixed configs (layers_per_block 2; the tiny models have 1): the
+    # report says it cannot load the base; its names and formula are checked at full size in
+    # test_interop_fullsize.py
+    pipe, path, src = files(kind, "in")
     a1111 = report(adapter_info(path, consumers=True, pipe=MAKERS[kind]()), "A1111")
-    assert a1111["applied"] == a1111["total"]
-    if axis == "in":
-        assert a1111["status"] == "exact" and a1111["max_rel_error"] < 1e-6
-    else:
-        assert a1111["status"] == "approximate" and a1111["max_rel_error"] > 1e-3
+    assert a1111["status"] == "fails to load" and a1111["applied"] == 0
+    assert "layers_per_block 1 (needs 2)" in a1111["why"]
 
 
 def _fused(stock, key):

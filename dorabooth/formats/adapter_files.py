@@ -115,9 +115,11 @@ def _read_peft(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) 
 # ---- writers ---------------------------------------------------------------------------------
 def write_kohya(adapter: Adapter, path: str | os.PathLike, *, family: str, layout: UNetLayout,
                 dtype: torch.dtype = torch.float32, title: str = "", base_model: str | None = None,
-                overwrite: bool = True) -> Path:
+                overwrite: bool = True, resolution: int | None = None, prediction_type: str | None = None) -> Path:
+    """``resolution``/``prediction_type``: the base's, when known (SD 2.x: 512 vs 768-v in ``modelspec.*``)."""
     sd = kohya.to_state_dict(adapter, family, layout, dtype)
-    meta = kohya.metadata(adapter, family, layout, title=title or Path(path).stem, base_model=base_model)
+    meta = kohya.metadata(adapter, family, layout, title=title or Path(path).stem, base_model=base_model,
+                          resolution=resolution, prediction_type=prediction_type)
     return write_safetensors(path, sd, meta, overwrite=overwrite)
 
 

@@ -5,7 +5,9 @@ source) the two things that decide what a user gets from a file: which keys the 
 a model weight, and the formula it applies to that weight. With the base weights it then
 measures, per adapted module, ``‖W_tool − W‖_F / ‖W‖_F`` against the weight dorabooth's
 definition gives (:func:`~dorabooth.formats.neutral.adapted_weight`, strength 1) and reports
-the largest. Sources (read for this reimplementation):
+the largest. Before the keys: a base model ComfyUI or A1111 cannot load at all (the embedded
+toy, the tiny test models; for A1111 any layers_per_block but 2) makes the file "fails to
+load" in that tool (:mod:`.tool_bases`). Sources (read for this reimplementation):
 
 * diffusers 0.42.1 ``loaders/lora_pipeline.py``: kohya files have ``dora_scale`` filtered out
   ("not compatible in Diffusers at the moment", PR #9547) → plain LoRA. Its own PEFT-layout
@@ -36,6 +38,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .layout import UNetLayout, flatten, unet_to_original
+from .tool_bases import a1111_base_problem, comfy_base_problem, comfy_unet_config
 from ..conventions import NORM_EPS
 from .neutral import Adapter, ModuleAdapter, adapted_weight, split_module_key
 
@@ -80,19 +83,6 @@ _TRANSFORMER_BLOCK_WEIGHTS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.t
 _ATTN_WEIGHTS = ("proj_in", "proj_out", "norm")
 _RESNET_WEIGHTS = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
                    "skip_connection": "conv_shortcut", "in_layers.0": "norm1", "out_layers.0": "norm2"}
-
-
-def comfy_unet_config(config) -> dict:
-    """ComfyUI's ``unet_config`` fields ``unet_to_diffusers`` reads, from a diffusers UNet config."""
-    get = config.get if isinstance(config, dict) else (lambda k, d=None: getattr(config, k, d))
-    down, up = list(get("down_block_types")), list(get("up_block_types"))
-    n, L = len(down), get("layers_per_block")
-    tl = get("transformer_layers_per_block", 1) or 1
-    tl = [tl] * n if isinstance(tl, int) else list(tl)
-    depth = [tl[i] if "CrossAttn" in down[i] else 0 for i in range(n) for _ in range(L)]
-    depth_out = [tl[i] if "CrossAttn" in up[n - 1 - i] else 0 for i in range(n) for _ in range(L + 1)]
-    return {"num_res_blocks": [L] * n, "channel_mult": [1] * n, "transformer_depth": depth,
-            "transformer_depth_output": depth_out, "transformer_depth_middle": tl[-1]}
 
 
 def comfy_unet_to_diffusers(cfg: dict) -> dict[str, str]:
@@ -159,7 +149,11 @@ def comfy_key_map(family: str, unet_config, te_layers: dict[str, int]) -> dict[s
     """
     key_map: dict[str, str] = {}
     d2s = comfy_unet_to_diffusers(comfy_unet_config(unet_config))
+    get = unet_config.get if isinstance(unet_config, dict) else (lambda k, d=None: getattr(unet_config, k, d))
+    absent = "class_embedding." if get("addition_embed_type") == "text_time" else "add_embedding."
     for d, s in d2s.items():
+        if d.startswith(absent):      # both are label_emb.0 in ComfyUI; the model has one of them
+            continue
         key_map[f"lora_unet_{flatten(s)}"] = f"unet.{d}"        # "diffusion_model." keys, underscored
         key_map[f"lora_unet_{flatten(d)}"] = f"unet.{d}"
         key_map[f"lycoris_{flatten(d)}"] = f"unet.{d}"
@@ -242,16 +236,20 @@ def a1111_module(name: str, family: str, sgm_index: dict[str, str], te_layers: d
     ``sgm_index``: neutral UNet key → its original-layout name, underscored.
     """
     by_flat = {flat: key for key, flat in sgm_index.items()}
+    m = re.match(r"lora_unet_time_embedding_linear_(\d+)(.*)", name)
+    if m:
+        return by_flat.get(f"time_embed_{int(m[1]) * 2 - 2}{m[2]}")
     m = re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
     if m:   # A1111 hard-codes 3 = layers_per_block + 1 (true for SD 1.x, 2.x and SDXL)
-        b, kind, j, rest = int(m[1]), m[2], int(m[3]), m[4]
+        b, kind, j, rest = int(m[1]), m[2], int(m[3]), _a1111_suffix(m[2], m[4])
         return by_flat.get(f"input_blocks_{1 + b * 3 + j}_{1 if kind == 'attentions' else 0}_{rest}")
     m = re.match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", name)
     if m:
-        return by_flat.get(f"middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{m[3]}")
+        return by_flat.get(f"middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{_a1111_suffix(m[1], m[3])}")
     m = re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", name)
     if m:
-        return by_flat.get(f"output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{m[4]}")
+        return by_flat.get(f"output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_"
+                           f"{_a1111_suffix(m[2], m[4])}")
     if name.startswith("lora_unet_"):   # "SDXL loras seem to already have correct compvis keys"
         return by_flat.get(name[len("lora_unet_"):])
     te1 = "lora_te1" if family == "sdxl" else "lora_te"
@@ -269,6 +267,15 @@ def a1111_module(name: str, family: str, sgm_index: dict[str, str], te_layers: d
     return None
 
 
+_A1111_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+                 "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+
+
+def _a1111_suffix(kind: str, rest: str) -> str:
+    """networks.py ``suffix_conversion``: resnet parts renamed to their ldm names."""
+    return _A1111_RESNET.get(rest, rest) if kind == "resnets" else rest
+
+
 def _te_key(component: str, layer: int, rest: str) -> str | None:
     for c, flat in _LORA_CLIP_MAP.items():
         if rest == flat:
@@ -282,6 +289,12 @@ def _a1111_mha(component: str, layer: int, rest: str, have: set[str]) -> str | N
     if all(f"{base}.{p}" in have for p in ("q_proj", "k_proj", "v_proj", "out_proj")):
         return _te_key(component, layer, rest)
     return None
+
+
+def _base_fails(consumer: str, view: FileView, problem: str) -> Verdict:
+    return Verdict(consumer, "fails to load", 0, len(view.adapter.modules), problem,
+                   "use this base with dorabooth (`dorabooth generate --adapter …`) or diffusers "
+                   "(the diffusers-lora file, or --format merged-diffusers)")
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -341,12 +354,11 @@ def consumer_report(view: FileView, family: str, unet_config, te_layers: dict[st
 
     tf_major = transformers_major or int(transformers.__version__.split(".")[0])
     ad = view.adapter
-    layout = UNetLayout.from_config(unet_config)
     merged_hint = "export a merged checkpoint (--format merged-single-file or merged-diffusers): exact everywhere"
     return [
         _diffusers(view, base, tf_major, merged_hint),
         _comfy(view, family, unet_config, te_layers, base, merged_hint),
-        _a1111(view, family, layout, te_layers, base, merged_hint),
+        _a1111(view, family, unet_config, te_layers, base, merged_hint),
         _lycoris(view, family, base, tf_major, merged_hint),
     ] if ad.modules else []
 
@@ -403,6 +415,9 @@ def _diffusers(view: FileView, base, tf_major: int, merged_hint: str) -> Verdict
 
 def _comfy(view: FileView, family, unet_config, te_layers, base, merged_hint) -> Verdict:
     ad = view.adapter
+    problem = comfy_base_problem(family, unet_config)
+    if problem:
+        return _base_fails("ComfyUI", view, problem)
     key_map = comfy_key_map(family, unet_config, te_layers)
     mods, loaded = comfy_loaded_keys(view.keys, key_map)
     by_key = {v: x for x, v in mods.items()}
@@ -437,8 +452,12 @@ def _comfy(view: FileView, family, unet_config, te_layers, base, merged_hint) ->
     return v
 
 
-def _a1111(view: FileView, family, layout, te_layers, base, merged_hint) -> Verdict:
+def _a1111(view: FileView, family, unet_config, te_layers, base, merged_hint) -> Verdict:
     ad = view.adapter
+    problem = a1111_base_problem(family, unet_config)
+    if problem:
+        return _base_fails("A1111", view, problem)
+    layout = UNetLayout.from_config(unet_config)
     if view.kind != "kohya":
         return Verdict("A1111", "not applied", 0, len(ad.modules),
                        "A1111 matches kohya names only; unet./text_encoder. keys fail to match",

@@ -31,6 +31,7 @@ import torch
 from ..version import __version__
 from .layout import UNetLayout, flatten, is_original_unet_name, original_to_unet, text_module, unet_to_original, unflatten
 from .neutral import Adapter, ModuleAdapter, axis_from_shape, split_module_key
+from .single_file import model_class
 
 SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
 _UNSUPPORTED = ("hada_w1_a", "lokr_w1", "lokr_w2", "lora_mid.weight", "oft_blocks", "oft_diag", "a1.weight",
@@ -46,8 +47,6 @@ WRITE_PREFIX = {
     "sdxl": {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"},
 }
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
-RESOLUTION = {"sd1": "512x512", "sd2": "512x512", "sdxl": "1024x1024"}
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -218,8 +217,10 @@ def to_state_dict(adapter: Adapter, family: str, layout: UNetLayout,
 
 
 def metadata(adapter: Adapter, family: str, layout: UNetLayout, *, title: str = "",
-             base_model: str | None = None) -> dict[str, str]:
-    """``ss_*`` (kohya/A1111), ``modelspec.*`` (SAI model spec) and ``dorabooth.*`` header entries."""
+             base_model: str | None = None, resolution: int | None = None,
+             prediction_type: str | None = None) -> dict[str, str]:
+    """``ss_*`` (kohya/A1111), ``modelspec.*`` (SAI model spec) and ``dorabooth.*`` header entries.
+    ``resolution``/``prediction_type``: the base's (``single_file.image_spec``), when known."""
     ranks, alphas = adapter.ranks(), adapter.alphas()
     axis = adapter.axis
     dora = adapter.method != "lora"
@@ -235,10 +236,10 @@ def metadata(adapter: Adapter, family: str, layout: UNetLayout, *, title: str = 
         "ss_v2": str(family == "sd2"),
         "ss_output_name": title or "dorabooth",
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCH[family]}/lora",
+        **{k: f"{v}/lora" if k == "modelspec.architecture" else v
+           for k, v in model_class(family, resolution=resolution, prediction_type=prediction_type).items()},
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
         "modelspec.title": title or "dorabooth adapter",
-        "modelspec.resolution": RESOLUTION[family],
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "modelspec.description": f"DoRA magnitude axis {axis}" if dora else "LoRA",
         "dorabooth.version": __version__,

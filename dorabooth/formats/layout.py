@@ -71,6 +71,27 @@ class UNetLayout:
             return cls(2, (True, True, True, False), (False, True, True, True))
         return cls()
 
+    @classmethod
+    def from_original_keys(cls, keys, prefix: str = "model.diffusion_model.") -> "UNetLayout":
+        """The layout read off an original-layout checkpoint's UNet keys (no tensors needed):
+        resnets per level between the ``…0.op`` downsamplers, attention where ``….1.`` exists."""
+        unet = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+        blocks = sorted({int(k.split(".")[1]) for k in unet if k.startswith("input_blocks.")})
+        levels: list[list[int]] = [[]]
+        for n in blocks[1:]:                                   # input_blocks.0 is conv_in
+            if any(k.startswith(f"input_blocks.{n}.0.op.") for k in unet):
+                levels.append([])
+            else:
+                levels[-1].append(n)
+        if not blocks or any(len(level) != len(levels[0]) for level in levels) or not levels[0]:
+            raise ValueError("the checkpoint's UNet keys do not show one layers_per_block for every level")
+        def has(block: str, n: int) -> bool:
+            return any(k.startswith(f"{block}.{n}.1.transformer_blocks.") for k in unet)
+
+        L = len(levels[0])
+        up = tuple(has("output_blocks", b * (L + 1)) for b in range(len(levels)))
+        return cls(L, tuple(has("input_blocks", level[0]) for level in levels), up)
+
     def to_json(self) -> dict:
         return {"layers_per_block": self.layers_per_block, "down_attention": list(self.down_attention),
                 "up_attention": list(self.up_attention)}

@@ -39,7 +39,11 @@ PREFIX = {
              "text_encoder_2": ("openclip", "conditioner.embedders.1.model.")},
 }
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+# SAI model spec architecture ids (Stability-AI/ModelSpec README); SD 2.x has two, told apart by
+# the prediction type ("SDV2-512 and SDv2-768-v are different enough that the distinction must be marked").
 MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
+SD2_V_ARCH = "stable-diffusion-v2-768-v"
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 
 @dataclass(frozen=True)
@@ -238,13 +242,36 @@ class Mapper:
         return out
 
 
-def modelspec(family: str, title: str) -> dict[str, str]:
+def image_spec(pipe) -> dict:
+    """``resolution`` (the UNet's sample_size × the VAE's downscale factor) and ``prediction_type``
+    (the scheduler's) of a pipeline, for :func:`modelspec` and kohya headers."""
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return {"resolution": int(pipe.unet.config.sample_size) * vae_scale,
+            "prediction_type": getattr(pipe.scheduler.config, "prediction_type", None) or "epsilon"}
+
+
+def model_class(family: str, *, resolution: int | None = None, prediction_type: str | None = None) -> dict[str, str]:
+    """The SAI model spec's ``architecture``, ``resolution`` and (when known) ``prediction_type``
+    (``v`` | ``epsilon``): SD 2.x is ``stable-diffusion-v2-768-v`` when it predicts v, else
+    ``-512``; the resolution defaults to the architecture's (768 for 768-v)."""
+    v = prediction_type == "v_prediction"
+    arch = SD2_V_ARCH if family == "sd2" and v else MODELSPEC_ARCH[family]
+    side = resolution or (768 if arch == SD2_V_ARCH else DEFAULT_RESOLUTION[family])
+    out = {"modelspec.architecture": arch, "modelspec.resolution": f"{side}x{side}"}
+    if prediction_type in ("v_prediction", "epsilon"):
+        out["modelspec.prediction_type"] = "v" if v else "epsilon"
+    return out
+
+
+def modelspec(family: str, title: str, *, resolution: int | None = None,
+              prediction_type: str | None = None) -> dict[str, str]:
+    """SAI model spec header entries of a checkpoint (``resolution``/``prediction_type``: from
+    :func:`image_spec` of the pipeline it was written from)."""
     import time
     return {
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH[family],
+        **model_class(family, resolution=resolution, prediction_type=prediction_type),
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
         "modelspec.title": title,
-        "modelspec.resolution": "1024x1024" if family == "sdxl" else "512x512",
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

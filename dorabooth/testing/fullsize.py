@@ -292,9 +292,10 @@ def _write_single_file(name: str, states: dict, path: Path) -> None:
         for key, value in sd.items():
             if mapper.target(component, key) is not None and not torch.equal(mapper.read(original, component, key), value):
                 raise AssertionError(f"{component}.{key} does not read back from the single-file layout")
-    meta = modelspec(family, f"dorabooth full-size fixture {name} (random weights)")
-    if name == "sd21":                          # modelspec() knows the 512 SD 2 only
-        meta.update({"modelspec.architecture": "stable-diffusion-v2-768-v", "modelspec.resolution": "768x768"})
+    config = CONFIGS[name]
+    meta = modelspec(family, f"dorabooth full-size fixture {name} (random weights)",
+                     resolution=config["unet"]["sample_size"] * 2 ** (len(config["vae"]["block_out_channels"]) - 1),
+                     prediction_type=config["scheduler"].get("prediction_type", "epsilon"))
     tmp = path.with_suffix(".tmp")
     save_file(original, str(tmp), metadata=meta)
     tmp.replace(path)
