@@ -1,0 +1,701 @@
+"""Real scale: dorabooth DoRA and LoRA beside diffusers' own DreamBooth LoRA script (issue 11).
+
+    python bench/real_scale.py [--family sdxl|sd15] [--device cpu|cuda] [--resolution 256] [--steps 3]
+                               [--rank 16] [--runs NAME …] [--repeats 1] [--diffusers-script PATH]
+                               [--out runs/real-scale] [--no-readme]
+
+On a full-size fixture (``dorabooth.testing.fullsize``: published configs, random weights; built
+first when missing), each run trains ``--steps`` steps in its own process, one after the other:
+
+- ``diffusers DoRA`` / ``diffusers LoRA``: ``examples/dreambooth/train_dreambooth_lora_sdxl.py``
+  (SD 1.5: ``train_dreambooth_lora.py``, which has no ``--use_dora``) run unchanged with its own
+  flags (``bench/diffusers_launch.py`` only makes ``import torchvision`` work with a CPU torch);
+- ``dorabooth DoRA`` / ``dorabooth LoRA``: ``dorabooth.train(TrainConfig(...))``.
+
+The same settings on both sides (``SETTINGS``): the same folder and images, instance prompt,
+resolution, batch 1, rank = alpha, adapters on the UNet's attention projections (to_q, to_k,
+to_v, to_out.0) and not on the text encoders (both tools' default; prompt embeddings computed
+once), no prior preservation, the VAE encoding every step's image (the diffusers scripts cannot
+cache latents, so ``cache_latents=False``), AdamW lr 1e-4 constant, weight decay 1e-2, grad-norm
+clip 1, plain MSE loss, gradient checkpointing, seed 0, fp32 (``--mixed-precision``: bf16 on
+cuda by default), no validation images, ``HF_HUB_OFFLINE=1``.
+
+Measured from outside, the same way for every run: the time at which each step's progress
+marker appears (diffusers' tqdm bar "Steps: …| n/N", dorabooth's "step" event), so a step is
+the time between two markers and the first one is excluded (it pays one-off costs); the CPU
+time of the process tree at those moments; the peak resident memory of the process tree
+(sampled every 10 ms) from its start until the last step's marker (and on cuda the GPU memory
+nvidia-smi reports for it). A run is stopped once its last step is reported: what follows is
+not training (diffusers then loads a second full pipeline to reload the adapter; dorabooth
+writes the adapter and draws a sample image). Runs whose system memory would run out are
+stopped before the machine's other processes are hit.
+
+Results: ``OUT/results.json``, the table printed, and the table written into ``bench/README.md``
+between the markers for this family, device and resolution.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.measure import PeakRSS, cpu_seconds  # noqa: E402  (after the path: the script runs from anywhere)
+
+SCRIPTS = {"sdxl": "train_dreambooth_lora_sdxl.py", "sd15": "train_dreambooth_lora.py"}
+FIXTURES = {"sdxl": "sdxl", "sd15": "sd15"}          # dorabooth.testing.fullsize names
+RUNS = ("diffusers DoRA", "dorabooth DoRA", "dorabooth LoRA", "diffusers LoRA")
+SUBJECT = "red-white-square"
+SETTINGS = dict(prompt="a photo of sks square", class_noun="square", token="sks", lr=1e-4, weight_decay=1e-2,
+                max_grad_norm=1.0, seed=0, batch_size=1)
+MEMORY_FLOOR_MB = 1024       # stop a run when the machine's available memory falls below this
+README = REPO / "bench" / "README.md"
+
+DIFFUSERS_STEP = re.compile(r"Steps:\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
+DORABOOTH_STEP = re.compile(r"real_scale step (\d+)/(\d+)")
+
+
+# =============================================================================================
+# Settings → command lines
+# =============================================================================================
+def available_runs(family: str) -> tuple[str, ...]:
+    """The runs a family can have: diffusers' SD 1.x script has no DoRA."""
+    return tuple(r for r in RUNS if not (family == "sd15" and r == "diffusers DoRA"))
+
+
+def reference_run(names) -> str:
+    """What the ratios divide by: diffusers' DoRA where it ran, else diffusers' LoRA."""
+    for name in ("diffusers DoRA", "diffusers LoRA"):
+        if name in names:
+            return name
+    raise ValueError("the ratios need a diffusers run: keep 'diffusers DoRA' or 'diffusers LoRA' in --runs")
+
+
+def diffusers_args(args, model: Path, images: Path, out: Path, dora: bool) -> list[str]:
+    """The diffusers script's own flags for SETTINGS."""
+    argv = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(images),
+            "--instance_prompt", SETTINGS["prompt"], "--output_dir", str(out), "--resolution", str(args.resolution),
+            "--train_batch_size", str(SETTINGS["batch_size"]), "--max_train_steps", str(args.steps),
+            "--rank", str(args.rank), "--learning_rate", str(SETTINGS["lr"]), "--lr_scheduler", "constant",
+            "--lr_warmup_steps", "0", "--adam_weight_decay", str(SETTINGS["weight_decay"]),
+            "--max_grad_norm", str(SETTINGS["max_grad_norm"]), "--mixed_precision", args.mixed_precision,
+            "--seed", str(SETTINGS["seed"]), "--checkpointing_steps", str(args.steps + 1)]
+    if args.gradient_checkpointing:
+        argv.append("--gradient_checkpointing")
+    if args.family == "sd15":
+        argv.append("--pre_compute_text_embeddings")      # the SDXL script does this by itself
+    if dora:
+        argv.append("--use_dora")
+    return argv
+
+
+def dorabooth_config(args, model: Path, images: Path, out: Path, method: str) -> dict:
+    """TrainConfig fields for SETTINGS."""
+    return dict(images=str(images), out=str(out), model=str(model), method=method, rank=args.rank,
+                alpha=float(args.rank), targets="attn", train_text_encoders=False, resolution=args.resolution,
+                prior_preservation=False, steps=args.steps, lr=SETTINGS["lr"], lr_schedule="constant",
+                warmup_steps=0, batch_size=SETTINGS["batch_size"], weight_decay=SETTINGS["weight_decay"],
+                max_grad_norm=SETTINGS["max_grad_norm"], min_snr_gamma=None, seed=SETTINGS["seed"],
+                mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                cache_latents=False, flip=False, token=SETTINGS["token"], class_noun=SETTINGS["class_noun"],
+                instance_prompt=SETTINGS["prompt"], checkpoint_every=0, sample_every=0)
+
+
+def child_env(args, extra_path: Path | None = None) -> dict:
+    """A run's environment: offline, unbuffered, the repository (and torchvision's folder) on the path."""
+    env = child_env_plain(extra_path)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def child_env_plain(extra_path: Path | None = None) -> dict:
+    paths = [str(REPO), str(extra_path) if extra_path else "", os.environ.get("PYTHONPATH", "")]
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+# =============================================================================================
+# Step markers and the table
+# =============================================================================================
+class StepClock:
+    """The first time each step marker ``pattern`` (groups: step, total) is seen in a stream
+    fed in chunks; a marker split across two chunks is found when the second arrives."""
+
+    def __init__(self, pattern: re.Pattern):
+        self.pattern = pattern
+        self.seen: dict[int, float] = {}
+        self.total: int | None = None
+        self._tail = ""
+
+    def feed(self, text: str, now: float) -> list[int]:
+        """New steps found in ``text`` (received at ``now``), in order."""
+        window = self._tail + text
+        new = []
+        for m in self.pattern.finditer(window):
+            step, self.total = int(m.group(1)), int(m.group(2))
+            if step not in self.seen:
+                self.seen[step] = now
+                new.append(step)
+        self._tail = window[-400:]
+        return new
+
+
+def step_durations(marks: dict[int, float], skip: int = 1) -> list[float]:
+    """Seconds of each step from the times its marker and the previous one appeared (step 0 =
+    training started); the first ``skip`` steps are left out."""
+    return [marks[n] - marks[n - 1] for n in sorted(marks) if n > skip and n - 1 in marks]
+
+
+def median(values) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def ratio(value, reference) -> float | None:
+    return None if value is None or not reference else value / reference
+
+
+@dataclass
+class Measurement:
+    """One run of one variant."""
+    name: str
+    ok: bool = False
+    error: str | None = None
+    setup_s: float | None = None                  # process start → training started (load, prepare)
+    step_s: list[float] = field(default_factory=list)       # wall seconds per step, first excluded
+    cpu_step_s: list[float] = field(default_factory=list)   # CPU seconds of the tree per step, first excluded
+    first_step_s: float | None = None
+    peak_rss_mb: float | None = None              # process tree, start → last step
+    peak_gpu_mb: float | None = None              # nvidia-smi, cuda only
+    log: str | None = None
+
+
+def summarise(measurements: list[Measurement]) -> dict[str, dict]:
+    """Per variant over its repeats: medians of the steps, the largest peak."""
+    rows: dict[str, dict] = {}
+    for m in measurements:
+        row = rows.setdefault(m.name, {"steps": [], "cpu_steps": [], "peaks": [], "gpu": [], "setup": [],
+                                       "errors": []})
+        if not m.ok:
+            row["errors"].append(m.error)
+            continue
+        row["steps"] += m.step_s
+        row["cpu_steps"] += m.cpu_step_s
+        row["peaks"].append(m.peak_rss_mb)
+        row["setup"].append(m.setup_s)
+        if m.peak_gpu_mb is not None:
+            row["gpu"].append(m.peak_gpu_mb)
+    out = {}
+    for name, r in rows.items():
+        out[name] = {"step_s": median(r["steps"]), "cpu_step_s": median(r["cpu_steps"]), "steps_measured": len(r["steps"]),
+                     "peak_rss_mb": max(r["peaks"]) if r["peaks"] else None,
+                     "peak_gpu_mb": max(r["gpu"]) if r["gpu"] else None,
+                     "setup_s": median(r["setup"]), "errors": r["errors"]}
+    return out
+
+
+def table(summary: dict[str, dict], reference: str) -> str:
+    """The markdown table: one row per variant, ratios against ``reference``."""
+    ref = summary.get(reference, {})
+    gpu = any(row.get("peak_gpu_mb") is not None for row in summary.values())
+    head = (f"| run | s/step (median) | × {reference} | CPU s/step | × {reference} | peak RSS (GB) | × {reference} "
+            + ("| peak GPU (GB) | × " + reference + " " if gpu else "") + "| load + prepare (s) |")
+    lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
+    for name, row in summary.items():
+        if row["step_s"] is None:
+            lines.append(f"| {name} | failed: {'; '.join(e or '?' for e in row['errors'])[:300]} |"
+                         + " |" * (head.count("|") - 3))
+            continue
+        cells = [_num(row["step_s"], ".2f"), _x(ratio(row["step_s"], ref.get("step_s"))),
+                 _num(row["cpu_step_s"], ".2f"), _x(ratio(row["cpu_step_s"], ref.get("cpu_step_s"))),
+                 _num(_gb(row["peak_rss_mb"]), ".2f"), _x(ratio(row["peak_rss_mb"], ref.get("peak_rss_mb")))]
+        if gpu:
+            cells += [_num(_gb(row["peak_gpu_mb"]), ".2f"), _x(ratio(row["peak_gpu_mb"], ref.get("peak_gpu_mb")))]
+        cells.append(_num(row["setup_s"], ".0f"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _gb(mb):
+    return None if mb is None else mb * 2**20 / 1e9
+
+
+def _num(x, spec) -> str:
+    return "n/a" if x is None else f"{x:{spec}}"
+
+
+def _x(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def readme_key(args) -> str:
+    return f"{args.family} {args.device} {args.resolution}px"
+
+
+def update_readme(text: str, key: str, block: str) -> str:
+    """``text`` with the block between ``<!-- real-scale KEY -->`` and ``<!-- /real-scale KEY -->``
+    replaced by ``block`` (appended at the end, markers included, when they are not there)."""
+    begin, end = f"<!-- real-scale {key} -->", f"<!-- /real-scale {key} -->"
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        return head + begin + "\n" + block.strip() + "\n" + end + rest.split(end, 1)[1]
+    return text.rstrip("\n") + "\n\n" + begin + "\n" + block.strip() + "\n" + end + "\n"
+
+
+# =============================================================================================
+# Running one variant and watching it
+# =============================================================================================
+def measure(name: str, argv: list[str], env: dict, pattern: re.Pattern, total: int, log: Path,
+            device: str, timeout_s: float) -> Measurement:
+    """Start ``argv``, timestamp its step markers, sample its memory until the last step, stop it."""
+    result = Measurement(name, log=str(log))
+    clock = StepClock(pattern)
+    cpu_at: dict[int, float] = {}
+    done = threading.Event()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+                            start_new_session=True)
+    rss = PeakRSS(proc.pid, every_s=0.01).start()
+    gpu = GpuMemory(proc.pid, rss.pids).start() if device == "cuda" else None
+
+    def read():
+        with open(log, "wb") as f:
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                now = time.monotonic()
+                f.write(chunk)
+                f.flush()
+                for step in clock.feed(chunk.decode("utf-8", "replace"), now):
+                    cpu_at[step] = cpu_seconds(proc.pid)
+                    if step >= total:
+                        rss.freeze()
+                        if gpu:
+                            gpu.freeze()
+                        done.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        result.error = _watch(proc, done, started, timeout_s, rss)
+    finally:
+        _stop(proc)
+        reader.join(timeout=30)
+        rss.stop()
+        if gpu:
+            gpu.stop()
+    marks = clock.seen
+    if result.error is None and not done.is_set():
+        result.error = f"exited with code {proc.returncode} after step {max(marks, default=None)}: see {log}"
+    if result.error is None:
+        result.ok = True
+        result.setup_s = marks[0] - started if 0 in marks else None
+        result.first_step_s = marks[1] - marks[0] if 0 in marks and 1 in marks else None
+        result.step_s = step_durations(marks)
+        result.cpu_step_s = step_durations(cpu_at)
+        result.peak_rss_mb = rss.peak_mb
+        result.peak_gpu_mb = gpu.peak_mb if gpu else None
+    return result
+
+
+def _watch(proc, done: threading.Event, started: float, timeout_s: float, rss: PeakRSS) -> str | None:
+    """Wait for the last step, the process's end, the timeout or the machine's memory to run low."""
+    while not done.wait(0.25):
+        if proc.poll() is not None:
+            done.wait(2.0)                                   # the reader may still hold the last marker
+            return None
+        if time.monotonic() - started > timeout_s:
+            return f"no last step after {timeout_s:.0f} s (--timeout-min)"
+        available = memory_available_mb()
+        if available is not None and available < MEMORY_FLOOR_MB:
+            return (f"stopped: the machine had {available:.0f} MB available with this run at "
+                    f"{rss.now_mb() / 1024:.1f} GiB RSS (peak so far {rss.peak_mb / 1024:.1f} GiB): it does not fit")
+    return None
+
+
+def _stop(proc) -> None:
+    """End the run's whole process group: SIGTERM, then SIGKILL after 30 s."""
+    if proc.poll() is not None:
+        return
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def memory_available_mb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class GpuMemory:
+    """Peak GPU memory of a process tree as nvidia-smi reports it (the CUDA context, the
+    allocator's cache and tensors), sampled every 0.5 s."""
+
+    def __init__(self, pid: int, pids):
+        self.pids, self.peak_mb, self._frozen = pids, 0.0, False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _now_mb(self) -> float:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True).stdout
+        mine = set(self.pids())
+        return sum(float(mb) for pid, mb in (line.split(",") for line in out.splitlines() if "," in line)
+                   if int(pid) in mine)
+
+    def _sample(self):
+        while not self._stop.wait(0.5):
+            if not self._frozen:
+                self.peak_mb = max(self.peak_mb, self._now_mb())
+
+    def start(self):
+        self._thread.start()
+        return self
+
+    def freeze(self):
+        self._frozen = True
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+
+# =============================================================================================
+# Preparing: fixture, images, diffusers' script, torchvision
+# =============================================================================================
+def prepare(family: str, resolution: int, out: Path) -> tuple[Path, Path]:
+    """(fixture folder, image folder), made in a child process so that this one never imports
+    torch (its memory is not the runs', but it is the machine's)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "_prepare", family, str(resolution), str(out)],
+                          cwd=REPO, env=child_env_plain(), stdout=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"preparing the {family} fixture and images failed (exit {proc.returncode}; output above)")
+    paths = json.loads(proc.stdout.strip().splitlines()[-1])
+    return Path(paths["model"]), Path(paths["images"])
+
+
+def prepare_child(family: str, resolution: int, out: Path) -> int:
+    from dorabooth.testing import fullsize
+
+    name = FIXTURES[family]
+    if not fullsize.is_built(name):
+        print(f"building the full-size {name} fixture (random weights; minutes) …", file=sys.stderr, flush=True)
+        fullsize.build(name, on_progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    print(json.dumps({"model": str(fullsize.paths(name)[0]), "images": str(subject_images(out, resolution))}))
+    return 0
+
+
+def subject_images(out: Path, resolution: int) -> Path:
+    """The sample subject's photos as ``resolution``-px PNGs in a folder of images only (the
+    diffusers scripts open every file in it)."""
+    from PIL import Image
+
+    from dorabooth.models import asset_dir
+
+    source = asset_dir("subjects") / SUBJECT
+    if not (source / "subject.json").is_file():
+        from dorabooth.toyworld.subjects import write_subjects
+        source = next(p for p in write_subjects(out / "subjects") if p.name == SUBJECT)
+    folder = out / f"images-{resolution}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.glob("*.png")):
+        target = folder / path.name
+        if not target.is_file():
+            Image.open(path).convert("RGB").resize((resolution, resolution), Image.LANCZOS).save(target)
+    return folder
+
+
+def diffusers_version() -> str:
+    from importlib.metadata import version
+    return version("diffusers")
+
+
+def script_cache() -> Path:
+    return Path(os.environ.get("DORABOOTH_CACHE") or Path.home() / ".cache" / "dorabooth") / "diffusers-examples"
+
+
+def find_script(args) -> Path:
+    """diffusers' example script: ``--diffusers-script``, else the cached copy for the tag, else
+    taken from ``--diffusers-repo`` (a clone or mirror: ``git show TAG:PATH``) or downloaded
+    from GitHub; the copy is kept in the cache. Never part of this repository."""
+    name = SCRIPTS[args.family]
+    if args.diffusers_script:
+        path = Path(args.diffusers_script).expanduser()
+        if not path.is_file():
+            raise SystemExit(f"--diffusers-script {path}: no such file")
+        return path
+    tag = args.diffusers_tag or f"v{diffusers_version()}"
+    cached = script_cache() / tag / name
+    if cached.is_file():
+        return cached
+    rel = f"examples/dreambooth/{name}"
+    text = _from_git(args.diffusers_repo, tag, rel) if args.diffusers_repo else _from_github(tag, rel)
+    if text is None:
+        raise SystemExit(
+            f"diffusers' {rel} at {tag} (the installed diffusers is {diffusers_version()}) was not found. Give it with "
+            f"--diffusers-script PATH, or put it at {cached}, or pass --diffusers-repo GIT_DIR (a clone of "
+            f"huggingface/diffusers: `git show {tag}:{rel}`) and, where that tag is missing, --diffusers-tag vX.Y.Z. "
+            "The PyPI package and its sdist do not ship the examples.")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(text)
+    print(f"diffusers' {name} at {tag} kept in {cached}", flush=True)
+    return cached
+
+
+def _from_git(repo: str, tag: str, rel: str) -> str | None:
+    git_dir = Path(repo).expanduser()
+    flag = ["--git-dir", str(git_dir / ".git" if (git_dir / ".git").exists() else git_dir)]
+    proc = subprocess.run(["git", *flag, "show", f"{tag}:{rel}"], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return proc.stdout
+    tags = subprocess.run(["git", *flag, "tag", "--list", "v0.*"], capture_output=True, text=True).stdout.split()
+    print(f"{repo}: no {tag}:{rel} ({proc.stderr.strip()[:200]}); its newest tags: "
+          f"{', '.join(sorted(tags, key=_version_key)[-4:])}", flush=True)
+    return None
+
+
+def _from_github(tag: str, rel: str) -> str | None:
+    import urllib.request
+
+    url = f"https://raw.githubusercontent.com/huggingface/diffusers/{tag}/{rel}"
+    try:
+        with urllib.request.urlopen(url, timeout=20) as r:
+            return r.read().decode()
+    except OSError as e:
+        print(f"could not download {url}: {e}", flush=True)
+        return None
+
+
+def _version_key(tag: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in tag.lstrip("v").split("."))
+
+
+def script_written_for(script: Path) -> str | None:
+    """The diffusers version a script says it needs (``check_min_version("X")``)."""
+    m = re.search(r'check_min_version\("([^"]+)"\)', script.read_text())
+    return m.group(1) if m else None
+
+
+def torchvision_path() -> Path | None:
+    """Where the diffusers scripts find torchvision: None when this Python has it; else a folder
+    it was installed into with pip (--no-deps: the wheel matching this torch; the venv is left
+    as it is). The CPU torch cannot load PyPI's CUDA torchvision's C ops: diffusers_launch.py
+    handles that."""
+    from importlib.util import find_spec
+
+    if find_spec("torchvision") is not None:
+        return None
+    from importlib.metadata import version
+
+    torch_minor = int(version("torch").split(".")[1])
+    folder = script_cache().parent / "real-scale-pydeps"
+    if not (folder / "torchvision").is_dir():
+        spec = f"torchvision==0.{torch_minor + 15}.*"       # torch 2.N pairs with torchvision 0.(N+15)
+        print(f"installing {spec} for diffusers' script into {folder} (not into this environment) …", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), spec],
+                       check=True)
+    return folder
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
+    mem = None
+    if Path("/proc/meminfo").is_file():
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / 2**20
+    return f"{cpu}, {os.cpu_count()} cores" + (f", {mem:.0f} GiB RAM" if mem else "")
+
+
+def versions() -> dict:
+    from importlib.metadata import version
+    return {p: version(p) for p in ("torch", "diffusers", "transformers", "peft", "accelerate")}
+
+
+# =============================================================================================
+# The benchmark
+# =============================================================================================
+def plan(args) -> list[str]:
+    """The runs in order: ``--repeats`` rounds, each starting one variant later."""
+    names = list(args.runs)
+    return [names[(i + r) % len(names)] for r in range(args.repeats) for i in range(len(names))]
+
+
+def run_variant(args, name: str, model: Path, images: Path, script: Path, pydeps: Path | None, slot: Path) -> Measurement:
+    if slot.exists():
+        shutil.rmtree(slot)
+    slot.mkdir(parents=True)
+    timeout = args.timeout_min * 60
+    tool, method = name.split()
+    if tool == "diffusers":
+        argv = [sys.executable, str(REPO / "bench" / "diffusers_launch.py"), str(script),
+                *diffusers_args(args, model, images, slot / "output", dora=method == "DoRA")]
+        return measure(name, argv, child_env(args, pydeps), DIFFUSERS_STEP, args.steps, slot / "log.txt",
+                       args.device, timeout)
+    spec = slot / "config.json"
+    spec.write_text(json.dumps(dorabooth_config(args, model, images, slot / "run", method.lower()), indent=1))
+    argv = [sys.executable, str(Path(__file__).resolve()), "_dorabooth", str(spec)]
+    return measure(name, argv, child_env(args), DORABOOTH_STEP, args.steps, slot / "log.txt", args.device, timeout)
+
+
+def benchmark(args) -> dict:
+    out = args.out / f"{args.family}-{args.device}-{args.resolution}px"
+    out.mkdir(parents=True, exist_ok=True)
+    model, images = prepare(args.family, args.resolution, args.out)
+    model = Path(args.model) if args.model else model
+    needs_diffusers = any(r.startswith("diffusers") for r in args.runs)
+    script = find_script(args) if needs_diffusers else None
+    pydeps = torchvision_path() if needs_diffusers else None
+    print(f"fixture {model}\nimages {images}\ndiffusers script {script}", flush=True)
+    measurements = []
+    for i, name in enumerate(plan(args)):
+        print(f"[{i + 1}/{len(plan(args))}] {name} …", flush=True)
+        m = run_variant(args, name, model, images, script, pydeps, out / f"{i:02d}-{name.replace(' ', '-')}")
+        measurements.append(m)
+        print(f"    {_brief(m)}", flush=True)
+    summary = summarise(measurements)
+    reference = reference_run(args.runs)
+    data = {"family": args.family, "device": args.device, "resolution": args.resolution, "steps": args.steps,
+            "rank": args.rank, "mixed_precision": args.mixed_precision,
+            "gradient_checkpointing": args.gradient_checkpointing, "reference": reference,
+            "machine": machine(), "versions": versions(), "model": str(model),
+            "model_note": f"model {model}" if args.model else f"the full-size {args.family} fixture (random weights)",
+            "diffusers_script": str(script) if script else None,
+            "script_written_for": script_written_for(script) if script else None, "settings": SETTINGS,
+            "date": time.strftime("%Y-%m-%d"), "summary": summary,
+            "measurements": [asdict(m) for m in measurements]}
+    (out / "results.json").write_text(json.dumps(data, indent=1))
+    data["table"] = report(data)
+    return data
+
+
+def _brief(m: Measurement) -> str:
+    if not m.ok:
+        return f"FAILED: {m.error}"
+    return (f"setup {m.setup_s:.0f} s, first step {m.first_step_s:.1f} s, steps {[round(s, 1) for s in m.step_s]} s "
+            f"(CPU {[round(s, 1) for s in m.cpu_step_s]} s), peak RSS {m.peak_rss_mb / 1024:.2f} GiB"
+            + (f", peak GPU {m.peak_gpu_mb / 1024:.2f} GiB" if m.peak_gpu_mb is not None else ""))
+
+
+def report(data: dict) -> str:
+    """The table with what it was measured on, as written to the README."""
+    v = data["versions"]
+    script = data["diffusers_script"]
+    written = data["script_written_for"]
+    lines = [f"Measured {data['date']} by `python bench/real_scale.py --family {data['family']} --device "
+             f"{data['device']} --resolution {data['resolution']} --steps {data['steps']}`: {data['machine']}; "
+             f"torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, peft {v['peft']}, "
+             f"accelerate {v['accelerate']}. On {data['model_note']}, {data['resolution']} px, batch 1, rank "
+             f"{data['rank']}, mixed precision {data['mixed_precision']}, gradient checkpointing "
+             f"{'on' if data['gradient_checkpointing'] else 'off'}; {data['steps']} steps, the first excluded"
+             + (f"; diffusers' `{Path(script).name}` written for diffusers {written}" if script else "") + ".", "",
+             table(data["summary"], data["reference"])]
+    return "\n".join(lines) + "\n"
+
+
+def dorabooth_child(spec_file: str) -> int:
+    """The dorabooth side, in its own process: train, printing a marker per step."""
+    from dorabooth.config import TrainConfig
+    from dorabooth.train import train
+
+    config = TrainConfig.from_dict(json.loads(Path(spec_file).read_text()))
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "start":
+            print(f"real_scale step {event['step']}/{event['total']}", flush=True)
+        elif event["type"] == "step":
+            print(f"real_scale step {event['step']}/{event['total']} loss {event['loss']}", flush=True)
+
+    train(config, on_event)
+    return 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--family", choices=sorted(SCRIPTS), default="sdxl")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--resolution", type=int, default=256, help="image side in px (default 256; 1024 on a GPU)")
+    p.add_argument("--steps", type=int, default=3, help="training steps per run; the first is excluded (default 3)")
+    p.add_argument("--rank", type=int, default=16, help="rank = alpha (default 16)")
+    p.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+                   help="default: no (fp32) on cpu, bf16 on cuda")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--runs", nargs="+", default=None,
+                   help=f"which variants, in this order (default: all the family has: {', '.join(RUNS)})")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of all runs, each starting one later (default 1)")
+    p.add_argument("--diffusers-script", dest="diffusers_script", default=None,
+                   help="path of diffusers' examples/dreambooth script (default: cached copy for the installed version)")
+    p.add_argument("--diffusers-repo", dest="diffusers_repo", default=None,
+                   help="a git clone or mirror of huggingface/diffusers to take the script from")
+    p.add_argument("--diffusers-tag", dest="diffusers_tag", default=None,
+                   help="tag to take the script at (default: v<installed diffusers version>)")
+    p.add_argument("--model", default=None,
+                   help="a diffusers folder of the family instead of the full-size fixture (e.g. assets/toy-sdxl "
+                        "for a quick check of the bench itself)")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "real-scale")
+    p.add_argument("--timeout-min", dest="timeout_min", type=float, default=90.0, help="per run (default 90)")
+    p.add_argument("--no-readme", dest="readme", action="store_false", help="do not write the table into bench/README.md")
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()
+    if args.model:
+        args.model = str(Path(args.model).resolve())
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if args.device == "cuda" else "no"
+    allowed = available_runs(args.family)
+    args.runs = args.runs or list(allowed)
+    unknown = [r for r in args.runs if r not in allowed]
+    if unknown:
+        p.error(f"--runs {unknown}: choose from {list(allowed)} (quote each: --runs 'dorabooth DoRA' …)")
+    reference_run(args.runs)
+    if args.steps < 2:
+        p.error("--steps: at least 2 (the first step is excluded)")
+    if args.resolution % 8:
+        p.error(f"--resolution {args.resolution}: use a multiple of 8")
+    return args
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_dorabooth"]:
+        return dorabooth_child(argv[1])
+    if argv[:1] == ["_prepare"]:
+        return prepare_child(argv[1], int(argv[2]), Path(argv[3]))
+    args = parse_args(argv)
+    if args.device == "cuda":
+        probe = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(not torch.cuda.is_available())"])
+        if probe.returncode:
+            raise SystemExit("--device cuda: torch sees no CUDA device here")
+    data = benchmark(args)
+    print("\n" + data["table"])
+    if args.readme and all(row["step_s"] is not None for row in data["summary"].values()):
+        README.write_text(update_readme(README.read_text(), readme_key(args), data["table"]))
+        print(f"written to {README} ({readme_key(args)})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
