@@ -31,7 +31,9 @@ writes the adapter and draws a sample image). Runs whose system memory would run
 stopped before the machine's other processes are hit.
 
 Results: ``OUT/results.json``, the table printed, and the table written into ``bench/README.md``
-between the markers for this family, device and resolution.
+between the markers for this family, device and resolution. Helpers: ``bench/measure.py``
+(watching a run), ``bench/diffusers_examples.py`` (finding diffusers' script and torchvision),
+``bench/diffusers_launch.py`` (running it).
 """
 
 from __future__ import annotations
@@ -41,19 +43,19 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.measure import PeakRSS, cpu_seconds  # noqa: E402  (after the path: the script runs from anywhere)
+# (after the path: the script runs from anywhere)
+from bench.diffusers_examples import find_script, script_written_for, torchvision_path  # noqa: E402
+from bench.measure import Measurement, StepClock, measure, step_durations  # noqa: E402,F401  (tests use them here)
 
 SCRIPTS = {"sdxl": "train_dreambooth_lora_sdxl.py", "sd15": "train_dreambooth_lora.py"}
 FIXTURES = {"sdxl": "sdxl", "sd15": "sd15"}          # dorabooth.testing.fullsize names
@@ -61,7 +63,7 @@ RUNS = ("diffusers DoRA", "dorabooth DoRA", "dorabooth LoRA", "diffusers LoRA")
 SUBJECT = "red-white-square"
 SETTINGS = dict(prompt="a photo of sks square", class_noun="square", token="sks", lr=1e-4, weight_decay=1e-2,
                 max_grad_norm=1.0, seed=0, batch_size=1)
-MEMORY_FLOOR_MB = 1024       # stop a run when the machine's available memory falls below this
+MEMORY_FLOOR_MB = 1024       # a run is stopped when the machine's available memory falls below this
 README = REPO / "bench" / "README.md"
 
 DIFFUSERS_STEP = re.compile(r"Steps:\s*\d+%\|[^|\r\n]*\|\s*(\d+)/(\d+)")
@@ -131,35 +133,6 @@ def child_env_plain(extra_path: Path | None = None) -> dict:
 # =============================================================================================
 # Step markers and the table
 # =============================================================================================
-class StepClock:
-    """The first time each step marker ``pattern`` (groups: step, total) is seen in a stream
-    fed in chunks; a marker split across two chunks is found when the second arrives."""
-
-    def __init__(self, pattern: re.Pattern):
-        self.pattern = pattern
-        self.seen: dict[int, float] = {}
-        self.total: int | None = None
-        self._tail = ""
-
-    def feed(self, text: str, now: float) -> list[int]:
-        """New steps found in ``text`` (received at ``now``), in order."""
-        window = self._tail + text
-        new = []
-        for m in self.pattern.finditer(window):
-            step, self.total = int(m.group(1)), int(m.group(2))
-            if step not in self.seen:
-                self.seen[step] = now
-                new.append(step)
-        self._tail = window[-400:]
-        return new
-
-
-def step_durations(marks: dict[int, float], skip: int = 1) -> list[float]:
-    """Seconds of each step from the times its marker and the previous one appeared (step 0 =
-    training started); the first ``skip`` steps are left out."""
-    return [marks[n] - marks[n - 1] for n in sorted(marks) if n > skip and n - 1 in marks]
-
-
 def median(values) -> float | None:
     values = list(values)
     return statistics.median(values) if values else None
@@ -167,21 +140,6 @@ def median(values) -> float | None:
 
 def ratio(value, reference) -> float | None:
     return None if value is None or not reference else value / reference
-
-
-@dataclass
-class Measurement:
-    """One run of one variant."""
-    name: str
-    ok: bool = False
-    error: str | None = None
-    setup_s: float | None = None                  # process start → training started (load, prepare)
-    step_s: list[float] = field(default_factory=list)       # wall seconds per step, first excluded
-    cpu_step_s: list[float] = field(default_factory=list)   # CPU seconds of the tree per step, first excluded
-    first_step_s: float | None = None
-    peak_rss_mb: float | None = None              # process tree, start → last step
-    peak_gpu_mb: float | None = None              # nvidia-smi, cuda only
-    log: str | None = None
 
 
 def summarise(measurements: list[Measurement]) -> dict[str, dict]:
@@ -257,135 +215,6 @@ def update_readme(text: str, key: str, block: str) -> str:
 
 
 # =============================================================================================
-# Running one variant and watching it
-# =============================================================================================
-def measure(name: str, argv: list[str], env: dict, pattern: re.Pattern, total: int, log: Path,
-            device: str, timeout_s: float) -> Measurement:
-    """Start ``argv``, timestamp its step markers, sample its memory until the last step, stop it."""
-    result = Measurement(name, log=str(log))
-    clock = StepClock(pattern)
-    cpu_at: dict[int, float] = {}
-    done = threading.Event()
-    log.parent.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-                            start_new_session=True)
-    rss = PeakRSS(proc.pid, every_s=0.01).start()
-    gpu = GpuMemory(proc.pid, rss.pids).start() if device == "cuda" else None
-
-    def read():
-        with open(log, "wb") as f:
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                now = time.monotonic()
-                f.write(chunk)
-                f.flush()
-                for step in clock.feed(chunk.decode("utf-8", "replace"), now):
-                    cpu_at[step] = cpu_seconds(proc.pid)
-                    if step >= total:
-                        rss.freeze()
-                        if gpu:
-                            gpu.freeze()
-                        done.set()
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        result.error = _watch(proc, done, started, timeout_s, rss)
-    finally:
-        _stop(proc)
-        reader.join(timeout=30)
-        rss.stop()
-        if gpu:
-            gpu.stop()
-    marks = clock.seen
-    if result.error is None and not done.is_set():
-        result.error = f"exited with code {proc.returncode} after step {max(marks, default=None)}: see {log}"
-    if result.error is None:
-        result.ok = True
-        result.setup_s = marks[0] - started if 0 in marks else None
-        result.first_step_s = marks[1] - marks[0] if 0 in marks and 1 in marks else None
-        result.step_s = step_durations(marks)
-        result.cpu_step_s = step_durations(cpu_at)
-        result.peak_rss_mb = rss.peak_mb
-        result.peak_gpu_mb = gpu.peak_mb if gpu else None
-    return result
-
-
-def _watch(proc, done: threading.Event, started: float, timeout_s: float, rss: PeakRSS) -> str | None:
-    """Wait for the last step, the process's end, the timeout or the machine's memory to run low."""
-    while not done.wait(0.25):
-        if proc.poll() is not None:
-            done.wait(2.0)                                   # the reader may still hold the last marker
-            return None
-        if time.monotonic() - started > timeout_s:
-            return f"no last step after {timeout_s:.0f} s (--timeout-min)"
-        available = memory_available_mb()
-        if available is not None and available < MEMORY_FLOOR_MB:
-            return (f"stopped: the machine had {available:.0f} MB available with this run at "
-                    f"{rss.now_mb() / 1024:.1f} GiB RSS (peak so far {rss.peak_mb / 1024:.1f} GiB): it does not fit")
-    return None
-
-
-def _stop(proc) -> None:
-    """End the run's whole process group: SIGTERM, then SIGKILL after 30 s."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def memory_available_mb() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-class GpuMemory:
-    """Peak GPU memory of a process tree as nvidia-smi reports it (the CUDA context, the
-    allocator's cache and tensors), sampled every 0.5 s."""
-
-    def __init__(self, pid: int, pids):
-        self.pids, self.peak_mb, self._frozen = pids, 0.0, False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _now_mb(self) -> float:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True).stdout
-        mine = set(self.pids())
-        return sum(float(mb) for pid, mb in (line.split(",") for line in out.splitlines() if "," in line)
-                   if int(pid) in mine)
-
-    def _sample(self):
-        while not self._stop.wait(0.5):
-            if not self._frozen:
-                self.peak_mb = max(self.peak_mb, self._now_mb())
-
-    def start(self):
-        self._thread.start()
-        return self
-
-    def freeze(self):
-        self._frozen = True
-
-    def stop(self):
-        self._stop.set()
-        self._thread.join()
-
-
-# =============================================================================================
 # Preparing: fixture, images, diffusers' script, torchvision
 # =============================================================================================
 def prepare(family: str, resolution: int, out: Path) -> tuple[Path, Path]:
@@ -430,98 +259,6 @@ def subject_images(out: Path, resolution: int) -> Path:
     return folder
 
 
-def diffusers_version() -> str:
-    from importlib.metadata import version
-    return version("diffusers")
-
-
-def script_cache() -> Path:
-    return Path(os.environ.get("DORABOOTH_CACHE") or Path.home() / ".cache" / "dorabooth") / "diffusers-examples"
-
-
-def find_script(args) -> Path:
-    """diffusers' example script: ``--diffusers-script``, else the cached copy for the tag, else
-    taken from ``--diffusers-repo`` (a clone or mirror: ``git show TAG:PATH``) or downloaded
-    from GitHub; the copy is kept in the cache. Never part of this repository."""
-    name = SCRIPTS[args.family]
-    if args.diffusers_script:
-        path = Path(args.diffusers_script).expanduser()
-        if not path.is_file():
-            raise SystemExit(f"--diffusers-script {path}: no such file")
-        return path
-    tag = args.diffusers_tag or f"v{diffusers_version()}"
-    cached = script_cache() / tag / name
-    if cached.is_file():
-        return cached
-    rel = f"examples/dreambooth/{name}"
-    text = _from_git(args.diffusers_repo, tag, rel) if args.diffusers_repo else _from_github(tag, rel)
-    if text is None:
-        raise SystemExit(
-            f"diffusers' {rel} at {tag} (the installed diffusers is {diffusers_version()}) was not found. Give it with "
-            f"--diffusers-script PATH, or put it at {cached}, or pass --diffusers-repo GIT_DIR (a clone of "
-            f"huggingface/diffusers: `git show {tag}:{rel}`) and, where that tag is missing, --diffusers-tag vX.Y.Z. "
-            "The PyPI package and its sdist do not ship the examples.")
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(text)
-    print(f"diffusers' {name} at {tag} kept in {cached}", flush=True)
-    return cached
-
-
-def _from_git(repo: str, tag: str, rel: str) -> str | None:
-    git_dir = Path(repo).expanduser()
-    flag = ["--git-dir", str(git_dir / ".git" if (git_dir / ".git").exists() else git_dir)]
-    proc = subprocess.run(["git", *flag, "show", f"{tag}:{rel}"], capture_output=True, text=True)
-    if proc.returncode == 0:
-        return proc.stdout
-    tags = subprocess.run(["git", *flag, "tag", "--list", "v0.*"], capture_output=True, text=True).stdout.split()
-    print(f"{repo}: no {tag}:{rel} ({proc.stderr.strip()[:200]}); its newest tags: "
-          f"{', '.join(sorted(tags, key=_version_key)[-4:])}", flush=True)
-    return None
-
-
-def _from_github(tag: str, rel: str) -> str | None:
-    import urllib.request
-
-    url = f"https://raw.githubusercontent.com/huggingface/diffusers/{tag}/{rel}"
-    try:
-        with urllib.request.urlopen(url, timeout=20) as r:
-            return r.read().decode()
-    except OSError as e:
-        print(f"could not download {url}: {e}", flush=True)
-        return None
-
-
-def _version_key(tag: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else 0 for p in tag.lstrip("v").split("."))
-
-
-def script_written_for(script: Path) -> str | None:
-    """The diffusers version a script says it needs (``check_min_version("X")``)."""
-    m = re.search(r'check_min_version\("([^"]+)"\)', script.read_text())
-    return m.group(1) if m else None
-
-
-def torchvision_path() -> Path | None:
-    """Where the diffusers scripts find torchvision: None when this Python has it; else a folder
-    it was installed into with pip (--no-deps: the wheel matching this torch; the venv is left
-    as it is). The CPU torch cannot load PyPI's CUDA torchvision's C ops: diffusers_launch.py
-    handles that."""
-    from importlib.util import find_spec
-
-    if find_spec("torchvision") is not None:
-        return None
-    from importlib.metadata import version
-
-    torch_minor = int(version("torch").split(".")[1])
-    folder = script_cache().parent / "real-scale-pydeps"
-    if not (folder / "torchvision").is_dir():
-        spec = f"torchvision==0.{torch_minor + 15}.*"       # torch 2.N pairs with torchvision 0.(N+15)
-        print(f"installing {spec} for diffusers' script into {folder} (not into this environment) …", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(folder), spec],
-                       check=True)
-    return folder
-
-
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").is_file() else "unknown CPU"
@@ -549,17 +286,19 @@ def run_variant(args, name: str, model: Path, images: Path, script: Path, pydeps
     if slot.exists():
         shutil.rmtree(slot)
     slot.mkdir(parents=True)
-    timeout = args.timeout_min * 60
     tool, method = name.split()
     if tool == "diffusers":
         argv = [sys.executable, str(REPO / "bench" / "diffusers_launch.py"), str(script),
                 *diffusers_args(args, model, images, slot / "output", dora=method == "DoRA")]
-        return measure(name, argv, child_env(args, pydeps), DIFFUSERS_STEP, args.steps, slot / "log.txt",
-                       args.device, timeout)
-    spec = slot / "config.json"
-    spec.write_text(json.dumps(dorabooth_config(args, model, images, slot / "run", method.lower()), indent=1))
-    argv = [sys.executable, str(Path(__file__).resolve()), "_dorabooth", str(spec)]
-    return measure(name, argv, child_env(args), DORABOOTH_STEP, args.steps, slot / "log.txt", args.device, timeout)
+        env = child_env(args, pydeps)
+    else:
+        spec = slot / "config.json"
+        spec.write_text(json.dumps(dorabooth_config(args, model, images, slot / "run", method.lower()), indent=1))
+        argv = [sys.executable, str(Path(__file__).resolve()), "_dorabooth", str(spec)]
+        env = child_env(args)
+    return measure(name, argv, env, REPO, DIFFUSERS_STEP if tool == "diffusers" else DORABOOTH_STEP, args.steps,
+                   slot / "log.txt", gpu=args.device == "cuda", timeout_s=args.timeout_min * 60,
+                   memory_floor_mb=MEMORY_FLOOR_MB)
 
 
 def benchmark(args) -> dict:
@@ -568,7 +307,8 @@ def benchmark(args) -> dict:
     model, images = prepare(args.family, args.resolution, args.out)
     model = Path(args.model) if args.model else model
     needs_diffusers = any(r.startswith("diffusers") for r in args.runs)
-    script = find_script(args) if needs_diffusers else None
+    script = (find_script(SCRIPTS[args.family], args.diffusers_script, args.diffusers_repo, args.diffusers_tag)
+              if needs_diffusers else None)
     pydeps = torchvision_path() if needs_diffusers else None
     print(f"fixture {model}\nimages {images}\ndiffusers script {script}", flush=True)
     measurements = []
@@ -670,7 +410,8 @@ def parse_args(argv=None):
     unknown = [r for r in args.runs if r not in allowed]
     if unknown:
         p.error(f"--runs {unknown}: choose from {list(allowed)} (quote each: --runs 'dorabooth DoRA' …)")
-    reference_run(args.runs)
+    if not any(r.startswith("diffusers") for r in args.runs):
+        p.error("--runs: keep 'diffusers DoRA' or 'diffusers LoRA': the ratios are against diffusers' script")
     if args.steps < 2:
         p.error("--steps: at least 2 (the first step is excluded)")
     if args.resolution % 8:
