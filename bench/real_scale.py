@@ -122,6 +122,8 @@ def child_env(args, extra_path: Path | None = None) -> dict:
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if args.threads:
+        env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     return env
 
 
@@ -201,7 +203,7 @@ def _x(x) -> str:
 
 
 def readme_key(args) -> str:
-    return f"{args.family} {args.device} {args.resolution}px"
+    return f"{args.family} {args.device} {args.resolution}px" + (f" {args.threads}-thread" if args.threads else "")
 
 
 def update_readme(text: str, key: str, block: str) -> str:
@@ -320,7 +322,7 @@ def benchmark(args) -> dict:
     summary = summarise(measurements)
     reference = reference_run(args.runs)
     data = {"family": args.family, "device": args.device, "resolution": args.resolution, "steps": args.steps,
-            "rank": args.rank, "mixed_precision": args.mixed_precision,
+            "rank": args.rank, "mixed_precision": args.mixed_precision, "threads": args.threads,
             "gradient_checkpointing": args.gradient_checkpointing, "reference": reference,
             "machine": machine(), "versions": versions(), "model": str(model),
             "model_note": f"model {model}" if args.model else f"the full-size {args.family} fixture (random weights)",
@@ -346,8 +348,10 @@ def report(data: dict) -> str:
     v = data["versions"]
     script = data["diffusers_script"]
     written = data["script_written_for"]
+    threads = f" --threads {data['threads']}" if data.get("threads") else ""
     lines = [f"Measured {data['date']} by `python bench/real_scale.py --family {data['family']} --device "
-             f"{data['device']} --resolution {data['resolution']} --steps {data['steps']}`: {data['machine']}; "
+             f"{data['device']} --resolution {data['resolution']} --steps {data['steps']}{threads}`: {data['machine']}"
+             f" ({data['threads'] or 'all'} torch thread{'s' if data['threads'] != 1 else ''} per run); "
              f"torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, peft {v['peft']}, "
              f"accelerate {v['accelerate']}. On {data['model_note']}, {data['resolution']} px, batch 1, rank "
              f"{data['rank']}, mixed precision {data['mixed_precision']}, gradient checkpointing "
@@ -380,6 +384,9 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--resolution", type=int, default=256, help="image side in px (default 256; 1024 on a GPU)")
     p.add_argument("--steps", type=int, default=3, help="training steps per run; the first is excluded (default 3)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per run (OMP_NUM_THREADS; default: torch's own, all cores). With 1, a run's "
+                        "CPU time is its compute time even on a busy machine")
     p.add_argument("--rank", type=int, default=16, help="rank = alpha (default 16)")
     p.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), default=None,
                    help="default: no (fp32) on cpu, bf16 on cuda")

@@ -78,10 +78,16 @@ def test_readme_block_is_replaced_between_its_markers_or_appended(bench):
     assert "| table 2 |" in other and "| gpu |" in other
 
 
-def test_arguments(bench):
+def test_arguments(bench, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     args = bench.parse_args([])
     assert (args.family, args.device, args.resolution, args.steps, args.rank) == ("sdxl", "cpu", 256, 3, 16)
-    assert args.mixed_precision == "no" and args.gradient_checkpointing
+    assert args.mixed_precision == "no" and args.gradient_checkpointing and args.threads is None
+    env = bench.child_env(args)
+    assert env["HF_HUB_OFFLINE"] == "1" and env["CUDA_VISIBLE_DEVICES"] == "" and "OMP_NUM_THREADS" not in env
+    assert bench.readme_key(args) == "sdxl cpu 256px"
+    one = bench.parse_args(["--threads", "1"])
+    assert bench.child_env(one)["OMP_NUM_THREADS"] == "1" and bench.readme_key(one) == "sdxl cpu 256px 1-thread"
     assert args.runs == ["diffusers DoRA", "dorabooth DoRA", "dorabooth LoRA", "diffusers LoRA"]
     assert bench.reference_run(args.runs) == "diffusers DoRA"
     assert bench.parse_args(["--device", "cuda", "--resolution", "1024"]).mixed_precision == "bf16"
