@@ -31,7 +31,8 @@ class PeakRSS:
     began and ``peak_mb``, the largest sum sampled every ``every_s`` (spikes shorter than that
     can be missed). ``pid=None`` is this process alone; a ``pid`` includes its descendants
     (found again every ``tree_every_s``). Use as a context manager or ``start()``/``stop()``;
-    ``freeze()`` keeps the peak reached so far and ignores what comes after. Where there is no
+    ``mark()`` starts ``peak_since_mark_mb`` (the peak of a later phase, such as training after
+    loading); ``freeze()`` keeps the peaks reached so far and ignores what comes after. Where there is no
     /proc (``pid=None`` only): ``ru_maxrss`` before and after, the process's high-water mark,
     which a peak reached before the block (imports) can hide."""
 
@@ -68,22 +69,34 @@ class PeakRSS:
 
     def _sample(self):
         while not self._stop.wait(self.every_s):
-            value = self.now_mb()
-            if not self._frozen:
-                self.peak_mb = max(self.peak_mb, value)
+            self._record(self.now_mb())
+
+    def _record(self, value: float) -> None:
+        if not self._frozen:
+            self.peak_mb = max(self.peak_mb, value)
+            if self.peak_since_mark_mb is not None:
+                self.peak_since_mark_mb = max(self.peak_since_mark_mb, value)
 
     # ---- control ---------------------------------------------------------------------------
     def start(self) -> PeakRSS:
         self.start_mb = self.now_mb() if self.proc else self._maxrss_mb()
         self.peak_mb = self.start_mb
+        self.peak_since_mark_mb = None
         if self.proc:
             self._thread.start()
         return self
 
+    def mark(self) -> float:
+        """Start ``peak_since_mark_mb`` from the resident size now; returns that size."""
+        now = self.now_mb()
+        self.peak_since_mark_mb = now
+        self._record(now)
+        return now
+
     def freeze(self) -> float:
         """Keep the peak reached until now; later samples no longer count. Returns it."""
-        if self.proc and not self._frozen:
-            self.peak_mb = max(self.peak_mb, self.now_mb())
+        if self.proc:
+            self._record(self.now_mb())
         self._frozen = True
         return self.peak_mb
 
@@ -91,8 +104,7 @@ class PeakRSS:
         if self.proc:
             self._stop.set()
             self._thread.join()
-            if not self._frozen:
-                self.peak_mb = max(self.peak_mb, self.now_mb())
+            self._record(self.now_mb())
         else:
             self.peak_mb = self._maxrss_mb()
 
@@ -189,6 +201,8 @@ class Measurement:
     cpu_step_s: list[float] = field(default_factory=list)   # CPU seconds of the tree per step, first excluded
     first_step_s: float | None = None
     peak_rss_mb: float | None = None              # process tree, start → last step
+    rss_at_start_mb: float | None = None          # … when training started (step 0 marker)
+    peak_training_rss_mb: float | None = None     # … from then until the last step
     peak_gpu_mb: float | None = None              # nvidia-smi, cuda only
     log: str | None = None
 
@@ -203,6 +217,7 @@ def measure(name: str, argv: list[str], env: dict, cwd: Path, pattern: re.Patter
     result = Measurement(name, log=str(log))
     clock = StepClock(pattern)
     cpu_at: dict[int, float] = {}
+    rss_at_start: list[float | None] = [None]
     done = threading.Event()
     log.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -219,6 +234,8 @@ def measure(name: str, argv: list[str], env: dict, cwd: Path, pattern: re.Patter
                 f.flush()
                 for step in clock.feed(chunk.decode("utf-8", "replace"), now):
                     cpu_at[step] = cpu_seconds(proc.pid)
+                    if step == 0:
+                        rss_at_start[0] = rss.mark()
                     if step >= total:
                         rss.freeze()
                         if gpu:
@@ -245,6 +262,8 @@ def measure(name: str, argv: list[str], env: dict, cwd: Path, pattern: re.Patter
         result.step_s = step_durations(marks)
         result.cpu_step_s = step_durations(cpu_at)
         result.peak_rss_mb = rss.peak_mb
+        result.rss_at_start_mb = rss_at_start[0]
+        result.peak_training_rss_mb = rss.peak_since_mark_mb
         result.peak_gpu_mb = gpu.peak_mb if gpu else None
     return result
 

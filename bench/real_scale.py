@@ -145,26 +145,20 @@ def ratio(value, reference) -> float | None:
 
 
 def summarise(measurements: list[Measurement]) -> dict[str, dict]:
-    """Per variant over its repeats: medians of the steps, the largest peak."""
-    rows: dict[str, dict] = {}
+    """Per variant over its repeats: the median of all measured steps, the largest peaks."""
+    runs: dict[str, list[Measurement]] = {}
     for m in measurements:
-        row = rows.setdefault(m.name, {"steps": [], "cpu_steps": [], "peaks": [], "gpu": [], "setup": [],
-                                       "errors": []})
-        if not m.ok:
-            row["errors"].append(m.error)
-            continue
-        row["steps"] += m.step_s
-        row["cpu_steps"] += m.cpu_step_s
-        row["peaks"].append(m.peak_rss_mb)
-        row["setup"].append(m.setup_s)
-        if m.peak_gpu_mb is not None:
-            row["gpu"].append(m.peak_gpu_mb)
+        runs.setdefault(m.name, []).append(m)
     out = {}
-    for name, r in rows.items():
-        out[name] = {"step_s": median(r["steps"]), "cpu_step_s": median(r["cpu_steps"]), "steps_measured": len(r["steps"]),
-                     "peak_rss_mb": max(r["peaks"]) if r["peaks"] else None,
-                     "peak_gpu_mb": max(r["gpu"]) if r["gpu"] else None,
-                     "setup_s": median(r["setup"]), "errors": r["errors"]}
+    for name, ms in runs.items():
+        ok = [m for m in ms if m.ok]
+        out[name] = {"step_s": median(s for m in ok for s in m.step_s),
+                     "cpu_step_s": median(s for m in ok for s in m.cpu_step_s),
+                     "steps_measured": sum(len(m.step_s) for m in ok), "setup_s": median(m.setup_s for m in ok),
+                     "errors": [m.error for m in ms if not m.ok]}
+        for key in ("peak_rss_mb", "rss_at_start_mb", "peak_training_rss_mb", "peak_gpu_mb"):
+            values = [getattr(m, key) for m in ok if getattr(m, key) is not None]
+            out[name][key] = max(values) if values else None
     return out
 
 
@@ -173,6 +167,7 @@ def table(summary: dict[str, dict], reference: str) -> str:
     ref = summary.get(reference, {})
     gpu = any(row.get("peak_gpu_mb") is not None for row in summary.values())
     head = (f"| run | s/step (median) | × {reference} | CPU s/step | × {reference} | peak RSS (GB) | × {reference} "
+            "| RSS at training start (GB) | peak RSS while training (GB) "
             + ("| peak GPU (GB) | × " + reference + " " if gpu else "") + "| load + prepare (s) |")
     lines = [head, "|---|" + "---:|" * (head.count("|") - 2)]
     for name, row in summary.items():
@@ -182,7 +177,8 @@ def table(summary: dict[str, dict], reference: str) -> str:
             continue
         cells = [_num(row["step_s"], ".2f"), _x(ratio(row["step_s"], ref.get("step_s"))),
                  _num(row["cpu_step_s"], ".2f"), _x(ratio(row["cpu_step_s"], ref.get("cpu_step_s"))),
-                 _num(_gb(row["peak_rss_mb"]), ".2f"), _x(ratio(row["peak_rss_mb"], ref.get("peak_rss_mb")))]
+                 _num(_gb(row["peak_rss_mb"]), ".2f"), _x(ratio(row["peak_rss_mb"], ref.get("peak_rss_mb"))),
+                 _num(_gb(row["rss_at_start_mb"]), ".2f"), _num(_gb(row["peak_training_rss_mb"]), ".2f")]
         if gpu:
             cells += [_num(_gb(row["peak_gpu_mb"]), ".2f"), _x(ratio(row["peak_gpu_mb"], ref.get("peak_gpu_mb")))]
         cells.append(_num(row["setup_s"], ".0f"))
@@ -202,8 +198,10 @@ def _x(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-def readme_key(args) -> str:
-    return f"{args.family} {args.device} {args.resolution}px" + (f" {args.threads}-thread" if args.threads else "")
+def readme_key(data: dict) -> str:
+    """Which README block a result goes to: family, device, resolution (and threads when set)."""
+    threads = data.get("threads")
+    return f"{data['family']} {data['device']} {data['resolution']}px" + (f" {threads}-thread" if threads else "")
 
 
 def update_readme(text: str, key: str, block: str) -> str:
@@ -331,7 +329,6 @@ def benchmark(args) -> dict:
             "date": time.strftime("%Y-%m-%d"), "summary": summary,
             "measurements": [asdict(m) for m in measurements]}
     (out / "results.json").write_text(json.dumps(data, indent=1))
-    data["table"] = report(data)
     return data
 
 
@@ -349,11 +346,12 @@ def report(data: dict) -> str:
     script = data["diffusers_script"]
     written = data["script_written_for"]
     threads = f" --threads {data['threads']}" if data.get("threads") else ""
+    data = {"threads": None, **data}
     lines = [f"Measured {data['date']} by `python bench/real_scale.py --family {data['family']} --device "
              f"{data['device']} --resolution {data['resolution']} --steps {data['steps']}{threads}`: {data['machine']}"
              f" ({data['threads'] or 'all'} torch thread{'s' if data['threads'] != 1 else ''} per run); "
              f"torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, peft {v['peft']}, "
-             f"accelerate {v['accelerate']}. On {data['model_note']}, {data['resolution']} px, batch 1, rank "
+             f"accelerate {v['accelerate']}. On {data.get('model_note', 'model ' + str(data.get('model')))}, {data['resolution']} px, batch 1, rank "
              f"{data['rank']}, mixed precision {data['mixed_precision']}, gradient checkpointing "
              f"{'on' if data['gradient_checkpointing'] else 'off'}; {data['steps']} steps, the first excluded"
              + (f"; diffusers' `{Path(script).name}` written for diffusers {written}" if script else "") + ".", "",
@@ -405,6 +403,8 @@ def parse_args(argv=None):
                         "for a quick check of the bench itself)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "real-scale")
     p.add_argument("--timeout-min", dest="timeout_min", type=float, default=90.0, help="per run (default 90)")
+    p.add_argument("--report", default=None, metavar="RESULTS_JSON",
+                   help="run nothing: report an earlier run's results.json again (table, README block)")
     p.add_argument("--no-readme", dest="readme", action="store_false", help="do not write the table into bench/README.md")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
@@ -433,15 +433,20 @@ def main(argv=None) -> int:
     if argv[:1] == ["_prepare"]:
         return prepare_child(argv[1], int(argv[2]), Path(argv[3]))
     args = parse_args(argv)
-    if args.device == "cuda":
-        probe = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(not torch.cuda.is_available())"])
-        if probe.returncode:
-            raise SystemExit("--device cuda: torch sees no CUDA device here")
-    data = benchmark(args)
-    print("\n" + data["table"])
+    if args.report:                                          # an earlier run's results, reported again
+        data = json.loads(Path(args.report).read_text())
+        data["summary"] = summarise([Measurement(**m) for m in data["measurements"]])
+    else:
+        if args.device == "cuda":
+            probe = subprocess.run([sys.executable, "-c", "import torch, sys; sys.exit(not torch.cuda.is_available())"])
+            if probe.returncode:
+                raise SystemExit("--device cuda: torch sees no CUDA device here")
+        data = benchmark(args)
+    table_text = report(data)
+    print("\n" + table_text)
     if args.readme and all(row["step_s"] is not None for row in data["summary"].values()):
-        README.write_text(update_readme(README.read_text(), readme_key(args), data["table"]))
-        print(f"written to {README} ({readme_key(args)})")
+        README.write_text(update_readme(README.read_text(), readme_key(data), table_text))
+        print(f"written to {README} ({readme_key(data)})")
     return 0
 
 

@@ -45,7 +45,7 @@ def test_dorabooth_markers(bench):
 
 def _m(bench, name, steps, cpu, peak, ok=True, error=None):
     return bench.Measurement(name, ok=ok, error=error, setup_s=60.0, step_s=steps, cpu_step_s=cpu, first_step_s=9.0,
-                             peak_rss_mb=peak)
+                             peak_rss_mb=peak, rss_at_start_mb=peak and peak / 2, peak_training_rss_mb=peak and peak / 2)
 
 
 def test_table_gives_medians_and_ratios_against_the_reference(bench):
@@ -57,8 +57,9 @@ def test_table_gives_medians_and_ratios_against_the_reference(bench):
     text = bench.table(summary, "diffusers DoRA")
     lines = text.splitlines()
     assert lines[0].startswith("| run | s/step (median) | × diffusers DoRA | CPU s/step |")
-    assert lines[2] == "| diffusers DoRA | 11.00 | 1.000 | 21.00 | 1.000 | 16.78 | 1.000 | 60 |"
-    assert lines[3] == (f"| dorabooth DoRA | 8.50 | {8.5 / 11:.3f} | 16.00 | {16 / 21:.3f} | 12.58 | 0.750 | 60 |")
+    assert lines[2] == "| diffusers DoRA | 11.00 | 1.000 | 21.00 | 1.000 | 16.78 | 1.000 | 8.39 | 8.39 | 60 |"
+    assert lines[3] == (f"| dorabooth DoRA | 8.50 | {8.5 / 11:.3f} | 16.00 | {16 / 21:.3f} | 12.58 | 0.750 | 6.29 "
+                        "| 6.29 | 60 |")
     assert "| dorabooth LoRA | failed: exited with code -9 |" in lines[4]
     assert all(line.count("|") == lines[0].count("|") for line in lines)
 
@@ -85,9 +86,9 @@ def test_arguments(bench, monkeypatch):
     assert args.mixed_precision == "no" and args.gradient_checkpointing and args.threads is None
     env = bench.child_env(args)
     assert env["HF_HUB_OFFLINE"] == "1" and env["CUDA_VISIBLE_DEVICES"] == "" and "OMP_NUM_THREADS" not in env
-    assert bench.readme_key(args) == "sdxl cpu 256px"
+    assert bench.readme_key(vars(args)) == "sdxl cpu 256px"
     one = bench.parse_args(["--threads", "1"])
-    assert bench.child_env(one)["OMP_NUM_THREADS"] == "1" and bench.readme_key(one) == "sdxl cpu 256px 1-thread"
+    assert bench.child_env(one)["OMP_NUM_THREADS"] == "1" and bench.readme_key(vars(one)) == "sdxl cpu 256px 1-thread"
     assert args.runs == ["diffusers DoRA", "dorabooth DoRA", "dorabooth LoRA", "diffusers LoRA"]
     assert bench.reference_run(args.runs) == "diffusers DoRA"
     assert bench.parse_args(["--device", "cuda", "--resolution", "1024"]).mixed_precision == "bf16"
@@ -149,4 +150,25 @@ def test_peak_rss_of_another_process_tree_and_its_cpu_time():
             cpu = max(cpu, cpu_seconds(proc.pid))
             time.sleep(0.05)
     assert rss.peak_mb - rss.start_mb >= 120, (rss.start_mb, rss.peak_mb)      # the grandchild's 150 MB counted
+    assert rss.peak_since_mark_mb is None
     assert cpu >= 0.2
+
+
+def test_peak_since_mark_and_freeze():
+    sys.path.insert(0, str(BENCH.parent))
+    from bench.measure import PeakRSS
+
+    with PeakRSS(every_s=0.005) as rss:
+        block = bytearray(100 * 2**20)
+        block[::4096] = b"x" * len(block[::4096])
+        time.sleep(0.05)
+        del block
+        rss.mark()
+        time.sleep(0.05)
+        frozen = rss.freeze()
+        late = bytearray(200 * 2**20)
+        late[::4096] = b"x" * len(late[::4096])
+        time.sleep(0.05)
+        del late
+    assert rss.peak_mb == frozen and rss.peak_mb - rss.start_mb >= 80
+    assert rss.peak_since_mark_mb < rss.peak_mb - 50                     # the 100 MB before the mark is not in it
