@@ -82,7 +82,7 @@ def test_readme_block_is_replaced_between_its_markers_or_appended(bench):
 def test_arguments(bench, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     args = bench.parse_args([])
-    assert (args.family, args.device, args.resolution, args.steps, args.rank) == ("sdxl", "cpu", 256, 3, 16)
+    assert (args.family, args.device, args.resolution, args.steps, args.rank) == ("sdxl", "cpu", 256, 5, 16)
     assert args.mixed_precision == "no" and args.gradient_checkpointing and args.threads is None
     env = bench.child_env(args)
     assert env["HF_HUB_OFFLINE"] == "1" and env["CUDA_VISIBLE_DEVICES"] == "" and "OMP_NUM_THREADS" not in env
@@ -108,7 +108,7 @@ def test_both_sides_get_the_same_settings(bench, tmp_path):
     args = bench.parse_args([])
     argv = bench.diffusers_args(args, tmp_path / "model", tmp_path / "images", tmp_path / "out", dora=True)
     flags = dict(zip(argv[::2], argv[1::2]))           # flags with a value come first
-    assert flags["--resolution"] == "256" and flags["--rank"] == "16" and flags["--max_train_steps"] == "3"
+    assert flags["--resolution"] == "256" and flags["--rank"] == "16" and flags["--max_train_steps"] == "5"
     assert flags["--instance_prompt"] == bench.SETTINGS["prompt"] and flags["--mixed_precision"] == "no"
     assert float(flags["--learning_rate"]) == bench.SETTINGS["lr"]
     assert float(flags["--adam_weight_decay"]) == bench.SETTINGS["weight_decay"]
@@ -119,7 +119,7 @@ def test_both_sides_get_the_same_settings(bench, tmp_path):
 
     cfg = TrainConfig.from_dict(bench.dorabooth_config(args, tmp_path / "model", tmp_path / "images", tmp_path / "run",
                                                        "dora"))
-    assert (cfg.rank, cfg.alpha, cfg.resolution, cfg.steps, cfg.lr) == (16, 16.0, 256, 3, 1e-4)
+    assert (cfg.rank, cfg.alpha, cfg.resolution, cfg.steps, cfg.lr) == (16, 16.0, 256, 5, 1e-4)
     assert cfg.instance_prompt == bench.SETTINGS["prompt"] and cfg.weight_decay == bench.SETTINGS["weight_decay"]
     assert not cfg.prior_preservation and not cfg.train_text_encoders and not cfg.cache_latents
     assert cfg.gradient_checkpointing and cfg.mixed_precision == "no" and cfg.targets == "attn"
