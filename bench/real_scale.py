@@ -342,21 +342,19 @@ def _brief(m: Measurement) -> str:
 
 def report(data: dict) -> str:
     """The table with what it was measured on, as written to the README."""
-    v = data["versions"]
-    script = data["diffusers_script"]
-    written = data["script_written_for"]
-    threads = f" --threads {data['threads']}" if data.get("threads") else ""
-    data = {"threads": None, **data}
-    lines = [f"Measured {data['date']} by `python bench/real_scale.py --family {data['family']} --device "
-             f"{data['device']} --resolution {data['resolution']} --steps {data['steps']}{threads}`: {data['machine']}"
-             f" ({data['threads'] or 'all'} torch thread{'s' if data['threads'] != 1 else ''} per run); "
-             f"torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, peft {v['peft']}, "
-             f"accelerate {v['accelerate']}. On {data.get('model_note', 'model ' + str(data.get('model')))}, {data['resolution']} px, batch 1, rank "
-             f"{data['rank']}, mixed precision {data['mixed_precision']}, gradient checkpointing "
-             f"{'on' if data['gradient_checkpointing'] else 'off'}; {data['steps']} steps, the first excluded"
-             + (f"; diffusers' `{Path(script).name}` written for diffusers {written}" if script else "") + ".", "",
-             table(data["summary"], data["reference"])]
-    return "\n".join(lines) + "\n"
+    data = {"threads": None, "model_note": f"model {data.get('model')}", **data}
+    v, script, threads = data["versions"], data["diffusers_script"], data["threads"]
+    command = (f"python bench/real_scale.py --family {data['family']} --device {data['device']} --resolution "
+               f"{data['resolution']} --steps {data['steps']}" + (f" --threads {threads}" if threads else ""))
+    where = data["machine"] + (f" ({threads} torch thread{'s' * (threads != 1)} per run)" if threads
+                               else " (torch's default threads)")
+    stack = ", ".join(f"{name} {v[name]}" for name in ("torch", "diffusers", "transformers", "peft", "accelerate"))
+    what = (f"On {data['model_note']}, {data['resolution']} px, batch 1, rank {data['rank']}, mixed precision "
+            f"{data['mixed_precision']}, gradient checkpointing {'on' if data['gradient_checkpointing'] else 'off'}; "
+            f"{data['steps']} steps, the first excluded")
+    if script:
+        what += f"; diffusers' `{Path(script).name}` written for diffusers {data['script_written_for']}"
+    return f"Measured {data['date']} by `{command}`: {where}; {stack}. {what}.\n\n" + table(data["summary"], data["reference"]) + "\n"
 
 
 def dorabooth_child(spec_file: str) -> int:

@@ -172,3 +172,19 @@ def test_peak_since_mark_and_freeze():
         del late
     assert rss.peak_mb == frozen and rss.peak_mb - rss.start_mb >= 80
     assert rss.peak_since_mark_mb < rss.peak_mb - 50                     # the 100 MB before the mark is not in it
+
+
+def test_report_says_how_and_where_it_was_measured(bench):
+    summary = bench.summarise([_m(bench, "diffusers DoRA", [10.0], [20.0], 1000.0),
+                               _m(bench, "dorabooth DoRA", [5.0], [10.0], 800.0)])
+    data = {"date": "2026-11-30", "family": "sdxl", "device": "cpu", "resolution": 256, "steps": 5, "threads": 1,
+            "machine": "a CPU, 2 cores", "rank": 16, "mixed_precision": "no", "gradient_checkpointing": True,
+            "versions": dict.fromkeys(("torch", "diffusers", "transformers", "peft", "accelerate"), "1.0"),
+            "diffusers_script": "/x/train_dreambooth_lora_sdxl.py", "script_written_for": "0.40.0",
+            "model_note": "the full-size sdxl fixture (random weights)", "summary": summary,
+            "reference": "diffusers DoRA"}
+    text = bench.report(data)
+    assert text.startswith("Measured 2026-11-30 by `python bench/real_scale.py --family sdxl --device cpu "
+                           "--resolution 256 --steps 5 --threads 1`: a CPU, 2 cores (1 torch thread per run);")
+    assert "`train_dreambooth_lora_sdxl.py` written for diffusers 0.40.0." in text
+    assert "| dorabooth DoRA | 5.00 | 0.500 | 10.00 | 0.500 |" in text
