@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dorabooth.testing.memory import PeakRSS  # noqa: E402  (after the path: the checkout's package)
+
 METHODS = {  # name: TrainConfig fields
     "FT": dict(method="full"),
     "LoRA": dict(method="lora"),
@@ -82,51 +84,6 @@ def job(spec: dict) -> dict:
         out["evals"][name] = {"metrics": res["metrics"], "per_prompt": res["per_prompt"], "skipped": res["skipped"],
                               "seeds": list(seeds)}
     return out
-
-
-class PeakRSS:
-    """The resident set size of this process while the block runs: ``start_mb`` when it began
-    and ``peak_mb``, the largest value sampled every 5 ms from ``/proc/self/statm`` (spikes
-    shorter than that can be missed). Where there is no /proc, ``ru_maxrss`` before and after:
-    the process's high-water mark, which a peak reached before the block (imports) can hide."""
-
-    def __init__(self, every_s: float = 0.005):
-        import threading
-
-        self.every_s = every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self.proc = Path("/proc/self/statm").is_file()
-        self.how = f"sampled every {every_s * 1000:g} ms" if self.proc else "ru_maxrss"
-
-    @staticmethod
-    def _now_mb() -> float:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    @staticmethod
-    def _maxrss_mb() -> float:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-    def _sample(self):
-        while not self._stop.wait(self.every_s):
-            self.peak_mb = max(self.peak_mb, self._now_mb())
-
-    def __enter__(self):
-        self.start_mb = self._now_mb() if self.proc else self._maxrss_mb()
-        self.peak_mb = self.start_mb
-        if self.proc:
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.proc:
-            self._stop.set()
-            self._thread.join()
-            self.peak_mb = max(self.peak_mb, self._now_mb())
-        else:
-            self.peak_mb = self._maxrss_mb()
-        return False
 
 
 def _trainable(run: Path) -> int | None:
