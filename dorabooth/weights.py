@@ -133,11 +133,17 @@ class _Source:
                 if read > _TRIM_EVERY:
                     read = release_free_memory()
         release_free_memory()
-        left = [n for n, p in module.named_parameters() if p.is_meta]
-        if left:
-            raise ValueError(f"{component}: {len(left)} weights were not read (e.g. {left[:2]}); the files and the "
-                             f"config disagree")
-        return module.eval()
+        return _checked(module, component).eval()
+
+
+def _checked(module: torch.nn.Module, where: str, why: str = "") -> torch.nn.Module:
+    """``module``, unless a parameter is still on the meta device (its files lack it): an error."""
+    left = [n for n, p in module.named_parameters() if p.is_meta]
+    if left:
+        raise ValueError(f"{where}: {len(left)} weights are not in its files (e.g. {', '.join(left[:3])})"
+                         + (f"; {why}" if why else "") + "; the model's files are incomplete or for another "
+                         f"config: download or copy them again")
+    return module
 
 
 class FolderWeights(_Source):
@@ -203,7 +209,8 @@ class FolderWeights(_Source):
             return super().fill(module, component, dtype)
         library, cls = self.classes[component]              # the library's own loader (renamed keys…)
         kwargs = {"torch_dtype": dtype} if library == "diffusers" else {"dtype": dtype}
-        return cls.from_pretrained(str(self.folder / component), use_safetensors=True, **kwargs).eval()
+        module = cls.from_pretrained(str(self.folder / component), use_safetensors=True, **kwargs)
+        return _checked(module, str(self.folder / component), self.problems[component]).eval()
 
     def _loaded(self, component: str) -> dict[str, torch.Tensor]:
         if component not in self._library:
