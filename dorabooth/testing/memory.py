@@ -79,3 +79,22 @@ class PeakRSS:
         else:
             self.peak_mb = self._maxrss_mb()
         return False
+
+
+def run_sampled(command: list[str], every_s: float = 0.005, **popen) -> dict:
+    """Run ``command`` to its end, sampling its resident memory from its start: ``peak_mb``,
+    ``seconds`` (wall clock), ``returncode`` and ``output`` (stdout and stderr, the last 20,000
+    characters)."""
+    import subprocess
+    import tempfile
+    import time
+
+    with tempfile.TemporaryFile("w+") as log:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
+        with PeakRSS(every_s, pid=proc.pid) as rss:
+            proc.wait()
+        seconds = time.monotonic() - t0
+        log.seek(0)
+        output = log.read()[-20000:]
+    return {"peak_mb": rss.peak_mb, "seconds": seconds, "returncode": proc.returncode, "output": output}
