@@ -41,13 +41,13 @@ from .describe import (
     unet_layout,
 )
 from .events import EventLog
-from .finetune import FineTunedWeights
+from .finetune import FineTunedSource
 from .formats import adapter_files
 from .formats.consumers import Verdict
 from .formats.files import SafetensorsReader, atomic_folder, write_json, write_safetensors_streaming
 from .formats.neutral import Adapter
 from .formats.single_file import COMPONENTS, Mapper, modelspec
-from .merging import MERGE_DEFINITION, MergedWeights, PipelineWeights, bake_strength
+from .merging import MERGE_DEFINITION, MergedWeights, bake_strength
 from .version import __version__
 
 FORMATS = ("diffusers-lora", "kohya", "merged-diffusers", "merged-single-file")
@@ -202,19 +202,21 @@ def _export_full(source: rd.AdapterSource, pairs, target: Target, spec: BaseSpec
         raise ValueError(f"{run}: a full fine-tune is a whole model, not an adapter; export it with --format "
                          f"merged-single-file or merged-diffusers")
     t = pairs[0][1]
-    base = spec.load(source.model or "toy", source.model_config)
+    base = spec.open(source.model or "toy", source.model_config)
     meta = _merged_metadata(base, (base.info.id if base.info else None) or spec.model or source.model or "toy",
                             [{"source": str(run), "strength": t, "method": "full"}], FULL_MERGE_DEFINITION)
-    fine_tune = FineTunedWeights(base.pipe, source.path)   # swaps the weights in place
-    fine_tune.apply(t)
-    emit("fine_tune_loaded", components=fine_tune.components)
-    try:                                          # written from the pipeline: every weight may differ
-        weights = MergedWeights(base.pipe, PipelineWeights(base.pipe), [], target.dtype)
-        path = _write_merged(Base(base.pipe, None, base.family), weights, target, meta, emit)
+    try:
+        fine_tune = FineTunedSource(base.pipe, base.weights, source.path, t)      # W0 + t (W - W0), read per tensor
+        emit("fine_tune_loaded", components=fine_tune.fine_tuned)
+        try:        # written from the components, not patched into a single-file base: every weight may differ
+            path = _write_merged(Base(base.pipe, None, base.family), MergedWeights(base.pipe, fine_tune, [], target.dtype),
+                                 target, meta, emit)
+        finally:
+            fine_tune.close()
     finally:
-        fine_tune.apply(0.0)                      # a caller's pipeline gets its base weights back
+        base.weights.close()
     return ExportResult(path, target.format, metadata=meta,
-                        notes=[f"full fine-tune of {', '.join(fine_tune.components)} at strength {t:g}"])
+                        notes=[f"full fine-tune of {', '.join(fine_tune.fine_tuned)} at strength {t:g}"])
 
 
 def _merged_metadata(base: Base, base_id, adapters: list[dict], merge: str) -> dict[str, str]:
