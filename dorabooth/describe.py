@@ -26,7 +26,7 @@ from .formats.layout import UNetLayout
 from .formats.neutral import Adapter
 from .inject import canonical_name
 from .merging import ModuleWeights, PipelineWeights
-from .models import BaseModel, load_pipeline, open_pipeline
+from .models import BaseModel, open_pipeline
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -91,13 +91,6 @@ class BaseSpec:
             return Base(self.pipe, None, detect_family(self.pipe).name, PipelineWeights(self.pipe))
         pipe, info, weights = open_pipeline(self._candidate(recorded), single_file_config=self.model_config or model_config)
         return Base(pipe, info, detect_family(pipe).name, weights or PipelineWeights(pipe))
-
-    def load(self, recorded: str | None = None, model_config: str | None = None) -> Base:
-        """The base loaded (fp32), for what changes its weights in place (a full fine-tune)."""
-        if self.pipe is not None:
-            return Base(self.pipe, None, detect_family(self.pipe).name, PipelineWeights(self.pipe))
-        pipe, info = load_pipeline(self._candidate(recorded), single_file_config=self.model_config or model_config)
-        return Base(pipe, info, detect_family(pipe).name, PipelineWeights(pipe))
 
     def _candidate(self, recorded: str | None) -> str:
         candidate = self.model or recorded
