@@ -37,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.measure import PeakRSS  # noqa: E402  (after the path: the script runs from anywhere)
+from dorabooth.testing.memory import PeakRSS  # noqa: E402  (after the path: the checkout's package)
 
 METHODS = {  # name: TrainConfig fields
     "FT": dict(method="full"),

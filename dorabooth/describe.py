@@ -2,7 +2,9 @@
 
 :func:`read_source` turns a run folder, an adapter file or an in-memory Adapter into the
 neutral adapter plus the base it recorded; :class:`BaseSpec` finds the base model (a given
-pipeline, ``--model``, else the recorded one); :func:`consumer_report` is the per-tool
+pipeline, ``--model``, else the recorded one) and opens it without loading its weights (a
+skeleton for configs and names, a weight source that reads one tensor at a time);
+:func:`consumer_report` is the per-tool
 report (exact / approximate / not applied) that ``export`` attaches to the files it writes
 and that ``adapter-info --consumers`` prints: one code path for both.
 """
@@ -23,8 +25,8 @@ from .formats.files import read_metadata
 from .formats.layout import UNetLayout
 from .formats.neutral import Adapter
 from .inject import canonical_name
-from .merging import pipeline_weights
-from .models import BaseModel, load_pipeline, resolve_model
+from .merging import ModuleWeights, PipelineWeights
+from .models import BaseModel, open_pipeline, resolve_model
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -55,11 +57,19 @@ def check_family(adapter: Adapter, family: str) -> None:
 
 @dataclass(frozen=True)
 class Base:
-    """A loaded base model: the pipeline, where it came from (None: a caller's pipeline), its family."""
+    """A base model: the pipeline (a skeleton on the meta device when opened from files), where
+    it came from (None: a caller's pipeline), its family, and its weights (a weight source:
+    ``names``/``dtype``/``shape``/``read``, :mod:`dorabooth.weights` or
+    :class:`~dorabooth.merging.PipelineWeights`)."""
 
     pipe: object
     info: BaseModel | None
     family: str
+    weights: object = None
+
+    def module_weights(self, keys) -> ModuleWeights:
+        """``{module key: W0}`` for ``keys``, read when asked."""
+        return ModuleWeights(self.pipe, self.weights, keys)
 
 
 @dataclass(frozen=True)
@@ -75,14 +85,18 @@ class BaseSpec:
     def given(self) -> bool:
         return self.pipe is not None or self.model is not None
 
-    def load(self, recorded: str | None = None, model_config: str | None = None) -> Base:
+    def open(self, recorded: str | None = None, model_config: str | None = None) -> Base:
+        """The base without loading its weights: they are read from its files when asked for."""
         if self.pipe is not None:
-            return Base(self.pipe, None, detect_family(self.pipe).name)
+            return Base(self.pipe, None, detect_family(self.pipe).name, PipelineWeights(self.pipe))
+        pipe, info, weights = open_pipeline(self._candidate(recorded), single_file_config=self.model_config or model_config)
+        return Base(pipe, info, detect_family(pipe).name, weights or PipelineWeights(pipe))
+
+    def _candidate(self, recorded: str | None) -> str:
         candidate = self.model or recorded
         if not candidate:
             raise ValueError("no base model: pass --model (hub id, diffusers folder or .safetensors)")
-        pipe, info = load_pipeline(candidate, single_file_config=self.model_config or model_config)
-        return Base(pipe, info, detect_family(pipe).name)
+        return candidate
 
 
 # ---- what the tools make of it -------------------------------------------------------------------
@@ -155,7 +169,7 @@ def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str
     spec = BaseSpec(model, model_config, pipe)
     if not spec.given and recorded and Path(recorded).exists():
         spec = BaseSpec(recorded, model_config)
-    base = spec.load(recorded) if spec.given else None
+    base = spec.open(recorded) if spec.given else None
     if base is not None:
         check_family(adapter, base.family)
     family = adapter.family or (base.family if base is not None else None)
@@ -163,8 +177,12 @@ def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str
         info["consumers"] = "unknown model family; pass --model"
         return info
     pipe = base.pipe if base is not None else None
-    weights = pipeline_weights(pipe, adapter.modules) if pipe is not None else None
-    info["consumers"] = [v.to_dict() for v in consumer_report(adapter, family, pipe, weights)]
+    weights = base.module_weights(adapter.modules) if base is not None else None
+    try:
+        info["consumers"] = [v.to_dict() for v in consumer_report(adapter, family, pipe, weights)]
+    finally:
+        if base is not None:
+            base.weights.close()
     return info
 
 

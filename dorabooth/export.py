@@ -7,6 +7,12 @@ reading sources and the per-tool report :mod:`dorabooth.describe`, the file layo
 complete; merged weights are checked for finiteness after the cast to the output dtype;
 the training model is never modified.
 
+Nothing loads the whole base model: its weights are read from its files one tensor at a
+time (:mod:`dorabooth.weights`), merged in fp32 and cast per tensor
+(:class:`~dorabooth.merging.MergedWeights`), and written as they come
+(:func:`~dorabooth.formats.files.write_safetensors_streaming`, one component file at a time
+for a diffusers folder). ``dtype`` None keeps each tensor's stored dtype.
+
 Formats: ``diffusers-lora`` (axis ``out``), ``kohya`` (both axes), ``merged-diffusers`` (a
 pipeline folder) and ``merged-single-file`` (one ``.safetensors`` in the original layout).
 A ``--method full`` run exports as a merged checkpoint only (W0 + t·(W − W0)).
@@ -14,6 +20,7 @@ A ``--method full`` run exports as a merged checkpoint only (W0 + t·(W − W0))
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import os
@@ -34,26 +41,13 @@ from .describe import (
     unet_layout,
 )
 from .events import EventLog
-from .finetune import FineTunedWeights
+from .finetune import FineTunedSource
 from .formats import adapter_files
 from .formats.consumers import Verdict
-from .formats.files import (
-    atomic_folder,
-    read_safetensors,
-    write_json,
-    write_safetensors,
-)
+from .formats.files import SafetensorsReader, atomic_folder, write_json, write_safetensors_streaming
 from .formats.neutral import Adapter
-from .formats.single_file import Mapper, image_spec, modelspec
-from .merging import (
-    MERGE_DEFINITION,
-    bake_strength,
-    cast,
-    merge_weights,
-    merged_components,
-    pipeline_weights,
-    weight_name,
-)
+from .formats.single_file import COMPONENTS, Mapper, image_spec, modelspec
+from .merging import MERGE_DEFINITION, MergedWeights, bake_strength
 from .version import __version__
 
 FORMATS = ("diffusers-lora", "kohya", "merged-diffusers", "merged-single-file")
@@ -109,16 +103,20 @@ def export(adapters: Sequence[tuple[object, float]] | object, *, format: str, ou
     emit("adapters_read", count=len(loaded))
     if format not in MERGED_FORMATS:
         return _export_adapter(loaded, target, spec, emit)
-    base = spec.load(next((b for _, b, _ in loaded if b), None))
-    for a, _, _ in loaded:
-        check_family(a, base.family)
-    keys = sorted({k for a, _, _ in loaded for k in a.modules})
-    base_id = (base.info.id if base.info else None) or model or getattr(getattr(base.pipe, "config", None),
-                                                                        "_name_or_path", None)
-    meta = _merged_metadata(base, base_id, [{"source": a.source, "strength": t, "method": a.method,
-                                             "magnitude_axis": a.axis, "rank": a.ranks(), "format": a.format}
-                                            for a, _, t in loaded], MERGE_DEFINITION)
-    path = _write_merged(base, [(a, t) for a, _, t in loaded], keys, target, meta, emit)
+    base = spec.open(next((b for _, b, _ in loaded if b), None))
+    try:
+        for a, _, _ in loaded:
+            check_family(a, base.family)
+        keys = sorted({k for a, _, _ in loaded for k in a.modules})
+        base_id = (base.info.id if base.info else None) or model or getattr(getattr(base.pipe, "config", None),
+                                                                            "_name_or_path", None)
+        meta = _merged_metadata(base, base_id, [{"source": a.source, "strength": t, "method": a.method,
+                                                 "magnitude_axis": a.axis, "rank": a.ranks(), "format": a.format}
+                                                for a, _, t in loaded], MERGE_DEFINITION)
+        merged = MergedWeights(base.pipe, base.weights, [(a, t) for a, _, t in loaded], target.dtype)
+        path = _write_merged(base, merged, target, meta, emit)
+    finally:
+        base.weights.close()
     return ExportResult(path, format, notes=[f"merged {len(keys)} modules"], metadata=meta)
 
 
@@ -149,14 +147,22 @@ def _export_adapter(loaded, target: Target, spec: BaseSpec, emit) -> ExportResul
                          "(--format merged-diffusers or merged-single-file); adapter files hold one adapter")
     adapter, recorded, t = loaded[0]
     needs_base = t != 1.0 and adapter.method != "lora"
-    base = spec.load(recorded) if spec.given or needs_base or adapter.family is None else None
+    base = spec.open(recorded) if spec.given or needs_base or adapter.family is None else None
+    try:
+        return _write_adapter(adapter, recorded, t, base, target, emit)
+    finally:
+        if base is not None:
+            base.weights.close()
+
+
+def _write_adapter(adapter: Adapter, recorded, t: float, base: Base | None, target: Target, emit) -> ExportResult:
     if base is not None:
         check_family(adapter, base.family)
     family = adapter.family or (base.family if base is not None else None)
     if family is None:
         raise ValueError(f"{adapter.source}: the model family is unknown; pass --model")
     pipe = base.pipe if base is not None else None
-    weights = pipeline_weights(pipe, adapter.modules) if pipe is not None else None
+    weights = base.module_weights(adapter.modules) if base is not None else None     # W0, read when asked
     if t != 1.0:
         if adapter.method != "lora" and weights is None:
             raise ValueError("a DoRA adapter at strength != 1 needs the base weights; pass --model")
@@ -196,18 +202,21 @@ def _export_full(source: rd.AdapterSource, pairs, target: Target, spec: BaseSpec
         raise ValueError(f"{run}: a full fine-tune is a whole model, not an adapter; export it with --format "
                          f"merged-single-file or merged-diffusers")
     t = pairs[0][1]
-    base = spec.load(source.model or "toy", source.model_config)
+    base = spec.open(source.model or "toy", source.model_config)
     meta = _merged_metadata(base, (base.info.id if base.info else None) or spec.model or source.model or "toy",
                             [{"source": str(run), "strength": t, "method": "full"}], FULL_MERGE_DEFINITION)
-    fine_tune = FineTunedWeights(base.pipe, source.path)   # swaps the weights in place
-    fine_tune.apply(t)
-    emit("fine_tune_loaded", components=fine_tune.components)
-    try:                                          # written from the pipeline: every weight may differ
-        path = _write_merged(Base(base.pipe, None, base.family), [], [], target, meta, emit)
+    try:
+        fine_tune = FineTunedSource(base.pipe, base.weights, source.path, t)      # W0 + t (W - W0), read per tensor
+        emit("fine_tune_loaded", components=fine_tune.fine_tuned)
+        try:        # written from the components, not patched into a single-file base: every weight may differ
+            path = _write_merged(Base(base.pipe, None, base.family), MergedWeights(base.pipe, fine_tune, [], target.dtype),
+                                 target, meta, emit)
+        finally:
+            fine_tune.close()
     finally:
-        fine_tune.apply(0.0)                      # a caller's pipeline gets its base weights back
+        base.weights.close()
     return ExportResult(path, target.format, metadata=meta,
-                        notes=[f"full fine-tune of {', '.join(fine_tune.components)} at strength {t:g}"])
+                        notes=[f"full fine-tune of {', '.join(fine_tune.fine_tuned)} at strength {t:g}"])
 
 
 def _merged_metadata(base: Base, base_id, adapters: list[dict], merge: str) -> dict[str, str]:
@@ -222,83 +231,107 @@ def _merged_metadata(base: Base, base_id, adapters: list[dict], merge: str) -> d
     }
 
 
-def _write_merged(base: Base, strengths, keys, target: Target, meta, emit) -> Path:
-    """The merged checkpoint: from the base's own single file when there is one (untouched
-    tensors copied as they are), else from the pipeline's weights."""
+def _write_merged(base: Base, weights: MergedWeights, target: Target, meta, emit) -> Path:
+    """The merged checkpoint, written one tensor at a time from ``weights``: from the base's own
+    single file when there is one (untouched tensors copied as they are), else from the base's
+    components."""
     if target.format == "merged-single-file":
         if target.path.suffix != ".safetensors":
             raise ValueError(f"--out {target.path}: a single-file checkpoint must end in .safetensors")
         if target.path.exists() and not target.overwrite:
             raise FileExistsError(f"{target.path} exists; choose another --out or pass --overwrite")
     if target.format == "merged-single-file" and base.info is not None and base.info.kind == "single_file":
-        path = _single_file_from_file(base, strengths, keys, target, meta)
+        path = _single_file_from_file(base, weights, target, meta)
+    elif target.format == "merged-single-file":
+        path = _single_file(base, weights, target, meta)
     else:
-        merged = merge_weights(pipeline_weights(base.pipe, keys), strengths)
-        emit("merged", modules=len(merged))
-        comps = merged_components(base.pipe, merged, target.dtype)
-        if target.format == "merged-single-file":
-            path = _single_file(base, comps, target, meta)
-        else:
-            path = _diffusers_folder(base.pipe, comps, target, meta)
+        path = _diffusers_folder(base.pipe, weights, target, meta)
+    emit("merged", modules=len(weights.merged))
     emit("written", path=str(path))
     return path
 
 
-def _diffusers_folder(pipe, comps: dict[str, dict[str, torch.Tensor]], target: Target, meta) -> Path:
-    components = dict(pipe.components)
-    for name, sd in comps.items():
-        components[name] = _rebuilt(getattr(pipe, name), sd)
+def _diffusers_folder(pipe, weights: MergedWeights, target: Target, meta) -> Path:
+    """A pipeline folder as ``save_pretrained`` writes it: model_index.json, each model component's
+    config and one weights file (streamed from ``weights``), tokenizers and scheduler as they are."""
     cls = type(pipe)
     params = inspect.signature(cls.__init__).parameters
-    kwargs = {k: v for k, v in components.items() if k in params}
+    kwargs = {k: v for k, v in pipe.components.items() if k in params}
     if "requires_safety_checker" in params:
         kwargs["requires_safety_checker"] = bool(pipe.config.get("requires_safety_checker", False)) \
             and kwargs.get("safety_checker") is not None
-    new_pipe = cls(**kwargs)
+    index = cls(**kwargs)                         # the same components: only its config is written
     with atomic_folder(target.path, overwrite=target.overwrite) as tmp:
-        new_pipe.save_pretrained(tmp, safe_serialization=True)
+        for name, component in pipe.components.items():
+            if name not in params or component is None:
+                continue
+            if isinstance(component, torch.nn.Module):
+                if name not in weights.components:
+                    raise ValueError(f"{name}: the base's weights do not include this component")
+                _write_component(component, name, weights, tmp / name)
+            elif hasattr(component, "save_pretrained"):
+                component.save_pretrained(tmp / name)
+        index.save_config(tmp)
         write_json(tmp / "dorabooth_export.json",
                    {k: (json.loads(v) if k == "dorabooth.adapters" else v) for k, v in meta.items()}, indent=2)
     return target.path
 
 
-def _rebuilt(model, sd: dict[str, torch.Tensor]):
-    """A new module of ``model``'s class and config holding ``sd`` (no copy of ``model``'s tensors)."""
+def _write_component(model, name: str, weights: MergedWeights, folder: Path) -> None:
+    """One model component as its library's ``save_pretrained`` lays it out: config.json and one
+    ``.safetensors`` file (``{"format": "pt"}``, as diffusers and transformers write it)."""
     from diffusers import ModelMixin
 
-    with torch.device("meta"):
-        if isinstance(model, ModelMixin):
-            new = type(model).from_config(model.config)
-        else:
-            new = type(model)(model.config)
-    missing, unexpected = new.load_state_dict(sd, strict=False, assign=True)
-    if unexpected or [k for k in missing if not k.endswith("position_ids")]:
-        raise RuntimeError(f"{type(model).__name__}: rebuilding for export failed (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})")
-    for name, buf in list(new.named_buffers()):
-        if buf.is_meta:   # non-persistent buffers (position ids): take the original's
-            owner, _, attr = name.rpartition(".")
-            src = model.get_buffer(name)
-            setattr(new.get_submodule(owner) if owner else new, attr, src)
-    return new.eval()
+    entries = [(n, weights.dtype(name, n), weights.shape(name, n)) for n in weights.names(name)]
+    folder.mkdir(parents=True)
+    if isinstance(model, ModelMixin):
+        model.save_config(folder)
+        file = "diffusion_pytorch_model.safetensors"
+    else:                                         # transformers: the config records the dtype and class
+        config = copy.deepcopy(model.config)
+        config.dtype = str(next((d for _, d, _ in entries if d.is_floating_point), torch.float32)).split(".")[1]
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(folder)
+        file = "model.safetensors"
+    write_safetensors_streaming(folder / file, entries, lambda n: weights.read(name, n), {"format": "pt"},
+                                where=name)
 
 
-def _single_file(base: Base, comps: dict[str, dict[str, torch.Tensor]], target: Target, meta) -> Path:
+def _single_file(base: Base, weights: MergedWeights, target: Target, meta) -> Path:
+    """The original layout, every tensor assembled from the components' (q, k, v joined, transposes)."""
     mapper = Mapper(base.family, base.pipe.unet.config, base.pipe.vae.config)
+    plan = mapper.plan({c: weights.names(c) for c in COMPONENTS if c in weights.components})
+    entries = [(key, weights.dtype(*pieces[0][:2]),
+                mapper.original_shape([(t, weights.shape(c, n)) for c, n, t in pieces])) for key, pieces in plan.items()]
     header = {**modelspec(base.family, target.path.stem, **image_spec(base.pipe)), **meta}
-    return write_safetensors(target.path, mapper.to_original(comps), header, overwrite=target.overwrite)
+    return write_safetensors_streaming(
+        target.path, entries, lambda key: mapper.assemble([(t, weights.read(c, n)) for c, n, t in plan[key]]),
+        header, overwrite=target.overwrite)
 
 
-def _single_file_from_file(base: Base, strengths, keys, target: Target, meta) -> Path:
+def _single_file_from_file(base: Base, weights: MergedWeights, target: Target, meta) -> Path:
     """Merge into the base's own single file: every other tensor (and the file's own header
-    keys) is kept as it was."""
+    keys) is kept as it was, cast to the target dtype if one is given."""
     mapper = Mapper(base.family, base.pipe.unet.config, base.pipe.vae.config)
-    original, base_meta = read_safetensors(base.info.path, "checkpoint")
-    names = {key: weight_name(base.pipe, key) for key in keys}
-    merged = merge_weights({key: mapper.read(original, *names[key]) for key in keys}, strengths)
-    sd = mapper.replace(original, {names[key]: W for key, W in merged.items()})
-    if target.dtype is not None:
-        sd = cast(sd, target.dtype)
-    header = {**{k: v for k, v in base_meta.items() if not k.startswith("dorabooth.")},
-              **modelspec(base.family, target.path.stem, **image_spec(base.pipe)), **meta}
-    return write_safetensors(target.path, sd, header, overwrite=target.overwrite)
+    with SafetensorsReader(base.info.path, "checkpoint") as original:
+        updates: dict[str, list] = {}
+        for component, name in weights.merged:
+            t = mapper.target(component, name)
+            if t is None or t.key not in original:
+                raise KeyError(f"{component}.{name}: the base checkpoint has no {t.key if t else 'such key'}")
+            updates.setdefault(t.key, []).append((t, component, name))
+
+        def dtype(key):
+            stored = original.dtype(key)
+            return target.dtype if target.dtype is not None and stored.is_floating_point else stored
+
+        def tensor_of(key):
+            value = original[key].to(dtype(key))
+            if key in updates:
+                value = mapper.updated(key, value, [(t, weights.read(c, n)) for t, c, n in updates[key]])
+            return value
+
+        header = {**{k: v for k, v in original.metadata.items() if not k.startswith("dorabooth.")},
+                  **modelspec(base.family, target.path.stem, **image_spec(base.pipe)), **meta}
+        return write_safetensors_streaming(target.path, [(k, dtype(k), original.shape(k)) for k in original],
+                                           tensor_of, header, overwrite=target.overwrite)

@@ -3,7 +3,10 @@
 Owns: telling the three apart (with errors that say what to pass instead), the embedded
 toy model as the default, refusing pickled weights (only safetensors are read), family
 detection through :mod:`dorabooth.families`, and a fingerprint of the base weights that
-runs and adapters record.
+runs and adapters record. Loading is two steps, so that a caller can decide dtypes from the
+configs before any weight is read: :func:`open_pipeline` (configs, tokenizers, scheduler;
+model components empty) and :func:`load_weights` (each component in its dtype, one tensor at
+a time, :mod:`dorabooth.weights`); :func:`load_pipeline` does both.
 """
 
 from __future__ import annotations
@@ -12,14 +15,15 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .families import Family, detect_family
-from .formats.files import read_metadata, read_safetensors
-from .formats.single_file import Mapper
+from .formats.files import read_metadata
+from .weights import FolderWeights, SingleFileWeights, is_empty, skeleton
 
 
 def shipped_path(top: str, name: str = "") -> Path:
@@ -101,14 +105,29 @@ def resolve_model(model: str | os.PathLike | None) -> tuple[str, str]:
 
 
 def load_pipeline(model: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32,
-                  single_file_config: str | None = None) -> tuple[object, BaseModel]:
+                  single_file_config: str | None = None, fp32: Collection[str] = ()) -> tuple[object, BaseModel]:
     """Load a StableDiffusion(XL)Pipeline and describe it.
 
     ``model``: hub id, diffusers folder, ``.safetensors`` file, or None for the embedded toy.
     ``single_file_config``: for a single file, a diffusers folder or hub id whose configs
     describe it (else diffusers infers the architecture and fetches the configs it needs).
-    Returns ``(pipe, BaseModel)``; the pipeline is on the CPU in ``dtype``.
+    Returns ``(pipe, BaseModel)``; the pipeline is on the CPU in ``dtype``, but for the
+    components named in ``fp32``. Weights are read one tensor at a time into their final
+    dtype (:mod:`dorabooth.weights`): the peak is the loaded pipeline plus one tensor.
     """
+    pipe, base, weights = open_pipeline(model, single_file_config=single_file_config, dtype=dtype)
+    load_weights(pipe, weights, dtype, fp32)
+    return pipe, base
+
+
+def open_pipeline(model: str | os.PathLike | None = None, *, single_file_config: str | None = None,
+                  dtype: torch.dtype = torch.float32):
+    """``(pipe, BaseModel, weights)``: the pipeline with its model components still empty (on the
+    meta device: configs, tokenizers and scheduler are real) and ``weights``, where each weight
+    is on disk (:class:`~dorabooth.weights.FolderWeights` / :class:`~dorabooth.weights.SingleFileWeights`);
+    :func:`load_weights` fills it. A single file that only diffusers' own loader reads (no local
+    ``single_file_config``, or one our key map does not fit) comes back loaded, in ``dtype``,
+    with ``weights`` None."""
     kind, location = resolve_model(model)
     if kind == "hub":
         from diffusers import DiffusionPipeline
@@ -118,37 +137,50 @@ def load_pipeline(model: str | os.PathLike | None = None, *, dtype: torch.dtype 
             raise OSError(f"{location!r} is not a local file or folder, and getting it from the Hugging Face "
                           f"hub failed ({type(e).__name__}: {e}). Check the path or id and your connection, "
                           f"log in for gated models, or pass a local diffusers folder / .safetensors file") from e
-        pipe = _from_folder(str(folder), dtype)
-        path = str(folder)
-    elif kind == "folder":
-        pipe = _from_folder(location, dtype)
-        path = location
+        location = str(folder)
+    if kind in ("hub", "folder"):
+        pipe, weights = _open_folder(location)
     else:
-        pipe = _from_single_file(location, dtype, single_file_config)
-        path = location
+        pipe, weights = _open_single_file(location, dtype, single_file_config)
     family = detect_family(pipe)
     ident = "toy" if model is None or str(model) in TOY_ALIASES else str(model)
-    return pipe, BaseModel(ident, kind, path, weights_hash(path), family.name)
+    return pipe, BaseModel(ident, kind, location, weights_hash(location), family.name), weights
 
 
-def _from_folder(folder: str, dtype: torch.dtype):
-    from diffusers import DiffusionPipeline
-    index = json.loads((Path(folder) / "model_index.json").read_text())
-    cls = index.get("_class_name")
+def load_weights(pipe, weights, dtype: torch.dtype, fp32: Collection[str] = ()) -> None:
+    """Fill the empty components of an :func:`open_pipeline` pipeline from ``weights``, each in
+    ``dtype`` or, if named in ``fp32``, in fp32; components loaded already are cast the same way."""
+    for name, module in list(pipe.components.items()):
+        if not isinstance(module, torch.nn.Module):
+            continue
+        want = torch.float32 if name in fp32 else dtype
+        if is_empty(module):
+            if weights is None:
+                raise ValueError(f"{name} has no weights to load")
+            filled = weights.fill(module, name, want)
+            if filled is not module:
+                setattr(pipe, name, filled)
+        elif module.dtype != want:
+            module.to(want)
+    if weights is not None:
+        weights.close()
+
+
+def _open_folder(folder: str):
+    index_path = Path(folder) / "model_index.json"
+    cls = json.loads(index_path.read_text()).get("_class_name")
     if cls not in SUPPORTED_PIPELINES:
         raise ValueError(f"{folder} holds a {cls}; dorabooth trains {' and '.join(SUPPORTED_PIPELINES)} models "
                          f"(SD 1.x, SD 2.x, SDXL)")
-    extra = {}
-    if "safety_checker" in index:
-        extra = dict(NO_SAFETY_CHECKER)
-    try:
-        return DiffusionPipeline.from_pretrained(folder, use_safetensors=True, **_dtype_kwargs(dtype), **extra)
-    except OSError as e:
-        if "safetensors" in str(e).lower() or any(Path(folder).rglob("*.bin")):
-            raise OSError(f"{folder}: could not load safetensors weights ({e}); dorabooth reads only "
-                          f".safetensors, never pickled .bin files. Re-save the pipeline with "
-                          f"safe_serialization=True") from e
-        raise
+    extra = dict(NO_SAFETY_CHECKER) if "safety_checker" in json.loads(index_path.read_text()) else {}
+    pipe = skeleton(Path(folder), **extra)
+    weights = FolderWeights(folder, pipe)
+    for component in weights.problems:
+        here = Path(folder) / component
+        if any(here.glob("*.bin")) and not any(here.glob("*.safetensors")):
+            raise OSError(f"{folder}/{component}: only pickled .bin weights; dorabooth reads only .safetensors, never "
+                          f"pickled .bin files. Re-save the pipeline with safe_serialization=True")
+    return pipe, weights
 
 
 def _dtype_kwargs(dtype: torch.dtype) -> dict:
@@ -176,75 +208,49 @@ def checkpoint_family(path: str) -> str:
                      f"(expected model.diffusion_model.…, cond_stage_model.… or conditioner.embedders.…)")
 
 
-def _from_single_file(path: str, dtype: torch.dtype, config: str | None):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def _open_single_file(path: str, dtype: torch.dtype, config: str | None):
+    """With a local ``config`` folder: its skeleton, the weights read through our key map (the
+    exporter's, strict: streamed, and right for SDXL encoders of equal width, which diffusers
+    tells apart by width only); else, or when the key map does not fit the file, diffusers'
+    ``from_single_file`` loads the whole pipeline (in ``dtype``)."""
     family = checkpoint_family(path)
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    extra = {} if family == "sdxl" else dict(NO_SAFETY_CHECKER)
-    if config is not None:
-        extra["config"] = config
+    problems = []
+    local = config is not None and (Path(config) / "model_index.json").is_file()
+    if local:
+        try:
+            extra = {} if family == "sdxl" else dict(NO_SAFETY_CHECKER)
+            pipe = skeleton(Path(config), weights_here=False, **extra)
+            pipe.register_to_config(_name_or_path=path)
+            return pipe, SingleFileWeights(path, pipe, family)
+        except (KeyError, ValueError) as e:
+            problems.append(f"dorabooth's key map: {e.args[0] if e.args else e}")
     try:
-        pipe = cls.from_single_file(path, **_dtype_kwargs(dtype), **extra)
+        pipe = _from_single_file(path, dtype, family, config)
         unloaded = _unloaded_components(pipe)
         if not unloaded:
-            return pipe
-        problem, cause = f"it left {', '.join(unloaded)} without weights", None
+            return pipe, None
+        problems.append(f"diffusers' from_single_file left {', '.join(unloaded)} without weights")
+        cause = None
     except Exception as e:
-        problem, cause = f"{type(e).__name__}: {e}", e
-    local = config is not None and (Path(config) / "model_index.json").is_file()
-    if local:           # e.g. SDXL encoders of equal width, which diffusers tells apart by width only
-        try:
-            return _from_single_file_mapped(path, dtype, Path(config), family)
-        except Exception as e:
-            problem += f"; dorabooth's own key map failed too ({type(e).__name__}: {e})"
-    raise OSError(f"{path}: diffusers could not load this {family} checkpoint ({problem}). "
+        problems.append(f"diffusers' from_single_file: {type(e).__name__}: {e}")
+        cause = e
+    raise OSError(f"{path}: could not load this {family} checkpoint ({'; '.join(problems)}). "
                   + ("Check that --model-config is the diffusers folder of the model this file was made from"
                      if local else "Without internet, pass the matching diffusers folder as the single-file "
                                    "config (--model-config DIR)")) from cause
 
 
+def _from_single_file(path: str, dtype: torch.dtype, family: str, config: str | None):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    extra = {} if family == "sdxl" else dict(NO_SAFETY_CHECKER)
+    if config is not None:
+        extra["config"] = config
+    return cls.from_single_file(path, **_dtype_kwargs(dtype), **extra)
+
+
 def _unloaded_components(pipe) -> list[str]:
-    return [name for name, c in pipe.components.items()
-            if isinstance(c, torch.nn.Module) and any(p.is_meta for p in c.parameters())]
-
-
-def _from_single_file_mapped(path: str, dtype: torch.dtype, config: Path, family: str):
-    """The pipeline of ``config`` (a diffusers folder: its component configs, tokenizers and
-    scheduler) with every weight read from the single file through the original-layout key map
-    the exporter writes with (:class:`dorabooth.formats.single_file.Mapper`); strict: a weight
-    the file lacks is an error."""
-    import importlib
-
-    from diffusers import DiffusionPipeline
-
-    index = DiffusionPipeline.load_config(str(config))
-    parts = {}
-    for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, (list, tuple)) or spec[0] is None:
-            continue
-        library, class_name = spec
-        component_cls = getattr(importlib.import_module(library), class_name)
-        folder = config / name
-        if not issubclass(component_cls, torch.nn.Module):
-            parts[name] = component_cls.from_pretrained(str(folder))              # tokenizer, scheduler
-        elif library == "diffusers":
-            parts[name] = component_cls.from_config(component_cls.load_config(str(folder)))
-        else:
-            from transformers import AutoConfig
-            parts[name] = component_cls(AutoConfig.from_pretrained(str(folder)))
-    original, _ = read_safetensors(path, "checkpoint")
-    mapper = Mapper(family, parts["unet"].config, parts["vae"].config)
-    for name, module in parts.items():
-        if not isinstance(module, torch.nn.Module):
-            continue
-        state = {k: mapper.read(original, name, k).to(v.dtype) for k, v in module.state_dict().items()}
-        module.load_state_dict(state, strict=True)
-        if dtype != torch.float32:
-            module.to(dtype)
-        module.eval()
-    pipeline_cls = getattr(importlib.import_module("diffusers"), index["_class_name"])
-    extra = {} if family == "sdxl" else {**NO_SAFETY_CHECKER, "feature_extractor": None}
-    return pipeline_cls(**parts, **{k: v for k, v in extra.items() if k not in parts})
+    return [name for name, c in pipe.components.items() if is_empty(c)]
 
 
 def weights_hash(path: str | os.PathLike) -> str:

@@ -31,7 +31,7 @@ from .families import Family, detect_family
 from .inject import has_trainable
 from .inputs import (draw_flips, make_class_sampler, make_latent_source, make_text_encoder, prepare_class_images,
                      prepare_instance, size_groups, time_ids)
-from .models import BaseModel, load_pipeline
+from .models import BaseModel, load_weights, open_pipeline
 from .optim import check_optimizer_available, make_lr_schedule, make_optimizer
 from .rundir import run_lock
 from .sampling import save_samples
@@ -79,14 +79,15 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
 def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) -> RunResult:
     started = time.monotonic()
     check_optimizer_available(config.optimizer)
-    pipe, base = load_pipeline(config.model, single_file_config=config.model_config)
-    family = detect_family(pipe)
+    device, weight_dtype = accelerator.device, _weight_dtype(config.mixed_precision)
+    pipe, base, weights = open_pipeline(config.model, single_file_config=config.model_config, dtype=weight_dtype)
+    family = detect_family(pipe)                       # configs only so far: no weight is read yet
     config = resolve_config(config, pipe, family, run)
     accelerator.wait_for_everyone()                    # every process has checked the folder first
     if accelerator.is_main_process:
         rd.write_config(run, config, run_metadata(base, family, pipe, accelerator))
+    load_weights(pipe, weights, weight_dtype, fp32=fp32_components(config, family))
     pipe.set_progress_bar_config(disable=True)
-    device, weight_dtype = accelerator.device, _weight_dtype(config.mixed_precision)
 
     # ---- data: prepared once, class images generated once ----------------------------------
     instance = prepare_instance(config, run, pipe, accelerator, emit)
@@ -250,9 +251,18 @@ def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def fp32_components(config: TrainConfig, family: Family) -> tuple[str, ...]:
+    """The components loaded in fp32 whatever the mixed precision: the VAE (SDXL's overflows in
+    fp16; 84 M parameters) and what trains whole (``--method full``). The rest loads in the
+    run's weight dtype; adapter parameters are made in fp32 when attached."""
+    trained = ("unet", *(family.text_encoders if config.train_text_encoders else ())) if config.method == "full" else ()
+    return ("vae", *trained)
+
+
 def place(pipe, family: Family, device, weight_dtype) -> None:
     """Frozen weights in the mixed-precision dtype, trainable ones in fp32, all on ``device``.
-    The VAE stays fp32 (SDXL's VAE overflows in fp16)."""
+    The VAE stays fp32 (SDXL's VAE overflows in fp16). Loaded that way already
+    (:func:`fp32_components`), nothing is copied on the CPU."""
     for name in ("unet", *family.text_encoders):
         module = getattr(pipe, name)
         for p in module.parameters():

@@ -123,9 +123,9 @@ def test_toy_default_resolves_relative_to_the_package(monkeypatch, tmp_path):
     assert models.resolve_model("toy") == ("folder", str(models.TOY_MODEL))
 
 
-def test_single_file_through_diffusers_from_single_file(sd15_folder, tmp_path):
-    """An original-layout .safetensors (written with formats.single_file) loads via from_single_file;
-    offline, its configs come from --model-config."""
+def test_single_file_with_its_config_folder(sd15_folder, tmp_path):
+    """An original-layout .safetensors (written with formats.single_file) loads offline with its
+    configs from --model-config, its weights read one tensor at a time through our key map."""
     from dorabooth.formats.single_file import Mapper
 
     pipe = make_sd15_pipeline()
@@ -142,8 +142,9 @@ def test_single_file_through_diffusers_from_single_file(sd15_folder, tmp_path):
 
 def test_sdxl_single_file_with_equal_width_encoders_loads_through_our_key_map(tmp_path):
     """diffusers' from_single_file tells SDXL's two text encoders apart by width and leaves one
-    unloaded when they are equal (the toy model, this tiny one: 32/32); load_pipeline then reads
-    every weight through the exporter's own key map, given the model's diffusers folder."""
+    unloaded when they are equal (the toy model, this tiny one: 32/32); load_pipeline reads
+    every weight through the exporter's own key map, given the model's diffusers folder. When
+    neither can load the file, the error says what each one lacked."""
     from dorabooth.formats.single_file import Mapper
 
     pipe = make_sdxl_pipeline()
@@ -164,5 +165,6 @@ def test_sdxl_single_file_with_equal_width_encoders_loads_through_our_key_map(tm
     assert images.shape == (1, 32, 32, 3)
     del original["conditioner.embedders.1.model.text_projection"]               # a weight missing: an error
     save_file({k: v.contiguous() for k, v in original.items()}, str(path))
-    with pytest.raises(OSError, match="key map failed too .*text_projection"):
+    with pytest.raises(OSError, match="key map: .* has no conditioner.embedders.1.model.text_projection.*"
+                                      "from_single_file left text_encoder_2 without weights"):
         models.load_pipeline(str(path), single_file_config=str(folder))

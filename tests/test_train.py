@@ -141,6 +141,35 @@ def test_mixed_precision_bf16(root, subject, tmp_path):
     assert (tmp_path / "run" / "samples" / "step-2" / "00.png").is_file()
 
 
+@pytest.mark.parametrize("method", ["dora", "full"])
+def test_frozen_weights_load_in_the_run_dtype_and_trained_ones_in_fp32(root, subject, tmp_path, monkeypatch, method):
+    """What ``place`` finds (weights as loaded, adapters attached): frozen weights already in bf16,
+    the VAE and whatever trains in fp32, so on the CPU placing them copies nothing."""
+    import importlib
+
+    train_module = importlib.import_module("dorabooth.train")      # the module (dorabooth.train is the function)
+    seen, real_place = {}, train_module.place
+
+    def spy(pipe, family, device, weight_dtype):
+        for c in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            seen[c] = {(p.dtype, p.requires_grad) for p in getattr(pipe, c).parameters()}
+        before = {id(p): p.data_ptr() for c in ("unet", "vae") for p in getattr(pipe, c).parameters()}
+        real_place(pipe, family, device, weight_dtype)
+        seen["copied"] = sum(before[id(p)] != p.data_ptr() for c in ("unet", "vae") for p in getattr(pipe, c).parameters())
+
+    monkeypatch.setattr(train_module, "place", spy)
+    train(run_config(root, subject, tmp_path, "sdxl", method=method, mixed_precision="bf16", steps=1,
+                     prior_preservation=False))
+    bf16, fp32 = torch.bfloat16, torch.float32
+    if method == "full":
+        assert seen["unet"] == {(fp32, True)}
+    else:
+        assert seen["unet"] == {(bf16, False), (fp32, True)}                  # base weights, adapters (A, B, m)
+    assert seen["vae"] == {(fp32, False)}
+    assert seen["text_encoder"] == seen["text_encoder_2"] == {(bf16, False)}
+    assert seen["copied"] == 0
+
+
 def test_lr_schedules():
     c = TrainConfig(images="i", class_noun="c", out="o", steps=10, warmup_steps=2, lr_schedule="cosine")
     f = [lr_factor(s, c) for s in range(10)]

@@ -4,6 +4,11 @@ Every file ``formats/`` reads or writes goes through here. Owns: refusing pickle
 ``torch.load`` a user's file), turning safetensors' terse errors for truncated or corrupt
 files into messages that name the file, the finiteness check before anything is written,
 and write-to-temp-then-rename (DESIGN §10).
+
+Whole models are read and written one tensor at a time (:class:`SafetensorsReader`,
+:func:`write_safetensors_streaming`) with plain file reads and writes: a memory-mapped file's
+pages count in the process's resident memory until it is closed, so mapping a 5 GB UNet to
+read it would cost 5 GB of RSS however little of it is kept.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,6 +27,11 @@ from safetensors.torch import save_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _MAX_HEADER = 100 * 2**20
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_CHUNK = 1 << 30                 # bytes per read/write call (Linux moves at most ~2 GiB per call)
 
 
 def check_readable(path: str | os.PathLike, what: str = "file") -> Path:
@@ -107,6 +117,109 @@ def read_safetensors(path: str | os.PathLike, what: str = "file",
             return {k: f.get_tensor(k) for k in names}, meta
     except Exception as e:
         raise ValueError(f"{p}: not a readable .safetensors {what} ({e})") from e
+
+
+class SafetensorsReader(Mapping):
+    """A ``.safetensors`` file as a read-only mapping ``{name: tensor}`` whose values are read
+    from disk when asked for (plain reads, never mapped; each read is a new tensor in the
+    stored dtype). ``dtype(name)``/``shape(name)`` come from the header alone; ``metadata`` is
+    the header's ``__metadata__``. Use it as a context manager or ``close()`` it."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "file"):
+        self.path = check_readable(path, what)
+        self.what = what
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        self.metadata: dict[str, str] = dict(header.pop("__metadata__", None) or {})
+        self._start = 8 + n
+        self._entries = {}
+        for name, spec in header.items():
+            if spec.get("dtype") not in DTYPES:
+                raise ValueError(f"{self.path}: {name} has dtype {spec.get('dtype')!r}, which dorabooth does not read")
+            self._entries[name] = (DTYPES[spec["dtype"]], tuple(spec["shape"]), *spec["data_offsets"])
+        self._file = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._entries:
+            raise KeyError(f"{self.path}: no tensor {name!r}")
+        dtype, shape, begin, end = self._entries[name]
+        if self._file is None:
+            self._file = open(self.path, "rb", buffering=0)
+        data = torch.empty(end - begin, dtype=torch.uint8)
+        view = memoryview(data.numpy())
+        self._file.seek(self._start + begin)
+        done = 0
+        while done < len(view):
+            got = self._file.readinto(view[done:done + _CHUNK])
+            if not got:
+                raise ValueError(f"{self.path}: truncated while reading {name}; download or copy it again")
+            done += got
+        return data.view(dtype).reshape(shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[tuple[str, torch.dtype, Sequence[int]]],
+                                tensor_of: Callable[[str], torch.Tensor], metadata: Mapping[str, str] | None = None,
+                                *, overwrite: bool = True, where: str | None = None) -> Path:
+    """A ``.safetensors`` file written one tensor at a time: ``entries`` (name, dtype, shape)
+    make the header, then ``tensor_of(name)`` gives each tensor, which must have that dtype
+    and shape and be finite; only one is held at a time. Written to a temporary sibling and
+    renamed when complete, so an error (a NaN, a wrong shape) leaves nothing behind."""
+    target = Path(path)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
+    where = where or str(target)
+    # larger items first, then by name (as safetensors' own writer), so every tensor stays aligned
+    order = sorted(entries, key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0]))
+    header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    offset = 0
+    for name, dtype, shape in order:
+        size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(target) as tmp, open(tmp, "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, dtype, shape in order:
+            t = tensor_of(name).detach().to("cpu")
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise ValueError(f"{where}: {name} is {tuple(t.shape)} {t.dtype}, the header says {tuple(shape)} "
+                                 f"{dtype}")
+            check_finite({name: t}, where)
+            view = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            for i in range(0, len(view), _CHUNK):
+                f.write(view[i:i + _CHUNK])
+            del t, view
+    return target
 
 
 def read_json(path: str | os.PathLike, what: str = "file"):

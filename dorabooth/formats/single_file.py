@@ -23,6 +23,7 @@ component state dicts, or replace only some weights inside an existing single fi
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -188,29 +189,52 @@ class Mapper:
         except KeyError as e:
             raise KeyError(f"{component}.{key}: no original-layout key ({e})") from None
 
-    def to_original(self, components: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Whole component state dicts → one original-layout state dict."""
-        out: dict[str, torch.Tensor] = {}
-        parts: dict[str, dict[int, torch.Tensor]] = {}
-        for component, sd in components.items():
-            for key, tensor in sd.items():
+    def plan(self, names: dict[str, list[str]]) -> dict[str, list[tuple[str, str, Target]]]:
+        """``{original key: [(component, diffusers name, target), …]}`` for the diffusers parameters
+        ``names`` (per component): one entry per key, three (q, k, v) for a concatenated one."""
+        out: dict[str, list[tuple[str, str, Target]]] = {}
+        for component, keys in names.items():
+            for key in keys:
                 t = self.target(component, key)
                 if t is None:
                     continue
-                if t.part is None:
-                    if t.key in out:
-                        raise ValueError(f"two parameters map to {t.key}")
-                    out[t.key] = _apply(tensor, t.transform)
-                else:
-                    parts.setdefault(t.key, {})[t.part] = tensor
-        for key, p in parts.items():
-            if sorted(p) != [0, 1, 2]:
-                raise ValueError(f"{key}: q, k and v projections are all needed, got parts {sorted(p)}")
-            out[key] = torch.cat([p[0], p[1], p[2]], dim=0)
+                pieces = out.setdefault(t.key, [])
+                if pieces and (t.part is None or pieces[0][2].part is None):
+                    raise ValueError(f"two parameters map to {t.key}")
+                pieces.append((component, key, t))
+        for key, pieces in out.items():
+            if pieces[0][2].part is not None and sorted(p[2].part for p in pieces) != [0, 1, 2]:
+                raise ValueError(f"{key}: q, k and v projections are all needed, got parts "
+                                 f"{sorted(p[2].part for p in pieces)}")
         return out
 
-    def read(self, original: dict[str, torch.Tensor], component: str, key: str) -> torch.Tensor:
-        """One diffusers parameter's value inside an original-layout state dict."""
+    @staticmethod
+    def original_shape(pieces: list[tuple[Target, tuple[int, ...]]]) -> tuple[int, ...]:
+        """The shape of an original-layout tensor made of diffusers parameters of these shapes."""
+        t, shape = pieces[0]
+        if t.part is not None:
+            return (sum(s[0] for _, s in pieces), *shape[1:])
+        if t.transform == "T":
+            return tuple(reversed(shape))
+        if t.transform == "conv1x1" and len(shape) == 2:
+            return (*shape, 1, 1)
+        return tuple(shape)
+
+    @staticmethod
+    def assemble(pieces: list[tuple[Target, torch.Tensor]]) -> torch.Tensor:
+        """One original-layout tensor from its diffusers parameters (a plan's entry, with values)."""
+        if pieces[0][0].part is None:
+            return _apply(pieces[0][1], pieces[0][0].transform)
+        by_part = {t.part: v for t, v in pieces}
+        return torch.cat([by_part[0], by_part[1], by_part[2]], dim=0)
+
+    def to_original(self, components: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Whole component state dicts → one original-layout state dict."""
+        plan = self.plan({c: list(sd) for c, sd in components.items()})
+        return {key: self.assemble([(t, components[c][k]) for c, k, t in pieces]) for key, pieces in plan.items()}
+
+    def read(self, original: Mapping[str, torch.Tensor], component: str, key: str) -> torch.Tensor:
+        """One diffusers parameter's value inside an original-layout state dict (any mapping)."""
         t = self.target(component, key)
         if t is None or t.key not in original:
             raise KeyError(f"{component}.{key}: {t.key if t else 'nothing'} is not in the checkpoint")
@@ -220,26 +244,34 @@ class Mapper:
             v = v[t.part * d:(t.part + 1) * d]
         return _undo(v, t.transform)
 
+    def updated(self, key: str, tensor: torch.Tensor, updates: list[tuple[Target, torch.Tensor]]) -> torch.Tensor:
+        """``tensor`` (original key ``key``) with some of its diffusers parameters replaced, in
+        ``tensor``'s dtype (shapes checked); a new tensor, ``tensor`` is not modified."""
+        out = tensor
+        for t, value in updates:
+            v = _apply(value, t.transform)
+            if t.part is None:
+                if tuple(v.shape) != tuple(tensor.shape):
+                    raise ValueError(f"{key}: new shape {tuple(v.shape)} != {tuple(tensor.shape)}")
+                out = v.to(tensor.dtype)
+            else:
+                if out is tensor:
+                    out = tensor.clone()
+                d = out.shape[0] // 3
+                if tuple(v.shape) != tuple(out[t.part * d:(t.part + 1) * d].shape):
+                    raise ValueError(f"{key} part {t.part}: new shape {tuple(v.shape)} does not fit")
+                out[t.part * d:(t.part + 1) * d] = v.to(out.dtype)
+        return out
+
     def replace(self, original: dict[str, torch.Tensor], updates: dict[tuple[str, str], torch.Tensor]) -> dict[str, torch.Tensor]:
         """A copy of ``original`` with some diffusers parameters replaced (shapes checked)."""
-        out = dict(original)
+        by_key: dict[str, list[tuple[Target, torch.Tensor]]] = {}
         for (component, key), value in updates.items():
             t = self.target(component, key)
             if t is None or t.key not in original:
                 raise KeyError(f"{component}.{key}: the base checkpoint has no {t.key if t else 'such key'}")
-            v = _apply(value, t.transform)
-            if t.part is None:
-                if tuple(v.shape) != tuple(original[t.key].shape):
-                    raise ValueError(f"{t.key}: new shape {tuple(v.shape)} != {tuple(original[t.key].shape)}")
-                out[t.key] = v.to(original[t.key].dtype)
-            else:
-                if out[t.key] is original[t.key]:
-                    out[t.key] = original[t.key].clone()
-                d = out[t.key].shape[0] // 3
-                if tuple(v.shape) != tuple(out[t.key][t.part * d:(t.part + 1) * d].shape):
-                    raise ValueError(f"{t.key} part {t.part}: new shape {tuple(v.shape)} does not fit")
-                out[t.key][t.part * d:(t.part + 1) * d] = v.to(out[t.key].dtype)
-        return out
+            by_key.setdefault(t.key, []).append((t, value))
+        return {k: self.updated(k, v, by_key[k]) if k in by_key else v for k, v in original.items()}
 
 
 def image_spec(pipe) -> dict:

@@ -6,4 +6,5 @@
 - :mod:`.fullsize`: SD 1.5, SD 2.1 (768, v-prediction) and SDXL base at their published
   sizes with random fp16 weights, as a diffusers folder and an original single file,
   cached outside the repository (``python -m dorabooth.testing.fullsize build``).
+- :mod:`.memory`: a process's resident memory sampled while it runs (``PeakRSS``).
 """
