@@ -89,46 +89,47 @@ def measure(args) -> dict:
                 gradient_checkpointing=True, prior_preservation=False, sample_every=0, checkpoint_every=0,
                 seed=0)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    log = open(run.parent / "stderr.log", "w+")         # a file, not a pipe: a full pipe would stall the child
     t0 = time.monotonic()
-    log = open(run.parent / "stderr.log", "w+")     # a file, not a pipe: a full pipe would stall the child
-    command = [sys.executable, __file__, "--child", json.dumps(spec)] + (["--code", args.code] if args.code else [])
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE,
-                            stderr=log, text=True, env=env)
-    seen: dict[str, float] = {}
-    done = threading.Event()
-    with PeakRSS(pid=proc.pid) as rss:
-        def read_events():
-            for line in proc.stdout:
-                try:
-                    event = json.loads(line)
-                    kind = event["type"]
-                except (ValueError, KeyError, TypeError):
-                    continue
-                if kind == "error":
-                    seen["error: " + str(event.get("message"))] = time.monotonic() - t0
-                if kind in EVENTS and kind not in seen:
-                    rss.mark(kind)
-                    seen[kind] = time.monotonic() - t0
-                if kind == args.until or kind == "error":
-                    done.set()
-                    return
-            done.set()
-        reader = threading.Thread(target=read_events, daemon=True)
-        reader.start()
-        done.wait()
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)       # what follows the measured event is not measured
-    proc.wait()
-    log.seek(0)
-    if args.until not in seen:
-        raise RuntimeError(f"the training process (exit status {proc.returncode}) stopped before its first "
-                           f"{args.until!r} event; events seen: {list(seen)}; its last output:\n" + log.read()[-3000:])
-    log.close()
-    shutil.rmtree(run.parent, ignore_errors=True)
+    try:
+        command = [sys.executable, __file__, "--child", json.dumps(spec)] + (["--code", args.code] if args.code else [])
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+        seen: dict[str, float] = {}
+        done = threading.Event()
+        with PeakRSS(pid=proc.pid) as rss:
+            def read_events():
+                for line in proc.stdout:
+                    try:
+                        event = json.loads(line)
+                        kind = event["type"]
+                    except (ValueError, KeyError, TypeError):
+                        continue
+                    if kind == "error":
+                        seen["error: " + str(event.get("message"))] = time.monotonic() - t0
+                    if kind in EVENTS and kind not in seen:
+                        rss.mark(kind)
+                        seen[kind] = time.monotonic() - t0
+                    if kind == args.until or kind == "error":
+                        done.set()
+                        return
+                done.set()
+            reader = threading.Thread(target=read_events, daemon=True)
+            reader.start()
+            done.wait()
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)       # what follows the measured event is not measured
+        proc.wait()
+        log.seek(0)
+        if args.until not in seen:
+            raise RuntimeError(f"the training process (exit status {proc.returncode}) stopped before its first "
+                               f"{args.until!r} event; events seen: {list(seen)}; its last output:\n" + log.read()[-3000:])
+    finally:
+        log.close()
+        shutil.rmtree(run.parent, ignore_errors=True)
     total, counts = weight_bytes(args.model, args.model_config, ITEMSIZE[args.mixed_precision])
     peak = rss.marks[args.until] * 2**20
-    return {"model": args.model, "code": args.code or str(REPO), "mixed_precision": args.mixed_precision, "method": args.method,
-            "resolution": args.resolution, "until": args.until, "rss": rss.how,
+    return {"model": args.model, "code": args.code or str(REPO), "mixed_precision": args.mixed_precision,
+            "method": args.method, "resolution": args.resolution, "until": args.until, "rss": rss.how,
             "peak_mb": {k: round(v, 1) for k, v in rss.marks.items()},
             "seconds": {k: round(v, 1) for k, v in seen.items()},
             "weight_bytes": total, "parameters": counts, "ratio": round(peak / total, 3),
