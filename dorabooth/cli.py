@@ -18,9 +18,12 @@ from .conventions import MAGNITUDE_AXES
 
 TRAIN_EPILOG = """\
 Defaults marked "family default" depend on the base model (see the README's table):
-resolution, steps, learning rate, rank, number of class images. The resolved values are
-written to RUN_DIR/config.json. `--resume` continues RUN_DIR from its newest checkpoint
-(other flags may be left out; they come from RUN_DIR/config.json).
+resolution, steps, learning rate, rank, number of class images. Mixed precision, gradient
+checkpointing and the optimizer default to "auto": chosen for the device (bf16 on GPUs that
+have it, else fp16; checkpointing on for SDXL; 8-bit AdamW where bitsandbytes works). The
+resolved values are written to RUN_DIR/config.json; `--dry-run` prints them with a peak
+memory estimate without loading a weight or writing a file. `--resume` continues RUN_DIR
+from its newest checkpoint (other flags may be left out; they come from RUN_DIR/config.json).
 Multi-GPU: accelerate launch -m dorabooth train ...
 """
 
@@ -84,15 +87,18 @@ def _add_train(sub) -> None:
     _flag(g, "--batch-size", dest="batch_size", type=int, metavar="N", help="subject images per step (default 1)")
     _flag(g, "--grad-accum", dest="grad_accum", type=int, metavar="N", help="gradient accumulation (default 1)")
     _flag(g, "--max-grad-norm", dest="max_grad_norm", type=float, metavar="X", help="clip (default 1.0)")
-    _flag(g, "--optimizer", choices=("adamw", "adamw8bit"), help="adamw8bit needs bitsandbytes + CUDA")
+    _flag(g, "--optimizer", choices=("auto", "adamw", "adamw8bit"),
+          help="default auto: adamw8bit where bitsandbytes works (CUDA), else adamw")
     _flag(g, "--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0.01)")
     _flag(g, "--min-snr-gamma", dest="min_snr_gamma", type=float, metavar="G", help="Min-SNR γ (default 5)")
     _bool(g, "--min-snr", "Min-SNR loss weighting (--no-min-snr: plain MSE)")
     _flag(g, "--noise-offset", dest="noise_offset", type=float, metavar="X", help="default 0")
     _flag(g, "--seed", type=int, metavar="N", help="default 0")
     g = p.add_argument_group("speed and memory")
-    _flag(g, "--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"), help="default: no")
-    _bool(g, "--gradient-checkpointing", "trade compute for memory")
+    _flag(g, "--mixed-precision", dest="mixed_precision", choices=("auto", "no", "fp16", "bf16"),
+          help="default auto: bf16 on GPUs that support it, else fp16 (VAE fp32); no (fp32) on a CPU")
+    _bool(g, "--gradient-checkpointing", "trade compute for memory (default auto: on for SDXL, and where the "
+                                         "memory estimate exceeds 90%% of the device)")
     _bool(g, "--cache-latents", "encode images with the VAE once (default: on)")
     g = p.add_argument_group("run")
     _flag(g, "--validation-prompt", dest="validation_prompts", nargs="+", metavar="TEXT",
@@ -103,6 +109,9 @@ def _add_train(sub) -> None:
           help="checkpoint every N steps (default: steps / 4)")
     _flag(g, "--keep-checkpoints", dest="keep_checkpoints", type=int, metavar="K", help="default 2")
     _bool(g, "--resume", "continue RUN_DIR from its newest checkpoint")
+    p.add_argument("--dry-run", dest="dry_run", action="store_true",
+                   help="print the resolved config, device settings and a peak memory estimate; load no weight, "
+                        "write nothing")
     _flag(g, "--config", dest="config_file", metavar="FILE",
           help="start from a JSON config (e.g. another run's config.json); flags override it")
     _output_flags(p)
@@ -120,7 +129,10 @@ def train_config_from_args(args):
     from .rundir import is_run, read_config
 
     given = {k: v for k, v in vars(args).items()
-             if k not in ("handler", "command", "json", "quiet", "config_file", "min_snr")}
+             if k not in ("handler", "command", "json", "quiet", "config_file", "min_snr", "dry_run")}
+    for name in ("mixed_precision", "optimizer"):                  # "auto": the device decides
+        if given.get(name) == "auto":
+            given[name] = None
     if "min_snr" in vars(args) and not args.min_snr:
         given["min_snr_gamma"] = None
     base: dict = {}
@@ -140,9 +152,17 @@ def train_config_from_args(args):
 
 
 def _run_train(args) -> int:
-    from .train import train
+    import warnings
+
+    from .devices import EmulatedPrecisionWarning
+    from .train import dry_run, train
 
     config = train_config_from_args(args)
+    if args.dry_run:
+        plan = dry_run(config)
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
+        return 0
+    warnings.simplefilter("ignore", EmulatedPrecisionWarning)       # the progress output prints it
     result = train(config, on_event=_reporter(args))
     if result.main_process:
         print(result.adapter if result.adapter is not None else f"stopped at step {result.step}: {result.run_dir}")

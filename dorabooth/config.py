@@ -3,9 +3,10 @@
 ``TrainConfig`` holds everything that decides what a run learns (base model, subject, method,
 optimisation, prior preservation) plus the few run mechanics a library call needs (``out``,
 ``resume``, checkpoint and sample cadence, mixed precision). Fields left ``None`` are chosen
-per model family and size by :func:`dorabooth.families.train_defaults` when the run starts;
-``config.json`` in the run folder holds the resolved values, so a run can be read, resumed
-and repeated from it alone.
+when the run starts: per model family and size by :func:`dorabooth.families.train_defaults`,
+and per device (mixed precision, gradient checkpointing, optimizer) by
+:func:`dorabooth.devices.resolve_device_settings`; ``config.json`` in the run folder holds the
+resolved values, so a run can be read, resumed and repeated from it alone.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ RUN_MECHANICS = frozenset({"out", "resume", "checkpoint_every", "keep_checkpoint
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A DreamBooth run. ``None`` means "the family default" (see ``families.train_defaults``)."""
+    """A DreamBooth run. ``None`` means "the default for this model and device" (see
+    ``families.train_defaults`` and ``devices.resolve_device_settings``)."""
 
     # ---- subject ---------------------------------------------------------------------------
     images: str                                # folder of 3–20 subject photos (name.txt captions optional)
@@ -72,7 +74,7 @@ class TrainConfig:
     batch_size: int = 1                        # subject images per step and process (class images double it)
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0          # None = no clipping
-    optimizer: str = "adamw"                   # adamw | adamw8bit (bitsandbytes)
+    optimizer: str | None = None               # adamw | adamw8bit (bitsandbytes); None = per device
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -81,8 +83,8 @@ class TrainConfig:
     seed: int = 0
 
     # ---- speed and memory --------------------------------------------------------------------
-    mixed_precision: str = "no"                # no | fp16 | bf16 (accelerate)
-    gradient_checkpointing: bool = False
+    mixed_precision: str | None = None         # no | fp16 | bf16 (accelerate); None = per device
+    gradient_checkpointing: bool | None = None # None = per family and device memory
     cache_latents: bool = True                 # encode the images once (both flips when flip=True)
 
     # ---- run mechanics -------------------------------------------------------------------------
@@ -105,8 +107,10 @@ class TrainConfig:
         _one_of("method", self.method, METHODS)
         _one_of("magnitude_axis", self.magnitude_axis, MAGNITUDE_AXES)
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        _one_of("optimizer", self.optimizer, OPTIMIZERS)
-        _one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        if self.optimizer is not None:
+            _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        if self.mixed_precision is not None:
+            _one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check(bool(self.targets.strip()), f"targets: use one of {', '.join(TARGET_PRESETS)} or module names")
         if self.rank is not None:
             _check(self.rank >= 1 and (not self.half_rank or self.rank >= 2),
@@ -216,6 +220,9 @@ class TrainConfig:
         a, b = self.to_dict(), other.to_dict()
         return [k for k in a if k not in RUN_MECHANICS and a[k] != b[k]]
 
+
+# Fields whose "auto" (None) depends on the device and the family (devices.resolve_device_settings).
+DEVICE_FIELDS = ("mixed_precision", "gradient_checkpointing", "optimizer")
 
 # Fields whose defaults depend on the model family and size (families.train_defaults).
 _FAMILY_FIELDS = frozenset({"rank", "resolution", "steps", "lr", "num_class_images", "class_image_steps",

@@ -7,7 +7,8 @@ Long operations (training, class-image generation, generation) report through on
 into a terminal progress line (step, loss, it/s, ETA).
 
 Every event has ``type`` and ``time`` (Unix seconds). Types written by the trainer:
-``start``, ``skip`` (path, reason), ``prepared``, ``class_images`` (done, total),
+``device`` (the resolved precision, checkpointing, optimizer and memory estimate), ``warning``
+(message), ``start``, ``skip`` (path, reason), ``prepared``, ``class_images`` (done, total),
 ``step`` (step, total, loss, lr, it_s, eta_s), ``checkpoint`` (step, path), ``sample``
 (step, paths), ``stopped``, ``error`` (message), ``done`` (adapter, steps).
 """
@@ -149,7 +150,7 @@ class ProgressBar:
                 self._line(text)
         elif kind == "skip":
             self._line(f"skipped {event['path']}: {event['reason']}")
-        elif kind in ("checkpoint", "sample", "prepared", "start", "done", "stopped", "image"):
+        elif kind in ("checkpoint", "sample", "prepared", "start", "done", "stopped", "image", "device", "warning"):
             self._line(_describe(event))
         elif kind == "error" and self._open:
             self._line("")                # end the bar's line; the caller prints the error itself
@@ -171,4 +172,11 @@ def _describe(event: dict) -> str:
         return f"stopped at step {event['step']}; resume with --resume"
     if kind == "image":
         return f"wrote {event['path']}"
+    if kind == "warning":
+        return f"warning: {event['message']}"
+    if kind == "device":
+        estimate = (event.get("memory_estimate") or {}).get("total")
+        return (f"device {event['device']}: mixed precision {event['mixed_precision']}, gradient checkpointing "
+                f"{'on' if event['gradient_checkpointing'] else 'off'}, {event['optimizer']}"
+                + (f", estimated peak {estimate / 2**30:.1f} GiB" if estimate else ""))
     return json.dumps(event)

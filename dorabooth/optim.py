@@ -9,18 +9,24 @@ import torch
 from .config import TrainConfig
 
 
-def check_optimizer_available(name: str) -> None:
-    if name != "adamw8bit":
-        return
+def bitsandbytes_problem() -> str | None:
+    """None when bitsandbytes' 8-bit AdamW can run here (it imports and CUDA is available),
+    else why not, in words."""
     try:
         import bitsandbytes
         bitsandbytes.optim.AdamW8bit  # noqa: B018 - fails on builds without the optimizers
     except Exception as e:
-        raise RuntimeError(f"optimizer adamw8bit needs bitsandbytes ({type(e).__name__}: {e}); install it with "
-                           f"`pip install bitsandbytes` on a CUDA machine, or use --optimizer adamw") from e
+        return f"bitsandbytes is not usable ({type(e).__name__}: {e}); `pip install bitsandbytes` on a CUDA machine"
     if not torch.cuda.is_available():
-        raise RuntimeError("optimizer adamw8bit needs a CUDA GPU (bitsandbytes' 8-bit AdamW); "
-                           "use --optimizer adamw on this machine")
+        return "bitsandbytes' 8-bit AdamW needs a CUDA GPU"
+    return None
+
+
+def check_optimizer_available(name: str) -> None:
+    """Raise ValueError, naming the flag to change, when ``name`` cannot run here."""
+    problem = bitsandbytes_problem() if name == "adamw8bit" else None
+    if problem:
+        raise ValueError(f"optimizer adamw8bit: {problem}; use --optimizer adamw on this machine")
 
 
 def make_optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -25,16 +26,19 @@ from . import families as fam
 from . import rundir as rd
 from .checkpoints import TrainingDiverged, TrainState, restore_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig
-from .data import batch_stream
+from .data import IMAGE_SUFFIXES, batch_stream, list_images
+from .devices import EmulatedPrecisionWarning, detect_device
 from .events import EventLog, stop_requested
 from .families import Family, detect_family
 from .inject import has_trainable
 from .inputs import (draw_flips, make_class_sampler, make_latent_source, make_text_encoder, prepare_class_images,
                      prepare_instance, size_groups, time_ids)
+from .memory import RunPlan, fill_from_run, plan_run
 from .models import BaseModel, load_weights, open_pipeline
 from .optim import check_optimizer_available, make_lr_schedule, make_optimizer
 from .rundir import run_lock
 from .sampling import save_samples
+from .specs import model_spec
 from .version import __version__
 
 
@@ -59,14 +63,18 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_cpu_processes())
     run = Path(config.out)
+    plan = plan_device(config, run)                    # before the Accelerator: it needs the precision
+    config = plan.config
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_cpu_processes())
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     try:
         with run_lock(run) if accelerator.is_main_process else nullcontext():
             emit = EventLog(run / rd.EVENTS, on_event) if accelerator.is_main_process else EventLog()
+            if accelerator.is_main_process:
+                report_device(plan, emit)
             try:
                 return _train(config, accelerator, run, emit, stop)
             except Exception as e:
@@ -194,13 +202,38 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
 # =============================================================================================
 # Setup: config, run folder, data
 # =============================================================================================
+def plan_device(config: TrainConfig, run: Path) -> RunPlan:
+    """Family defaults and device settings (precision, checkpointing, optimizer) from the base
+    model's configs, before a weight is loaded; on --resume, fields left on "auto" keep the run's
+    own values (``memory.fill_from_run``)."""
+    if config.resume and rd.is_run(run):
+        config = fill_from_run(config, rd.read_config(run)[0])
+    return plan_run(config, model_spec(config.model, config.model_config), detect_device())
+
+
+def report_device(plan: RunPlan, emit: EventLog) -> None:
+    """The resolved device settings and the memory estimate as a ``device`` event; each warning
+    (bf16/fp16 emulated on this CPU) once, as a ``warning`` event and a Python warning."""
+    emit("device", **plan.settings.to_dict(), memory_estimate=plan.estimate.to_dict())
+    for message in plan.settings.warnings:
+        emit("warning", message=message)
+        warnings.warn(message, EmulatedPrecisionWarning, stacklevel=3)
+
+
 def resolve_config(config: TrainConfig, pipe, family: Family, run: Path) -> TrainConfig:
-    """Family defaults filled in; checks that need the model; --resume consistency."""
+    """Family defaults filled in (already done by ``plan_device``, from the configs); checks
+    that need the model; --resume consistency."""
     resolved = config.with_defaults(fam.train_defaults(family, pipe))
     multiple = fam.size_multiple(pipe)
     if resolved.resolution % multiple:
         raise ValueError(f"resolution {resolved.resolution} is not a multiple of {multiple} for this model; "
                          f"use e.g. {max(multiple, resolved.resolution // multiple * multiple)}")
+    check_run_folder(resolved, run)
+    return resolved
+
+
+def check_run_folder(resolved: TrainConfig, run: Path) -> None:
+    """A new run needs a folder without a run; --resume needs one whose recipe is the same."""
     if resolved.resume:
         if not rd.is_run(run):
             raise FileNotFoundError(f"--resume: {run} has no config.json, so there is no run to continue; "
@@ -213,7 +246,17 @@ def resolve_config(config: TrainConfig, pipe, family: Family, run: Path) -> Trai
     elif rd.is_run(run):
         raise FileExistsError(f"{run} already holds a run (config.json); pass --resume to continue it, "
                               f"or choose another --out")
-    return resolved
+
+
+def dry_run(config: TrainConfig) -> RunPlan:
+    """What ``train(config)`` would use, checked as far as it can be without loading a weight or
+    writing a file: the resolved config, device settings and memory estimate (``--dry-run``)."""
+    plan = plan_device(config, Path(config.out))
+    if not list_images(plan.config.images):
+        raise ValueError(f"no image files in {plan.config.images}; add 3–20 photos of the subject "
+                         f"({', '.join(IMAGE_SUFFIXES)})")
+    check_run_folder(plan.config, Path(config.out))
+    return plan
 
 
 def run_metadata(base: BaseModel, family: Family, pipe, accelerator) -> dict:
@@ -316,4 +359,4 @@ def _release(accelerator) -> None:
         GradientState._reset_state()
 
 
-__all__ = ["train", "TrainConfig", "RunResult", "TrainingDiverged"]
+__all__ = ["train", "dry_run", "TrainConfig", "RunResult", "TrainingDiverged"]

@@ -19,8 +19,8 @@ FACE = PACKAGE
 LAYERS: list[tuple[str, set[str]]] = [
     ("leaves", {"version", "conventions", "losses", "events", "families", "data", "config", "dora",
                 "dora_autograd", "optim", "formats.files", "formats.layout", "formats.single_file"}),
-    ("model access", {"inject", "models", "weights", "rundir", "formats", "formats.*", "toyworld", "toyworld.*", "testing",
-                      "testing.*"}),
+    ("model access", {"inject", "models", "weights", "rundir", "devices", "specs", "memory", "formats", "formats.*",
+                      "toyworld", "toyworld.*", "testing", "testing.*"}),
     ("pipeline API", {"adapters", "finetune", "merging", "describe"}),
     ("the trainer's rooms", {"checkpoints", "sampling", "inputs"}),
     ("operations", {"train", "generate", "export"}),

@@ -77,6 +77,9 @@ def test_progress_bar_from_events():
     stream = io.StringIO()
     bar = ProgressBar(stream=stream, every=2)
     log = EventLog(None, bar)
+    log("device", device="CPU, 24 GiB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw",
+        memory_estimate={"total": 3 * 2**30})
+    log("warning", message="bf16 on this CPU is emulated and slow")
     log("start", family="sdxl", model="toy", method="dora", total=4, step=0)
     log("skip", path="a.jpg", reason="not a readable image")
     for step in range(1, 5):
@@ -84,6 +87,8 @@ def test_progress_bar_from_events():
     log("checkpoint", step=4, path="run/checkpoints/step-4")
     text = stream.getvalue()
     assert "skipped a.jpg: not a readable image" in text
+    assert "device CPU, 24 GiB: mixed precision bf16, gradient checkpointing on, adamw, estimated peak 3.0 GiB" in text
+    assert "warning: bf16 on this CPU is emulated and slow" in text
     assert "step 2/4 [############------------] loss 0.2500 2.00 it/s ETA 0:01" in text
     assert "step 1/4" not in text and "step 4/4" in text and "checkpoint saved" in text
     tty = io.StringIO()
@@ -135,3 +140,59 @@ def test_toy_command_delegates_to_the_toy_world(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["toy", "build", "--help"])
     assert e.value.code == 0 and "--minutes" in capsys.readouterr().out
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "toy"])
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys, kind):
+    model = [] if kind == "toy" else ["--model", str(save_model(kind, tmp_path / "model"))]
+    subject = make_subject(tmp_path / "subject")
+    before = _tree(tmp_path)
+    run = tmp_path / "run"
+    argv = ["train", "--images", str(subject), "--class-noun", "dog", "--out", str(run), *model, "--dry-run"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dry run: no weight loaded, nothing written")
+    for text in ("mixed precision", "gradient checkpointing", "optimizer", "VAE", "frozen weights", "trainable (fp32)",
+                 "optimizer state", "activations", "total", '"resolution": '):
+        assert text in out, text
+    assert _tree(tmp_path) == before and not run.exists()
+    assert cli.main([*argv, "--json", "--gradient-checkpointing", "--mixed-precision", "auto"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["config"]["gradient_checkpointing"] is True and plan["device"]["auto"] == ["mixed_precision",
+                                                                                            "optimizer"]
+    terms = plan["memory_estimate"]["terms"]
+    assert plan["memory_estimate"]["total"] == sum(terms.values()) and terms["trainable (fp32)"] > 0
+    assert _tree(tmp_path) == before
+
+
+def test_dry_run_validates_what_it_can(tmp_path, capsys):
+    model = str(save_model("sd15", tmp_path / "model"))
+    subject = make_subject(tmp_path / "subject")
+    base = ["train", "--images", str(subject), "--class-noun", "dog", "--model", model, "--dry-run"]
+    assert cli.main([*base, "--out", str(tmp_path / "r"), "--rank", "64"]) == 1
+    assert "rank 64 is larger than min(in, out)" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli.main([*base[:2], str(empty), *base[3:], "--out", str(tmp_path / "r")]) == 1
+    assert f"no image files in {empty}" in capsys.readouterr().err
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "config.json").write_text(json.dumps({"config": {"images": "x", "class_noun": "dog",
+                                                                           "out": "done"}}))
+    assert cli.main([*base, "--out", str(tmp_path / "done")]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        assert cli.main([*base, "--out", str(tmp_path / "r"), "--optimizer", "adamw8bit"]) == 1
+        assert "use --optimizer adamw" in capsys.readouterr().err
+
+
+def test_device_flags():
+    args = parse("train", "--images", "i", "--class-noun", "dog", "--out", "o", "--no-gradient-checkpointing",
+                 "--optimizer", "auto", "--mixed-precision", "fp16", "--no-cache-latents")
+    c = cli.train_config_from_args(args)
+    assert (c.gradient_checkpointing, c.optimizer, c.mixed_precision, c.cache_latents) == (False, None, "fp16", False)
+    untouched = cli.train_config_from_args(parse("train", "--images", "i", "--class-noun", "dog", "--out", "o"))
+    assert (untouched.gradient_checkpointing, untouched.optimizer, untouched.mixed_precision) == (None, None, None)

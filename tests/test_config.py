@@ -62,3 +62,14 @@ def test_recipe_differences_ignore_run_mechanics():
     a = TrainConfig(**BASE, steps=10)
     assert a.recipe_differences(TrainConfig(**BASE, steps=20, resume=True, checkpoint_every=5)) == []
     assert a.recipe_differences(TrainConfig(**BASE, steps=10, lr=1e-3)) == ["lr"]
+
+
+def test_device_fields_default_to_auto_and_round_trip(tmp_path):
+    c = TrainConfig(**BASE)
+    assert (c.mixed_precision, c.gradient_checkpointing, c.optimizer, c.cache_latents) == (None, None, None, True)
+    assert TrainConfig.from_dict(c.to_dict()) == c                     # a queued request keeps "auto"
+    old = {**BASE, "mixed_precision": "no", "gradient_checkpointing": False, "optimizer": "adamw"}   # runs before auto
+    write_config(tmp_path, TrainConfig(**old), {"family": "sd1"})
+    again, _ = read_config(tmp_path)
+    assert (again.mixed_precision, again.gradient_checkpointing, again.optimizer) == ("no", False, "adamw")
+    assert again.recipe_differences(TrainConfig(**old, resume=True)) == []

@@ -326,9 +326,60 @@ def test_class_images_are_cached_and_reused(root, subject, tmp_path):
 
 
 def test_adamw8bit_without_bitsandbytes_is_a_clear_error(root, subject, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: bitsandbytes may work here")
     config = run_config(root, subject, tmp_path, "sd15", optimizer="adamw8bit")
-    with pytest.raises(RuntimeError, match="--optimizer adamw"):
+    with pytest.raises(ValueError, match="--optimizer adamw"):
         train(config)
+    assert not (tmp_path / "run").exists()                     # refused before the run folder was made
+
+
+def test_device_settings_are_resolved_and_written(root, subject, tmp_path):
+    """"auto" fields resolved for this machine before the Accelerator, written to config.json,
+    reported as the first event with the memory estimate."""
+    from dorabooth.devices import detect_device
+
+    events = []
+    config = run_config(root, subject, tmp_path, "sdxl", steps=1)
+    assert (config.mixed_precision, config.gradient_checkpointing, config.optimizer) == (None, None, None)
+    train(config, on_event=events.append)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    device = events[0]
+    assert device["type"] == "device" and device["auto"] == ["gradient_checkpointing", "mixed_precision", "optimizer"]
+    expected = {"cuda": "bf16" if detect_device().bf16 else "fp16"}.get(detect_device().kind, "no")
+    assert (saved["mixed_precision"], saved["gradient_checkpointing"]) == (expected, False)    # tiny model: toy preset
+    assert saved["optimizer"] == device["optimizer"] and device["memory_estimate"]["total"] > 0
+
+
+def test_emulated_half_precision_warns_once(root, subject, tmp_path, monkeypatch):
+    """bf16 asked for on a CPU without bf16 instructions: one warning event, one Python warning."""
+    import warnings
+
+    from dorabooth.devices import DeviceInfo, EmulatedPrecisionWarning
+
+    old_cpu = DeviceInfo("cpu", "CPU (AVX2)", 8 * 2**30, bf16=False, fp16=False, adamw8bit_problem="needs CUDA")
+    monkeypatch.setattr(sys.modules["dorabooth.train"], "detect_device", lambda: old_cpu)
+    events = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(run_config(root, subject, tmp_path, "sd15", steps=2, mixed_precision="bf16"), on_event=events.append)
+    messages = [e["message"] for e in events if e["type"] == "warning"]
+    assert len(messages) == 1 and "bf16 on this CPU is emulated and slow" in messages[0]
+    assert [str(w.message) for w in caught if w.category is EmulatedPrecisionWarning] == messages
+
+
+def test_resume_of_a_run_written_before_auto_defaults(root, subject, tmp_path):
+    """A config.json from before "auto" holds concrete device values; --resume keeps them."""
+    config = run_config(root, subject, tmp_path, "sd15", steps=1)
+    train(config)
+    path = tmp_path / "run" / "config.json"
+    data = json.loads(path.read_text())
+    data["config"].update(mixed_precision="no", gradient_checkpointing=True, optimizer="adamw")   # as old runs wrote
+    path.write_text(json.dumps(data))
+    resumed = TrainConfig(**{**config.to_dict(), "steps": 2, "resume": True})     # device fields still "auto"
+    assert train(resumed).step == 2
+    saved = json.loads(path.read_text())["config"]
+    assert (saved["mixed_precision"], saved["gradient_checkpointing"], saved["optimizer"]) == ("no", True, "adamw")
 
 
 def test_two_processes_with_accelerate_launch(root, subject, tmp_path):

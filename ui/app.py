@@ -156,6 +156,7 @@ def _train_tab(ctx: h.Context, c) -> None:
                                  "at the same size. DoRA† uses half the rank: a smaller file.")
         c.use = gr.Radio(label="Where will you use the adapter?", choices=list(h.USES), value="diffusers / Python")
     gr.Markdown(USE_HELP)
+    c.device = gr.HTML(_device_html(ctx, h.TrainSettings()), elem_id="db-device")
     with gr.Accordion("Advanced settings", open=False, elem_id="db-advanced"):
         with gr.Row():
             c.steps = gr.Number(label="Steps", value=preset["steps"], precision=0, minimum=1, elem_id="db-steps")
@@ -173,6 +174,20 @@ def _train_tab(ctx: h.Context, c) -> None:
         c.instance_prompt = gr.Textbox(label="Training prompt", placeholder="(empty: a photo of <token> <class noun>)",
                                        info="What each photo is captioned with while training; it must contain "
                                             "the token.")
+        auto = h.device_view(ctx, h.TrainSettings()).auto
+        with gr.Row():
+            c.precision = gr.Radio(label="Precision", value="auto", elem_id="db-precision",
+                                   choices=[(f"auto ({views.PRECISION_NAMES.get(auto.get('precision'), '?')})", "auto"),
+                                            ("fp32", "no"), ("fp16", "fp16"), ("bf16", "bf16")],
+                                   info="bf16/fp16 halve the frozen weights and most activations on a GPU.")
+            c.checkpointing = gr.Radio(label="Gradient checkpointing", value="auto", elem_id="db-checkpointing",
+                                       choices=[(f"auto ({auto.get('checkpointing', '?')})", "auto"), ("on", "on"),
+                                                ("off", "off")],
+                                       info="Less memory for about a third more time per step.")
+            c.optimizer = gr.Radio(label="Optimizer", value="auto", elem_id="db-optimizer",
+                                   choices=[(f"auto ({views.OPTIMIZER_NAMES.get(auto.get('optimizer'), '?')})", "auto"),
+                                            ("AdamW", "adamw"), ("8-bit AdamW", "adamw8bit")],
+                                   info="8-bit AdamW (bitsandbytes, CUDA) keeps a quarter of the optimizer state.")
     with gr.Row():
         c.start = gr.Button("Start training", variant="primary", elem_id="db-start")
         c.stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="db-stop")
@@ -338,8 +353,19 @@ def _wire_train(ctx: h.Context, c) -> None:
     c.preset.input(on_preset, c.preset, [c.steps, c.rank, c.lr])
 
     @shown
+    def on_device_choice(method, rank, prior, text_encoders, precision, checkpointing, optimizer):
+        settings = h.TrainSettings(method=method, rank=_int(rank, "rank"), prior_preservation=prior,
+                                   train_text_encoders=text_encoders, precision=precision,
+                                   checkpointing=checkpointing, optimizer=optimizer)
+        return views.device_html(h.device_view(ctx, settings))
+
+    device_inputs = [c.method, c.rank, c.prior, c.text_encoders, c.precision, c.checkpointing, c.optimizer]
+    for box in device_inputs:                      # what the estimate depends on
+        box.change(on_device_choice, device_inputs, c.device, show_progress="hidden")
+
+    @shown
     def on_start(name, token, class_noun, preset, method, use, steps, rank, lr, seed, prior, class_images,
-                 text_encoders, instance_prompt):
+                 text_encoders, instance_prompt, precision, checkpointing, optimizer):
         if not (name or "").strip():
             raise UserError("name the subject and upload photos on the Subject tab first")
         subject = h.save_subject(ctx, name, token, class_noun, instance_prompt or "")
@@ -347,12 +373,14 @@ def _wire_train(ctx: h.Context, c) -> None:
                                    steps=_int(steps, "steps"), lr=_float(lr, "learning rate"),
                                    prior_preservation=prior, class_images=_int(class_images, "class images"),
                                    train_text_encoders=text_encoders, seed=_int(seed, "seed") or 0,
-                                   instance_prompt=instance_prompt)
+                                   instance_prompt=instance_prompt, precision=precision,
+                                   checkpointing=checkpointing, optimizer=optimizer)
         ref = h.start_training(ctx, subject.name, settings)
         return gr.update(choices=h.list_runs(ctx, subject.name), value=ref), None
 
     c.start.click(on_start, [c.subject, c.token, c.class_noun, c.preset, c.method, c.use, c.steps, c.rank, c.lr,
-                             c.seed, c.prior, c.class_images, c.text_encoders, c.instance_prompt], [c.run, c.seen])
+                             c.seed, c.prior, c.class_images, c.text_encoders, c.instance_prompt, c.precision,
+                             c.checkpointing, c.optimizer], [c.run, c.seen])
 
     @shown
     def on_stop(ref):
@@ -468,6 +496,10 @@ def _export_suggestion(ctx: h.Context, ref: str | None):
         return gr.skip(), ""
     fmt, hint = h.suggested_export(ctx, ref)
     return fmt, f'<div class="db-details">{escape(hint)}</div>'
+
+
+def _device_html(ctx: h.Context, settings: h.TrainSettings) -> str:
+    return views.device_html(h.device_view(ctx, settings))
 
 
 def _preset_info(ctx: h.Context) -> str:

@@ -17,10 +17,11 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 from dorabooth import rundir as rd
 from dorabooth.config import TrainConfig
+from dorabooth.devices import DeviceInfo
+from dorabooth.specs import ModelSpec
 from dorabooth.models import asset_dir
 
 from . import runs
@@ -46,7 +47,8 @@ class ModelInfo:
     resolution: int              # training / generation side in px
     defaults: dict               # steps, lr, rank, num_class_images (the trainer's family defaults)
     generate: dict               # steps, guidance
-    device: str                  # "CPU" or the GPU's name
+    device: str                  # "CPU (…)" or the GPU's name
+    spec: ModelSpec | None = field(default=None, repr=False, compare=False)   # the configs it was read from
 
     @property
     def label(self) -> str:
@@ -54,54 +56,20 @@ class ModelInfo:
         return f"{name} ({self.family.upper()} architecture, {self.resolution} px) on {self.device}"
 
 
-class _Config(dict):
-    """A component config read from JSON, with attribute access like diffusers' FrozenDict."""
+def describe_model(model: str | None, model_config: str | None = None, device: DeviceInfo | None = None) -> ModelInfo:
+    """Family, resolution and the trainer's defaults for ``model`` (None = the embedded toy),
+    from its configs alone (``dorabooth.specs.model_spec``): no weight is loaded."""
+    from dorabooth.devices import detect_device
+    from dorabooth.families import generate_defaults
+    from dorabooth.specs import model_spec
 
-    __getattr__ = dict.get
-
-
-def _config_view(folder: Path):
-    """A stand-in pipeline with only the configs, so a model can be described without loading
-    gigabytes of weights (the family and its defaults depend on configs alone)."""
-    index = json.loads((folder / "model_index.json").read_text())
-    view = SimpleNamespace()
-    for name, file in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
-                       ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json")):
-        path = folder / name / file
-        present = isinstance(index.get(name), list) and index[name][0] is not None and path.is_file()
-        setattr(view, name, SimpleNamespace(config=_Config(json.loads(path.read_text()))) if present else None)
-    if view.unet is None or view.vae is None:
-        raise UserError(f"{folder} has no unet/ or vae/ config; pass a Stable Diffusion or SDXL pipeline folder")
-    return view
-
-
-def describe_model(model: str | None, model_config: str | None = None) -> ModelInfo:
-    """Family, resolution and the trainer's defaults for ``model`` (None = the embedded toy).
-
-    A diffusers folder is described from its configs; other kinds are loaded on the CPU
-    (a single file with ``model_config``, the diffusers folder holding its configs).
-    """
-    from dorabooth.families import detect_family, generate_defaults, train_defaults
-    from dorabooth.models import load_pipeline, resolve_model
-
-    kind, location = resolve_model(model)
-    pipe = (_config_view(Path(location)) if kind == "folder"
-            else load_pipeline(model, single_file_config=model_config)[0])
-    family = detect_family(pipe)
-    defaults = train_defaults(family, pipe)
-    gen = generate_defaults(family, pipe)
-    return ModelInfo("toy" if model in (None, "toy", "toy-sdxl") else str(model), family.name,
+    spec = model_spec(model, model_config)
+    defaults = spec.defaults
+    gen = generate_defaults(spec.family, spec.view)
+    return ModelInfo("toy" if model in (None, "toy", "toy-sdxl") else str(model), spec.family.name,
                      int(defaults["resolution"]),
                      {k: defaults.get(k) for k in ("steps", "lr", "rank", "num_class_images", "train_text_encoders")},
-                     {"steps": gen["steps"], "guidance": gen["guidance"]}, _device_name())
-
-
-def _device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return f"GPU ({torch.cuda.get_device_name(0)})"
-    return "CPU"
+                     {"steps": gen["steps"], "guidance": gen["guidance"]}, (device or detect_device()).name, spec)
 
 
 # =============================================================================================
@@ -153,11 +121,19 @@ class Context:
     worker: TrainingWorker = None      # type: ignore[assignment]
     sessions: SessionCache = field(default_factory=SessionCache)
     _info: ModelInfo | None = None
+    _device: DeviceInfo | None = None  # the training device (detected once; tests describe one)
+
+    @property
+    def device(self) -> DeviceInfo:
+        if self._device is None:
+            from dorabooth.devices import detect_device
+            self._device = detect_device()
+        return self._device
 
     @property
     def info(self) -> ModelInfo:
         if self._info is None:
-            self._info = describe_model(self.model, self.model_config)
+            self._info = describe_model(self.model, self.model_config, self.device)
         return self._info
 
     def close(self) -> None:
@@ -166,9 +142,10 @@ class Context:
 
 
 def make_context(workspace: str | Path, model: str | None = None, *, model_config: str | None = None,
-                 samples: str | Path | None = None, train=None) -> Context:
-    """The app's state. ``train`` replaces ``dorabooth.train`` (tests)."""
-    ctx = Context(Workspace(workspace), model, model_config, Path(samples) if samples else None)
+                 samples: str | Path | None = None, train=None, device: DeviceInfo | None = None) -> Context:
+    """The app's state. ``train`` replaces ``dorabooth.train`` (tests); ``device`` describes the
+    training device instead of detecting it (tests)."""
+    ctx = Context(Workspace(workspace), model, model_config, Path(samples) if samples else None, _device=device)
     ctx.worker = TrainingWorker(train=train, before_train=ctx.sessions.release)
     return ctx
 
@@ -281,6 +258,10 @@ USES = {
     "diffusers / Python": "out",
     "ComfyUI or A1111": "in",
 }
+# The Advanced overrides of the device settings: "auto" = what dorabooth.devices resolves.
+PRECISIONS = {"auto": None, "no": "no", "fp16": "fp16", "bf16": "bf16"}
+CHECKPOINTING = {"auto": None, "on": True, "off": False}
+OPTIMIZERS = {"auto": None, "adamw": "adamw", "adamw8bit": "adamw8bit"}
 
 
 @dataclass
@@ -298,6 +279,9 @@ class TrainSettings:
     train_text_encoders: bool | None = None    # None: the family default
     seed: int = 0
     instance_prompt: str | None = None     # default "a photo of <token> <class noun>"
+    precision: str = "auto"                # auto | no | fp16 | bf16 (PRECISIONS)
+    checkpointing: str = "auto"            # auto | on | off
+    optimizer: str = "auto"                # auto | adamw | adamw8bit
 
 
 def preset_values(ctx: Context, preset: str) -> dict:
@@ -342,36 +326,85 @@ def _duration(seconds: float) -> str:
 
 
 def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: Path):
-    """The TrainConfig for a run of ``subject_name`` (validated by TrainConfig itself)."""
+    """The TrainConfig for a run of ``subject_name`` (validated by TrainConfig itself, and the
+    device settings by ``dorabooth.memory.plan_run``: e.g. bf16 on a GPU without it)."""
     subject = ctx.workspace.subject(subject_name)
     if not subject.class_noun:
         raise UserError("say what the subject is (the class noun, e.g. 'dog') on the Subject tab first")
     usable = sum(p.usable for p in ctx.workspace.photos(subject.name, resolution=ctx.info.resolution))
     if usable < MIN_IMAGES:
         raise UserError(f"{subject.name} has {usable} usable photo(s); add at least {MIN_IMAGES} on the Subject tab")
-    if settings.method not in METHOD_LABELS:
-        raise UserError(f"method {settings.method!r}: choose one of {', '.join(METHOD_LABELS)}")
-    if settings.use not in USES:
-        raise UserError(f"choose where the adapter will be used: {', '.join(USES)}")
-    preset = preset_values(ctx, settings.preset)
-    steps = int(settings.steps or preset["steps"])
     prompt = " ".join((settings.instance_prompt or "").split()) or None
     if prompt is not None and subject.token not in prompt.split():
         raise UserError(f"the training prompt must contain the token {subject.token!r}, e.g. "
                         f"'a photo of {subject.token} {subject.class_noun}'")
     # a stored class prompt (from a sample subject) only while it still names the class noun
     class_prompt = subject.class_prompt if subject.class_noun in subject.class_prompt.split() else None
-    return TrainConfig(
+    config = TrainConfig(
         images=str(subject.images), class_noun=subject.class_noun, out=str(run), token=subject.token,
         instance_prompt=prompt, class_prompt=class_prompt, model=ctx.model, model_config=ctx.model_config,
+        class_images=str(ctx.workspace.class_images(subject.name, subject.class_noun, ctx.info.id)),
+        **_recipe(ctx, settings))
+    _plan(ctx, config)
+    return config
+
+
+def _recipe(ctx: Context, settings: TrainSettings) -> dict:
+    """The TrainConfig fields the Train tab decides (preset values where a box is empty)."""
+    if settings.method not in METHOD_LABELS:
+        raise UserError(f"method {settings.method!r}: choose one of {', '.join(METHOD_LABELS)}")
+    if settings.use not in USES:
+        raise UserError(f"choose where the adapter will be used: {', '.join(USES)}")
+    for value, choices, what in ((settings.precision, PRECISIONS, "precision"),
+                                 (settings.checkpointing, CHECKPOINTING, "gradient checkpointing"),
+                                 (settings.optimizer, OPTIMIZERS, "optimizer")):
+        if value not in choices:
+            raise UserError(f"{what} {value!r}: choose one of {', '.join(choices)}")
+    preset = preset_values(ctx, settings.preset)
+    steps = int(settings.steps or preset["steps"])
+    return dict(
         **METHOD_LABELS[settings.method], magnitude_axis=USES[settings.use],
         rank=int(settings.rank or preset["rank"]), steps=steps, lr=float(settings.lr or preset["lr"]),
         prior_preservation=bool(settings.prior_preservation),
-        class_images=str(ctx.workspace.class_images(subject.name, subject.class_noun, ctx.info.id)),
         num_class_images=int(settings.class_images or preset["class_images"]),
         train_text_encoders=(preset["train_text_encoders"] if settings.train_text_encoders is None
                              else bool(settings.train_text_encoders)), seed=int(settings.seed),
-        sample_every=max(1, steps // 4))
+        sample_every=max(1, steps // 4), mixed_precision=PRECISIONS[settings.precision],
+        gradient_checkpointing=CHECKPOINTING[settings.checkpointing], optimizer=OPTIMIZERS[settings.optimizer])
+
+
+def _plan(ctx: Context, config: TrainConfig):
+    from dorabooth.memory import plan_run
+
+    return plan_run(config, ctx.info.spec, ctx.device)
+
+
+@dataclass
+class DeviceView:
+    """What the Train tab shows about the device: the resolved settings (the same resolver the
+    trainer uses), what "auto" means for each override, the memory estimate, or why the
+    chosen settings cannot run."""
+
+    device: str
+    settings: object = None            # dorabooth.devices.DeviceSettings (None with a problem)
+    estimate: object = None            # dorabooth.memory.MemoryEstimate
+    auto: dict = field(default_factory=dict)      # field → the value "auto" resolves to
+    problem: str = ""
+
+
+def device_view(ctx: Context, settings: TrainSettings) -> DeviceView:
+    """The device settings and memory estimate for the Train tab's current choices."""
+    draft = TrainConfig(images="subject", class_noun="subject", out="run", model=ctx.model,
+                        model_config=ctx.model_config, **_recipe(ctx, settings))
+    auto_values: dict = {}
+    try:
+        auto = _plan(ctx, replace(draft, mixed_precision=None, gradient_checkpointing=None, optimizer=None)).settings
+        auto_values = {"precision": auto.mixed_precision, "optimizer": auto.optimizer,
+                       "checkpointing": "on" if auto.gradient_checkpointing else "off"}
+        plan = _plan(ctx, draft)
+    except ValueError as e:                  # e.g. bf16 on a GPU without it, a rank too large for a layer
+        return DeviceView(ctx.device.label, auto=auto_values, problem=str(e))
+    return DeviceView(ctx.device.label, plan.settings, plan.estimate, auto_values)
 
 
 def start_training(ctx: Context, subject_name: str, settings: TrainSettings) -> str:

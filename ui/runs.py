@@ -37,6 +37,7 @@ class RunStatus:
     losses: list[tuple[int, float]] = field(default_factory=list)   # (step, loss), one per step
     samples: list[tuple[int, list[str]]] = field(default_factory=list)  # (step, png paths), oldest first
     skipped: list[tuple[str, str]] = field(default_factory=list)    # (file, reason)
+    warnings: list[str] = field(default_factory=list)               # e.g. bf16 emulated on this CPU
     message: str = ""                     # error text, or why a run stopped
     seconds: float | None = None          # training time of a finished run
     checkpoint: int | None = None         # newest checkpoint step
@@ -127,6 +128,8 @@ def read_status(run: str | Path, position: int | None = None) -> RunStatus:
             status.checkpoint = e.get("step")
         elif kind == "skip":
             status.skipped.append((e.get("path", "?"), e.get("reason", "")))
+        elif kind == "warning" and e.get("message") not in status.warnings:
+            status.warnings.append(e.get("message", ""))
         elif kind == "done":
             phase, status.seconds = FINISHED, e.get("seconds")
             status.step = e.get("steps", status.step)

@@ -69,6 +69,34 @@ def _bar(state: str, fraction: float | None, text: str) -> str:
             f'<div class="db-track">{inner}</div><div class="db-progress-text">{text}</div></div>')
 
 
+PRECISION_NAMES = {"no": "fp32", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}
+OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit": "8-bit AdamW"}
+
+
+def device_html(view) -> str:
+    """The resolved device settings (``handlers.DeviceView``): one line, the reasons, warnings."""
+    if view.problem:
+        return (f'<div class="db-warn" data-device-problem="1">These settings cannot run on '
+                f'{escape(view.device)}: {escape(view.problem)}</div>')
+    s, e = view.settings, view.estimate
+    memory = f"{e.total / 2**30:.1f} GiB" if e.total >= 2**30 else f"{e.total / 2**20:.0f} MiB"
+    of = f" of {e.device_memory / 2**30:.0f} GiB" if e.device_memory else ""
+    parts = [f"<b>{PRECISION_NAMES[s.mixed_precision]}</b>", f"VAE {s.vae_dtype}",
+             f"gradient checkpointing <b>{'on' if s.gradient_checkpointing else 'off'}</b>",
+             f"<b>{OPTIMIZER_NAMES[s.optimizer]}</b>", "latents cached" if s.cache_latents else "latents not cached",
+             f"estimated peak memory <b>{memory}</b>{of}"]
+    attrs = (f'data-precision="{s.mixed_precision}" data-checkpointing="{str(s.gradient_checkpointing).lower()}" '
+             f'data-optimizer="{s.optimizer}" data-vae="{s.vae_dtype}"')
+    reasons = "".join(f"<li>{escape(r)}</li>" for r in s.reasons)
+    html = (f'<div class="db-details" {attrs}>Training on <b>{escape(view.device)}</b>: {" · ".join(parts)} '
+            f'<details><summary>Why these settings</summary><ul>{reasons}</ul>'
+            f'<pre>{escape(e.table())}</pre></details></div>')
+    if e.device_memory and e.total > e.device_memory:
+        html += ('<div class="db-warn">The estimate is over this device\'s memory: lower the rank, turn gradient '
+                 'checkpointing on, or train without the text encoders.</div>')
+    return html + "".join(f'<div class="db-warn">{escape(w)}</div>' for w in s.warnings)
+
+
 def run_details_html(status: RunStatus | None) -> str:
     """One line with the run's settings, and any photos the trainer skipped."""
     if status is None or not status.settings:
@@ -80,8 +108,12 @@ def run_details_html(status: RunStatus | None) -> str:
              f"rank {s.get('rank', '?')}", f"{s.get('steps', '?')} steps", f"learning rate {s.get('lr', '?')}",
              "prior preservation " + ("on" if s.get("prior_preservation") else "off"),
              "text encoders " + ("trained" if s.get("train_text_encoders") else "frozen"),
+             *([PRECISION_NAMES.get(s["mixed_precision"], s["mixed_precision"]),
+                "gradient checkpointing " + ("on" if s.get("gradient_checkpointing") else "off"),
+                OPTIMIZER_NAMES.get(s.get("optimizer"), str(s.get("optimizer")))] if s.get("mixed_precision") else []),
              f"prompt “{escape(status.instance_prompt)}”"]
     html = f'<div class="db-details">{" · ".join(parts)}</div>'
+    html += "".join(f'<div class="db-warn">{escape(w)}</div>' for w in status.warnings)
     if status.skipped:
         items = "".join(f"<li><b>{escape(f)}</b>: {escape(r)}</li>" for f, r in status.skipped)
         html += f'<div class="db-warn">The trainer skipped these photos:<ul>{items}</ul></div>'

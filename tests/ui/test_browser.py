@@ -6,6 +6,7 @@ person can look at the page. The app starts as `dorabooth-ui` would, on a free p
 SDXL-architecture test model; training is 4 steps at 32 px.
 """
 
+import json
 import os
 import re
 import socket
@@ -116,7 +117,14 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
 
     # ---- Train: 4 steps, no prior preservation, wait for the bar to finish ------------------
     _tab(page, "Train")
+    device = page.locator("#db-device")                                     # the resolver's settings, shown
+    assert re.search(r"Training on .+: .+ · VAE fp32 · gradient checkpointing off · .+ · estimated peak memory",
+                     device.inner_text())
     page.get_by_text("Advanced settings").click()
+    page.locator("#db-checkpointing label", has_text=re.compile(r"^\s*on\s*$")).click()    # override "auto (off)"
+    page.wait_for_function("document.querySelector('#db-device [data-checkpointing]')?.dataset.checkpointing"
+                           " == 'true'", timeout=10_000)
+    assert "gradient checkpointing on" in device.inner_text()
     balanced = page.locator("#db-steps input").input_value()
     page.locator("#db-preset label", has_text="Quick").click()              # a preset fills in its steps
     page.wait_for_function(f"document.querySelector('#db-steps input').value != '{balanced}'", timeout=30_000)
@@ -130,6 +138,8 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     page.wait_for_selector("#db-previews img", timeout=10_000)
     ref = "rex-the-dog/001-dora-quick"
     assert ref in page.locator("#db-run input").input_value()
+    saved = json.loads((workspace / "rex-the-dog" / "runs" / "001-dora-quick" / "config.json").read_text())
+    assert saved["config"]["gradient_checkpointing"] is True                 # the override reached the run
     _shot(page, "2-train")
 
     # ---- Generate: one image appears in the gallery and on disk ----------------------------

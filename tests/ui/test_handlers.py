@@ -272,6 +272,43 @@ def test_presets_give_real_step_counts(fake):
     assert labels[0] == f"Quick — {round(steps / 2)} steps"        # no time until one run was measured
 
 
+# ---- the device settings the Train tab shows ----------------------------------------------------
+def test_train_tab_shows_the_resolved_device_settings(fake, tiny_model, tmp_path):
+    from dorabooth.devices import DeviceInfo
+
+    ctx, _ = fake
+    view = h.device_view(ctx, h.TrainSettings())                  # this machine, the toy preset
+    assert view.settings.gradient_checkpointing is False and view.auto["checkpointing"] == "off"
+    assert view.settings.vae_dtype == "fp32" and view.estimate.total > 0
+    html = views.device_html(view)
+    assert 'data-checkpointing="false"' in html and "estimated peak memory" in html and "Why these settings" in html
+    on = h.device_view(ctx, h.TrainSettings(checkpointing="on"))
+    assert on.settings.gradient_checkpointing is True and on.auto["checkpointing"] == "off"   # auto is still off
+
+    t4 = DeviceInfo("cuda", "Tesla T4", 15 * 2**30, bf16=False, fp16=True, adamw8bit_problem=None)
+    gpu = h.make_context(tmp_path / "ws-gpu", tiny_model, device=t4)
+    try:
+        assert "on Tesla T4" in gpu.info.label
+        view = h.device_view(gpu, h.TrainSettings())
+        assert (view.settings.mixed_precision, view.settings.optimizer) == ("fp16", "adamw8bit")
+        assert view.auto == {"precision": "fp16", "checkpointing": "off", "optimizer": "adamw8bit"}
+        assert 'data-precision="fp16"' in views.device_html(view) and "8-bit AdamW" in views.device_html(view)
+        refused = h.device_view(gpu, h.TrainSettings(precision="bf16"))
+        assert "has no bf16 support" in refused.problem and refused.auto["precision"] == "fp16"
+        assert "cannot run on Tesla T4" in views.device_html(refused)
+        h.upload_photos(gpu, "rex", make_photos(tmp_path / "up-gpu"), "sks", "dog")
+        run = gpu.workspace.new_run("rex", "check")
+        config = h.build_config(gpu, "rex", h.TrainSettings(precision="no", optimizer="adamw", checkpointing="on"), run)
+        assert (config.mixed_precision, config.optimizer, config.gradient_checkpointing) == ("no", "adamw", True)
+        assert h.build_config(gpu, "rex", h.TrainSettings(), run).mixed_precision is None        # auto until it runs
+        with pytest.raises(ValueError, match="no bf16 support"):
+            h.build_config(gpu, "rex", h.TrainSettings(precision="bf16"), run)
+        with pytest.raises(UserError, match="precision 'fp8'"):
+            h.device_view(gpu, h.TrainSettings(precision="fp8"))
+    finally:
+        gpu.close()
+
+
 # ---- a real run on the tiny model: train, generate, export, analyse -------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_model):
@@ -280,7 +317,7 @@ def trained(tmp_path_factory, tiny_model):
     view = h.upload_photos(ctx, "Rex", make_photos(root / "up"), "sks", "dog")
     assert view.name == "rex" and view.ready and len(view.previews) == 3
     assert Image.open(view.previews[0][0]).size == (256, 256)      # 32 px crop, enlarged for display
-    ref = h.start_training(ctx, "rex", h.TrainSettings(preset="quick", steps=2, class_images=2))
+    ref = h.start_training(ctx, "rex", h.TrainSettings(preset="quick", steps=2, class_images=2, checkpointing="on"))
     yield ctx, ref, _wait(ctx, ref)
     ctx.close()
 
@@ -291,6 +328,9 @@ def test_training_runs_in_the_background_and_finishes(trained):
     assert status.step == 2 and len(status.losses) == 2 and status.samples
     run = ctx.workspace.run(ref)
     assert (run / "adapter.safetensors").is_file() and (run / "config.json").is_file()
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["gradient_checkpointing"] is True and saved["mixed_precision"] in ("no", "bf16", "fp16")  # resolved
+    assert "gradient checkpointing on" in views.run_details_html(status)
     assert len(list((ctx.workspace.root / "rex" / "class-images" / "dog").glob("model-*/*.png"))) == 2  # prior
     assert h.list_runs(ctx, finished_only=True) == [(f"{ref} · DoRA, 2 steps", ref)]
     assert "steps, about" in h.preset_choices(ctx)[0][0]           # measured on this machine now

@@ -1,0 +1,266 @@
+"""A run planned before any weight is loaded, and its peak accelerator memory.
+
+:func:`plan_run` takes a config, the base model's :class:`~dorabooth.specs.ModelSpec` (its
+configs) and a :class:`~dorabooth.devices.DeviceInfo`, fills in the family defaults and the
+device settings and estimates the peak memory of one training step; the trainer,
+``dorabooth train --dry-run`` and the app's Train tab all go through it.
+
+The estimate (:func:`estimate_memory`; also in docs/training.md), in bytes:
+
+    frozen weights      Σ_components P_c · bytes(dtype_c)     UNet and text encoders in the weight dtype
+                                                              (fp32, or fp16/bf16 with mixed precision; the
+                                                              trained ones fp32 with --method full), VAE fp32
+    trainable (fp32)    4 · N                                 N = trainable parameters: per adapted Linear
+                                                              (out, in): r·(in + out) + out (DoRA, axis out)
+                                                              or + in (axis in); LoRA r·(in + out); full: all
+    gradients (fp32)    4 · N
+    optimizer state     8 · N  (AdamW: m and v in fp32)  or  2 · N  (8-bit AdamW)
+    activations         B · (a + b · h·w) · f  +  B · Σ_te c_te · f   (the second term only when text
+                                                              encoders train)
+
+with ``B`` = UNet batch items per micro-batch (``batch_size``, doubled by prior
+preservation), ``h·w`` = latent pixels ((resolution / 8)²), ``a``, ``b`` measured per family
+with and without gradient checkpointing (``ACTIVATIONS``), ``c_te`` per text encoder
+(``TEXT_ENCODER_ACTIVATIONS``), and ``f`` = 1 in fp32 or the measured half-precision ratio
+(``HALF_PRECISION_ACTIVATIONS``). Not included: the CUDA context and allocator slack (about
+0.5–1 GB on a GPU), the transient of the VAE decoding sample images, and cached latents (they
+stay on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+
+from .config import DEVICE_FIELDS, TrainConfig
+from .devices import DTYPE_BYTES, DeviceInfo, DeviceSettings, resolve_device_settings
+from .specs import PUBLISHED, ModelSpec, trainable_parameters
+
+# ---- measured activation terms (bench/activation_memory.py; docs/training.md has the table) ---
+# Activation bytes of one UNet training step, one batch item, fp32, DoRA r=16 on "attn", without /
+# with gradient checkpointing, by resolution: peak RSS − RSS before the step − gradient bytes, on
+# the full-size fixtures (torch 2.13 CPU, SDPA attention), 2026-11-30. The curve through the
+# three points of each row gives a, b, c of a + b·x + c·x², x = latent pixels: the growth is
+# faster than linear (a line through 256 and 512 px fell 38 % short of SDXL at 1024 px).
+MEASURED_UNET: dict[str, dict[bool, dict[int, int]]] = {
+    "sd1": {False: {256: 580_544_512, 512: 1_946_728_448, 640: 3_157_211_136},
+            True: {256: 346_892_288, 512: 1_030_125_568, 640: 1_723_750_400}},
+    "sd2": {False: {256: 418_269_184, 512: 1_950_537_728, 768: 4_237_588_480},
+            True: {256: 412_690_432, 512: 969_795_584, 768: 2_169_817_088}},
+    "sdxl": {False: {256: 916_254_720, 512: 3_395_264_512},
+             True: {256: 447_827_968, 512: 1_021_927_424, 1024: 5_326_082_048}},
+}
+
+
+def _curve(points: dict[int, int]) -> tuple[float, float, float]:
+    """(a, b, c) of the polynomial a + b·x + c·x² (x = latent pixels, (px / 8)²) through three
+    (resolution → bytes) points; through two points, the line (c = 0)."""
+    xs = [(r // 8) ** 2 for r in sorted(points)]
+    ys = [points[r] for r in sorted(points)]
+    if len(xs) == 2:
+        b = (ys[1] - ys[0]) / (xs[1] - xs[0])
+        return ys[0] - b * xs[0], b, 0.0
+    (x0, x1, x2), (y0, y1, y2) = xs, ys                  # Newton's divided differences
+    d01, d12 = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)
+    c = (d12 - d01) / (x2 - x0)
+    b = d01 - c * (x0 + x1)
+    return y0 - b * x0 - c * x0 * x0, b, c
+
+
+ACTIVATIONS: dict[str, dict[bool, tuple[float, float, float]]] = {
+    family: {ckpt: _curve(points) for ckpt, points in by_ckpt.items()} for family, by_ckpt in MEASURED_UNET.items()}
+# A text encoder's activations while it trains (DoRA r=16 on q/k/v/out_proj), 77 tokens, fp32,
+# measured the same way with a batch of 4 (sd15's CLIP-L, sd21's OpenCLIP-H, sdxl's bigG), without /
+# with gradient checkpointing; per batch item = bytes / 4.
+MEASURED_TEXT_ENCODERS: dict[str, dict[bool, int]] = {
+    "clip-l": {False: 246_681_600, True: 169_283_584},
+    "openclip-h": {False: 392_048_640, True: 211_922_944},
+    "openclip-bigg": {False: 721_682_432, True: 427_905_024},
+}
+TEXT_ENCODER_ACTIVATIONS: dict[str, dict[bool, float]] = {
+    name: {ckpt: n / 4 for ckpt, n in by_ckpt.items()} for name, by_ckpt in MEASURED_TEXT_ENCODERS.items()}
+# bf16 (CPU autocast, frozen weights bf16) / fp32 activations on SD 1.5 at 512 px: 0.506 without and
+# 0.497 with gradient checkpointing (0.54 / 0.68 at 256 px, where the constant part weighs more);
+# fp16 is taken to be the same (same element size, same autocast op lists on CUDA).
+HALF_PRECISION_ACTIVATIONS = 0.50
+_TEXT_ENCODERS = {"clip-l": (768, 12), "openclip-h": (1024, 23), "openclip-bigg": (1280, 32)}
+
+
+# =============================================================================================
+# The estimate
+# =============================================================================================
+@dataclass(frozen=True)
+class MemoryTerm:
+    name: str
+    bytes: int
+    formula: str                   # how the number was made, in the words of the module docstring
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    terms: tuple[MemoryTerm, ...]
+    device_memory: int | None = None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+    def table(self) -> str:
+        """The terms as an aligned text table (what --dry-run prints)."""
+        width = max(len(t.name) for t in self.terms)
+        lines = [f"  {t.name:<{width}}  {_gib(t.bytes):>10}  {t.formula}" for t in self.terms]
+        lines.append(f"  {'total':<{width}}  {_gib(self.total):>10}")
+        if self.device_memory:
+            share = self.total / self.device_memory
+            lines.append(f"  {'device':<{width}}  {_gib(self.device_memory):>10}  "
+                         f"{share:.0%} of it" + ("  ← over: lower --resolution / --batch-size, or turn on "
+                                                 "--gradient-checkpointing" if share > 1 else ""))
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+    def to_dict(self) -> dict:
+        return {"terms": {t.name: t.bytes for t in self.terms}, "total": self.total,
+                "device_memory": self.device_memory, "notes": list(self.notes)}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}k"
+
+
+def estimate_memory(spec: ModelSpec, config: TrainConfig, settings: DeviceSettings,
+                    device_memory: int | None = None) -> MemoryEstimate:
+    """Peak memory of one training step for a resolved ``config`` on ``settings`` (module
+    docstring: the formula)."""
+    trainable = trainable_parameters(spec, config)
+    n = sum(trainable.values())
+    weight_bytes = DTYPE_BYTES[settings.mixed_precision]
+    frozen, parts = 0, []
+    for component, count in spec.parameters.items():
+        if component == "vae":
+            size, dtype = DTYPE_BYTES[settings.vae_dtype], settings.vae_dtype
+        elif config.method == "full" and component in trainable:
+            continue                                   # all trainable: counted below in fp32
+        else:
+            size, dtype = weight_bytes, {"no": "fp32"}.get(settings.mixed_precision, settings.mixed_precision)
+        frozen += count * size
+        parts.append(f"{component} {_count(count)} × {dtype}")
+    state = 2 if settings.optimizer == "adamw8bit" else 8
+    acts, act_formula, notes = _activations(spec, config, settings)
+    terms = (
+        MemoryTerm("frozen weights", frozen, " + ".join(parts)),
+        MemoryTerm("trainable (fp32)", 4 * n, f"4 B × {n:,} parameters"),
+        MemoryTerm("gradients (fp32)", 4 * n, f"4 B × {n:,}"),
+        MemoryTerm("optimizer state", state * n,
+                   f"{state} B × {n:,} ({'8-bit AdamW' if state == 2 else 'AdamW m, v in fp32'})"),
+        MemoryTerm("activations", acts, act_formula),
+    )
+    return MemoryEstimate(terms, device_memory, notes)
+
+
+def unet_batch_items(config: TrainConfig) -> int:
+    """Images in one UNet forward: the subject batch, doubled by prior preservation."""
+    return config.batch_size * (2 if config.prior_preservation else 1)
+
+
+def _activations(spec: ModelSpec, config: TrainConfig, settings: DeviceSettings) -> tuple[int, str, tuple[str, ...]]:
+    family, ckpt = spec.family.name, settings.gradient_checkpointing
+    a, b, c = ACTIVATIONS[family][ckpt]
+    measured, notes = MEASURED_UNET[family][ckpt], []
+    if spec.published_architecture() is None:
+        from .testing.fullsize import CONFIGS
+
+        ref = PUBLISHED[family]
+        ratio = spec.configs["unet"]["block_out_channels"][0] / CONFIGS[ref]["unet"]["block_out_channels"][0]
+        a, b, c = a * ratio, b * ratio, c * ratio
+        notes.append(f"activations: this UNet is not the published {family.upper()} architecture; its "
+                     f"coefficients are {ref}'s scaled by the first block's width ({ratio:g}×): approximate")
+    elif not min(measured) <= config.resolution <= max(measured):
+        notes.append(f"activations: {config.resolution} px is outside the measured {min(measured)}–{max(measured)} px "
+                     f"for {family.upper()}{' with checkpointing' if ckpt else ''}: extrapolated")
+    side = config.resolution // spec.vae_scale
+    x = side * side                                              # latent pixels
+    items = unet_batch_items(config)
+    f = 1.0 if settings.mixed_precision == "no" else HALF_PRECISION_ACTIVATIONS
+    total = items * max(0.0, a + b * x + c * x * x) * f
+    formula = (f"{items} × ({_gib(a)} + {b / 2**10:.0f} KiB·x + {c:.1f} B·x²; x = {side}×{side} latent px)"
+               + (f" × {f:.2f} ({settings.mixed_precision})" if f != 1.0 else "")
+               + (", checkpointed" if ckpt else ""))
+    if config.train_text_encoders:
+        per_item = sum(_text_encoder_activations(spec.configs[te], ckpt) for te in spec.family.text_encoders)
+        total += items * per_item * f
+        formula += f" + {items} × {_gib(per_item)} (text encoders)"
+    return int(total), formula, tuple(notes)
+
+
+def _text_encoder_activations(config: dict, ckpt: bool) -> float:
+    """Per batch item: the measured encoder of the same width and depth, else CLIP-L's scaled
+    by hidden size × layers."""
+    shape = (config.get("hidden_size"), config.get("num_hidden_layers"))
+    for name, known in _TEXT_ENCODERS.items():
+        if known == shape:
+            return TEXT_ENCODER_ACTIVATIONS[name][ckpt]
+    width, layers = _TEXT_ENCODERS["clip-l"]
+    return TEXT_ENCODER_ACTIVATIONS["clip-l"][ckpt] * (shape[0] * shape[1]) / (width * layers)
+
+
+# =============================================================================================
+# The plan: what a run will use, before it loads a weight
+# =============================================================================================
+@dataclass(frozen=True)
+class RunPlan:
+    config: TrainConfig                 # family defaults and device settings filled in
+    spec: ModelSpec
+    device: DeviceInfo
+    settings: DeviceSettings
+    estimate: MemoryEstimate
+
+    def to_dict(self) -> dict:
+        return {"config": self.config.to_dict(), "family": self.spec.family.name, "preset": self.spec.preset,
+                "model_configs": self.spec.source, "device": self.settings.to_dict(),
+                "memory_estimate": self.estimate.to_dict()}
+
+    def describe(self) -> str:
+        """What ``dorabooth train --dry-run`` prints."""
+        c, s = self.config, self.settings
+        rows = [("mixed precision", s.mixed_precision, "mixed_precision"), ("VAE", s.vae_dtype, None),
+                ("gradient checkpointing", "on" if s.gradient_checkpointing else "off", "gradient_checkpointing"),
+                ("optimizer", s.optimizer, "optimizer"), ("cache latents", "on" if s.cache_latents else "off", None)]
+        side = c.resolution
+        lines = ["dry run: no weight loaded, nothing written",
+                 f"base model: {c.model or 'the embedded toy model'} — {self.spec.family.name} "
+                 f"(preset {self.spec.preset}), from {self.spec.source}",
+                 f"device: {s.device}", "device settings:"]
+        lines += [f"  {name:<23} {value:<10} {'auto' if key in s.auto else 'given' if key else ''}"
+                  for name, value, key in rows]
+        lines += [f"  - {r}" for r in s.reasons] + [f"  warning: {w}" for w in s.warnings]
+        lines += ["resolved config (RUN_DIR/config.json):",
+                  *("  " + line for line in json.dumps(c.to_dict(), indent=2).splitlines()),
+                  f"peak memory estimate, one training step at {side}×{side} px, {unet_batch_items(c)} image(s) per "
+                  f"UNet batch ({c.method}, rank {c.effective_rank}):", self.estimate.table()]
+        return "\n".join(lines)
+
+
+def plan_run(config: TrainConfig, spec: ModelSpec, device: DeviceInfo) -> RunPlan:
+    """Family defaults, then the device settings (gradient checkpointing from the estimate
+    when the preset does not decide it), then the estimate for what was chosen."""
+    resolved = config.with_defaults(spec.defaults)
+    multiple = spec.size_multiple
+    if resolved.resolution % multiple:
+        raise ValueError(f"resolution {resolved.resolution} is not a multiple of {multiple} for this model; "
+                         f"use e.g. {max(multiple, resolved.resolution // multiple * multiple)}")
+    settings = resolve_device_settings(resolved, spec.preset, device)
+    if config.gradient_checkpointing is None and not settings.gradient_checkpointing and device.memory:
+        without = estimate_memory(spec, settings.apply(resolved), settings).total
+        settings = resolve_device_settings(resolved, spec.preset, device, without)
+    final = settings.apply(resolved)
+    return RunPlan(final, spec, device, settings, estimate_memory(spec, final, settings, device.memory))
+
+
+def fill_from_run(config: TrainConfig, previous: TrainConfig) -> TrainConfig:
+    """For --resume: the device-dependent fields left on "auto" take the run's own values."""
+    keep = {k: getattr(previous, k) for k in DEVICE_FIELDS if getattr(config, k) is None}
+    return replace(config, **keep)
