@@ -175,7 +175,7 @@ def _describe(event: dict) -> str:
     if kind == "warning":
         return f"warning: {event['message']}"
     if kind == "device":
-        estimate = (event.get("memory_estimate") or {}).get("total")
+        estimate = (event.get("memory_estimate") or {}).get("peak")
         return (f"device {event['device']}: mixed precision {event['mixed_precision']}, gradient checkpointing "
                 f"{'on' if event['gradient_checkpointing'] else 'off'}, {event['optimizer']}"
                 + (f", estimated peak {estimate / 2**30:.1f} GiB" if estimate else ""))

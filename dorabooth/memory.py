@@ -15,16 +15,18 @@ The estimate (:func:`estimate_memory`; also in docs/training.md), in bytes:
                                                               or + in (axis in); LoRA r·(in + out); full: all
     gradients (fp32)    4 · N
     optimizer state     8 · N  (AdamW: m and v in fp32)  or  2 · N  (8-bit AdamW)
-    activations         B · (a + b · h·w) · f  +  B · Σ_te c_te · f   (the second term only when text
-                                                              encoders train)
+    activations         B · (a + b·x + c·x²) · f  +  B · Σ_te c_te · f   (the second term only when
+                                                              text encoders train)
 
 with ``B`` = UNet batch items per micro-batch (``batch_size``, doubled by prior
-preservation), ``h·w`` = latent pixels ((resolution / 8)²), ``a``, ``b`` measured per family
-with and without gradient checkpointing (``ACTIVATIONS``), ``c_te`` per text encoder
+preservation), ``x`` = latent pixels ((resolution / 8)²), ``a``, ``b``, ``c`` from the curve
+through three measured resolutions per family, with and without gradient checkpointing
+(``MEASURED_UNET`` → ``ACTIVATIONS``), ``c_te`` per text encoder
 (``TEXT_ENCODER_ACTIVATIONS``), and ``f`` = 1 in fp32 or the measured half-precision ratio
 (``HALF_PRECISION_ACTIVATIONS``). Not included: the CUDA context and allocator slack (about
-0.5–1 GB on a GPU), the transient of the VAE decoding sample images, and cached latents (they
-stay on the CPU).
+0.5–1 GB on a GPU) and cached latents (they stay on the CPU). Sampling (class images before
+training, previews during it) is the other peak, reported beside the step's: frozen weights
++ trainable + optimizer state + the fp32 VAE decoding one image (``VAE_DECODE``, measured).
 """
 
 from __future__ import annotations
@@ -38,17 +40,18 @@ from .specs import PUBLISHED, ModelSpec, trainable_parameters
 
 # ---- measured activation terms (bench/activation_memory.py; docs/training.md has the table) ---
 # Activation bytes of one UNet training step, one batch item, fp32, DoRA r=16 on "attn", without /
-# with gradient checkpointing, by resolution: peak RSS − RSS before the step − gradient bytes, on
-# the full-size fixtures (torch 2.13 CPU, SDPA attention), 2026-11-30. The curve through the
-# three points of each row gives a, b, c of a + b·x + c·x², x = latent pixels: the growth is
-# faster than linear (a line through 256 and 512 px fell 38 % short of SDXL at 1024 px).
+# with gradient checkpointing, by resolution: peak RSS − RSS before the step (freed pages handed
+# back first) − gradient bytes, on the full-size fixtures (torch 2.13 CPU, SDPA attention),
+# 2026-11-30. The curve through the three points of each row gives a, b, c of a + b·x + c·x²,
+# x = latent pixels: with checkpointing the growth is faster than linear (a line through 256 and
+# 512 px fell 15 % short of SDXL at 1024 px and 18 % of SD 2.1 at 768 px).
 MEASURED_UNET: dict[str, dict[bool, dict[int, int]]] = {
-    "sd1": {False: {256: 580_544_512, 512: 1_946_728_448, 640: 3_157_211_136},
-            True: {256: 346_892_288, 512: 1_030_125_568, 640: 1_723_750_400}},
-    "sd2": {False: {256: 418_269_184, 512: 1_950_537_728, 768: 4_237_588_480},
-            True: {256: 412_690_432, 512: 969_795_584, 768: 2_169_817_088}},
-    "sdxl": {False: {256: 916_254_720, 512: 3_395_264_512},
-             True: {256: 447_827_968, 512: 1_021_927_424, 1024: 5_326_082_048}},
+    "sd1": {False: {256: 687_507_456, 512: 2_082_727_936, 640: 3_233_495_040},
+            True: {256: 420_739_072, 512: 1_221_199_872, 640: 1_785_497_600}},
+    "sd2": {False: {256: 673_708_032, 512: 2_011_326_464, 768: 4_541_528_064},
+            True: {256: 422_746_112, 512: 1_004_550_144, 768: 2_411_743_232}},
+    "sdxl": {False: {256: 1_049_075_712, 512: 3_635_748_864, 768: 7_803_883_520},
+             True: {256: 631_902_208, 512: 1_506_304_000, 1024: 5_906_800_640}},
 }
 
 
@@ -73,16 +76,21 @@ ACTIVATIONS: dict[str, dict[bool, tuple[float, float, float]]] = {
 # measured the same way with a batch of 4 (sd15's CLIP-L, sd21's OpenCLIP-H, sdxl's bigG), without /
 # with gradient checkpointing; per batch item = bytes / 4.
 MEASURED_TEXT_ENCODERS: dict[str, dict[bool, int]] = {
-    "clip-l": {False: 246_681_600, True: 169_283_584},
-    "openclip-h": {False: 392_048_640, True: 211_922_944},
-    "openclip-bigg": {False: 721_682_432, True: 427_905_024},
+    "clip-l": {False: 271_761_408, True: 160_940_032},
+    "openclip-h": {False: 450_506_752, True: 286_355_456},
+    "openclip-bigg": {False: 761_421_824, True: 434_032_640},
 }
 TEXT_ENCODER_ACTIVATIONS: dict[str, dict[bool, float]] = {
     name: {ckpt: n / 4 for ckpt, n in by_ckpt.items()} for name, by_ckpt in MEASURED_TEXT_ENCODERS.items()}
-# bf16 (CPU autocast, frozen weights bf16) / fp32 activations on SD 1.5 at 512 px: 0.506 without and
-# 0.497 with gradient checkpointing (0.54 / 0.68 at 256 px, where the constant part weighs more);
-# fp16 is taken to be the same (same element size, same autocast op lists on CUDA).
-HALF_PRECISION_ACTIVATIONS = 0.50
+# The VAE decoding one image without gradients in fp32 (class images and previews), measured the
+# same way on sd15's VAE (SD 1.x, 2.x and SDXL share its architecture), by image side; scaled by
+# parameter count for other VAEs.
+MEASURED_VAE_DECODE = {512: 1_234_747_392, 1024: 4_241_514_496}
+VAE_DECODE = _curve(MEASURED_VAE_DECODE)
+_MEASURED_VAE_PARAMETERS = 83_653_863
+# bf16 (CPU autocast, frozen weights bf16) / fp32 activations on SD 1.5 at 512 px: 0.520 without and
+# 0.494 with gradient checkpointing; fp16 is taken to be the same (same element size).
+HALF_PRECISION_ACTIVATIONS = 0.51
 _TEXT_ENCODERS = {"clip-l": (768, 12), "openclip-h": (1024, 23), "openclip-bigg": (1280, 32)}
 
 
@@ -98,28 +106,37 @@ class MemoryTerm:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    terms: tuple[MemoryTerm, ...]
+    terms: tuple[MemoryTerm, ...]           # of one training step; they add up to ``total``
     device_memory: int | None = None
     notes: tuple[str, ...] = ()
+    sampling: MemoryTerm | None = None      # the other peak: decoding a class/preview image
+    advice: str = ""                        # what to change when the peak is over the device's memory
 
     @property
     def total(self) -> int:
         return sum(t.bytes for t in self.terms)
 
+    @property
+    def peak(self) -> int:
+        """The larger of the training step and sampling."""
+        return max(self.total, self.sampling.bytes if self.sampling else 0)
+
     def table(self) -> str:
         """The terms as an aligned text table (what --dry-run prints)."""
         width = max(len(t.name) for t in self.terms)
         lines = [f"  {t.name:<{width}}  {_gib(t.bytes):>10}  {t.formula}" for t in self.terms]
-        lines.append(f"  {'total':<{width}}  {_gib(self.total):>10}")
+        lines.append(f"  {'total':<{width}}  {_gib(self.total):>10}  one training step")
+        if self.sampling:
+            lines.append(f"  {self.sampling.name:<{width}}  {_gib(self.sampling.bytes):>10}  {self.sampling.formula}")
         if self.device_memory:
-            share = self.total / self.device_memory
+            share = self.peak / self.device_memory
             lines.append(f"  {'device':<{width}}  {_gib(self.device_memory):>10}  "
-                         f"{share:.0%} of it" + ("  ← over: lower --resolution / --batch-size, or turn on "
-                                                 "--gradient-checkpointing" if share > 1 else ""))
+                         f"{share:.0%} of it" + (f"  ← over: {self.advice}" if share > 1 else ""))
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
     def to_dict(self) -> dict:
         return {"terms": {t.name: t.bytes for t in self.terms}, "total": self.total,
+                "sampling": self.sampling.bytes if self.sampling else None, "peak": self.peak,
                 "device_memory": self.device_memory, "notes": list(self.notes)}
 
 
@@ -158,7 +175,17 @@ def estimate_memory(spec: ModelSpec, config: TrainConfig, settings: DeviceSettin
                    f"{state} B × {n:,} ({'8-bit AdamW' if state == 2 else 'AdamW m, v in fp32'})"),
         MemoryTerm("activations", acts, act_formula),
     )
-    return MemoryEstimate(terms, device_memory, notes)
+    a, b, c = VAE_DECODE
+    x = (config.resolution // 8) ** 2
+    decode = int(max(0.0, a + b * x + c * x * x) * (spec.parameters["vae"] / _MEASURED_VAE_PARAMETERS))
+    sampling = MemoryTerm("sampling", frozen + 4 * n + state * n + decode,
+                          f"frozen + trainable + optimizer state + {_gib(decode)} to decode one {config.resolution} px "
+                          f"image with the fp32 VAE (class images, previews): a separate peak")
+    advice = ", ".join(([] if settings.gradient_checkpointing else ["turn on --gradient-checkpointing"])
+                       + ([] if settings.mixed_precision != "no" else ["use --mixed-precision bf16 or fp16"])
+                       + ["lower --resolution or --batch-size"]
+                       + (["train without --train-text-encoders"] if config.train_text_encoders else []))
+    return MemoryEstimate(terms, device_memory, notes, sampling, advice)
 
 
 def unet_batch_items(config: TrainConfig) -> int:

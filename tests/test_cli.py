@@ -78,7 +78,7 @@ def test_progress_bar_from_events():
     bar = ProgressBar(stream=stream, every=2)
     log = EventLog(None, bar)
     log("device", device="CPU, 24 GiB", mixed_precision="bf16", gradient_checkpointing=True, optimizer="adamw",
-        memory_estimate={"total": 3 * 2**30})
+        memory_estimate={"total": 2 * 2**30, "peak": 3 * 2**30})
     log("warning", message="bf16 on this CPU is emulated and slow")
     log("start", family="sdxl", model="toy", method="dora", total=4, step=0)
     log("skip", path="a.jpg", reason="not a readable image")

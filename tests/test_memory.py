@@ -11,8 +11,8 @@ import torch
 from dorabooth import families as fam
 from dorabooth.config import TrainConfig
 from dorabooth.devices import DeviceInfo, resolve_device_settings
-from dorabooth.memory import (ACTIVATIONS, HALF_PRECISION_ACTIVATIONS, MEASURED_UNET, _curve, estimate_memory,
-                              fill_from_run, plan_run, unet_batch_items)
+from dorabooth.memory import (ACTIVATIONS, HALF_PRECISION_ACTIVATIONS, MEASURED_UNET, VAE_DECODE, _curve,
+                              estimate_memory, fill_from_run, plan_run, unet_batch_items)
 from dorabooth.specs import model_spec, trainable_parameters
 from dorabooth.testing.fullsize import CONFIGS, PARAMS
 from dorabooth.train import setup_method
@@ -127,6 +127,9 @@ def test_estimate_terms_follow_the_formula(tmp_path):
     assert (terms["trainable (fp32)"], terms["gradients (fp32)"], terms["optimizer state"]) == (4 * n, 4 * n, 8 * n)
     assert unet_batch_items(c) == 2 and terms["activations"] == int(2 * curve("sd1", False, 64 * 64))
     assert e.total == sum(terms.values()) and "total" in e.table() and "of it" in e.table()
+    va, vb, vc = VAE_DECODE                                            # sampling: the other peak
+    decode = int(va + vb * 64 * 64 + vc * 64 * 64 * 64 * 64)
+    assert e.sampling.bytes == terms["frozen weights"] + 12 * n + decode and e.peak == max(e.total, e.sampling.bytes)
 
     bf16 = resolve_device_settings(c, spec.preset, A10)                 # bf16, 8-bit AdamW
     half = {t.name: t.bytes for t in estimate_memory(spec, bf16.apply(c), bf16).terms}

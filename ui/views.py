@@ -79,7 +79,7 @@ def device_html(view) -> str:
         return (f'<div class="db-warn" data-device-problem="1">These settings cannot run on '
                 f'{escape(view.device)}: {escape(view.problem)}</div>')
     s, e = view.settings, view.estimate
-    memory = f"{e.total / 2**30:.1f} GiB" if e.total >= 2**30 else f"{e.total / 2**20:.0f} MiB"
+    memory = f"{e.peak / 2**30:.1f} GiB" if e.peak >= 2**30 else f"{e.peak / 2**20:.0f} MiB"
     of = f" of {e.device_memory / 2**30:.0f} GiB" if e.device_memory else ""
     parts = [f"<b>{PRECISION_NAMES[s.mixed_precision]}</b>", f"VAE {s.vae_dtype}",
              f"gradient checkpointing <b>{'on' if s.gradient_checkpointing else 'off'}</b>",
@@ -91,9 +91,9 @@ def device_html(view) -> str:
     html = (f'<div class="db-details" {attrs}>Training on <b>{escape(view.device)}</b>: {" · ".join(parts)} '
             f'<details><summary>Why these settings</summary><ul>{reasons}</ul>'
             f'<pre>{escape(e.table())}</pre></details></div>')
-    if e.device_memory and e.total > e.device_memory:
-        html += ('<div class="db-warn">The estimate is over this device\'s memory: lower the rank, turn gradient '
-                 'checkpointing on, or train without the text encoders.</div>')
+    if e.device_memory and e.peak > e.device_memory:
+        html += ('<div class="db-warn">The estimate is over this device\'s memory. Under Advanced settings: turn '
+                 'gradient checkpointing on, pick bf16 or fp16 on a GPU, or leave the text encoders frozen.</div>')
     return html + "".join(f'<div class="db-warn">{escape(w)}</div>' for w in s.warnings)
 
 
