@@ -488,7 +488,7 @@ def recover_queue(ctx: Context) -> list[str]:
     """After a restart: queue again the runs that were waiting (request written, never started)."""
     waiting = []
     for run in ctx.workspace.runs():
-        if (run / REQUEST_FILE).is_file() and not (run / "events.jsonl").exists() and ctx.worker.position(run) is None:
+        if (run / REQUEST_FILE).is_file() and not (run / rd.EVENTS).exists() and ctx.worker.position(run) is None:
             waiting.append(run)
     waiting.sort(key=lambda r: (r / REQUEST_FILE).stat().st_mtime)
     for run in waiting:

@@ -18,6 +18,7 @@ import torch
 from . import diffusers_lora, kohya
 from .files import read_json, read_metadata, read_safetensors, write_safetensors
 from .layout import UNetLayout
+from .. import rundir as rd
 from ..version import __version__
 from .neutral import Adapter, ModuleAdapter, axis_from_shape, scale_for
 
@@ -53,7 +54,7 @@ def read_adapter_file(path: str | os.PathLike) -> Adapter:
     """Read any supported adapter file; errors name the file."""
     p = Path(path)
     if p.is_dir():
-        for name in ("adapter.safetensors", diffusers_lora.WEIGHT_NAME):
+        for name in (rd.ADAPTER, diffusers_lora.WEIGHT_NAME):
             if (p / name).is_file():
                 p = p / name
                 break
