@@ -141,12 +141,11 @@ def weight_name(pipe, key: str) -> tuple[str, str]:
 def merged_weight(key: str, W0: torch.Tensor, adapters: Sequence[tuple[Adapter, float]]) -> torch.Tensor | None:
     """W' (fp32) of module ``key`` with base weight ``W0`` (the module docstring's definition),
     or None when no adapter at non-zero strength touches it. ``W0`` is never modified."""
-    W = None
+    W, base = None, W0.float()
     for adapter, t in adapters:
         mod = adapter.modules.get(key)
         if t == 0.0 or mod is None:
             continue
-        base = W0.float()
         trained = axis_norm(base, mod.axis) if mod.is_dora else None
         W = adapted_weight(base if W is None else W, mod, t, trained_norm=trained)
     return W
