@@ -196,3 +196,29 @@ def test_device_flags():
     assert (c.gradient_checkpointing, c.optimizer, c.mixed_precision, c.cache_latents) == (False, None, "fp16", False)
     untouched = cli.train_config_from_args(parse("train", "--images", "i", "--class-noun", "dog", "--out", "o"))
     assert (untouched.gradient_checkpointing, untouched.optimizer, untouched.mixed_precision) == (None, None, None)
+
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "PIL", "huggingface_hub")
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """Top-level names of the modules a ``python -X importtime`` run imported."""
+    rows = [line.rpartition("|")[2] for line in importtime_stderr.splitlines() if line.startswith("import time:")]
+    return {row.strip().split(".")[0] for row in rows[1:]}              # rows[0] is the header
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--version"], 0), (["train", "--help"], 0),
+                                        (["export", "--help"], 0), (["train", "--method", "qlora"], 2),
+                                        (["generate"], 2)])
+def test_help_version_and_argument_errors_load_no_torch(argv, code):
+    """`dorabooth --help` answered in 2–30 s while it imported torch (issue 12 #11): the face binds
+    its names lazily and the command line imports the library only to run a command."""
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "dorabooth", *argv], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert run.returncode == code, run.stderr[-2000:]
+    assert "dorabooth" in run.stdout + run.stderr
+    heavy = _imported(run.stderr) & set(HEAVY)
+    assert not heavy, f"`dorabooth {' '.join(argv)}` imported {sorted(heavy)}"
+    print(f"dorabooth {' '.join(argv)}: {seconds:.2f} s (with -X importtime)")
