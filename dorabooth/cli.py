@@ -280,6 +280,12 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
         return 130
+    except ImportError as e:
+        if os.environ.get("DORABOOTH_DEBUG") or e.name is None:      # no name: a message of its own
+            raise
+        from .importcheck import explain_import_error
+        print(f"error: {explain_import_error(e)}", file=sys.stderr)
+        return 1
     except Exception as e:
         from .train import TrainingDiverged
         if os.environ.get("DORABOOTH_DEBUG") or not isinstance(e, (*USER_ERRORS, TrainingDiverged)):

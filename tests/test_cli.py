@@ -2,6 +2,7 @@
 end-to-end train → generate → resume, errors without tracebacks."""
 
 import io
+import os
 import json
 import subprocess
 import sys
@@ -222,3 +223,35 @@ def test_help_version_and_argument_errors_load_no_torch(argv, code):
     heavy = _imported(run.stderr) & set(HEAVY)
     assert not heavy, f"`dorabooth {' '.join(argv)}` imported {sorted(heavy)}"
     print(f"dorabooth {' '.join(argv)}: {seconds:.2f} s (with -X importtime)")
+
+
+def _python_without_site(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``python -S -m dorabooth …`` in ``cwd``: a Python without site-packages, so neither an
+    installed dorabooth nor torch & co.: what a user gets from a checkout with the wrong Python."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DORABOOTH_DEBUG")}
+    return subprocess.run([sys.executable, "-S", "-m", "dorabooth", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_dorabooth_folder_in_the_current_directory_gives_one_clear_message(tmp_path):
+    """issue 12 #16: `python -m dorabooth` beside a dorabooth/ checkout that cannot run (this
+    Python lacks its dependencies, or the folder is incomplete) said it with an ImportError
+    traceback. Now: what was loaded from where, what is missing, and the fix."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "dorabooth").symlink_to(REPO / "dorabooth", target_is_directory=True)
+    assert _python_without_site(checkout, "--help").returncode == 0          # help needs no dependency
+    run = _python_without_site(checkout, "generate", "--prompt", "a square", "--out", str(tmp_path / "images"))
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "cannot import" in run.stderr and "which dorabooth needs" in run.stderr
+    assert f"loaded from {checkout / 'dorabooth'}: the dorabooth/ folder in the current directory" in run.stderr
+    assert "Fix: " in run.stderr and "pip install" in run.stderr
+
+    partial = tmp_path / "partial" / "dorabooth"                  # e.g. another version, or a half copy
+    partial.mkdir(parents=True)
+    for name in ("__init__.py", "__main__.py", "lazyface.py", "version.py", "importcheck.py"):
+        (partial / name).write_text((REPO / "dorabooth" / name).read_text())
+    run = _python_without_site(partial.parent, "--help")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"the dorabooth package in {partial} is incomplete or from another version" in run.stderr
+    assert "No module named 'dorabooth.cli'" in run.stderr
