@@ -129,7 +129,7 @@ def train_config_from_args(args):
     from .rundir import is_run, read_config
 
     given = {k: v for k, v in vars(args).items()
-             if k not in ("handler", "command", "json", "quiet", "config_file", "min_snr", "dry_run")}
+             if k not in ("handler", "command", "json", "quiet", "verbose", "config_file", "min_snr", "dry_run")}
     for name in ("mixed_precision", "optimizer"):                  # "auto": the device decides
         if given.get(name) == "auto":
             given[name] = None
@@ -267,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in {**COMMANDS, **_extension_commands()}.values():
         add(sub)
+    for p in (parser, *sub.choices.values()):
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show the libraries' own messages, progress bars and warnings (hidden by default)")
     return parser
 
 
@@ -274,9 +277,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError)
 
 
 def main(argv=None) -> int:
+    from .quiet import quiet_libraries
+
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with quiet_libraries(not getattr(args, "verbose", False)):
+            return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
         return 130

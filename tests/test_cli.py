@@ -255,3 +255,44 @@ def test_a_dorabooth_folder_in_the_current_directory_gives_one_clear_message(tmp
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert f"the dorabooth package in {partial} is incomplete or from another version" in run.stderr
     assert "No module named 'dorabooth.cli'" in run.stderr
+
+
+NOISE = ("requires torchvision", "Loading pipeline components", "FutureWarning", "DeprecationWarning", "it/s]")
+
+
+def test_third_party_noise_is_hidden_unless_verbose(tmp_path):
+    """issue 12 #12: every command printed transformers' torchvision warnings and diffusers'
+    loading bars. By default stderr holds only dorabooth's own lines; --verbose shows the rest."""
+    argv = [sys.executable, "-m", "dorabooth", "generate", "--prompt", "a red star", "--steps", "1"]
+    quiet = subprocess.run([*argv, "--out", str(tmp_path / "a")], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert [line for line in quiet.stderr.splitlines() if not line.startswith("wrote ")] == [], quiet.stderr
+    assert not any(text in quiet.stderr for text in NOISE)
+    verbose = subprocess.run([*argv, "--out", str(tmp_path / "b"), "--verbose"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert verbose.returncode == 0 and "wrote " in verbose.stderr
+    assert "Loading pipeline components" in verbose.stderr          # diffusers' own bar, shown on request
+
+
+def test_quiet_libraries_restores_what_it_changed(monkeypatch):
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from dorabooth.quiet import quiet_libraries
+
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")                # the user's own setting wins
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_libraries():
+            assert os.environ["DIFFUSERS_VERBOSITY"] == "info" and os.environ["TQDM_DISABLE"] == "1"
+            assert diffusers_logging.get_verbosity() == logging.ERROR and not diffusers_logging.is_progress_bar_enabled()
+            warnings.warn("library deprecation", FutureWarning)
+            warnings.warn("ours", UserWarning)                       # e.g. EmulatedPrecisionWarning
+    assert [str(w.message) for w in seen] == ["ours"]
+    assert "TQDM_DISABLE" not in os.environ and os.environ["DIFFUSERS_VERBOSITY"] == "info"
+    assert (diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()) == (level, bars)
