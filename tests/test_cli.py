@@ -2,8 +2,8 @@
 end-to-end train → generate → resume, errors without tracebacks."""
 
 import io
-import os
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from dorabooth import cli
 from dorabooth.events import EventLog, ProgressBar, follow
@@ -183,6 +184,9 @@ def test_dry_run_validates_what_it_can(tmp_path, capsys):
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "config.json").write_text(json.dumps({"config": {"images": "x", "class_noun": "dog",
                                                                            "out": "done"}}))
+    assert cli.main([*base, "--out", str(tmp_path / "done")]) == 0       # no checkpoint yet: starts over in place
+    capsys.readouterr()
+    (tmp_path / "done" / "adapter.safetensors").write_bytes(b"")
     assert cli.main([*base, "--out", str(tmp_path / "done")]) == 1
     assert "already holds a run" in capsys.readouterr().err
     if not __import__("torch").cuda.is_available():
@@ -296,3 +300,81 @@ def test_quiet_libraries_restores_what_it_changed(monkeypatch):
     assert [str(w.message) for w in seen] == ["ours"]
     assert "TQDM_DISABLE" not in os.environ and os.environ["DIFFUSERS_VERBOSITY"] == "info"
     assert (diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()) == (level, bars)
+
+
+def test_a_wrong_images_folder_is_reported_before_torch_loads_and_leaves_nothing(tmp_path):
+    """issue 12 #10: a typo in --images was reported after the model loaded (70 s under load) and
+    left a run folder that blocked the corrected re-run."""
+    run = tmp_path / "run"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dorabooth", "train", "--images",
+                           str(tmp_path / "typo"), "--class-noun", "dog", "--out", str(run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 1 and f"image folder {tmp_path / 'typo'} does not exist" in proc.stderr
+    assert not _imported(proc.stderr) & {"torch", "diffusers", "transformers"} and not run.exists()
+    print(f"time to the error for a missing --images folder: {seconds:.2f} s (with -X importtime)")
+
+
+def test_mistakes_found_before_the_model_loads_write_nothing(tmp_path, capsys):
+    model = str(save_model("sd15", tmp_path / "model"))
+    subject = make_subject(tmp_path / "subject")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    Image.new("RGB", (2, 2)).save(tiny / "a.png")
+    (tmp_path / "file").write_text("x")
+    run = tmp_path / "run"
+    base = ["train", "--class-noun", "dog", "--model", model]
+    for argv, message in [
+        (["--images", str(tmp_path / "file"), "--out", str(run)], "is a file; point --images at the folder"),
+        (["--images", str(tiny), "--out", str(run)], "no usable images in"),                  # 2 px: too small
+        (["--images", str(subject), "--out", str(tmp_path / "file")], "--out"),
+        (["--images", str(subject), "--out", str(run), "--model", str(tmp_path / "nope")], "no such file"),
+        (["--images", str(subject), "--out", str(run), "--rank", "64"], "rank 64 is larger"),
+        (["--images", str(subject), "--out", str(run), "--resume"], "no run to continue"),
+    ]:
+        assert cli.main([*base, *argv]) == 1, argv
+        assert message in capsys.readouterr().err, argv
+        assert not run.exists(), argv
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_restarts_in_place(tmp_path, capsys, monkeypatch):
+    """The corrected re-run of a run that failed before its first checkpoint starts over in the
+    same folder, with or without --resume, whatever changed; its class images are kept only
+    when they were drawn for the same class prompt and model."""
+    import importlib
+
+    trainer = importlib.import_module("dorabooth.train")
+    model = str(save_model("sdxl", tmp_path / "model"))
+    cats, dogs = make_subject(tmp_path / "cats"), make_subject(tmp_path / "dogs")
+    common = ["--model", model, "--rank", "4", "--steps", "1", "--num-class-images", "1", "--class-image-steps", "1"]
+
+    def fail_once(argv):
+        def crash(*a, **k):
+            raise RuntimeError("simulated crash before the first checkpoint")
+        with monkeypatch.context() as m:
+            m.setattr(trainer, "make_optimizer", crash)
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                cli.main(argv)
+        capsys.readouterr()
+
+    run = tmp_path / "run"
+    fail_once(["train", "--images", str(cats), "--class-noun", "dog", "--out", str(run), *common])
+    assert (run / "config.json").is_file() and list((run / "class").glob("*.png")) and not (run / "checkpoints").exists()
+    class_image = next((run / "class").glob("*.png")).read_bytes()
+    assert cli.main(["train", "--images", str(dogs), "--class-noun", "dog", "--out", str(run), *common]) == 0
+    err = capsys.readouterr().err
+    assert "held a run that stopped before its first checkpoint: starting it again in place\n" in err
+    assert json.loads((run / "config.json").read_text())["config"]["images"] == str(dogs)
+    assert next((run / "class").glob("*.png")).read_bytes() == class_image                 # same class prompt: kept
+    assert cli.main(["train", "--images", str(dogs), "--class-noun", "dog", "--out", str(run), *common]) == 1
+    assert "already holds a run" in capsys.readouterr().err                                 # it has progress now
+
+    other = tmp_path / "other"
+    fail_once(["train", "--images", str(cats), "--class-noun", "cat", "--out", str(other), *common])
+    assert cli.main(["train", "--resume", "--images", str(dogs), "--class-noun", "dog", "--out", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert "differ" not in err and "class images were for other settings and are drawn again" in err
+    events = [json.loads(line)["type"] for line in (other / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "restart" and "error" not in events and events[-1] == "done"
+    assert json.loads((other / "config.json").read_text())["config"]["class_noun"] == "dog"
