@@ -7,7 +7,7 @@ therefore proven on the older stack pinned below, where the stock round trip is 
 Usage (from the repository root): ``python tests/compat/make_venv.py`` prints the path of
 the venv's python. The venv lives in ``.venv-compat/`` (git-ignored) and is rebuilt only
 when ``PINS`` change; a stamp file written last marks a complete build. A build takes
-minutes (about 10 on a busy 2-core machine); ``ensure_venv`` says what it is doing through
+minutes (2.5 on a busy 2-core machine with pip's cache warm, about 10 without); ``ensure_venv`` says what it is doing through
 ``log`` as it goes, with a line a minute while pip works, so that a test run is never silent.
 """
 
@@ -89,8 +89,9 @@ def ensure_venv(venv: Path = VENV, log: Callable[[str], None] = _say) -> Path:
             fcntl.flock(lock, fcntl.LOCK_EX)  # one builder at a time; the others wait, then reuse
         if stamp.is_file() and stamp.read_text() == wanted and venv_python(venv).exists():
             return venv_python(venv)
-        log(f"compat venv: building {venv} once (the older stack: {', '.join(PINS[:3])}); about 10 min on a "
-            f"busy 2-core machine, reused afterwards. DORABOOTH_SKIP_COMPAT=1 skips the compatibility test")
+        log(f"compat venv: building {venv} once (the older stack: {', '.join(PINS[:3])}); 2–10 min on a "
+            f"2-core machine (less with pip's cache warm), reused afterwards. DORABOOTH_SKIP_COMPAT=1 skips the "
+            f"compatibility test")
         start = time.monotonic()
         if venv.exists():
             shutil.rmtree(venv)
