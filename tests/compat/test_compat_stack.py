@@ -125,3 +125,10 @@ def test_progress_reaches_the_terminal_under_pytest_q():
                          timeout=300)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "compat venv: building" in run.stdout and "compat venv: installing torch==2.13.0: done" in run.stdout
+
+
+def test_the_readme_says_how_long_the_tests_take_and_how_to_skip_this_one():
+    readme = (Path(ROOT) / "README.md").read_text()
+    tests = readme[readme.index("## Tests"):]
+    assert "How long it takes" in tests and "DORABOOTH_SKIP_COMPAT=1 python -m pytest -q" in tests
+    assert "python -m pytest -q" in readme.splitlines()[4]          # the second command line stays the tests
