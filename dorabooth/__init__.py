@@ -12,15 +12,18 @@ imports this file). On diffusers ``StableDiffusionPipeline`` / ``StableDiffusion
 
 ``dorabooth.train(config)``, ``dorabooth.generate(...)`` / ``dorabooth.Session`` and
 ``dorabooth.export(...)`` are the functions; their modules stay importable by path
-(``from dorabooth.export import convert``).
+(``from dorabooth.export import convert``). Each name is imported on first use
+(``lazyface``), so ``import dorabooth`` and ``dorabooth --help`` load no torch.
 """
 
-from .adapters import attach, detach, load_adapter, merge, save_adapter, set_strength, unmerge
-from .config import TrainConfig
-from .export import export
-from .generate import Session, generate
-from .train import train
+from . import lazyface
 from .version import __version__
 
 __all__ = ["__version__", "attach", "detach", "set_strength", "merge", "unmerge", "save_adapter", "load_adapter",
            "train", "generate", "TrainConfig", "Session", "export"]
+
+lazyface.install(__name__, {      # public name → the module that defines it
+    "attach": "adapters", "detach": "adapters", "set_strength": "adapters", "merge": "adapters",
+    "unmerge": "adapters", "save_adapter": "adapters", "load_adapter": "adapters", "train": "train",
+    "generate": "generate", "Session": "generate", "TrainConfig": "config", "export": "export",
+})

@@ -24,6 +24,9 @@ have it, else fp16; checkpointing on for SDXL; 8-bit AdamW where bitsandbytes wo
 resolved values are written to RUN_DIR/config.json; `--dry-run` prints them with a peak
 memory estimate without loading a weight or writing a file. `--resume` continues RUN_DIR
 from its newest checkpoint (other flags may be left out; they come from RUN_DIR/config.json).
+Mistakes (folders, numbers, model, run folder) are reported before the model loads, and
+nothing is written for them; a run that stopped or failed before its first checkpoint is
+started again in place by the corrected command, with or without --resume.
 Multi-GPU: accelerate launch -m dorabooth train ...
 """
 
@@ -129,7 +132,7 @@ def train_config_from_args(args):
     from .rundir import is_run, read_config
 
     given = {k: v for k, v in vars(args).items()
-             if k not in ("handler", "command", "json", "quiet", "config_file", "min_snr", "dry_run")}
+             if k not in ("handler", "command", "json", "quiet", "verbose", "config_file", "min_snr", "dry_run")}
     for name in ("mixed_precision", "optimizer"):                  # "auto": the device decides
         if given.get(name) == "auto":
             given[name] = None
@@ -137,7 +140,11 @@ def train_config_from_args(args):
         given["min_snr_gamma"] = None
     base: dict = {}
     if getattr(args, "config_file", None):
-        data = json.loads(Path(args.config_file).read_text())
+        try:
+            data = json.loads(Path(args.config_file).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--config {args.config_file}: {getattr(e, 'strerror', None) or e}; pass a JSON "
+                             f"config such as a run's config.json") from None
         base = data.get("config", data)
         for mechanic in ("out", "resume"):
             base.pop(mechanic, None)
@@ -154,10 +161,14 @@ def train_config_from_args(args):
 def _run_train(args) -> int:
     import warnings
 
+    from .preflight import check_request
+
+    config = train_config_from_args(args)
+    check_request(config)                      # a wrong folder costs a second, before torch and the model load
+
     from .devices import EmulatedPrecisionWarning
     from .train import dry_run, train
 
-    config = train_config_from_args(args)
     if args.dry_run:
         plan = dry_run(config)
         print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
@@ -267,22 +278,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in {**COMMANDS, **_extension_commands()}.values():
         add(sub)
+    for p in (parser, *sub.choices.values()):
+        p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show the libraries' own messages, progress bars and warnings (hidden by default)")
     return parser
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError)
 
 
+def _user_error(e: Exception) -> bool:
+    """An error whose message says what to change (printed without a traceback)."""
+    if isinstance(e, USER_ERRORS):
+        return True                                 # (no import: a mistake found before torch loads stays fast)
+    from .checkpoints import TrainingDiverged
+    from .rundir import RunBusy
+    return isinstance(e, (TrainingDiverged, RunBusy))
+
+
 def main(argv=None) -> int:
+    from .quiet import quiet_libraries
+
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
+        with quiet_libraries(not getattr(args, "verbose", False)):
+            return args.handler(args)
     except KeyboardInterrupt:
         print("interrupted; a run continues from its last checkpoint with --resume", file=sys.stderr)
         return 130
+    except ImportError as e:
+        if os.environ.get("DORABOOTH_DEBUG") or e.name is None:      # no name: a message of its own
+            raise
+        from .importcheck import explain_import_error
+        print(f"error: {explain_import_error(e)}", file=sys.stderr)
+        return 1
     except Exception as e:
-        from .train import TrainingDiverged
-        if os.environ.get("DORABOOTH_DEBUG") or not isinstance(e, (*USER_ERRORS, TrainingDiverged)):
+        if os.environ.get("DORABOOTH_DEBUG") or not _user_error(e):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,9 @@ on white), skipping unusable ones with a reason, fitting to a square or an aspec
 (resize to cover, centre crop, recording SDXL's original size and crop corner), captions
 from ``name.txt`` beside an image, the prepared ``instance/`` folder of a run, and the
 seeded, resumable order in which examples are drawn.
+
+torch and the file writers are imported inside the functions that use them: the command line
+lists and checks ``--images`` (``list_images``) before it loads torch.
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from .formats.files import write_json
+if TYPE_CHECKING:
+    import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_PIXELS = 64_000_000           # ~8000 × 8000; bigger files are refused before decoding
@@ -127,6 +131,8 @@ def instance_caption(caption: str | None, token: str, instance_prompt: str) -> s
 
 def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(f"{folder} is a file; point --images at the folder that holds the photos")
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist; point --images at a folder of photos")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
@@ -170,6 +176,8 @@ def fit(image: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[i
 
 def to_tensor(image: Image.Image, flip: bool = False) -> torch.Tensor:
     """PIL RGB → (3, h, w) float32 in [-1, 1], optionally mirrored left–right."""
+    import torch
+
     a = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)   # (3, h, w)
     if flip:
         a = a.flip(-1)
@@ -212,11 +220,7 @@ def prepare_images(
     skipped: list[Skipped] = []
     for i, path in enumerate(list_images(src)):
         try:
-            image = load_image(path)
-            if min(image.size) < min_side:
-                raise UnusableImage(f"image is {image.width}×{image.height} px; the short side must be at "
-                                    f"least {min_side} px for resolution {resolution} (use a larger photo "
-                                    f"or a lower --resolution)")
+            image = subject_image(path, resolution, min_side)
         except UnusableImage as e:
             skip = Skipped(path.name, str(e))
             skipped.append(skip)
@@ -230,11 +234,42 @@ def prepare_images(
         examples.append(Example(out.name, prompt_for(read_caption(path)), size,
                                 (image.height, image.width), corner, path.name))
     if not examples:
-        reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]) or "the folder has no image files"
-        raise ValueError(f"no usable images in {src} ({reasons}); add 3–20 photos of the subject "
-                         f"({', '.join(IMAGE_SUFFIXES)})")
+        raise _no_usable_images(src, skipped)
     write_manifest(dst, examples, skipped)
     return examples, skipped
+
+
+def subject_image(path: Path, resolution: int, min_side: int | None = None) -> Image.Image:
+    """A subject photo as :func:`load_image` reads it, refused (:class:`UnusableImage`) when its
+    short side is below ``min_side`` (default resolution / 2)."""
+    min_side = resolution // 2 if min_side is None else min_side
+    image = load_image(path)
+    if min(image.size) < min_side:
+        raise UnusableImage(f"image is {image.width}×{image.height} px; the short side must be at "
+                            f"least {min_side} px for resolution {resolution} (use a larger photo "
+                            f"or a lower --resolution)")
+    return image
+
+
+def check_images(src: str | Path, resolution: int) -> list[Skipped]:
+    """The test :func:`prepare_images` applies, without writing anything: raises ``ValueError``
+    when no image in ``src`` is usable at ``resolution``; returns the ones that would be skipped."""
+    skipped, usable = [], 0
+    for path in list_images(src):
+        try:
+            subject_image(path, resolution)
+            usable += 1
+        except UnusableImage as e:
+            skipped.append(Skipped(path.name, str(e)))
+    if not usable:
+        raise _no_usable_images(src, skipped)
+    return skipped
+
+
+def _no_usable_images(src, skipped: list[Skipped]) -> ValueError:
+    reasons = "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]) or "the folder has no image files"
+    return ValueError(f"no usable images in {src} ({reasons}); add 3–20 photos of the subject "
+                      f"({', '.join(IMAGE_SUFFIXES)})")
 
 
 def _safe_stem(stem: str) -> str:
@@ -242,6 +277,8 @@ def _safe_stem(stem: str) -> str:
 
 
 def write_manifest(folder: Path, examples: list[Example], skipped: list[Skipped]) -> None:
+    from .formats.files import write_json
+
     data = {"examples": [asdict(e) for e in examples], "skipped": [asdict(s) for s in skipped]}
     write_json(folder / MANIFEST, data)
 
@@ -280,6 +317,8 @@ def batch_stream(groups: dict[tuple[int, int], list[int]], batch_size: int, seed
     with repeats). The order depends only on (seed, batch number), so ``start`` skips to
     batch ``start`` exactly: that is how --resume restores the data order.
     """
+    import torch
+
     n = sum(len(v) for v in groups.values())
     group_of = {i: key for key, idxs in groups.items() for i in idxs}
     produced = 0

@@ -10,7 +10,8 @@ Every event has ``type`` and ``time`` (Unix seconds). Types written by the train
 ``device`` (the resolved precision, checkpointing, optimizer and memory estimate), ``warning``
 (message), ``start``, ``skip`` (path, reason), ``prepared``, ``class_images`` (done, total),
 ``step`` (step, total, loss, lr, it_s, eta_s), ``checkpoint`` (step, path), ``sample``
-(step, paths), ``stopped``, ``error`` (message), ``done`` (adapter, steps).
+(step, paths), ``stopped``, ``error`` (message), ``done`` (adapter, steps), ``restart``
+(message: the folder's earlier run never reached a checkpoint and starts over in place).
 """
 
 from __future__ import annotations
@@ -150,7 +151,8 @@ class ProgressBar:
                 self._line(text)
         elif kind == "skip":
             self._line(f"skipped {event['path']}: {event['reason']}")
-        elif kind in ("checkpoint", "sample", "prepared", "start", "done", "stopped", "image", "device", "warning"):
+        elif kind in ("checkpoint", "sample", "prepared", "start", "done", "stopped", "image", "device", "warning",
+                      "restart"):
             self._line(_describe(event))
         elif kind == "error" and self._open:
             self._line("")                # end the bar's line; the caller prints the error itself
@@ -174,6 +176,8 @@ def _describe(event: dict) -> str:
         return f"wrote {event['path']}"
     if kind == "warning":
         return f"warning: {event['message']}"
+    if kind == "restart":
+        return event["message"]
     if kind == "device":
         estimate = (event.get("memory_estimate") or {}).get("peak")
         return (f"device {event['device']}: mixed precision {event['mixed_precision']}, gradient checkpointing "

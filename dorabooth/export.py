@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from . import rundir as rd
+from .conventions import EXPORT_DTYPES, EXPORT_FORMATS, MERGED_FORMATS
 from .describe import (
     Base,
     BaseSpec,
@@ -50,9 +51,8 @@ from .formats.single_file import COMPONENTS, Mapper, image_spec, modelspec
 from .merging import MERGE_DEFINITION, MergedWeights, bake_strength
 from .version import __version__
 
-FORMATS = ("diffusers-lora", "kohya", "merged-diffusers", "merged-single-file")
-MERGED_FORMATS = ("merged-diffusers", "merged-single-file")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FORMATS = EXPORT_FORMATS
+DTYPES = dict(zip(EXPORT_DTYPES, (torch.float32, torch.float16, torch.bfloat16)))
 FULL_MERGE_DEFINITION = "full fine-tune: W0 + t (W - W0) in every fine-tuned weight"
 
 

@@ -10,8 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .export import DTYPES, FORMATS
-from .formats.adapter_files import ADAPTER_FORMATS
+from .conventions import ADAPTER_FORMATS, EXPORT_DTYPES, EXPORT_FORMATS
 
 EXPORT_EPILOG = """\
 --strength T applies to the --adapter before it (default 1.0); with several adapters they are
@@ -53,10 +52,10 @@ def add_export_commands(sub) -> None:
                    help="a run folder or an adapter file (repeat to merge several)")
     p.add_argument("--strength", action=_AdapterAction, dest="adapters", metavar="T",
                    help="strength of the adapter before it (default 1.0)")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=EXPORT_FORMATS)
     p.add_argument("--out", required=True, metavar="PATH", help="file (.safetensors) or folder to write")
     _add_base(p)
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="merge in fp32, then cast (default: the base's dtype)")
+    p.add_argument("--dtype", choices=EXPORT_DTYPES, help="merge in fp32, then cast (default: the base's dtype)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=_run_export)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
-from .formats.files import write_json
 
 CONFIG = "config.json"
 EVENTS = "events.jsonl"
@@ -49,6 +49,8 @@ def is_run(path: str | os.PathLike) -> bool:
 
 def write_config(run: Path, config: TrainConfig, extra: dict[str, Any]) -> None:
     """``config.json``: the resolved config under ``"config"`` plus version, base model and family."""
+    from .formats.files import write_json    # here, not at the top: the command line checks a run folder before torch loads
+
     write_json(Path(run) / CONFIG, {**extra, "config": config.to_dict()}, indent=2)
 
 
@@ -130,6 +132,27 @@ def checkpoint_steps(run: Path, holding: str = STATE) -> list[int]:
 def latest_checkpoint(run: Path) -> Path | None:
     steps = checkpoint_steps(run)
     return checkpoint_dir(run, steps[-1]) if steps else None
+
+
+def has_progress(run: str | os.PathLike) -> bool:
+    """Whether a run got anywhere worth keeping: a complete checkpoint or its final result. A run
+    folder without either (it stopped or failed before its first checkpoint) may be started
+    again in place."""
+    run = Path(run)
+    return bool(checkpoint_steps(run)) or (run / ADAPTER).is_file() or (run / FULL_UNET / CONFIG).is_file()
+
+
+def clear_attempt(run: Path, keep_class: bool) -> None:
+    """Remove what an attempt that never reached a checkpoint left behind (``config.json``, its
+    events, prepared images, samples, partial checkpoints; ``class/`` unless ``keep_class``), so
+    that the run starts over in place. Only for folders without progress (:func:`has_progress`)."""
+    run = Path(run)
+    if has_progress(run):
+        raise FileExistsError(f"{run} holds a checkpoint or a result; it is not cleared")
+    for name in (INSTANCE, SAMPLES, CHECKPOINTS, *(() if keep_class else (CLASS,))):
+        shutil.rmtree(run / name, ignore_errors=True)
+    for name in (CONFIG, EVENTS):
+        (run / name).unlink(missing_ok=True)
 
 
 def final_result(run: Path, method: str) -> Path:

@@ -15,7 +15,7 @@ import time
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from . import families as fam
 from . import rundir as rd
 from .checkpoints import TrainingDiverged, TrainState, restore_checkpoint, save_checkpoint, save_final
 from .config import TrainConfig
-from .data import IMAGE_SUFFIXES, batch_stream, list_images
+from .data import batch_stream, check_images
 from .devices import EmulatedPrecisionWarning, detect_device
 from .events import EventLog, stop_requested
 from .families import Family, detect_family
@@ -36,6 +36,7 @@ from .inputs import (draw_flips, make_class_sampler, make_latent_source, make_te
 from .memory import RunPlan, fill_from_run, plan_run
 from .models import BaseModel, load_weights, open_pipeline
 from .optim import check_optimizer_available, make_lr_schedule, make_optimizer
+from .preflight import check_request, check_resume_recipe, check_run_folder
 from .rundir import run_lock
 from .sampling import save_samples
 from .specs import model_spec
@@ -64,8 +65,10 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
     from accelerate import Accelerator
 
     run = Path(config.out)
-    plan = plan_device(config, run)                    # before the Accelerator: it needs the precision
-    config = plan.config
+    plan = preflight(config)                           # all that can be checked: before a weight loads or a
+    config = plan.config                               # file is written (and the Accelerator needs the precision)
+    if config.resume and not rd.has_progress(run):     # nothing to continue: the run starts over in place
+        config = replace(config, resume=False)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_cpu_processes())
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
@@ -74,6 +77,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
         with run_lock(run) if accelerator.is_main_process else nullcontext():
             emit = EventLog(run / rd.EVENTS, on_event) if accelerator.is_main_process else EventLog()
             if accelerator.is_main_process:
+                restart_in_place(config, run, emit)
                 report_device(plan, emit)
             try:
                 return _train(config, accelerator, run, emit, stop)
@@ -86,7 +90,6 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
 
 def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) -> RunResult:
     started = time.monotonic()
-    check_optimizer_available(config.optimizer)
     device, weight_dtype = accelerator.device, _weight_dtype(config.mixed_precision)
     pipe, base, weights = open_pipeline(config.model, single_file_config=config.model_config, dtype=weight_dtype)
     family = detect_family(pipe)                       # configs only so far: no weight is read yet
@@ -202,6 +205,20 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
 # =============================================================================================
 # Setup: config, run folder, data
 # =============================================================================================
+def preflight(config: TrainConfig) -> RunPlan:
+    """Everything ``train(config)`` can check before it loads a weight or writes a file, and the
+    plan it would run: the request (``preflight.check_request``: subject folder, run folder),
+    the base model's configs with the family defaults, the device settings and memory estimate,
+    the optimizer, the subject images at the resolved resolution, --resume's recipe."""
+    check_request(config)
+    run = Path(config.out)
+    plan = plan_device(config, run)
+    check_optimizer_available(plan.config.optimizer)
+    check_images(plan.config.images, plan.config.resolution)
+    check_resume_recipe(plan.config, run)
+    return plan
+
+
 def plan_device(config: TrainConfig, run: Path) -> RunPlan:
     """Family defaults and device settings (precision, checkpointing, optimizer) from the base
     model's configs, before a weight is loaded; on --resume, fields left on "auto" keep the run's
@@ -209,6 +226,25 @@ def plan_device(config: TrainConfig, run: Path) -> RunPlan:
     if config.resume and rd.is_run(run):
         config = fill_from_run(config, rd.read_config(run)[0])
     return plan_run(config, model_spec(config.model, config.model_config), detect_device())
+
+
+def restart_in_place(config: TrainConfig, run: Path, emit: EventLog) -> None:
+    """A folder whose run stopped or failed before its first checkpoint (``preflight``) starts
+    over with ``config``: what that attempt left goes; its class images stay when they were
+    drawn for the same class prompt, base model and resolution."""
+    if config.resume or not rd.is_run(run):
+        return
+    try:
+        before, _ = rd.read_config(run)
+        same = all(getattr(before, k) == getattr(config, k) for k in ("model", "model_config", "resolution")) \
+            and before.resolved_class_prompt == config.resolved_class_prompt
+    except ValueError:                                 # an unreadable config.json: nothing in it to trust
+        same = False
+    own_class = config.class_dir.resolve() == (run / rd.CLASS).resolve()
+    rd.clear_attempt(run, keep_class=same or not own_class)
+    redraw = "" if same or not own_class else "; its class images were for other settings and are drawn again"
+    emit("restart", message=f"{run} held a run that stopped before its first checkpoint: starting it again "
+                            f"in place{redraw}")
 
 
 def report_device(plan: RunPlan, emit: EventLog) -> None:
@@ -229,34 +265,14 @@ def resolve_config(config: TrainConfig, pipe, family: Family, run: Path) -> Trai
         raise ValueError(f"resolution {resolved.resolution} is not a multiple of {multiple} for this model; "
                          f"use e.g. {max(multiple, resolved.resolution // multiple * multiple)}")
     check_run_folder(resolved, run)
+    check_resume_recipe(resolved, run)
     return resolved
-
-
-def check_run_folder(resolved: TrainConfig, run: Path) -> None:
-    """A new run needs a folder without a run; --resume needs one whose recipe is the same."""
-    if resolved.resume:
-        if not rd.is_run(run):
-            raise FileNotFoundError(f"--resume: {run} has no config.json, so there is no run to continue; "
-                                    f"start it without --resume")
-        previous, _ = rd.read_config(run)
-        changed = previous.recipe_differences(resolved)
-        if changed:
-            raise ValueError(f"--resume: {', '.join(changed)} differ from the run in {run}; resume with the same "
-                             f"settings or start a new run folder")
-    elif rd.is_run(run):
-        raise FileExistsError(f"{run} already holds a run (config.json); pass --resume to continue it, "
-                              f"or choose another --out")
 
 
 def dry_run(config: TrainConfig) -> RunPlan:
     """What ``train(config)`` would use, checked as far as it can be without loading a weight or
     writing a file: the resolved config, device settings and memory estimate (``--dry-run``)."""
-    plan = plan_device(config, Path(config.out))
-    if not list_images(plan.config.images):
-        raise ValueError(f"no image files in {plan.config.images}; add 3–20 photos of the subject "
-                         f"({', '.join(IMAGE_SUFFIXES)})")
-    check_run_folder(plan.config, Path(config.out))
-    return plan
+    return preflight(config)
 
 
 def run_metadata(base: BaseModel, family: Family, pipe, accelerator) -> dict:

@@ -17,10 +17,11 @@ FACE = PACKAGE
 
 # Lowest first. A name ending in ".*" covers a subpackage and its modules.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("leaves", {"version", "conventions", "losses", "events", "families", "data", "config", "dora",
-                "dora_autograd", "optim", "formats.files", "formats.layout", "formats.single_file"}),
-    ("model access", {"inject", "models", "weights", "rundir", "devices", "specs", "memory", "formats", "formats.*",
-                      "toyworld", "toyworld.*", "testing", "testing.*"}),
+    ("leaves", {"version", "conventions", "lazyface", "importcheck", "quiet", "losses", "events", "families",
+                "data", "config", "dora", "dora_autograd", "optim", "formats.files", "formats.layout",
+                "formats.single_file"}),
+    ("model access", {"inject", "models", "weights", "rundir", "devices", "specs", "memory", "preflight", "formats",
+                      "formats.*", "toyworld", "toyworld.*", "testing", "testing.*"}),
     ("pipeline API", {"adapters", "finetune", "merging", "describe"}),
     ("the trainer's rooms", {"checkpoints", "sampling", "inputs"}),
     ("operations", {"train", "generate", "export"}),

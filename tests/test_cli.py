@@ -3,6 +3,7 @@ end-to-end train → generate → resume, errors without tracebacks."""
 
 import io
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from dorabooth import cli
 from dorabooth.events import EventLog, ProgressBar, follow
@@ -182,6 +184,9 @@ def test_dry_run_validates_what_it_can(tmp_path, capsys):
     (tmp_path / "done").mkdir()
     (tmp_path / "done" / "config.json").write_text(json.dumps({"config": {"images": "x", "class_noun": "dog",
                                                                            "out": "done"}}))
+    assert cli.main([*base, "--out", str(tmp_path / "done")]) == 0       # no checkpoint yet: starts over in place
+    capsys.readouterr()
+    (tmp_path / "done" / "adapter.safetensors").write_bytes(b"")
     assert cli.main([*base, "--out", str(tmp_path / "done")]) == 1
     assert "already holds a run" in capsys.readouterr().err
     if not __import__("torch").cuda.is_available():
@@ -196,3 +201,180 @@ def test_device_flags():
     assert (c.gradient_checkpointing, c.optimizer, c.mixed_precision, c.cache_latents) == (False, None, "fp16", False)
     untouched = cli.train_config_from_args(parse("train", "--images", "i", "--class-noun", "dog", "--out", "o"))
     assert (untouched.gradient_checkpointing, untouched.optimizer, untouched.mixed_precision) == (None, None, None)
+
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "numpy", "PIL", "huggingface_hub")
+
+
+def _imported(importtime_stderr: str) -> set[str]:
+    """Top-level names of the modules a ``python -X importtime`` run imported."""
+    rows = [line.rpartition("|")[2] for line in importtime_stderr.splitlines() if line.startswith("import time:")]
+    return {row.strip().split(".")[0] for row in rows[1:]}              # rows[0] is the header
+
+
+@pytest.mark.parametrize("argv, code", [(["--help"], 0), (["--version"], 0), (["train", "--help"], 0),
+                                        (["export", "--help"], 0), (["train", "--method", "qlora"], 2),
+                                        (["generate"], 2)])
+def test_help_version_and_argument_errors_load_no_torch(argv, code):
+    """`dorabooth --help` answered in 2–30 s while it imported torch (issue 12 #11): the face binds
+    its names lazily and the command line imports the library only to run a command."""
+    start = time.perf_counter()
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "dorabooth", *argv], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert run.returncode == code, run.stderr[-2000:]
+    assert "dorabooth" in run.stdout + run.stderr
+    heavy = _imported(run.stderr) & set(HEAVY)
+    assert not heavy, f"`dorabooth {' '.join(argv)}` imported {sorted(heavy)}"
+    print(f"dorabooth {' '.join(argv)}: {seconds:.2f} s (with -X importtime)")
+
+
+def _python_without_site(cwd: Path, *argv: str) -> subprocess.CompletedProcess:
+    """``python -S -m dorabooth …`` in ``cwd``: a Python without site-packages, so neither an
+    installed dorabooth nor torch & co.: what a user gets from a checkout with the wrong Python."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "DORABOOTH_DEBUG")}
+    return subprocess.run([sys.executable, "-S", "-m", "dorabooth", *argv], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_a_dorabooth_folder_in_the_current_directory_gives_one_clear_message(tmp_path):
+    """issue 12 #16: `python -m dorabooth` beside a dorabooth/ checkout that cannot run (this
+    Python lacks its dependencies, or the folder is incomplete) said it with an ImportError
+    traceback. Now: what was loaded from where, what is missing, and the fix."""
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (checkout / "dorabooth").symlink_to(REPO / "dorabooth", target_is_directory=True)
+    assert _python_without_site(checkout, "--help").returncode == 0          # help needs no dependency
+    run = _python_without_site(checkout, "generate", "--prompt", "a square", "--out", str(tmp_path / "images"))
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "cannot import" in run.stderr and "which dorabooth needs" in run.stderr
+    assert f"loaded from {checkout / 'dorabooth'}: the dorabooth/ folder in the current directory" in run.stderr
+    assert "Fix: " in run.stderr and "pip install" in run.stderr
+
+    partial = tmp_path / "partial" / "dorabooth"                  # e.g. another version, or a half copy
+    partial.mkdir(parents=True)
+    for name in ("__init__.py", "__main__.py", "lazyface.py", "version.py", "importcheck.py"):
+        (partial / name).write_text((REPO / "dorabooth" / name).read_text())
+    run = _python_without_site(partial.parent, "--help")
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert f"the dorabooth package in {partial} is incomplete or from another version" in run.stderr
+    assert "No module named 'dorabooth.cli'" in run.stderr
+
+
+NOISE = ("requires torchvision", "Loading pipeline components", "FutureWarning", "DeprecationWarning", "it/s]")
+
+
+def test_third_party_noise_is_hidden_unless_verbose(tmp_path):
+    """issue 12 #12: every command printed transformers' torchvision warnings and diffusers'
+    loading bars. By default stderr holds only dorabooth's own lines; --verbose shows the rest."""
+    argv = [sys.executable, "-m", "dorabooth", "generate", "--prompt", "a red star", "--steps", "1"]
+    quiet = subprocess.run([*argv, "--out", str(tmp_path / "a")], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert [line for line in quiet.stderr.splitlines() if not line.startswith("wrote ")] == [], quiet.stderr
+    assert not any(text in quiet.stderr for text in NOISE)
+    verbose = subprocess.run([*argv, "--out", str(tmp_path / "b"), "--verbose"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600)
+    assert verbose.returncode == 0 and "wrote " in verbose.stderr
+    assert "Loading pipeline components" in verbose.stderr          # diffusers' own bar, shown on request
+
+
+def test_quiet_libraries_restores_what_it_changed(monkeypatch):
+    import logging
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+
+    from dorabooth.quiet import quiet_libraries
+
+    monkeypatch.setenv("DIFFUSERS_VERBOSITY", "info")                # the user's own setting wins
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    level, bars = diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_libraries():
+            assert os.environ["DIFFUSERS_VERBOSITY"] == "info" and os.environ["TQDM_DISABLE"] == "1"
+            assert diffusers_logging.get_verbosity() == logging.ERROR and not diffusers_logging.is_progress_bar_enabled()
+            warnings.warn("library deprecation", FutureWarning)
+            warnings.warn("ours", UserWarning)                       # e.g. EmulatedPrecisionWarning
+    assert [str(w.message) for w in seen] == ["ours"]
+    assert "TQDM_DISABLE" not in os.environ and os.environ["DIFFUSERS_VERBOSITY"] == "info"
+    assert (diffusers_logging.get_verbosity(), diffusers_logging.is_progress_bar_enabled()) == (level, bars)
+
+
+def test_a_wrong_images_folder_is_reported_before_torch_loads_and_leaves_nothing(tmp_path):
+    """issue 12 #10: a typo in --images was reported after the model loaded (70 s under load) and
+    left a run folder that blocked the corrected re-run."""
+    run = tmp_path / "run"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "dorabooth", "train", "--images",
+                           str(tmp_path / "typo"), "--class-noun", "dog", "--out", str(run)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == 1 and f"image folder {tmp_path / 'typo'} does not exist" in proc.stderr
+    assert not _imported(proc.stderr) & {"torch", "diffusers", "transformers"} and not run.exists()
+    print(f"time to the error for a missing --images folder: {seconds:.2f} s (with -X importtime)")
+
+
+def test_mistakes_found_before_the_model_loads_write_nothing(tmp_path, capsys):
+    model = str(save_model("sd15", tmp_path / "model"))
+    subject = make_subject(tmp_path / "subject")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    Image.new("RGB", (2, 2)).save(tiny / "a.png")
+    (tmp_path / "file").write_text("x")
+    run = tmp_path / "run"
+    base = ["train", "--class-noun", "dog", "--model", model]
+    for argv, message in [
+        (["--images", str(tmp_path / "file"), "--out", str(run)], "is a file; point --images at the folder"),
+        (["--images", str(tiny), "--out", str(run)], "no usable images in"),                  # 2 px: too small
+        (["--images", str(subject), "--out", str(tmp_path / "file")], "--out"),
+        (["--images", str(subject), "--out", str(run), "--model", str(tmp_path / "nope")], "no such file"),
+        (["--images", str(subject), "--out", str(run), "--rank", "64"], "rank 64 is larger"),
+        (["--images", str(subject), "--out", str(run), "--resume"], "no run to continue"),
+    ]:
+        assert cli.main([*base, *argv]) == 1, argv
+        assert message in capsys.readouterr().err, argv
+        assert not run.exists(), argv
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_restarts_in_place(tmp_path, capsys, monkeypatch):
+    """The corrected re-run of a run that failed before its first checkpoint starts over in the
+    same folder, with or without --resume, whatever changed; its class images are kept only
+    when they were drawn for the same class prompt and model."""
+    import importlib
+
+    trainer = importlib.import_module("dorabooth.train")
+    model = str(save_model("sdxl", tmp_path / "model"))
+    cats, dogs = make_subject(tmp_path / "cats"), make_subject(tmp_path / "dogs")
+    common = ["--model", model, "--rank", "4", "--steps", "1", "--num-class-images", "1", "--class-image-steps", "1"]
+
+    def fail_once(argv):
+        def crash(*a, **k):
+            raise RuntimeError("simulated crash before the first checkpoint")
+        with monkeypatch.context() as m:
+            m.setattr(trainer, "make_optimizer", crash)
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                cli.main(argv)
+        capsys.readouterr()
+
+    run = tmp_path / "run"
+    fail_once(["train", "--images", str(cats), "--class-noun", "dog", "--out", str(run), *common])
+    assert (run / "config.json").is_file() and list((run / "class").glob("*.png")) and not (run / "checkpoints").exists()
+    class_image = next((run / "class").glob("*.png")).read_bytes()
+    assert cli.main(["train", "--images", str(dogs), "--class-noun", "dog", "--out", str(run), *common]) == 0
+    err = capsys.readouterr().err
+    assert "held a run that stopped before its first checkpoint: starting it again in place\n" in err
+    assert json.loads((run / "config.json").read_text())["config"]["images"] == str(dogs)
+    assert next((run / "class").glob("*.png")).read_bytes() == class_image                 # same class prompt: kept
+    assert cli.main(["train", "--images", str(dogs), "--class-noun", "dog", "--out", str(run), *common]) == 1
+    assert "already holds a run" in capsys.readouterr().err                                 # it has progress now
+
+    other = tmp_path / "other"
+    fail_once(["train", "--images", str(cats), "--class-noun", "cat", "--out", str(other), *common])
+    assert cli.main(["train", "--resume", "--images", str(dogs), "--class-noun", "dog", "--out", str(other)]) == 0
+    err = capsys.readouterr().err
+    assert "differ" not in err and "class images were for other settings and are drawn again" in err
+    events = [json.loads(line)["type"] for line in (other / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "restart" and "error" not in events and events[-1] == "done"
+    assert json.loads((other / "config.json").read_text())["config"]["class_noun"] == "dog"

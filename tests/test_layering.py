@@ -12,12 +12,34 @@ def test_the_package_keeps_its_layers():
 
 
 def test_the_face_is_only_a_face():
+    """Re-exports and nothing else: its own imports, ``__all__`` and the name → module table
+    that ``lazyface.install`` binds lazily; no function, class or branch of its own."""
+    import ast
+
     from layering import ROOT
 
     text = (ROOT / "dorabooth" / "__init__.py").read_text()
     assert len(text.splitlines()) < 40
-    code = [line for line in text.split('"""')[-1].splitlines() if line.strip()]
-    assert all(line.startswith(("from .", "__all__", " ", '"', "]")) for line in code), code
+    tree = ast.parse(text)
+    kinds = [type(node).__name__ for node in tree.body[1:]]            # after the docstring
+    assert set(kinds) <= {"ImportFrom", "Assign", "Expr"}, kinds
+    assert all(node.level == 1 for node in tree.body if isinstance(node, ast.ImportFrom))
+    calls = [node.value for node in tree.body[1:] if isinstance(node, ast.Expr)]
+    assert [ast.unparse(c.func) for c in calls] == ["lazyface.install"]
+
+
+def test_the_face_serves_every_public_name_from_its_module():
+    import importlib
+
+    import dorabooth
+
+    table = dorabooth._exports
+    assert sorted(dorabooth.__all__) == sorted(["__version__", *table])
+    for name, module in table.items():
+        assert getattr(dorabooth, name) is getattr(importlib.import_module(f"dorabooth.{module}"), name)
+    assert dorabooth.dora.DoRALinear and "attach" in dir(dorabooth)       # submodules still load on access
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        dorabooth.nonexistent
 
 
 def test_public_names_are_not_shadowed_by_submodules():

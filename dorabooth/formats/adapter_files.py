@@ -19,10 +19,10 @@ from . import diffusers_lora, kohya
 from .files import read_json, read_metadata, read_safetensors, write_safetensors
 from .layout import UNetLayout
 from .. import rundir as rd
+from ..conventions import ADAPTER_FORMATS
 from ..version import __version__
 from .neutral import Adapter, ModuleAdapter, axis_from_shape, scale_for
 
-ADAPTER_FORMATS = ("diffusers-lora", "kohya")
 _DIFFUSERS_SUFFIXES = tuple(diffusers_lora._READ_SUFFIXES)
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
 
