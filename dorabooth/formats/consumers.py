@@ -59,6 +59,7 @@ class Verdict:
     max_rel_update_error: float | None = None   # max over modules ‖W_tool − W‖_F / ‖W − W0‖_F
     worst_module: str | None = None
     notes: list[str] = field(default_factory=list)
+    base_problem: bool = False                  # the tool cannot load the base model itself (any file fails)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -295,7 +296,7 @@ def _a1111_mha(component: str, layer: int, rest: str, have: set[str]) -> str | N
 def _base_fails(consumer: str, view: FileView, problem: str) -> Verdict:
     return Verdict(consumer, "fails to load", 0, len(view.adapter.modules), problem,
                    "use this base with dorabooth (`dorabooth generate --adapter …`) or diffusers "
-                   "(the diffusers-lora file, or --format merged-diffusers)")
+                   "(the diffusers-lora file, or --format merged-diffusers)", base_problem=True)
 
 
 # ---- the report -------------------------------------------------------------------------------
