@@ -52,7 +52,7 @@ class Pick:
     destination: str          # ComfyUI | A1111 | Forge | diffusers
     format: str               # the file to export; "" when no file made from this base works there
     exact: bool
-    reason: str               # one line, for the app's user
+    reason: str               # one line, for the app's user (:func:`hint` puts the file in front)
     retrain: bool = False     # a run trained for ComfyUI / A1111 / Forge (axis "in") would make the small file exact
 
 
@@ -74,24 +74,27 @@ def _pick(destination: str, by: Mapping[str, Mapping[str, Verdict]], method: str
                                             f"from it works there; use it with dorabooth or diffusers")
     for fmt, v in verdicts:
         if v.status == "exact":
-            return Pick(destination, fmt, True, f"{_first_up(FILE_WORDS[fmt])}: {destination} applies it exactly "
-                                                f"as trained{like}.")
+            return Pick(destination, fmt, True, f"{destination} applies it exactly as trained{like}.")
     merged = MERGED[destination]
     best = verdicts[0][1] if verdicts else None
     if best is None:
-        why = "no adapter file can be written for this run"
+        why = "no adapter file can be made for this run"
     elif best.status == "approximate":
         off = f" (weights off by up to {100 * best.max_rel_error:.3g}%)" if best.max_rel_error is not None else ""
         why = f"{destination} would apply {FILE_WORDS[verdicts[0][0]]} only approximately{off}{like}"
     else:
         why = f"{destination} cannot use {FILE_WORDS[verdicts[0][0]]} ({best.status}){like}"
     retrain = destination in COMFY_LIKE and method != "lora" and axis == "out"
-    return Pick(destination, merged, True, f"{_first_up(FILE_WORDS[merged])}: {why}; the merged one has your "
-                                           f"subject baked in and is exact.", retrain)
+    return Pick(destination, merged, True, f"{why}; the merged one has your subject baked in and is exact.", retrain)
 
 
 def _first_up(text: str) -> str:
     return text[:1].upper() + text[1:]
+
+
+def hint(pick: Pick) -> str:
+    """The pick as one sentence: ``"The merged checkpoint (one file): ComfyUI would …"``."""
+    return f"{_first_up(FILE_WORDS[pick.format])}: {pick.reason}" if pick.format else pick.reason
 
 
 def pick_for(use: str, picks_: Sequence[Pick]) -> Pick:

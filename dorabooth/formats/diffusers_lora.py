@@ -15,9 +15,9 @@ adapters after ``convert_state_dict_to_diffusers(get_peft_model_state_dict(model
 Header metadata: ``format: pt``; ``lora_adapter_metadata``, the JSON of per-component
 ``LoraConfig`` arguments under ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` prefixes that
 stock ``load_lora_weights`` builds its ``LoraConfig`` from (r, lora_alpha, target_modules,
-use_dora, use_rslora, …; only keys every peft ≥ 0.9 accepts); and our own ``dorabooth.*``
+use_dora, use_rslora, …; only keys every peft ≥ 0.9 accepts); our own ``dorabooth.*``
 keys (format version, family, method, magnitude axis, rank, alpha, rslora, targets, base
-model). Axis-``in`` DoRA keeps the same keys with ``lora_magnitude_vector`` of shape
+model and hash); and ``modelspec.*`` with the subject it was trained on (:mod:`.subject`). Axis-``in`` DoRA keeps the same keys with ``lora_magnitude_vector`` of shape
 ``(1, in)``: a stock loader then fails loudly on the shape instead of misreading it.
 
 One deliberate exception: when a UNet adapter also covers Linear layers other than those
