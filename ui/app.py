@@ -83,7 +83,6 @@ SUBJECT_INTRO = f"""Give the model a new word for your subject. Drop **{MIN_IMAG
 (JPG, PNG or WebP, up to {MAX_UPLOAD_BYTES // 2**20} MB each): different angles, backgrounds and lighting, with
 the subject clearly visible. Below you see each photo cropped the way the trainer will see it."""
 
-
 CHECK_TEXT = """Did training work? **Analyze** draws your training prompt and the plain class prompt a few
 times each with the run: the first should show your subject, the second an ordinary one of its class (if your
 subject shows up there too, it has leaked into the class). Below that, the paper's view of the same run."""
@@ -488,7 +487,6 @@ def _wire_results(ctx: h.Context, c) -> None:
 
     c.fmt.change(on_format, c.fmt, [c.fmt_help, c.dtype])
 
-
     @shown
     def on_export(ref, fmt, dtype):
         if not ref:
@@ -550,7 +548,8 @@ def _export_suggestion(ctx: h.Context, ref: str | None, use: str | None = None):
 
 
 def _use_note(use: str, method: str) -> str:
-    return f'<div class="db-details">{escape(h.use_advice(use, h.METHOD_LABELS.get(method, {}).get("method", "dora")))}</div>'
+    advice = h.use_advice(use, h.METHOD_LABELS.get(method, {}).get("method", "dora"))
+    return f'<div class="db-details">{escape(advice)}</div>'
 
 
 def _device_html(ctx: h.Context, settings: h.TrainSettings) -> str:

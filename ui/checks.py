@@ -85,7 +85,8 @@ def _unscored(out: CheckOutcome, session, run: Path, folder: Path, seeds, steps)
 
     session.use_adapter(rd.resolve_adapter(run))
     session.set_strength(1.0)
-    for i, (prompt, into) in enumerate(((out.subject_prompt, out.subject_images), (out.class_prompt, out.class_images))):
+    rows = ((out.subject_prompt, out.subject_images), (out.class_prompt, out.class_images))
+    for i, (prompt, into) in enumerate(rows):
         for seed, image in zip(seeds, session.generate(prompt, seeds=list(seeds), steps=steps)):
             into.append((str(save_png(image, folder, f"{i:03d}-s{seed}.png")), f"seed {seed}"))
 

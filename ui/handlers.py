@@ -568,6 +568,8 @@ def retrain_for(ctx: Context, ref: str, use: str = "comfy") -> str:
                 and not read_status(other, ctx.worker.position(other)).resumable:
             return ctx.workspace.ref(other)
     config = rd.read_config(run)[0]
+    if config.magnitude_axis == AXIS_FOR_USE[use]:
+        raise UserError(f"{ref} is trained for {USE_LABELS[use]} already: export its adapter file")
     label = f"{config.method}-for-{'comfyui' if use == 'comfy' else use}"
     new = ctx.workspace.new_run(run.parent.parent.name, label)
     config = replace(config, out=str(new), magnitude_axis=AXIS_FOR_USE[use], resume=False)

@@ -328,9 +328,13 @@ def check_html(outcome) -> str:
     else:
         good = leak * 4 <= n_c
         line = f"your subject appears in {leak} of {n_c} images of “{klass}”."
-    advice = "" if good else (" The subject is leaking into the class: keep prior preservation on, or train fewer "
-                              "steps.")
-    head += (f'<div class="{"db-ok" if good else "db-warn"}" data-class-kept="{o.class_kept if o.class_kept is not None else ""}" '
-             f'data-leak="{o.leak:.3f}"><b>Class prompt {"kept" if good else "affected"}</b>: {line}{advice}</div>')
+    if leak * 4 > n_c:
+        advice = " Your subject is leaking into the class: keep prior preservation on, or train fewer steps."
+    else:
+        advice = "" if good else (f" The class prompt no longer draws an ordinary {escape(o.class_noun)} well: "
+                                  f"keep prior preservation on, or train fewer steps.")
+    kept_attr = "" if o.class_kept is None else f"{o.class_kept:.3f}"
+    head += (f'<div class="{"db-ok" if good else "db-warn"}" data-class-kept="{kept_attr}" data-leak="{o.leak:.3f}">'
+             f'<b>Class prompt {"kept" if good else "affected"}</b>: {line}{advice}</div>')
     return head + ('<div class="db-details">Read by the toy world\'s shape and colour reader; the images are '
                    'below.</div>')

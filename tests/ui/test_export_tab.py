@@ -103,6 +103,8 @@ def test_retrain_for_comfyui_reuses_the_photos_and_settings(comfy):
     differ = {k for k in old_config if old_config[k] != request["config"][k]}
     assert differ == {"out", "magnitude_axis"} and request["config"]["magnitude_axis"] == "in"
     assert _wait(ctx, new).finished
+    with pytest.raises(UserError, match="trained for ComfyUI / A1111 / Forge already"):
+        h.retrain_for(ctx, new)
     fmt, line, advice = h.suggested_export(ctx, new)                 # asked for ComfyUI: its small file is exact
     assert fmt == "kohya" and "ComfyUI applies it exactly" in line and not h.retrain_offer(advice, "comfy")
 
