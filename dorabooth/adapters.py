@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -22,6 +23,7 @@ from .families import check_family, detect_family
 from .formats.adapter_files import read_adapter_file
 from .formats.diffusers_lora import write_adapter
 from .formats.neutral import Adapter, ModuleAdapter, module_paths
+from .formats.subject import Subject
 from .version import __version__
 
 
@@ -128,15 +130,17 @@ def unmerge(pipe) -> None:
         layer.unmerge()
 
 
-def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None) -> Path:
+def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None, subject: Subject | None = None,
+                 base_hash: str | None = None) -> Path:
     """Write the pipeline's adapter as ``pytorch_lora_weights.safetensors`` (diffusers/PEFT layout).
 
     ``path``: a folder, or a file name ending in ``.safetensors``. ``base_model`` (a hub id or
     path) is recorded in the metadata; by default the pipeline's own ``name_or_path`` if set.
+    ``subject`` (token, class, prompts) and ``base_hash`` are recorded too when given.
     The file loads with stock ``pipe.load_lora_weights(path)`` and with :func:`load_adapter`.
     """
     family = detect_family(pipe)
-    adapter = _attached_adapter(pipe)
+    adapter = replace(_attached_adapter(pipe), subject=subject, base_hash=base_hash)
     if not adapter.modules:
         raise ValueError("the pipeline has no dorabooth adapters to save; attach() and train first")
     if "unet" not in adapter.by_component():

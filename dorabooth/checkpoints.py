@@ -93,7 +93,7 @@ def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Train
                 "lr_schedule": state.schedule.state_dict(), "dorabooth_version": __version__}
         write_json(tmp / rd.STATE, meta, default=_json_default)
         if config.method != "full":                     # the same adapter as a user-facing file
-            adapters.save_adapter(pipe, tmp / rd.ADAPTER, base_model=config.model)
+            adapters.save_adapter(pipe, tmp / rd.ADAPTER, base_model=config.model, subject=rd.subject_of(config, run))
         if final.exists():                              # re-saving a step (stop right after a checkpoint)
             old = final.with_name(f".old-{final.name}")
             os.replace(final, old)
@@ -164,6 +164,6 @@ def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerato
     else:
         target = run / rd.ADAPTER
         if accelerator.is_main_process:
-            adapters.save_adapter(pipe, target, base_model=base.id)
+            adapters.save_adapter(pipe, target, base_model=base.id, subject=rd.subject_of(config, run), base_hash=base.hash)
     accelerator.wait_for_everyone()
     return target

@@ -4,22 +4,23 @@
 neutral adapter plus the base it recorded; :class:`BaseSpec` finds the base model (a given
 pipeline, ``--model``, else the recorded one) and opens it without loading its weights (a
 skeleton for configs and names, a weight source that reads one tensor at a time);
-:func:`consumer_report` is the per-tool
-report (exact / approximate / not applied) that ``export`` attaches to the files it writes
-and that ``adapter-info --consumers`` prints: one code path for both.
+:func:`report_base` is the one rule for which base the report measures against (given, else
+the recorded one when it is on this machine: "toy", a folder, a file); :func:`consumer_report`
+is the per-tool report (exact / approximate / not applied) that ``export`` attaches to the
+files it writes and that ``adapter-info --consumers`` prints: one code path for both.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import rundir as rd
 from .families import detect_family
 from .formats import adapter_files
-from .formats.consumers import FileView, Verdict
+from .formats.consumers import UNMEASURED, FileView, Verdict
 from .formats.consumers import consumer_report as _consumer_report
 from .formats.files import read_metadata
 from .formats.layout import UNetLayout
@@ -43,8 +44,9 @@ def read_source(source) -> tuple[Adapter, str | None]:
         if resolved.kind == "full":
             raise ValueError(f"{p}: a full fine-tune is a whole model, not an adapter; export it with --format "
                              f"merged-single-file or merged-diffusers")
-        adapter = adapter_files.read_adapter_file(resolved.path)
-        return adapter, run.base_weights
+        adapter = adapter_files.read_adapter_file(resolved.path)     # what the run recorded about itself wins
+        return replace(adapter, subject=run.subject, base_model=run.base_ref,
+                       base_hash=run.base_hash or adapter.base_hash), run.base_weights
     adapter = adapter_files.read_adapter_file(p)
     return adapter, adapter.base_model
 
@@ -99,6 +101,37 @@ class BaseSpec:
         return candidate
 
 
+MEASURE_HINT = UNMEASURED
+
+
+def report_base(spec: BaseSpec, recorded: str | None, *, needed: bool = False) -> tuple[Base | None, str]:
+    """(the base the consumer report measures against, why there is none): a caller's pipeline or
+    ``--model``; else the base the adapter or run recorded, when it is on this machine ("toy", a
+    folder, a file) or when ``needed`` (a hub id is then downloaded). ``export`` and
+    ``adapter-info`` both call this, so they report on the same base."""
+    if spec.given or needed:
+        return spec.open(recorded), ""
+    if not recorded:
+        return None, MEASURE_HINT
+    try:
+        kind, _ = resolve_model(recorded)
+    except (OSError, ValueError):
+        return None, f"the recorded base {recorded} is not on this computer; {MEASURE_HINT}"
+    if kind == "hub":
+        return None, f"the recorded base {recorded} is a hub id; pass --model {recorded} to download it and measure"
+    return spec.open(recorded), ""
+
+
+def base_notes(adapter: Adapter, base: Base | None) -> list[str]:
+    """A warning when the base at hand is not the one the adapter records (its hash differs)."""
+    if base is None or base.info is None or not adapter.base_hash or not base.info.hash:
+        return []
+    if base.info.hash == adapter.base_hash:
+        return []
+    return [f"the base model at {base.info.path} differs from the one this adapter was trained on (weights hash "
+            f"{base.info.hash[:19]}… ≠ {adapter.base_hash[:19]}…): errors are measured against this one"]
+
+
 # ---- what the tools make of it -------------------------------------------------------------------
 def unet_layout(adapter: Adapter, pipe, family: str) -> UNetLayout:
     """The UNet's block layout for kohya names: the base's own config when it is at hand, else
@@ -139,12 +172,13 @@ def module_names(pipe) -> dict[str, list[str]]:
             for c in ("unet", *TEXT_ENCODERS) if (m := getattr(pipe, c, None)) is not None}
 
 
-def consumer_report(adapter: Adapter, family: str, pipe=None, weights=None) -> list[Verdict]:
+def consumer_report(adapter: Adapter, family: str, pipe=None, weights=None,
+                    unmeasured: str = MEASURE_HINT) -> list[Verdict]:
     """How ComfyUI, A1111, diffusers, LyCORIS… apply the file ``adapter`` was read from.
 
     ``pipe``: the base model (its UNet config and text-encoder depths name the keys exactly);
     without it they are inferred from the adapter. ``weights``: ``{module key: W0}`` to
-    measure each tool's error; without it the report says what it cannot measure."""
+    measure each tool's error; without it each verdict notes ``unmeasured`` (why, and what to do)."""
     keys, _ = read_metadata(adapter.source)
     kind = "kohya" if any(k.endswith(".lora_down.weight") for k in keys) else "diffusers"
     if pipe is not None:
@@ -155,31 +189,32 @@ def consumer_report(adapter: Adapter, family: str, pipe=None, weights=None) -> l
         unet_config = recorded_unet_config(adapter) or _unet_config_guess(adapter, unet_layout(adapter, None, family))
         te_layers = _te_layers_guess(adapter)
     view = FileView(adapter, kind, keys, adapter.file_names, adapter.magnitude_shapes)
-    return _consumer_report(view, family, unet_config, te_layers, None if weights is None else weights.__getitem__)
+    return _consumer_report(view, family, unet_config, te_layers, None if weights is None else weights.__getitem__,
+                            unmeasured=unmeasured)
 
 
 def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str | None = None,
                  model_config: str | None = None, pipe=None) -> dict:
     """What ``dorabooth adapter-info`` prints: format, family, method, rank, alpha, axis,
-    modules, unknown keys; with ``consumers``, the per-tool report."""
+    modules, unknown keys; with ``consumers``, the per-tool report (against the base
+    :func:`report_base` picks, as ``export`` does)."""
     adapter, recorded = read_source(path)
     info = adapter.summary()
     if not consumers:
         return info
     spec = BaseSpec(model, model_config, pipe)
-    if not spec.given and recorded and Path(recorded).exists():
-        spec = BaseSpec(recorded, model_config)
-    base = spec.open(recorded) if spec.given else None
-    if base is not None:
-        check_family(adapter, base.family)
-    family = adapter.family or (base.family if base is not None else None)
-    if family is None:
+    if adapter.family is None and not spec.given and not recorded:
         info["consumers"] = "unknown model family; pass --model"
         return info
-    pipe = base.pipe if base is not None else None
-    weights = base.module_weights(adapter.modules) if base is not None else None
+    base, unmeasured = report_base(spec, recorded, needed=adapter.family is None)
     try:
-        info["consumers"] = [v.to_dict() for v in consumer_report(adapter, family, pipe, weights)]
+        if base is not None:
+            check_family(adapter, base.family)
+        family = adapter.family or base.family
+        weights = base.module_weights(adapter.modules) if base is not None else None
+        verdicts = consumer_report(adapter, family, base.pipe if base is not None else None, weights, unmeasured)
+        info["consumers"] = [v.to_dict() for v in verdicts]
+        info["notes"] = base_notes(adapter, base)
     finally:
         if base is not None:
             base.weights.close()

@@ -35,10 +35,12 @@ from .conventions import EXPORT_DTYPES, EXPORT_FORMATS, MERGED_FORMATS
 from .describe import (
     Base,
     BaseSpec,
+    base_notes,
     check_family,
     consumer_report,
     module_names,
     read_source,
+    report_base,
     unet_layout,
 )
 from .events import EventLog
@@ -147,15 +149,16 @@ def _export_adapter(loaded, target: Target, spec: BaseSpec, emit) -> ExportResul
                          "(--format merged-diffusers or merged-single-file); adapter files hold one adapter")
     adapter, recorded, t = loaded[0]
     needs_base = t != 1.0 and adapter.method != "lora"
-    base = spec.open(recorded) if spec.given or needs_base or adapter.family is None else None
+    base, unmeasured = report_base(spec, recorded, needed=needs_base or adapter.family is None)   # as adapter-info
     try:
-        return _write_adapter(adapter, recorded, t, base, target, emit)
+        return _write_adapter(adapter, recorded, t, base, target, emit, unmeasured)
     finally:
         if base is not None:
             base.weights.close()
 
 
-def _write_adapter(adapter: Adapter, recorded, t: float, base: Base | None, target: Target, emit) -> ExportResult:
+def _write_adapter(adapter: Adapter, recorded, t: float, base: Base | None, target: Target, emit,
+                   unmeasured: str) -> ExportResult:
     if base is not None:
         check_family(adapter, base.family)
     family = adapter.family or (base.family if base is not None else None)
@@ -169,15 +172,16 @@ def _write_adapter(adapter: Adapter, recorded, t: float, base: Base | None, targ
         adapter = bake_strength(adapter, t, weights or {})
     if target.format == "kohya":
         path = adapter_files.write_kohya(adapter, target.path, family=family, layout=unet_layout(adapter, pipe, family),
-                                         dtype=target.dtype or torch.float32, base_model=recorded,
+                                         dtype=target.dtype or torch.float32, base_model=adapter.base_model or recorded,
                                          overwrite=target.overwrite, **(image_spec(pipe) if pipe is not None else {}))
     else:
         path = adapter_files.write_diffusers_lora(adapter, target.path, family=family,
                                                   module_names=module_names(pipe) if pipe is not None else None,
-                                                  base_model=recorded, overwrite=target.overwrite)
+                                                  base_model=adapter.base_model or recorded, overwrite=target.overwrite)
     emit("written", path=str(path))
     written = adapter_files.read_adapter_file(path)
-    return ExportResult(path, target.format, consumer_report(written, family, pipe, weights))
+    return ExportResult(path, target.format, consumer_report(written, family, pipe, weights, unmeasured),
+                        notes=base_notes(written, base))
 
 
 # ---- merged checkpoints --------------------------------------------------------------------------

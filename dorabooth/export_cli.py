@@ -130,7 +130,9 @@ def _run_info(args) -> int:
           f"\n  rank           {', '.join(map(str, info['rank']))}"
           f"\n  alpha          {', '.join(f'{a:g}' for a in info['alpha'])}"
           f"\n  modules        {info['modules']} ({comps})"
-          f"\n  base model     {info['base_model'] or '-'}")
+          f"\n  base model     {info['base_model'] or '-'}"
+          f"\n  trigger        {info['trigger'] or '-'}" + (f" (trained as \"{info['instance_prompt']}\")"
+                                                         if info['instance_prompt'] else ""))
     unknown = info["unknown_keys"]
     print(f"  unknown keys   {len(unknown)}" + (f" (e.g. {', '.join(unknown[:3])})" if unknown else ""))
     if args.consumers:
@@ -139,6 +141,8 @@ def _run_info(args) -> int:
             print(f"  consumers: {report}")
         else:
             from .formats.consumers import Verdict
+            for note in info.get("notes", []):
+                print(f"  note: {note}")
             for d in report:
                 v = Verdict(**d)
                 print(v.line())

@@ -214,6 +214,7 @@ def bake_strength(adapter: Adapter, t: float, base: Mapping[str, torch.Tensor]) 
         modules[key] = ModuleAdapter(m.down, t * m.up, m.scale, mag, m.axis)
     return Adapter(modules=modules, family=adapter.family, format=adapter.format, source=adapter.source,
                    metadata=adapter.metadata, rslora=adapter.rslora, base_model=adapter.base_model,
-                   targets=adapter.targets, lora_alpha=adapter.lora_alpha)
+                   targets=adapter.targets, lora_alpha=adapter.lora_alpha, subject=adapter.subject,
+                   base_hash=adapter.base_hash)
 
 

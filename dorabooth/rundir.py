@@ -22,9 +22,12 @@ import socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import TrainConfig
+
+if TYPE_CHECKING:                  # not at run time: the command line checks a run folder before torch loads
+    from .formats.subject import Subject
 
 CONFIG = "config.json"
 EVENTS = "events.jsonl"
@@ -101,12 +104,40 @@ class Run:
         return path if path and Path(path).exists() else (self.config.model or "toy")
 
     @property
+    def base_ref(self) -> str:
+        """How files made from the run name its base: "toy" and hub ids as they are (they resolve
+        on any machine), a local base by the absolute path it was read from."""
+        if self.base_id == "toy" or self.base_model.get("kind") == "hub":
+            return self.base_id
+        return str(self.base_model.get("path") or self.base_id)
+
+    @property
     def base_hash(self) -> str | None:
         return self.base_model.get("hash")
 
     @property
     def family(self) -> str | None:
         return self.recorded.get("family")
+
+    @property
+    def subject(self) -> Subject:
+        return subject_of(self.config, self.path)
+
+
+def subject_of(config: TrainConfig, run: str | os.PathLike | None = None) -> Subject:
+    """What a run trains: token, class noun, its prompts as the trainer resolves them, and how
+    many photos it prepared (``instance/manifest.json``; None before they are prepared)."""
+    from .formats.subject import Subject
+
+    images = None
+    manifest = Path(run) / INSTANCE / "manifest.json" if run is not None else None
+    if manifest is not None and manifest.is_file():
+        try:
+            images = len(json.loads(manifest.read_text()).get("examples", []))
+        except (OSError, json.JSONDecodeError, AttributeError):
+            images = None
+    return Subject(config.token, config.class_noun, config.resolved_instance_prompt, config.resolved_class_prompt,
+                   images)
 
 
 def read_run(run: str | os.PathLike) -> Run:

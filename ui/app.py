@@ -83,15 +83,14 @@ SUBJECT_INTRO = f"""Give the model a new word for your subject. Drop **{MIN_IMAG
 (JPG, PNG or WebP, up to {MAX_UPLOAD_BYTES // 2**20} MB each): different angles, backgrounds and lighting, with
 the subject clearly visible. Below you see each photo cropped the way the trainer will see it."""
 
-USE_HELP = """**Why this matters (DoRA only):** DoRA keeps one learned *magnitude* per row or per column of
-each weight. diffusers and PEFT can only store the per-row (output) kind; ComfyUI applies the per-column (input)
-kind exactly and A1111 applies only that kind. Pick where you will use the adapter; a merged checkpoint from the
-Export tab works everywhere either way. LoRA has no magnitude, so it fits every tool."""
+CHECK_TEXT = """Did training work? **Analyze** draws your training prompt and the plain class prompt a few
+times each with the run: the first should show your subject, the second an ordinary one of its class (if your
+subject shows up there too, it has leaked into the class). Below that, the paper's view of the same run."""
 
 ANALYZE_TEXT = """How did training change each layer? The DoRA paper splits every weight change into a change of
 **magnitude** (how large each weight row is) and of **direction** (where it points), and shows that DoRA, like full
-fine-tuning, trades one against the other while LoRA moves both together. Pick a run (and others to compare) and
-press **Analyze**; the result is also saved in the run folder."""
+fine-tuning, trades one against the other while LoRA moves both together. **Analyze** draws it for the run (and
+the runs to compare); the result is also saved in the run folder."""
 
 
 def build(ctx: h.Context) -> gr.Blocks:
@@ -116,6 +115,7 @@ def build(ctx: h.Context) -> gr.Blocks:
         _wire_subject(ctx, c, demo)
         _wire_train(ctx, c)
         _wire_results(ctx, c)
+        _wire_export_choice(ctx, c)
     return demo
 
 
@@ -154,8 +154,9 @@ def _train_tab(ctx: h.Context, c) -> None:
         c.method = gr.Radio(label="Method", choices=list(h.METHOD_LABELS), value="DoRA (recommended)",
                             info="DoRA learns each weight's size and direction separately and usually beats LoRA "
                                  "at the same size. DoRA† uses half the rank: a smaller file.")
-        c.use = gr.Radio(label="Where will you use the adapter?", choices=list(h.USES), value="diffusers / Python")
-    gr.Markdown(USE_HELP)
+        with gr.Column():
+            c.use = gr.Radio(label="Where will you use it?", choices=list(h.USES), value="Not sure", elem_id="db-use")
+            c.use_note = gr.HTML(_use_note("Not sure", "DoRA (recommended)"), elem_id="db-use-note")
     c.device = gr.HTML(_device_html(ctx, h.TrainSettings()), elem_id="db-device")
     with gr.Accordion("Advanced settings", open=False, elem_id="db-advanced"):
         with gr.Row():
@@ -231,7 +232,10 @@ def _export_tab(ctx: h.Context, c) -> None:
     gr.Markdown("Download your subject for the tool you use. The report says which tools apply the file exactly as "
                 "trained, which only approximately (and by how much), and which not.")
     c.exp_run = gr.Dropdown(label="Trained subject", elem_id="db-exp-run")
-    c.exp_hint = gr.HTML()
+    c.exp_use = gr.Radio(label="Where will you use it?", choices=list(h.EXPORT_USES), elem_id="db-exp-use")
+    c.exp_hint = gr.HTML(elem_id="db-exp-hint")
+    with gr.Row(visible=False, elem_id="db-retrain-row") as c.retrain_row:
+        c.retrain = gr.Button("Retrain for ComfyUI / A1111 / Forge (same photos and settings)", elem_id="db-retrain")
     c.fmt = gr.Radio(label="Format", choices=[(v[0], k) for k, v in h.EXPORT_FORMATS.items()], value="kohya",
                      elem_id="db-format")
     c.fmt_help = gr.Markdown(h.EXPORT_FORMATS["kohya"][1])
@@ -239,20 +243,30 @@ def _export_tab(ctx: h.Context, c) -> None:
                        info="fp32 keeps the adapter exactly as trained; fp16 halves a merged model's size.")
     c.export = gr.Button("Export", variant="primary", elem_id="db-export")
     c.exp_report = gr.HTML(elem_id="db-exp-report")
+    c.suggestion = [c.exp_use, c.fmt, c.exp_hint, c.retrain_row]        # what _export_suggestion fills
     c.download = gr.File(label="Download", interactive=False, elem_id="db-download")
 
 
 def _analyze_tab(ctx: h.Context, c) -> None:
-    gr.Markdown(ANALYZE_TEXT)
+    gr.Markdown(CHECK_TEXT)
     with gr.Row():
         c.ana_run = gr.Dropdown(label="Trained subject", elem_id="db-ana-run")
-        c.ana_more = gr.Dropdown(label="Compare with (optional)", multiselect=True,
+        c.ana_more = gr.Dropdown(label="Compare with (optional, for the plot below)", multiselect=True,
                                  info="e.g. a LoRA and a DoRA run of the same subject.")
-    c.ana_axis = gr.Radio(label="Norms taken", choices=list(h.AXIS_LABELS.items()), value="out")
     c.analyze = gr.Button("Analyze", variant="primary", elem_id="db-analyze")
-    c.ana_plot = gr.Image(label="Magnitude vs direction change", type="filepath", interactive=False,
-                          elem_id="db-ana-plot", height=420)
-    c.ana_text = gr.HTML(elem_id="db-ana-text")
+    c.check_text = gr.HTML(elem_id="db-check")
+    with gr.Row():
+        c.check_subject = gr.Gallery(label="Your prompt: should show your subject", columns=4, height=220,
+                                     object_fit="contain", allow_preview=False, elem_id="db-check-subject")
+        c.check_class = gr.Gallery(label="The class prompt: should show an ordinary one", columns=4, height=220,
+                                   object_fit="contain", allow_preview=False, elem_id="db-check-class")
+    with gr.Accordion("How training changed each layer (the DoRA paper's magnitude/direction plot)", open=False,
+                      elem_id="db-ana-more"):
+        gr.Markdown(ANALYZE_TEXT)
+        c.ana_axis = gr.Radio(label="Norms taken", choices=list(h.AXIS_LABELS.items()), value="out")
+        c.ana_plot = gr.Image(label="Magnitude vs direction change", type="filepath", interactive=False,
+                              elem_id="db-ana-plot", height=420)
+        c.ana_text = gr.HTML(elem_id="db-ana-text")
 
 
 # ---- wiring ------------------------------------------------------------------------------------
@@ -285,7 +299,7 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
         names = h.subject_names(ctx)
         view = h.open_subject(ctx, names[0]) if names else _empty_view("my-subject")
         finished, newest = _newest_or(ctx, None)             # one scan of the workspace for both lists
-        fmt, hint = _export_suggestion(ctx, newest)
+        fmt, hint = gr.skip(), ""                          # worked out when the Export tab opens
         return (*show(view), runs_of(view.name), gr.update(choices=finished, value=newest),
                 gr.update(choices=finished, value=newest),
                 gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx)),
@@ -358,6 +372,9 @@ def _wire_train(ctx: h.Context, c) -> None:
                                    train_text_encoders=text_encoders, precision=precision,
                                    checkpointing=checkpointing, optimizer=optimizer)
         return views.device_html(h.device_view(ctx, settings))
+
+    for box in (c.use, c.method):                  # the axis the answer trains, in words
+        box.change(shown(_use_note), [c.use, c.method], c.use_note, show_progress="hidden")
 
     device_inputs = [c.method, c.rank, c.prior, c.text_encoders, c.precision, c.checkpointing, c.optimizer]
     for box in device_inputs:                      # what the estimate depends on
@@ -432,12 +449,13 @@ def _wire_results(ctx: h.Context, c) -> None:
     c.gen_run.input(shown(lambda ref: h.default_prompt(ctx, ref) if ref else ""), c.gen_run, c.prompt)
 
     @shown
-    def on_export_tab(current):
+    def on_export_tab(current, hint):
         choices, chosen = _newest_or(ctx, current)
-        fmt, hint = _export_suggestion(ctx, chosen) if chosen != current else (gr.skip(), gr.skip())
-        return gr.update(choices=choices, value=chosen), fmt, hint
+        again = chosen != current or not hint
+        return (gr.update(choices=choices, value=chosen),
+                *(_export_suggestion(ctx, chosen) if again else (gr.skip(),) * 4))
 
-    c.export_tab.select(on_export_tab, c.exp_run, [c.exp_run, c.fmt, c.exp_hint])
+    c.export_tab.select(on_export_tab, [c.exp_run, c.exp_hint], [c.exp_run, *c.suggestion])
 
     @shown
     def on_analyze_tab(current, more):
@@ -469,8 +487,6 @@ def _wire_results(ctx: h.Context, c) -> None:
 
     c.fmt.change(on_format, c.fmt, [c.fmt_help, c.dtype])
 
-    c.exp_run.input(shown(lambda ref: _export_suggestion(ctx, ref)), c.exp_run, [c.fmt, c.exp_hint])
-
     @shown
     def on_export(ref, fmt, dtype):
         if not ref:
@@ -484,18 +500,56 @@ def _wire_results(ctx: h.Context, c) -> None:
     def on_analyze(ref, more, axis):
         if not ref:
             raise UserError("no trained subject yet: train one on the Train tab first")
+        check = h.check_run(ctx, ref)
         outcome = h.analyze_runs(ctx, [ref, *(more or [])], axis)
-        return str(outcome.plot), views.analysis_html(outcome)
+        return (views.check_html(check), check.subject_images, check.class_images, str(outcome.plot),
+                views.analysis_html(outcome))
 
-    c.analyze.click(on_analyze, [c.ana_run, c.ana_more, c.ana_axis], [c.ana_plot, c.ana_text])
+    c.analyze.click(on_analyze, [c.ana_run, c.ana_more, c.ana_axis],
+                    [c.check_text, c.check_subject, c.check_class, c.ana_plot, c.ana_text])
 
 
-def _export_suggestion(ctx: h.Context, ref: str | None):
-    """(format, hint html) the run was trained for; no run: leave the format as it is."""
+def _wire_export_choice(ctx: h.Context, c) -> None:
+    """The Export tab's "Where will you use it?": the run's answer when it is picked, the format
+    and advice for the answer, and for a run trained for diffusers exported for ComfyUI / A1111 /
+    Forge the choice between the merged checkpoint and a retrain (one click, same photos and settings)."""
+    c.exp_run.input(shown(lambda ref: _export_suggestion(ctx, ref)), c.exp_run, c.suggestion)
+    c.exp_use.input(shown(lambda ref, use: _export_suggestion(ctx, ref, h.EXPORT_USES.get(use))),
+                    [c.exp_run, c.exp_use], c.suggestion)
+
+    @shown
+    def on_retrain(ref):
+        new = h.retrain_for(ctx, ref, "comfy")
+        subject = new.split("/")[0]
+        note = (f'<div class="db-ok">Started <b>{escape(new)}</b>: the same photos and settings, trained for '
+                f'ComfyUI / A1111 / Forge. Follow it on the <b>Train</b> tab; when it finishes, export its '
+                f'ComfyUI / A1111 / Forge adapter here.</div>')
+        return note, gr.update(choices=h.list_runs(ctx, subject), value=new)
+
+    c.retrain.click(on_retrain, c.exp_run, [c.exp_report, c.run])
+
+
+def _export_suggestion(ctx: h.Context, ref: str | None, use: str | None = None):
+    """Values for ``c.suggestion`` (answer, format, hint html, retrain row): what to export for
+    ``use`` (default: what the run was trained for); no run: leave everything as it is."""
     if not ref:
-        return gr.skip(), ""
-    fmt, hint = h.suggested_export(ctx, ref)
-    return fmt, f'<div class="db-details">{escape(hint)}</div>'
+        return gr.skip(), gr.skip(), "", gr.update(visible=False)
+    use = use or h.run_use(ctx.workspace.run(ref))
+    fmt, line, advice = h.suggested_export(ctx, ref, use)
+    retrain = h.retrain_offer(advice, use)
+    html = f'<div class="db-details" data-use="{escape(use)}">{escape(line)}</div>'
+    if retrain:
+        html = ('<div class="db-warn" data-choice="retrain">This run was trained for diffusers. For ComfyUI, A1111 '
+                'or Forge, choose: <b>the merged checkpoint</b> (selected below: exact there, as large as the base '
+                'model), or <b>retrain</b>: one click starts a new run with the same photos and settings, trained '
+                'for these tools, whose small adapter file is exact there.</div>')
+    label = next(k for k, v in h.EXPORT_USES.items() if v == use)
+    return label, fmt or gr.skip(), html + views.advice_html(advice.picks, use), gr.update(visible=retrain)
+
+
+def _use_note(use: str, method: str) -> str:
+    advice = h.use_advice(use, h.METHOD_LABELS.get(method, {}).get("method", "dora"))
+    return f'<div class="db-details">{escape(advice)}</div>'
 
 
 def _device_html(ctx: h.Context, settings: h.TrainSettings) -> str:

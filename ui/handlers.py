@@ -23,8 +23,23 @@ from dorabooth.config import TrainConfig
 from dorabooth.devices import DeviceInfo
 from dorabooth.specs import ModelSpec
 from dorabooth.models import asset_dir
+from dorabooth.formats.destinations import AXIS_FOR_USE as _AXIS_FOR_USE
+from dorabooth.formats.destinations import USES as _USE_LABELS
 
 from . import runs
+from .checks import CheckOutcome, check_run  # noqa: F401  (the Analyze tab's lead lives there)
+from .exporting import (  # noqa: F401  (the Export tab's handlers live there)
+    EXPORT_DTYPES,
+    EXPORT_FORMATS,
+    EXPORT_USES,
+    ExportOutcome,
+    export_run,
+    retrain_offer,
+    run_advice,
+    run_use,
+    suggested_export,
+    use_advice,
+)
 from .runs import RunStatus, read_status
 from .worker import TrainingWorker
 from .workspace import (
@@ -254,10 +269,9 @@ METHOD_LABELS = {
     "LoRA": dict(method="lora", half_rank=False),
     "DoRA† (half rank)": dict(method="dora", half_rank=True),
 }
-USES = {
-    "diffusers / Python": "out",
-    "ComfyUI or A1111": "in",
-}
+# "Where will you use it?": answer → the magnitude axis that makes the small file exact there
+# (dorabooth.formats.destinations says why "Not sure" trains axis "in").
+USES = {_USE_LABELS[k]: _AXIS_FOR_USE[k] for k in ("comfy", "diffusers", "unsure")}
 # The Advanced overrides of the device settings: "auto" = what dorabooth.devices resolves.
 PRECISIONS = {"auto": None, "no": "no", "fp16": "fp16", "bf16": "bf16"}
 CHECKPOINTING = {"auto": None, "on": True, "off": False}
@@ -270,7 +284,7 @@ class TrainSettings:
 
     preset: str = "balanced"
     method: str = "DoRA (recommended)"
-    use: str = "diffusers / Python"
+    use: str = "Not sure"
     rank: int | None = None
     steps: int | None = None
     lr: float | None = None
@@ -536,83 +550,35 @@ def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", 
 
 
 # =============================================================================================
-# Export
+# Export: ui/exporting.py (which file for which tool, the export, download names)
 # =============================================================================================
-EXPORT_FORMATS = {
-    "kohya": ("ComfyUI / A1111 adapter",
-              "One small .safetensors in the kohya layout. Put it in ComfyUI's models/loras or A1111's "
-              "models/Lora folder and use it with the base model it was trained on."),
-    "diffusers-lora": ("diffusers / Python adapter",
-                       "pytorch_lora_weights.safetensors for `pipe.load_lora_weights(...)` in diffusers or "
-                       "`dorabooth.load_adapter`. Needs a run trained for diffusers (per-output magnitude)."),
-    "merged-single-file": ("Merged checkpoint (one file)",
-                           "The base model with your subject baked in, as one .safetensors checkpoint: "
-                           "ComfyUI's models/checkpoints, A1111's models/Stable-diffusion, or diffusers' "
-                           "from_single_file. Exact in every tool; as large as the base model."),
-    "merged-diffusers": ("Merged model folder (diffusers)",
-                         "The base model with your subject baked in, as a diffusers pipeline folder "
-                         "(downloaded as a .zip) for `DiffusionPipeline.from_pretrained`."),
-}
-EXPORT_DTYPES = {"fp32 (full precision)": "fp32", "fp16 (half the size)": "fp16", "bf16": "bf16"}
-
-
-def suggested_export(ctx: Context, ref: str) -> tuple[str, str]:
-    """(format, why): the adapter format the run was trained for, and a sentence saying so."""
-    s = run_status(ctx, ref).settings
-    if s.get("method") == "full":
-        return "merged-single-file", ("A full fine-tune (e.g. from `dorabooth train --method full`): it is a whole "
-                                      "model, so it exports as a merged checkpoint, not an adapter.")
-    if s.get("method") == "lora":
-        return "kohya", "A LoRA run: its adapter file works in every tool."
-    if s.get("magnitude_axis") == "in":
-        return "kohya", ("Trained for ComfyUI / A1111 (one magnitude per input): the ComfyUI / A1111 adapter is "
-                         "exact there. For diffusers, export a merged checkpoint.")
-    return "diffusers-lora", ("Trained for diffusers (one magnitude per output): the diffusers adapter is exact "
-                              "there. For ComfyUI or A1111, export a merged checkpoint (exact everywhere) or "
-                              "train again choosing 'ComfyUI or A1111'.")
-
-
-@dataclass
-class ExportOutcome:
-    path: Path                      # the file to download (a folder is zipped)
-    format: str
-    report: list[dict]              # consumer verdicts (adapter formats)
-    notes: list[str]
-
-
-def export_run(ctx: Context, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
-    """Write ``<run>/exports/<format>-<dtype>/…`` with dorabooth's exporter; returns the download."""
-    from dorabooth import export
+def retrain_for(ctx: Context, ref: str, use: str = "comfy") -> str:
+    """Start a new run of ``ref``'s subject with its recorded photos and settings, trained for
+    ``use`` (its magnitude axis); returns the new run's reference. Asking again while that run
+    waits, trains or is finished gives the same run."""
+    from dorabooth.formats.destinations import AXIS_FOR_USE
+    from dorabooth.formats.destinations import USES as USE_LABELS
 
     run, status = _finished_run(ctx, ref)
-    if fmt not in EXPORT_FORMATS:
-        raise UserError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
-    s = status.settings
-    if fmt == "diffusers-lora" and s.get("method") == "dora" and s.get("magnitude_axis") == "in":
-        raise UserError("this run was trained for ComfyUI/A1111 (one magnitude per input), which the diffusers "
-                        "format cannot hold; export it as 'ComfyUI / A1111 adapter' or as a merged checkpoint")
-    stem = f"{run.parent.parent.name}-{run.name}"
-    folder = run / "exports" / f"{fmt}-{dtype}"
-    out = {"kohya": folder / f"{stem}.safetensors", "diffusers-lora": folder,
-           "merged-single-file": folder / f"{stem}.safetensors", "merged-diffusers": folder / stem}[fmt]
-    folder.mkdir(parents=True, exist_ok=True)
-    base = _base_model_path(run)
-    result = export(run, format=fmt, out=out, model=base, model_config=status.settings.get("model_config"),
-                    dtype=dtype, overwrite=True)
-    path = Path(result.path)
-    if path.is_dir():                                  # a folder downloads as one zip
-        archive = shutil.make_archive(str(folder / f".{stem}.zip.tmp"), "zip", root_dir=path.parent, base_dir=path.name)
-        path = folder / f"{stem}.zip"
-        Path(archive).replace(path)
-    return ExportOutcome(path, fmt, [v.to_dict() for v in result.report], list(result.notes))
-
-
-def _base_model_path(run: Path) -> str | None:
-    """Where the run's base weights are (to measure the consumer report's errors)."""
-    try:
-        return rd.read_run(run).base_weights
-    except (OSError, ValueError):
-        return None
+    if status.settings.get("method") != "dora":
+        raise UserError(f"{ref} is a {status.method_name} run: its files work the same everywhere; no need to retrain")
+    for other in ctx.workspace.runs(run.parent.parent.name):
+        request = runs.request_of(other)
+        if request.get("retrain_of") == ref and request.get("use") == USE_LABELS[use] \
+                and not read_status(other, ctx.worker.position(other)).resumable:
+            return ctx.workspace.ref(other)
+    config = rd.read_config(run)[0]
+    if config.magnitude_axis == AXIS_FOR_USE[use]:
+        raise UserError(f"{ref} is trained for {USE_LABELS[use]} already: export its adapter file")
+    label = f"{config.method}-for-{'comfyui' if use == 'comfy' else use}"
+    new = ctx.workspace.new_run(run.parent.parent.name, label)
+    config = replace(config, out=str(new), magnitude_axis=AXIS_FOR_USE[use], resume=False)
+    request = {"config": config.to_dict(), "preset": status.settings.get("_preset"),
+               "method_label": runs.request_of(run).get("method_label"), "use": USE_LABELS[use], "retrain_of": ref,
+               "requested": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    (new / REQUEST_FILE).write_text(json.dumps(request, indent=2) + "\n")
+    ctx.worker.submit(new, config)
+    return ctx.workspace.ref(new)
 
 
 # =============================================================================================

@@ -92,6 +92,11 @@ def run_settings(run: str | Path) -> dict:
     return {}
 
 
+def request_of(run: str | Path) -> dict:
+    """What the app asked the trainer for (``ui-request.json``); {} for runs started elsewhere."""
+    return _request(Path(run))
+
+
 def _request(run: Path) -> dict:
     try:
         return json.loads((run / REQUEST_FILE).read_text())

@@ -210,29 +210,47 @@ STATUS_WORDS = {"exact": "✔ exact", "approximate": "≈ approximate", "not app
                 "fails to load": "✘ fails to load"}
 
 
+def advice_html(picks, use: str | None = None) -> str:
+    """Which file to pick for ComfyUI, A1111, Forge and diffusers, each with its one-line reason
+    (``dorabooth.formats.destinations.Pick``, derived from the consumer report). ``use``: the
+    answer to "Where will you use it?" whose rows are marked."""
+    from dorabooth.formats.destinations import FILE_WORDS, USE_OF_DESTINATION
+
+    rows = ""
+    for p in picks:
+        mine = use is not None and USE_OF_DESTINATION[p.destination] == use
+        result = "✔ exact" if p.format and p.exact else "✘ no file works"
+        rows += (f'<tr class="db-{"exact" if p.exact and p.format else "fails-to-load"}{" db-mine" if mine else ""}" '
+                 f'data-destination="{escape(p.destination)}" data-format="{escape(p.format)}">'
+                 f'<td>{escape(p.destination)}</td><td>{result}</td><td>{escape(FILE_WORDS.get(p.format, "–"))}</td>'
+                 f'<td>{escape(p.reason)}</td></tr>')
+    return ('<table class="db-report db-advice"><thead><tr><th>Where</th><th>Result</th><th>Pick</th><th>Why</th>'
+            f'</tr></thead><tbody>{rows}</tbody></table>')
+
+
 def export_report_html(outcome) -> str:
-    """Which tools apply the exported file as trained, approximately (with the error), or not."""
+    """The written file, how each destination applies it (from its consumer report, in words),
+    and which file to pick where (derived from the same report)."""
+    from dorabooth.formats.consumers import Verdict
+    from dorabooth.formats.destinations import destination_rows, in_words
+
     size = outcome.path.stat().st_size if outcome.path.is_file() else 0
     html = (f'<div class="db-ok">Written: <code>{escape(outcome.path.name)}</code> ({_size(size)}). '
             f'Use the download link below.</div>')
     if outcome.format.startswith("merged"):
         html += ('<div class="db-details">A merged model is plain weights with your subject baked in: every tool '
-                 'loads it exactly as trained, with no adapter support needed.</div>')
+                 'that loads the base model uses it exactly as trained, with no adapter support needed.</div>')
     if outcome.report:
         rows = ""
-        for v in outcome.report:
-            err = v.get("max_rel_error")
-            detail = escape(v.get("why", ""))
-            if v.get("status") == "approximate" and err is not None:
-                detail = f"weights off by up to {100 * err:.3g}%. " + detail
-            if v.get("instead"):
-                detail += f"<br><i>Instead:</i> {escape(v['instead'])}"
-            kind = escape(v.get("status", "").replace(" ", "-"))
-            result = escape(STATUS_WORDS.get(v.get("status"), v.get("status", "")))
-            rows += (f'<tr class="db-{kind}"><td>{escape(v.get("consumer", ""))}</td><td>{result}</td>'
-                     f'<td>{v.get("applied", "?")} / {v.get("total", "?")}</td><td>{detail}</td></tr>')
-        html += ('<table class="db-report"><thead><tr><th>Tool</th><th>Result</th><th>Layers applied</th>'
-                 f'<th>Details</th></tr></thead><tbody>{rows}</tbody></table>')
+        for destination, v in destination_rows([Verdict(**d) for d in outcome.report]):
+            kind = escape(v.status.replace(" ", "-"))
+            rows += (f'<tr class="db-{kind}" data-destination="{escape(destination)}"><td>{escape(destination)}</td>'
+                     f'<td>{escape(STATUS_WORDS.get(v.status, v.status))}</td>'
+                     f'<td>{escape(destination)} {escape(in_words(v))}.</td></tr>')
+        html += ('<table class="db-report"><thead><tr><th>Tool</th><th>This file</th><th>What happens</th></tr>'
+                 f'</thead><tbody>{rows}</tbody></table>')
+    if outcome.picks:
+        html += '<div class="db-details"><b>Which file to pick where</b></div>' + advice_html(outcome.picks)
     for note in outcome.notes:
         html += f'<div class="db-details">{escape(note)}</div>'
     return html
@@ -283,3 +301,40 @@ def _fit(slope, r) -> str:
     if slope is None:
         return "–"
     return f"{slope:.3g}" + ("" if r is None else f" (r = {r:.2f})")
+
+
+def check_html(outcome) -> str:
+    """Was the subject learned, does the class prompt still draw the class: the run's two prompts
+    in words, scored where a reader exists (``ui.checks.CheckOutcome``)."""
+    o = outcome
+    n_s, n_c = len(o.subject_images), len(o.class_images)
+    subject, klass = escape(o.subject_prompt), escape(o.class_prompt)
+    if o.scorer is None:
+        return (f'<div class="db-details" data-scored="0">No automatic reading for this base model: compare the two '
+                f'rows by eye. Top: “{subject}” should show <b>your subject</b>. Bottom: “{klass}” should show an '
+                f'ordinary {escape(o.class_noun)}, not your subject. (The command line\'s <code>dorabooth eval</code> '
+                f'scores runs with CLIP/DINO models you have locally.)</div>')
+    learned = round(o.learned * n_s)
+    ok = o.learned >= 0.5
+    head = (f'<div class="{"db-ok" if ok else "db-warn"}" data-learned="{o.learned:.3f}"><b>Subject '
+            f'{"learned" if ok else "not learned yet"}</b>: {learned} of {n_s} images of “{subject}” show your '
+            f'subject.{"" if ok else " Train longer (more steps) or check the photos."}</div>')
+    leak = round((o.leak or 0) * n_c)
+    if o.class_kept is not None:
+        kept = round(o.class_kept * n_c)
+        good = kept * 2 >= n_c and leak * 4 <= n_c
+        line = (f"“{klass}” still draws an ordinary {escape(o.class_noun)} in {kept} of {n_c} images; your "
+                f"subject appears in {leak}.")
+    else:
+        good = leak * 4 <= n_c
+        line = f"your subject appears in {leak} of {n_c} images of “{klass}”."
+    if leak * 4 > n_c:
+        advice = " Your subject is leaking into the class: keep prior preservation on, or train fewer steps."
+    else:
+        advice = "" if good else (f" The class prompt no longer draws an ordinary {escape(o.class_noun)} well: "
+                                  f"keep prior preservation on, or train fewer steps.")
+    kept_attr = "" if o.class_kept is None else f"{o.class_kept:.3f}"
+    head += (f'<div class="{"db-ok" if good else "db-warn"}" data-class-kept="{kept_attr}" data-leak="{o.leak:.3f}">'
+             f'<b>Class prompt {"kept" if good else "affected"}</b>: {line}{advice}</div>')
+    return head + ('<div class="db-details">Read by the toy world\'s shape and colour reader; the images are '
+                   'below.</div>')

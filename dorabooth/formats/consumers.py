@@ -43,6 +43,7 @@ from ..conventions import NORM_EPS
 from .neutral import Adapter, ModuleAdapter, adapted_weight, split_module_key
 
 EXACT_TOL = 1e-5
+UNMEASURED = "pass --model to measure the weight error"     # the note when no base weights are at hand
 CONSUMERS = ("diffusers", "ComfyUI", "A1111", "LyCORIS")
 
 
@@ -58,6 +59,7 @@ class Verdict:
     max_rel_update_error: float | None = None   # max over modules ‖W_tool − W‖_F / ‖W − W0‖_F
     worst_module: str | None = None
     notes: list[str] = field(default_factory=list)
+    base_problem: bool = False                  # the tool cannot load the base model itself (any file fails)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -294,7 +296,7 @@ def _a1111_mha(component: str, layer: int, rest: str, have: set[str]) -> str | N
 def _base_fails(consumer: str, view: FileView, problem: str) -> Verdict:
     return Verdict(consumer, "fails to load", 0, len(view.adapter.modules), problem,
                    "use this base with dorabooth (`dorabooth generate --adapter …`) or diffusers "
-                   "(the diffusers-lora file, or --format merged-diffusers)")
+                   "(the diffusers-lora file, or --format merged-diffusers)", base_problem=True)
 
 
 # ---- the report -------------------------------------------------------------------------------
@@ -342,25 +344,29 @@ def _verdict(consumer: str, view: FileView, apply: dict, base, why_exact: str, w
         why += f"; {total - applied} of {total} modules are not matched by {consumer}'s key names and not applied"
     v = Verdict(consumer, status, applied, total, why, "" if exact else instead, err, err_up, worst)
     if base is None:
-        v.notes.append("pass --model to measure the weight error")
+        v.notes.append(UNMEASURED)
     return v
 
 
 def consumer_report(view: FileView, family: str, unet_config, te_layers: dict[str, int],
                     base: Callable[[str], torch.Tensor] | None = None,
-                    transformers_major: int | None = None) -> list[Verdict]:
-    """One :class:`Verdict` per consumer for this file. ``base(key)`` → W0 of a neutral module key."""
+                    transformers_major: int | None = None, unmeasured: str = UNMEASURED) -> list[Verdict]:
+    """One :class:`Verdict` per consumer for this file. ``base(key)`` → W0 of a neutral module key;
+    without it, verdicts that would be measured note ``unmeasured`` (why not, and what to do)."""
     import transformers
 
     tf_major = transformers_major or int(transformers.__version__.split(".")[0])
     ad = view.adapter
     merged_hint = "export a merged checkpoint (--format merged-single-file or merged-diffusers): exact everywhere"
-    return [
+    verdicts = [
         _diffusers(view, base, tf_major, merged_hint),
         _comfy(view, family, unet_config, te_layers, base, merged_hint),
         _a1111(view, family, unet_config, te_layers, base, merged_hint),
         _lycoris(view, family, base, tf_major, merged_hint),
     ] if ad.modules else []
+    for v in verdicts:
+        v.notes = [unmeasured if n == UNMEASURED else n for n in v.notes]
+    return verdicts
 
 
 def _ours(mod: ModuleAdapter):

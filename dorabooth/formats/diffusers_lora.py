@@ -15,9 +15,9 @@ adapters after ``convert_state_dict_to_diffusers(get_peft_model_state_dict(model
 Header metadata: ``format: pt``; ``lora_adapter_metadata``, the JSON of per-component
 ``LoraConfig`` arguments under ``unet.`` / ``text_encoder.`` / ``text_encoder_2.`` prefixes that
 stock ``load_lora_weights`` builds its ``LoraConfig`` from (r, lora_alpha, target_modules,
-use_dora, use_rslora, …; only keys every peft ≥ 0.9 accepts); and our own ``dorabooth.*``
+use_dora, use_rslora, …; only keys every peft ≥ 0.9 accepts); our own ``dorabooth.*``
 keys (format version, family, method, magnitude axis, rank, alpha, rslora, targets, base
-model). Axis-``in`` DoRA keeps the same keys with ``lora_magnitude_vector`` of shape
+model and hash); and ``modelspec.*`` with the subject it was trained on (:mod:`.subject`). Axis-``in`` DoRA keeps the same keys with ``lora_magnitude_vector`` of shape
 ``(1, in)``: a stock loader then fails loudly on the shape instead of misreading it.
 
 One deliberate exception: when a UNet adapter also covers Linear layers other than those
@@ -46,6 +46,8 @@ import torch
 
 from .files import read_safetensors, write_safetensors
 from .neutral import COMPONENTS, Adapter, ModuleAdapter, group_by_component, module_paths, scale_for
+from .single_file import model_class
+from .subject import Subject, description
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 FORMAT_VERSION = "1"
@@ -230,7 +232,23 @@ def write_adapter(
         metadata["dorabooth.version"] = version
     if base_model:
         metadata["dorabooth.base_model"] = str(base_model)
+    if adapter.base_hash:
+        metadata["dorabooth.base_hash"] = adapter.base_hash
+    metadata.update(_modelspec(adapter, family, base_model))
     return write_safetensors(target, to_diffusers_layout(tensors), metadata, overwrite=overwrite)
+
+
+def _modelspec(adapter: Adapter, family: str, base_model: str | None) -> dict[str, str]:
+    """SAI model spec entries (what model browsers show) and the subject the adapter was trained on."""
+    import time
+
+    subject = adapter.subject
+    arch = model_class(family)["modelspec.architecture"]
+    return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
+            "modelspec.implementation": "diffusers",
+            "modelspec.title": subject.title(adapter.method) if subject else "dorabooth adapter",
+            "modelspec.description": description(subject, adapter.method, adapter.axis, base_model),
+            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"), **(subject.metadata() if subject else {})}
 
 
 # ---- read ----------------------------------------------------------------------------------
@@ -383,4 +401,4 @@ def read_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], sou
                    format=f"diffusers/PEFT ({kind}{magnitude}{stated})",
                    source=source, metadata=dict(meta), rslora=rs.pop() if len(rs) == 1 else None,
                    base_model=ours.get("dorabooth.base_model"), targets=targets, lora_alpha=alphas,
-                   magnitude_shapes=shapes)
+                   magnitude_shapes=shapes, subject=Subject.from_metadata(meta), base_hash=ours.get("dorabooth.base_hash"))

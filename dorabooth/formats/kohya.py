@@ -32,6 +32,7 @@ from ..version import __version__
 from .layout import UNetLayout, flatten, is_original_unet_name, original_to_unet, text_module, unet_to_original, unflatten
 from .neutral import Adapter, ModuleAdapter, axis_from_shape, split_module_key
 from .single_file import model_class
+from .subject import Subject, description
 
 SUFFIXES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha", "dora_scale": "dora_scale"}
 _UNSUPPORTED = ("hada_w1_a", "lokr_w1", "lokr_w2", "lora_mid.weight", "oft_blocks", "oft_diag", "a1.weight",
@@ -182,7 +183,8 @@ def read_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], sou
     return Adapter(modules=modules, family=family, format=f"{what} ({kind}{axis_word})", source=source,
                    metadata=dict(meta), unknown_keys=tuple(sorted(unknown)),
                    rslora=None, base_model=meta.get("dorabooth.base_model") or meta.get("ss_sd_model_name"),
-                   file_names=names, magnitude_shapes=shapes)
+                   file_names=names, magnitude_shapes=shapes, subject=Subject.from_metadata(meta),
+                   base_hash=meta.get("dorabooth.base_hash"))
 
 
 def kohya_name(key: str, family: str, layout: UNetLayout) -> str:
@@ -220,10 +222,13 @@ def metadata(adapter: Adapter, family: str, layout: UNetLayout, *, title: str = 
              base_model: str | None = None, resolution: int | None = None,
              prediction_type: str | None = None) -> dict[str, str]:
     """``ss_*`` (kohya/A1111), ``modelspec.*`` (SAI model spec) and ``dorabooth.*`` header entries.
-    ``resolution``/``prediction_type``: the base's (``single_file.image_spec``), when known."""
+    ``resolution``/``prediction_type``: the base's (``single_file.image_spec``), when known. With
+    the adapter's :class:`~.subject.Subject` the title, the A1111 alias (``ss_output_name``), the
+    description, the trigger phrase and the training tags name the subject."""
     ranks, alphas = adapter.ranks(), adapter.alphas()
     axis = adapter.axis
     dora = adapter.method != "lora"
+    subject = adapter.subject
     args = {"algo": "lora"}
     if dora:
         args.update({"dora_wd": "True", "wd_on_output": "True" if axis == "out" else "False"})
@@ -234,14 +239,15 @@ def metadata(adapter: Adapter, family: str, layout: UNetLayout, *, title: str = 
         "ss_network_args": json.dumps(args),
         "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_v2": str(family == "sd2"),
-        "ss_output_name": title or "dorabooth",
+        "ss_output_name": subject.slug(adapter.method) if subject else (title or "dorabooth"),
         "modelspec.sai_model_spec": "1.0.0",
         **{k: f"{v}/lora" if k == "modelspec.architecture" else v
            for k, v in model_class(family, resolution=resolution, prediction_type=prediction_type).items()},
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
-        "modelspec.title": title or "dorabooth adapter",
+        "modelspec.title": subject.title(adapter.method) if subject else (title or "dorabooth adapter"),
         "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "modelspec.description": f"DoRA magnitude axis {axis}" if dora else "LoRA",
+        "modelspec.description": description(subject, adapter.method, axis, base_model or adapter.base_model),
+        **(subject.metadata() if subject else {}),
         "dorabooth.version": __version__,
         "dorabooth.family": family,
         "dorabooth.method": adapter.method,
@@ -251,4 +257,7 @@ def metadata(adapter: Adapter, family: str, layout: UNetLayout, *, title: str = 
     if base_model or adapter.base_model:
         meta["ss_sd_model_name"] = str(base_model or adapter.base_model)
         meta["dorabooth.base_model"] = str(base_model or adapter.base_model)
+    if adapter.base_hash:
+        meta["dorabooth.base_hash"] = adapter.base_hash
     return meta
+

@@ -33,6 +33,7 @@ import torch
 
 from ..conventions import MAGNITUDE_AXES
 from ..dora import dora_weight
+from .subject import Subject
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
@@ -99,6 +100,8 @@ class Adapter:
     lora_alpha: dict[str, float] = field(default_factory=dict)   # per component, PEFT's alpha if the file says
     file_names: dict[str, str] = field(default_factory=dict)      # module key → name in the file
     magnitude_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored
+    subject: Subject | None = None      # trigger word, prompts and class it was trained on, if known
+    base_hash: str | None = None        # hash of the base weights it was trained on, if recorded
 
     @property
     def method(self) -> str:
@@ -171,6 +174,8 @@ class Adapter:
             "rslora": self.rslora, "modules": len(self.modules),
             "modules_per_component": {c: len(per[c]) for c in self.components},
             "base_model": self.base_model, "unknown_keys": list(self.unknown_keys),
+            "trigger": self.subject.trigger if self.subject else None,
+            "instance_prompt": self.subject.instance_prompt if self.subject else None,
         }
 
 

@@ -131,6 +131,8 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     page.locator("#db-steps input").fill("4")
     page.locator("#db-steps input").press("Tab")
     page.locator("#db-prior input[type=checkbox]").uncheck()
+    assert page.locator("#db-use input[value='Not sure']").is_checked()       # where it will be used: asked plainly
+    assert "three of the four tools" in page.locator("#db-use-note").inner_text()
     page.locator("#db-start").click()
     page.wait_for_selector("#db-progress [data-state=finished]", timeout=120_000)
     assert "Finished: 4 steps" in page.locator("#db-progress").inner_text()
@@ -157,30 +159,40 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     assert len(list((run / "generated").glob("*.png"))) == 2
     _shot(page, "3-generate")
 
-    # ---- Export: the format the run was trained for, its consumer report, downloaded ----------
+    # ---- Export: per tool, which file and why; a kohya file named after the subject ---------------
     _tab(page, "Export")
     page.wait_for_function("document.querySelector('#db-exp-run input')?.value.includes('rex-the-dog')",
                            timeout=10_000)
-    page.get_by_text("Trained for diffusers (one").wait_for(timeout=10_000)  # diffusers format suggested
+    page.wait_for_selector("#db-exp-hint tr[data-destination=Forge]", timeout=60_000)   # advice per destination
+    assert "cannot load this base model" in page.locator("#db-exp-hint tr[data-destination=ComfyUI]").inner_text()
+    assert page.locator("#db-format input[value=merged-diffusers]").is_checked()   # "Not sure", no ComfyUI base
+    page.locator("#db-format label", has_text="ComfyUI / A1111 / Forge adapter").click()
     page.locator("#db-export").click()
     page.wait_for_selector("#db-exp-report table", timeout=60_000)
-    assert "ComfyUI" in page.locator("#db-exp-report").inner_text()
+    report = page.locator("#db-exp-report").inner_text()
+    assert "ComfyUI" in report and "Forge" in report and "PR #" not in report and "‖" not in report
     link = page.locator("#db-download a").first
     link.wait_for(timeout=10_000)
     with page.expect_download() as info:
         link.click()
+    assert info.value.suggested_filename == "sks-dog_dora_kohya_fp32.safetensors"
     saved = tmp_path / "download.safetensors"
     info.value.save_as(saved)
     data = saved.read_bytes()
     header = struct.unpack("<Q", data[:8])[0]                              # safetensors: u64 header size
-    assert 0 < header < len(data) and b"lora_magnitude_vector" in data[8:8 + header]    # a DoRA adapter
+    assert 0 < header < len(data) and b"dora_scale" in data[8:8 + header]              # a DoRA adapter …
+    assert b'"modelspec.trigger_phrase":"sks dog"' in data[8:8 + header]              # … that names its subject
     _shot(page, "4-export")
 
-    # ---- Analyze: the magnitude/direction plot of the run ----------------------------------
+    # ---- Analyze: was the subject learned (images), then the magnitude/direction plot ----------
     _tab(page, "Analyze")
     page.wait_for_function("document.querySelector('#db-ana-run input')?.value.includes('rex-the-dog')",
                            timeout=10_000)
     page.locator("#db-analyze").click()
+    page.wait_for_selector("#db-check [data-scored]", timeout=90_000)     # the tiny base: no reader, by eye
+    page.wait_for_selector("#db-check-class img", timeout=10_000)
+    assert page.locator("#db-check-subject img").count() == 4 and page.locator("#db-check-class img").count() == 4
+    page.get_by_text("How training changed each layer").click()
     page.wait_for_selector("#db-ana-plot img", timeout=60_000)
     assert "Slope" in page.locator("#db-ana-text").inner_text()
     _shot(page, "5-analyze")
@@ -209,3 +221,68 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     _shot(page, "6-after-reload")
     _no_traceback(page)
     assert time.monotonic() - t0 < 180
+
+
+@pytest.fixture
+def comfy_app(tmp_path):
+    """``dorabooth-ui`` on a base ComfyUI can load, its workspace holding one finished run trained
+    for diffusers (axis "out", 1 step, as `dorabooth train` writes it)."""
+    pytest.importorskip("gradio")
+    from ui_fixtures import make_photos, save_comfy_loadable_model
+
+    from dorabooth import TrainConfig, train
+
+    model = str(save_comfy_loadable_model(tmp_path / "model"))
+    workspace = tmp_path / "workspace"
+    photos = workspace / "rex" / "images"
+    make_photos(photos)
+    (workspace / "rex" / "subject.json").write_text(json.dumps({"name": "rex", "token": "sks", "class_noun": "dog"}))
+    train(TrainConfig(images=str(photos), class_noun="dog", out=str(workspace / "rex" / "runs" / "001-dora"),
+                      model=model, steps=1, rank=4, prior_preservation=False, sample_every=0, magnitude_axis="out"))
+    port = _free_port()
+    log = open(tmp_path / "app.log", "w")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ui.app", "--model", model, "--workspace", str(workspace),
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                pytest.fail(f"dorabooth-ui did not start:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+    yield url, workspace
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_export_for_comfyui_offers_merged_checkpoint_or_retrain(comfy_app, page):
+    """A run trained for diffusers, exported for ComfyUI / A1111 / Forge: the merged checkpoint
+    is selected, and one click retrains with the same photos and settings for those tools."""
+    url, workspace = comfy_app
+    page.goto(url)
+    page.wait_for_selector("#db-upload", timeout=60_000)
+    _tab(page, "Export")
+    page.wait_for_selector("#db-exp-hint tr[data-destination=diffusers]", timeout=60_000)
+    assert page.locator("#db-exp-use input[value='diffusers / Python']").is_checked()    # what it was trained for
+    assert not page.locator("#db-retrain").is_visible()
+    page.locator("#db-exp-use label", has_text="ComfyUI / A1111 / Forge").click()
+    page.wait_for_selector("#db-exp-hint [data-choice=retrain]", timeout=30_000)
+    assert page.locator("#db-format input[value=merged-single-file]").is_checked()
+    assert "only approximately" in page.locator("#db-exp-hint tr[data-destination=ComfyUI]").inner_text()
+    _shot(page, "export-comfyui-choice")
+    page.locator("#db-retrain").click()
+    page.get_by_text("Started rex/002-dora-for-comfyui").wait_for(timeout=30_000)
+    request = json.loads((workspace / "rex" / "runs" / "002-dora-for-comfyui" / "ui-request.json").read_text())
+    assert request["config"]["magnitude_axis"] == "in" and request["config"]["images"] == str(workspace / "rex" /
+                                                                                              "images")
+    _no_traceback(page)

@@ -4,7 +4,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-
 from tiny_models import make_sdxl_pipeline
 
 
@@ -36,3 +35,24 @@ def make_photos(folder: Path, n: int = 3, size: int = 64, seed: int = 0) -> list
         Image.fromarray(base.astype(np.uint8)).save(path)
         paths.append(path)
     return paths
+
+
+def save_comfy_loadable_model(folder: Path) -> Path:
+    """A small SD 1.x-architecture diffusers folder that ComfyUI's checkpoint loader accepts (its
+    SD15 model: 320 base channels, 768-wide cross-attention, no linear projections; any depth),
+    so adapter files made on it get real ComfyUI verdicts. A1111 still refuses it (its config
+    is fixed). 16 px native (the VAE halves), one resolution level."""
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from tiny_models import _scheduler, tiny_text_encoder, tiny_tokenizer, tiny_vae
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(320,),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D",),
+                                up_block_types=("CrossAttnUpBlock2D",), cross_attention_dim=768,
+                                attention_head_dim=8, norm_num_groups=32).eval()
+    pipe = StableDiffusionPipeline(vae=tiny_vae(0), text_encoder=tiny_text_encoder(hidden=768), tokenizer=tiny_tokenizer(),
+                                   unet=unet, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
