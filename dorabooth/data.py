@@ -193,6 +193,90 @@ def flipped_crop_left(example: Example) -> int:
     return resized_w - w - left
 
 
+# ---- what a person would notice by eye ------------------------------------------------------
+BLANK_STD = 4.0          # luminance standard deviation (of 0–255) below which a photo is blank
+SUBJECT_DISTANCE = 48.0  # RGB distance (of 0–255 per channel) from the background that counts as subject
+
+
+def looks_blank(image: Image.Image) -> bool:
+    """Near-uniform pixels (an empty, black or blown-out photo): the luminance of a 64 × 64
+    thumbnail varies by less than ``BLANK_STD`` of 255."""
+    thumb = np.asarray(image.convert("L").resize((64, 64), Image.Resampling.BOX), dtype=np.float32)
+    return float(thumb.std()) < BLANK_STD
+
+
+def cut_off_share(image: Image.Image, size: tuple[int, int]) -> float:
+    """The share (0–1) of the subject that :func:`fit` to ``size`` (h, w) crops away.
+
+    "Subject" is what stands out from the background, joined to the middle of the crop:
+    pixels further than ``SUBJECT_DISTANCE`` from a background drawn in from the photo's
+    border (a Coons patch through the four edges, each median-smoothed so a subject touching
+    one briefly does not count as background; linear gradients are reproduced exactly), kept
+    where they connect (4-neighbours) to the centre half of the crop. So a subject that runs
+    past the crop counts, and a separate object at the side does not. When the border itself
+    is busy (its median pixel is off that background by a quarter of the threshold), or
+    what stands out is under 1 % or over 60 % of the photo, there is no telling, and the
+    answer is 0.
+    """
+    rgb = image.convert("RGB")
+    scale = 128 / max(rgb.size)
+    w, h = max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))
+    a = np.asarray(rgb.resize((w, h), Image.Resampling.BOX), dtype=np.float32)      # (h, w, 3)
+    if min(h, w) < 8:
+        return 0.0
+    distance = np.linalg.norm(a - _border_background(a), axis=-1)                     # (h, w)
+    ring = np.concatenate([distance[0], distance[-1], distance[:, 0], distance[:, -1]])
+    subject = distance > SUBJECT_DISTANCE
+    if np.median(ring) > SUBJECT_DISTANCE / 4 or not 0.01 <= subject.mean() <= 0.6:
+        return 0.0                                   # a busy border: no background to tell a subject from
+    ch, cw = size                                # the crop in thumbnail pixels: fit's centre crop
+    keep_w = min(w, round(h * cw / ch)) if w * ch > h * cw else w
+    keep_h = min(h, round(w * ch / cw)) if w * ch < h * cw else h
+    top, left = (h - keep_h) // 2, (w - keep_w) // 2
+    centre = np.zeros_like(subject)
+    centre[top + keep_h // 4:top + keep_h - keep_h // 4, left + keep_w // 4:left + keep_w - keep_w // 4] = True
+    subject = _connected(subject, centre)
+    if not subject.any():
+        return 0.0
+    kept = subject[top:top + keep_h, left:left + keep_w].sum()
+    return float(1 - kept / subject.sum())
+
+
+def _connected(mask: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """The pixels of ``mask`` (h, w) 4-connected to those of ``seed`` (h, w): grown one step at a time."""
+    region = mask & seed
+    while True:
+        grown = region.copy()
+        grown[1:] |= region[:-1]
+        grown[:-1] |= region[1:]
+        grown[:, 1:] |= region[:, :-1]
+        grown[:, :-1] |= region[:, 1:]
+        grown &= mask
+        if np.array_equal(grown, region):
+            return region
+        region = grown
+
+
+def _border_background(a: np.ndarray) -> np.ndarray:
+    """(h, w, 3) background guessed from the border alone: a Coons patch (bilinear blend)
+    through the top, bottom, left and right edges, each median-filtered over a quarter of it."""
+    h, w, _ = a.shape
+    top, bottom, left, right = (_median_smooth(e) for e in (a[0], a[-1], a[:, 0], a[:, -1]))
+    u = np.linspace(0, 1, w)[None, :, None]       # (1, w, 1) left → right
+    v = np.linspace(0, 1, h)[:, None, None]       # (h, 1, 1) top → bottom
+    edges = (1 - v) * top[None] + v * bottom[None] + (1 - u) * left[:, None] + u * right[:, None]
+    corners = ((1 - u) * (1 - v) * top[0] + u * (1 - v) * top[-1] + (1 - u) * v * bottom[0] + u * v * bottom[-1])
+    return edges - corners
+
+
+def _median_smooth(edge: np.ndarray) -> np.ndarray:
+    """(n, 3) → (n, 3): a running median over n/4 pixels (edges padded by repetition)."""
+    k = max(3, len(edge) // 4) | 1
+    padded = np.pad(edge, ((k // 2, k // 2), (0, 0)), mode="edge")
+    windows = np.lib.stride_tricks.sliding_window_view(padded, k, axis=0)          # (n, 3, k)
+    return np.median(windows, axis=-1)
+
+
 # ---- preparing a folder ---------------------------------------------------------------------
 def prepare_images(
     src: str | Path,

@@ -126,6 +126,47 @@ def test_prepare_with_buckets_keeps_aspect(tmp_path):
     assert sizes["wide.png"][1] > sizes["wide.png"][0] and sizes["tall.png"][0] > sizes["tall.png"][1]
 
 
+def _scene(width, height, shapes, seed=0):
+    """A photo-like RGB image: a diagonal gradient, a little noise, filled rectangles (x0, y0, x1, y1, rgb)."""
+    yy, xx = np.mgrid[0:height, 0:width]
+    a = np.stack([xx / width * 200 + 30, yy / height * 150 + 60, np.full(xx.shape, 110.0)], -1)
+    a += np.random.default_rng(seed).normal(0, 3, a.shape)
+    for x0, y0, x1, y1, rgb in shapes:
+        a[y0:y1, x0:x1] = rgb
+    return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+
+
+def test_a_blank_photo_is_recognised():
+    assert data.looks_blank(Image.new("RGB", (300, 200), (250, 250, 248)))           # white
+    assert data.looks_blank(Image.new("L", (64, 64), 3))                             # black
+    noisy = np.random.default_rng(0).normal(128, 2, (120, 160, 3)).clip(0, 255).astype(np.uint8)
+    assert data.looks_blank(Image.fromarray(noisy))                                 # sensor noise only
+    assert not data.looks_blank(_scene(160, 120, [(60, 40, 100, 80, (200, 20, 20))]))
+
+
+def test_the_share_of_the_subject_the_square_crop_cuts_off():
+    wide, square = (300, 150), (64, 64)                   # the crop keeps the middle 150 × 150
+    centred = _scene(*wide, [(110, 40, 190, 110, (220, 20, 20))])
+    assert data.cut_off_share(centred, square) == 0
+    long = _scene(*wide, [(30, 50, 270, 100, (20, 20, 220))])                       # a dachshund, side on
+    assert data.cut_off_share(long, square) == pytest.approx(1 - 150 / 240, abs=0.03)
+    tall = _scene(150, 300, [(55, 20, 95, 280, (30, 30, 30))])                       # a person, head to toe
+    assert data.cut_off_share(tall, square) == pytest.approx(1 - 150 / 260, abs=0.03)
+    assert data.cut_off_share(tall, (64, 32)) == 0                                   # a tall bucket keeps it
+    aside = _scene(*wide, [(130, 55, 170, 95, (220, 20, 20)), (10, 60, 40, 90, (240, 240, 20))])
+    assert data.cut_off_share(aside, square) == 0                                    # a separate thing at the side
+    assert data.cut_off_share(_scene(150, 150, [(0, 40, 150, 110, (20, 20, 220))]), square) == 0   # nothing cropped
+
+
+@pytest.mark.parametrize("block", [1, 4, 16])
+def test_a_busy_background_gives_no_cut_off_verdict(block):
+    rng = np.random.default_rng(block)
+    texture = rng.uniform(0, 255, (150 // block + 1, 300 // block + 1, 3)).repeat(block, 0).repeat(block, 1)
+    image = Image.fromarray(texture[:150, :300].astype(np.uint8))
+    assert data.cut_off_share(image, (64, 64)) == 0
+    assert not data.looks_blank(image)
+
+
 def test_captions(tmp_path):
     _save(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("  sks dog\n on a beach ")

@@ -2,9 +2,11 @@
 
 Tabs follow the user's path: Subject → Train → Generate → Export → Analyze. Each event
 calls one handler (plain functions, tested without a browser) and maps its result onto
-components; every handler is wrapped by :func:`shown` so an error reaches the page as a
-readable message, never a stack trace. A 1-second timer redraws the selected run from its
-folder, so the page shows the same thing after a reload.
+components; :func:`on` wires each one so that a problem becomes one plain message in a note
+beside the controls that caused it (never a stack trace, never gradio's error badges over
+the form). A 1-second timer redraws the selected run from its folder, so the page shows the
+same thing after a reload; a reload while a run trains opens the Train tab with that run's
+settings.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import argparse
 import functools
 import logging
 import sys
+from dataclasses import asdict
 from html import escape
 from types import SimpleNamespace
 
@@ -26,22 +29,52 @@ log = logging.getLogger("dorabooth.ui")
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError, PermissionError)
 
 
-def shown(fn):
-    """Turn any exception into a readable message in the page (details go to the terminal)."""
+def shown(fn, note):
+    """``fn`` with its problems turned into a message for the component ``note``.
+
+    A mistake the user can fix (``UserError`` and the like) returns ``{note: message}``, so
+    every other output stays as it was; anything else is logged to the terminal and
+    reported the same way. No ``gr.Error``: gradio marks every output of a failed event with
+    a red "Error" badge, which covers the very field to fix.
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
         except USER_ERRORS as e:
-            raise gr.Error(escape(str(e)), title="Please check", print_exception=False) from None
+            return {note: views.note_html(str(e))}
         except Exception as e:
             log.exception("%s failed", fn.__name__)
-            message = (f"Something went wrong: {e}. Nothing you uploaded or trained was lost; the details are in "
-                       f"the terminal running dorabooth-ui.")
-            raise gr.Error(escape(message), print_exception=False) from None
+            return {note: views.note_html(f"Something went wrong: {e}. Nothing you uploaded or trained was lost; "
+                                          f"the details are in the terminal running dorabooth-ui.")}
     return wrapper
+
+
+def on(event, fn, inputs, outputs, note, **kwargs):
+    """Wire ``fn`` to ``event`` (e.g. ``button.click``): its result goes to ``outputs``, a
+    problem to ``note`` (:func:`shown`), and a success clears ``note``, unless ``fn`` writes
+    ``note`` itself (``note`` among ``outputs``)."""
+    outputs = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+    writes_note = any(o is note for o in outputs)
+    safe = shown(fn, note)
+
+    @functools.wraps(fn)
+    def handler(*args):
+        result = safe(*args)
+        if writes_note or isinstance(result, dict):
+            return result
+        if not outputs:
+            return ""
+        return (result, "") if len(outputs) == 1 else (*result, "")
+
+    # No progress overlay on the note: on an empty note it takes room, shifting the page under the
+    # pointer (a click on "Use this sample" that blurred the class noun box was lost that way).
+    shown_on = [o for o in outputs if o is not note]
+    if shown_on:
+        kwargs.setdefault("show_progress_on", shown_on)
+    else:
+        kwargs.setdefault("show_progress", "hidden")
+    return event(handler, inputs, outputs if writes_note else [*outputs, note], **kwargs)
 
 
 CSS = """
@@ -61,8 +94,14 @@ CSS = """
 .db-warn { border-left: 4px solid #d97706; padding: 4px 10px; margin: 6px 0; background: rgba(217,119,6,.08); }
 .db-ok { border-left: 4px solid #16a34a; padding: 4px 10px; margin: 6px 0; background: rgba(22,163,74,.08); }
 .db-warn ul { margin: 2px 0 2px 18px; }
-.db-plot svg text { font-size: 11px; fill: var(--body-text-color-subdued); }
+.db-problem { border-left: 4px solid #dc2626; padding: 6px 10px; margin: 4px 0; background: rgba(220,38,38,.08); }
+.db-info { border-left: 4px solid var(--color-accent); padding: 6px 10px; margin: 4px 0;
+           background: rgba(99,102,241,.08); }
+.db-section { font-weight: 600; margin: 6px 0 2px 0; }
+.db-plot svg text { font-size: 13px; fill: var(--body-text-color-subdued); }
 .db-plot .db-axis { stroke: var(--border-color-primary); }
+.db-plot .db-grid { stroke: var(--border-color-primary); stroke-opacity: .5; stroke-dasharray: 3 3; }
+.db-plot svg { overflow: visible; }
 .db-plot .db-raw { fill: none; stroke: var(--color-accent); stroke-opacity: .3; stroke-width: 1; }
 .db-plot .db-smooth { fill: none; stroke: var(--color-accent); stroke-width: 2.5; }
 .db-empty { padding: 40px 10px; text-align: center; opacity: .7; border: 1px dashed var(--border-color-primary);
@@ -101,7 +140,7 @@ def build(ctx: h.Context) -> gr.Blocks:
         gr.HTML(f'<div class="db-header"><h1>dorabooth</h1><p>Teach an image model your subject from a few photos '
                 f'(DreamBooth with DoRA). Base model: {escape(ctx.info.label)}. Workspace: '
                 f'<code>{escape(str(ctx.workspace.root))}</code></p></div>')
-        with gr.Tabs():
+        with gr.Tabs(elem_id="db-tabs") as c.tabs:
             with gr.Tab("1 · Subject", id="subject", elem_id="tab-subject"):
                 _subject_tab(ctx, c)
             with gr.Tab("2 · Train", id="train", elem_id="tab-train"):
@@ -129,11 +168,13 @@ def _subject_tab(ctx: h.Context, c) -> None:
                              info="A rare made-up word for your subject.")
         c.class_noun = gr.Textbox(label="Class noun", scale=1, placeholder="dog", elem_id="db-class-noun",
                                   info="What it is: dog, person, mug, …")
+    c.subject_note = gr.HTML(elem_id="db-subject-note")      # problems with the boxes above, in words
     samples = h.sample_subjects(ctx)
     with gr.Row(visible=bool(samples), elem_id="db-samples"):
-        c.sample = gr.Dropdown(label="No photos at hand? Try a sample subject", choices=samples,
-                               value=samples[0] if samples else None, scale=3,
-                               info="Toy-world subjects the embedded model has never seen.")
+        # radio buttons, not a dropdown: tabbing out of the class noun would open a dropdown's list over the form
+        c.sample = gr.Radio(label="No photos at hand? Try a sample subject", choices=samples,
+                            value=samples[0] if samples else None, scale=3, elem_id="db-sample",
+                            info="Toy-world subjects the embedded model has never seen.")
         c.use_sample = gr.Button("Use this sample", scale=1, elem_id="db-use-sample")
     c.upload = gr.File(label="Drop photos here (many at once)", file_count="multiple",
                        file_types=[".jpg", ".jpeg", ".png", ".webp"], elem_id="db-upload", height=140)
@@ -143,6 +184,7 @@ def _subject_tab(ctx: h.Context, c) -> None:
     with gr.Row():
         c.photo = gr.Dropdown(label="Photo to remove", info="Or click a crop above.", scale=3, elem_id="db-photo")
         c.remove = gr.Button("Remove photo", scale=1, variant="secondary", elem_id="db-remove")
+    c.photo_note = gr.HTML(elem_id="db-photo-note")
 
 
 def _train_tab(ctx: h.Context, c) -> None:
@@ -152,16 +194,19 @@ def _train_tab(ctx: h.Context, c) -> None:
                         elem_id="db-preset")
     with gr.Row():
         c.method = gr.Radio(label="Method", choices=list(h.METHOD_LABELS), value="DoRA (recommended)",
+                            elem_id="db-method",
                             info="DoRA learns each weight's size and direction separately and usually beats LoRA "
                                  "at the same size. DoRA† uses half the rank: a smaller file.")
         with gr.Column():
             c.use = gr.Radio(label="Where will you use it?", choices=list(h.USES), value="Not sure", elem_id="db-use")
             c.use_note = gr.HTML(_use_note("Not sure", "DoRA (recommended)"), elem_id="db-use-note")
     c.device = gr.HTML(_device_html(ctx, h.TrainSettings()), elem_id="db-device")
-    with gr.Accordion("Advanced settings", open=False, elem_id="db-advanced"):
+    with gr.Accordion("Advanced settings", open=False, elem_id="db-advanced") as c.advanced:
         with gr.Row():
-            c.steps = gr.Number(label="Steps", value=preset["steps"], precision=0, minimum=1, elem_id="db-steps")
-            c.rank = gr.Number(label="Rank", value=preset["rank"], precision=0, minimum=1,
+            # no minimum=: gradio would refuse a 0 with error badges over the whole tab; the trainer's
+            # own check says "steps 0: train at least 1 step" in the note instead
+            c.steps = gr.Number(label="Steps", value=preset["steps"], precision=0, elem_id="db-steps")
+            c.rank = gr.Number(label="Rank", value=preset["rank"], precision=0, elem_id="db-rank",
                                info="Adapter size: higher learns more detail, bigger file.")
             c.lr = gr.Number(label="Learning rate", value=preset["lr"])
             c.seed = gr.Number(label="Seed", value=0, precision=0)
@@ -169,13 +214,15 @@ def _train_tab(ctx: h.Context, c) -> None:
             c.prior = gr.Checkbox(label="Prior preservation", value=True, elem_id="db-prior",
                                   info="Also trains on images the base model draws of the class, so 'a dog' does "
                                        "not turn into your dog.")
-            c.class_images = gr.Number(label="Class images", value=preset["class_images"], precision=0, minimum=1)
+            c.class_images = gr.Number(label="Class images", value=preset["class_images"], precision=0)
             c.text_encoders = gr.Checkbox(label="Train the text encoders too", value=preset["train_text_encoders"],
                                           info="Can capture a likeness faster; more likely to overfit.")
         c.instance_prompt = gr.Textbox(label="Training prompt", placeholder="(empty: a photo of <token> <class noun>)",
                                        info="What each photo is captioned with while training; it must contain "
                                             "the token.")
         auto = h.device_view(ctx, h.TrainSettings()).auto
+        gr.HTML('<div class="db-section">Speed and memory</div><div class="db-details">“auto” is what the trainer '
+                'picks for this device and model (in brackets); the line above the settings says why.</div>')
         with gr.Row():
             c.precision = gr.Radio(label="Precision", value="auto", elem_id="db-precision",
                                    choices=[(f"auto ({views.PRECISION_NAMES.get(auto.get('precision'), '?')})", "auto"),
@@ -189,18 +236,45 @@ def _train_tab(ctx: h.Context, c) -> None:
                                    choices=[(f"auto ({views.OPTIMIZER_NAMES.get(auto.get('optimizer'), '?')})", "auto"),
                                             ("AdamW", "adamw"), ("8-bit AdamW", "adamw8bit")],
                                    info="8-bit AdamW (bitsandbytes, CUDA) keeps a quarter of the optimizer state.")
+        c.buckets = gr.Checkbox(label="Aspect-ratio buckets", value=False, elem_id="db-buckets",
+                                info="Train wide and tall photos at their own shape (about the same pixel count) "
+                                     "instead of cropping a square from the middle. Off: the trainer's default.")
     with gr.Row():
         c.start = gr.Button("Start training", variant="primary", elem_id="db-start")
         c.stop = gr.Button("Stop", variant="stop", interactive=False, elem_id="db-stop")
         c.resume = gr.Button("Resume", interactive=False, elem_id="db-resume")
-    c.run = gr.Dropdown(label="Run", info="Every run of this subject; training continues if you close the page.",
-                        elem_id="db-run")
+    c.train_note = gr.HTML(elem_id="db-train-note")
+    with gr.Row(equal_height=True):
+        # allow_custom_value: the timer sends the selected run every second, and a value that a rename or
+        # delete just took out of the choices would otherwise fail gradio's own check with "Error" badges
+        # (the handlers say "no run called …" instead)
+        c.run = gr.Dropdown(label="Run", info="Every run of this subject; training continues if you close the page.",
+                            elem_id="db-run", scale=3, allow_custom_value=True)
+        c.new_name = gr.Textbox(label="New name", placeholder="e.g. long-ears", elem_id="db-new-name", scale=2,
+                                info="Renames the selected run (its number stays).")
+        with gr.Column(scale=1, min_width=120):
+            c.rename = gr.Button("Rename", elem_id="db-rename", size="sm")
+            c.delete = gr.Button("Delete…", elem_id="db-delete", size="sm")
+    with gr.Row(visible=False, elem_id="db-confirm") as c.confirm:
+        c.confirm_text = gr.HTML(scale=3)
+        c.confirm_delete = gr.Button("Yes, delete it", variant="stop", elem_id="db-confirm-delete", scale=1)
+        c.cancel_delete = gr.Button("Cancel", elem_id="db-cancel-delete", scale=1)
+    c.run_note = gr.HTML(elem_id="db-run-note")
     c.progress = gr.HTML(views.progress_html(None), elem_id="db-progress")
     c.details = gr.HTML()
     with gr.Row(equal_height=False):
-        c.loss = gr.HTML(views.loss_svg([]), elem_id="db-loss")
-        c.previews = gr.Gallery(label="Preview images during training", columns=4, height=260, object_fit="contain",
-                                fit_columns=False, elem_id="db-previews")
+        with gr.Column(scale=3):
+            c.previews_title = gr.HTML(views.previews_title(None), elem_id="db-previews-title")
+            # no label: gradio draws it over the first image
+            c.previews = gr.Gallery(show_label=False, columns=3, height=330, object_fit="contain",
+                                    fit_columns=False, elem_id="db-previews")
+        with gr.Column(scale=2):
+            c.loss = gr.HTML(views.loss_svg([]), elem_id="db-loss")
+    # the form, by TrainSettings field: on_start reads it, a reload during training restores it
+    c.form = dict(preset=c.preset, method=c.method, use=c.use, rank=c.rank, steps=c.steps, lr=c.lr,
+                  prior_preservation=c.prior, class_images=c.class_images, train_text_encoders=c.text_encoders,
+                  seed=c.seed, instance_prompt=c.instance_prompt, precision=c.precision,
+                  checkpointing=c.checkpointing, optimizer=c.optimizer, buckets=c.buckets)
     c.seen = gr.State(None)                     # what the timer last drew (redraw only on change)
     c.timer = gr.Timer(1.0)
 
@@ -208,7 +282,8 @@ def _train_tab(ctx: h.Context, c) -> None:
 def _generate_tab(ctx: h.Context, c) -> None:
     gr.Markdown("Make images with a trained subject. Use its token in the prompt, e.g. *a photo of sks dog on the "
                 "beach*. Images are saved in the run folder.")
-    c.gen_run = gr.Dropdown(label="Trained subject", elem_id="db-gen-run", info="Every finished run in the workspace.")
+    c.gen_run = gr.Dropdown(label="Trained subject", elem_id="db-gen-run", info="Every finished run in the workspace.",
+                            allow_custom_value=True)                 # a run deleted meanwhile: a note, no badges
     c.prompt = gr.Textbox(label="Prompt", lines=2, elem_id="db-prompt")
     c.negative = gr.Textbox(label="Negative prompt (optional)", placeholder="blurry, low quality")
     with gr.Row():
@@ -223,7 +298,7 @@ def _generate_tab(ctx: h.Context, c) -> None:
         c.gen_seed = gr.Number(label="Seed", value=0, precision=0)
         c.random_seed = gr.Checkbox(label="New random seed each time", value=True)
     c.generate = gr.Button("Generate", variant="primary", elem_id="db-generate")
-    c.gen_note = gr.HTML()
+    c.gen_note = gr.HTML(elem_id="db-gen-note")
     c.gallery = gr.Gallery(label="Images", columns=4, height="auto", object_fit="contain", fit_columns=False,
                            elem_id="db-gallery")
 
@@ -242,6 +317,7 @@ def _export_tab(ctx: h.Context, c) -> None:
     c.dtype = gr.Radio(label="Precision", choices=list(h.EXPORT_DTYPES.items()), value="fp32",
                        info="fp32 keeps the adapter exactly as trained; fp16 halves a merged model's size.")
     c.export = gr.Button("Export", variant="primary", elem_id="db-export")
+    c.exp_note = gr.HTML(elem_id="db-exp-note")
     c.exp_report = gr.HTML(elem_id="db-exp-report")
     c.suggestion = [c.exp_use, c.fmt, c.exp_hint, c.retrain_row]        # what _export_suggestion fills
     c.download = gr.File(label="Download", interactive=False, elem_id="db-download")
@@ -254,6 +330,7 @@ def _analyze_tab(ctx: h.Context, c) -> None:
         c.ana_more = gr.Dropdown(label="Compare with (optional, for the plot below)", multiselect=True,
                                  info="e.g. a LoRA and a DoRA run of the same subject.")
     c.analyze = gr.Button("Analyze", variant="primary", elem_id="db-analyze")
+    c.ana_note = gr.HTML(elem_id="db-ana-note")
     c.check_text = gr.HTML(elem_id="db-check")
     with gr.Row():
         c.check_subject = gr.Gallery(label="Your prompt: should show your subject", columns=4, height=220,
@@ -290,64 +367,73 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
                 gr.update(choices=[p.name for p in view.photos], value=None), _train_intro(view),
                 kept or view.instance_prompt)
 
-    def runs_of(name: str, select: bool = True):
+    def runs_of(name: str, select: bool | str = True):
+        """The run list of a subject: the newest run selected, or the run ``select`` names."""
         choices = h.list_runs(ctx, name) if name in h.subject_names(ctx) else []
-        return gr.update(choices=choices, value=choices[0][1] if choices and select else None)
+        chosen = select if isinstance(select, str) else (choices[0][1] if choices and select else None)
+        return gr.update(choices=choices, value=chosen)
 
-    @shown
+    # the form boxes a reload restores; the preset and the prompt have their own places in on_load's outputs
+    restored = [name for name in c.form if name not in ("preset", "instance_prompt")]
+
     def on_load():
+        """The newest subject, or, while a run trains or waits, that run: its subject, its
+        settings in the form and the Train tab (so a reload shows what is going on)."""
+        live = h.live_run(ctx)
+        form = h.run_form(ctx, live) if live else None
         names = h.subject_names(ctx)
-        view = h.open_subject(ctx, names[0]) if names else _empty_view("my-subject")
+        name = live.split("/")[0] if live else (names[0] if names else None)
+        view = h.open_subject(ctx, name) if name else _empty_view("my-subject")
         finished, newest = _newest_or(ctx, None)             # one scan of the workspace for both lists
         fmt, hint = gr.skip(), ""                          # worked out when the Export tab opens
-        return (*show(view), runs_of(view.name), gr.update(choices=finished, value=newest),
+        values = asdict(form) if form else {}
+        return (*show(view), runs_of(view.name, live or True), gr.update(choices=finished, value=newest),
                 gr.update(choices=finished, value=newest),
-                gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx)),
-                h.default_prompt(ctx, newest) if newest else gr.skip(), fmt, hint)
+                gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx), **_value(values, "preset")),
+                h.default_prompt(ctx, newest) if newest else gr.skip(), fmt, hint,
+                gr.Tabs(selected="train") if live else gr.skip(), gr.update(open=True) if form else gr.skip(),
+                *(_value(values, name).get("value", gr.skip()) for name in restored))
 
-    demo.load(on_load, None, [*outputs, c.run, c.gen_run, c.exp_run, c.preset, c.prompt, c.fmt, c.exp_hint])
+    on(demo.load, on_load, None, [*outputs, c.run, c.gen_run, c.exp_run, c.preset, c.prompt, c.fmt, c.exp_hint,
+                                  c.tabs, c.advanced, *(c.form[name] for name in restored)], c.subject_note)
 
-    @shown
     def on_subject(name):
         safe = sanitize_name(name, "subject name") if (name or "").strip() else "my-subject"
         if safe not in h.subject_names(ctx):           # a new name: keep what is typed in the other boxes
             return (*show(_empty_view(safe), keep_typing=True), runs_of(safe))
         return (*show(h.open_subject(ctx, safe)), runs_of(safe))
 
-    c.subject.input(on_subject, c.subject, [*outputs, c.run])
-    c.subject.select(on_subject, c.subject, [*outputs, c.run])
+    on(c.subject.input, on_subject, c.subject, [*outputs, c.run], c.subject_note)
+    on(c.subject.select, on_subject, c.subject, [*outputs, c.run], c.subject_note)
 
-    @shown
     def on_upload(name, files, token, class_noun):
         return (*show(h.upload_photos(ctx, name or "my-subject", files or [], token, class_noun),
                       keep_typing=True), None)
 
-    c.upload.upload(on_upload, [c.subject, c.upload, c.token, c.class_noun], [*outputs, c.upload])
+    on(c.upload.upload, on_upload, [c.subject, c.upload, c.token, c.class_noun], [*outputs, c.upload],
+       c.subject_note)
 
-    @shown
     def on_use_sample(name):
         view = h.use_sample(ctx, name)
         return (*show(view), runs_of(view.name, select=False))
 
-    c.use_sample.click(on_use_sample, c.sample, [*outputs, c.run])
+    on(c.use_sample.click, on_use_sample, c.sample, [*outputs, c.run], c.subject_note)
 
-    @shown
     def on_save(name, token, class_noun):
         if not (name or "").strip():
             raise UserError("give the subject a name first")
         return show(h.save_subject(ctx, name, token, class_noun), keep_typing=True)
 
     for box in (c.token, c.class_noun):
-        box.blur(on_save, [c.subject, c.token, c.class_noun], outputs)
-        box.submit(on_save, [c.subject, c.token, c.class_noun], outputs)
+        on(box.blur, on_save, [c.subject, c.token, c.class_noun], outputs, c.subject_note)
+        on(box.submit, on_save, [c.subject, c.token, c.class_noun], outputs, c.subject_note)
 
-    @shown
     def on_remove(name, photo):
         if not photo:
             raise UserError("choose a photo to remove (click a crop, or pick it in the list)")
         return show(h.remove_photo(ctx, name, photo), keep_typing=True)
 
-    c.remove.click(on_remove, [c.subject, c.photo], outputs)
+    on(c.remove.click, on_remove, [c.subject, c.photo], outputs, c.photo_note)
 
     def on_crop_select(evt: gr.SelectData):
         caption = (evt.value or {}).get("caption") or ""
@@ -357,16 +443,14 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
 
 
 def _wire_train(ctx: h.Context, c) -> None:
-    @shown
     def on_preset(name):
         v = h.preset_values(ctx, name)
         return v["steps"], v["rank"], v["lr"]
 
     # .input, not .change: the page load refreshes the preset's choices, and a .change fired by that
     # refresh would reset steps/rank/lr the user has already typed (seen in CI: 4 steps became 600).
-    c.preset.input(on_preset, c.preset, [c.steps, c.rank, c.lr])
+    on(c.preset.input, on_preset, c.preset, [c.steps, c.rank, c.lr], c.train_note)
 
-    @shown
     def on_device_choice(method, rank, prior, text_encoders, precision, checkpointing, optimizer):
         settings = h.TrainSettings(method=method, rank=_int(rank, "rank"), prior_preservation=prior,
                                    train_text_encoders=text_encoders, precision=precision,
@@ -374,99 +458,156 @@ def _wire_train(ctx: h.Context, c) -> None:
         return views.device_html(h.device_view(ctx, settings))
 
     for box in (c.use, c.method):                  # the axis the answer trains, in words
-        box.change(shown(_use_note), [c.use, c.method], c.use_note, show_progress="hidden")
+        on(box.change, _use_note, [c.use, c.method], c.use_note, c.train_note, show_progress="hidden")
 
     device_inputs = [c.method, c.rank, c.prior, c.text_encoders, c.precision, c.checkpointing, c.optimizer]
     for box in device_inputs:                      # what the estimate depends on
-        box.change(on_device_choice, device_inputs, c.device, show_progress="hidden")
+        on(box.change, on_device_choice, device_inputs, c.device, c.train_note, show_progress="hidden")
 
-    @shown
-    def on_start(name, token, class_noun, preset, method, use, steps, rank, lr, seed, prior, class_images,
-                 text_encoders, instance_prompt, precision, checkpointing, optimizer):
+    form = list(c.form.values())
+
+    def on_start(name, token, class_noun, *values):
         if not (name or "").strip():
             raise UserError("name the subject and upload photos on the Subject tab first")
-        subject = h.save_subject(ctx, name, token, class_noun, instance_prompt or "")
-        settings = h.TrainSettings(preset=preset, method=method, use=use, rank=_int(rank, "rank"),
-                                   steps=_int(steps, "steps"), lr=_float(lr, "learning rate"),
-                                   prior_preservation=prior, class_images=_int(class_images, "class images"),
-                                   train_text_encoders=text_encoders, seed=_int(seed, "seed") or 0,
-                                   instance_prompt=instance_prompt, precision=precision,
-                                   checkpointing=checkpointing, optimizer=optimizer)
-        ref = h.start_training(ctx, subject.name, settings)
-        return gr.update(choices=h.list_runs(ctx, subject.name), value=ref), None
+        subject = h.save_subject(ctx, name, token, class_noun, dict(zip(c.form, values))["instance_prompt"] or "")
+        before = {ref for _, ref in h.list_runs(ctx, subject.name)}
+        ref = h.start_training(ctx, subject.name, _settings(c, values))
+        note = (views.note_html("A run with these settings is already training or waiting: it is shown below, and "
+                                "no second one was queued.", problem=False) if ref in before else "")
+        return gr.update(choices=h.list_runs(ctx, subject.name), value=ref), None, note
 
-    c.start.click(on_start, [c.subject, c.token, c.class_noun, c.preset, c.method, c.use, c.steps, c.rank, c.lr,
-                             c.seed, c.prior, c.class_images, c.text_encoders, c.instance_prompt, c.precision,
-                             c.checkpointing, c.optimizer], [c.run, c.seen])
+    # one Start at a time, and no clicks while one is handled: a double click queues one run
+    on(c.start.click, on_start, [c.subject, c.token, c.class_noun, *form], [c.run, c.seen, c.train_note],
+       c.train_note, concurrency_limit=1, trigger_mode="once")
 
-    @shown
-    def on_stop(ref):
-        gr.Info(h.stop_training(ctx, ref))
+    on(c.stop.click, lambda ref: views.note_html(h.stop_training(ctx, ref), problem=False), c.run, [c.train_note],
+       c.train_note)
+    on(c.resume.click, lambda ref: (None, views.note_html(h.resume_training(ctx, ref), problem=False)), c.run,
+       [c.seen, c.train_note], c.train_note)
 
-    c.stop.click(on_stop, c.run, None)
+    # ---- rename and delete the selected run (not while it trains or waits) -----------------------
+    def on_rename(ref, name):
+        if not (name or "").strip():
+            raise UserError("type the run's new name first")
+        renamed = h.rename_run(ctx, ref, name)
+        return (gr.update(choices=h.list_runs(ctx, renamed.split("/")[0]), value=renamed), "",
+                views.note_html(f"Renamed to {renamed}.", problem=False))
 
-    @shown
-    def on_resume(ref):
-        gr.Info(h.resume_training(ctx, ref))
-        return None
+    for event in (c.rename.click, c.new_name.submit):
+        on(event, on_rename, [c.run, c.new_name], [c.run, c.new_name, c.run_note], c.run_note)
 
-    c.resume.click(on_resume, c.run, c.seen)
+    def on_delete_asked(ref):
+        h.check_idle(ctx, ref, "delete")
+        question = (f'<div class="db-warn">Delete <b>{escape(ref)}</b> with its checkpoints, previews, generated '
+                    f'images and exports? This cannot be undone.</div>')
+        return gr.update(visible=True), question
 
-    def on_tick(ref, last):
-        """Redraw the selected run from its folder; parts that did not change are skipped (no flicker)."""
-        idle = (gr.update(interactive=False), gr.update(interactive=False), last)
+    on(c.delete.click, on_delete_asked, c.run, [c.confirm, c.confirm_text], c.run_note)
+
+    def on_delete(ref):
+        message = h.delete_run(ctx, ref)
+        remaining = h.list_runs(ctx, ref.split("/")[0])
+        return (gr.update(choices=remaining, value=remaining[0][1] if remaining else None), gr.update(visible=False),
+                views.note_html(message, problem=False))
+
+    on(c.confirm_delete.click, on_delete, c.run, [c.run, c.confirm, c.run_note], c.run_note)
+    c.cancel_delete.click(lambda: gr.update(visible=False), None, c.confirm)
+    c.run.input(lambda: (gr.update(visible=False), "", ""), None, [c.confirm, c.run_note, c.train_note])
+
+    # ---- the selected run, redrawn from its folder ---------------------------------------------
+    def on_tick(ref, last, subject, *values):
+        """Redraw the selected run from its folder; parts that did not change are skipped (no
+        flicker). Start is "Training…" and not clickable while the selected run is queued or
+        training and the form asks for exactly that run."""
+        idle = (gr.update(interactive=False), gr.update(interactive=False), _start_button(None, False), last)
         if not ref:
-            return (views.progress_html(None), "", gr.skip(), gr.skip(), *idle)
+            return (views.progress_html(None), "", gr.skip(), gr.skip(), gr.skip(), *idle)
         try:
             status = h.run_status(ctx, ref)
         except Exception as e:                         # a deleted run, a broken file: say so, keep ticking
             return (views.progress_html(None).replace("No run selected.", escape(str(e))), "", gr.skip(),
-                    gr.skip(), *idle)
+                    gr.skip(), gr.skip(), *idle)
         key = (ref, len(status.losses), tuple(len(p) for _, p in status.samples), status.state)
         changed = key != last
         return (views.progress_html(status), views.run_details_html(status),
                 views.loss_svg(status.losses, status.total) if changed else gr.skip(),
                 views.sample_gallery(status) if changed else gr.skip(),
-                gr.update(interactive=status.active), gr.update(interactive=status.resumable), key)
+                views.previews_title(status) if changed else gr.skip(),
+                gr.update(interactive=status.active), gr.update(interactive=status.resumable),
+                _start_button(status, status.active and _asks_for(ctx, c, ref, subject, values)), key)
 
-    tick_outputs = [c.progress, c.details, c.loss, c.previews, c.stop, c.resume, c.seen]
-    c.timer.tick(on_tick, [c.run, c.seen], tick_outputs, show_progress="hidden", queue=False)
-    c.run.change(on_tick, [c.run, c.seen], tick_outputs, show_progress="hidden")
+    tick_inputs = [c.run, c.seen, c.subject, *form]
+    tick_outputs = [c.progress, c.details, c.loss, c.previews, c.previews_title, c.stop, c.resume, c.start, c.seen]
+    c.timer.tick(on_tick, tick_inputs, tick_outputs, show_progress="hidden", queue=False)
+    c.run.change(on_tick, tick_inputs, tick_outputs, show_progress="hidden")
+
+
+def _start_button(status, running_this: bool):
+    """Start: not clickable while the form asks for the run that is queued or training."""
+    if running_this:
+        return gr.update(value="Waiting in line…" if status.state == "queued" else "Training…", interactive=False)
+    return gr.update(value="Queue another run" if status is not None and status.active else "Start training",
+                     interactive=True)
+
+
+def _asks_for(ctx: h.Context, c, ref: str, subject: str | None, values) -> bool:
+    """Whether the Train tab's form (subject and settings) is the one run ``ref`` was started with."""
+    try:
+        same_subject = sanitize_name(subject or "", "subject name") == ref.split("/")[0]
+        return same_subject and h.run_form(ctx, ref) == _settings(c, values)
+    except (UserError, ValueError, OSError):
+        return False
+
+
+def _settings(c, values) -> h.TrainSettings:
+    """The Train tab's form values (in ``c.form`` order) as TrainSettings; numbers checked."""
+    v = dict(zip(c.form, values))
+    return h.TrainSettings(**{**v, "rank": _int(v["rank"], "rank"), "steps": _int(v["steps"], "steps"),
+                              "lr": _float(v["lr"], "learning rate"),
+                              "class_images": _int(v["class_images"], "class images"),
+                              "seed": _int(v["seed"], "seed") or 0, "prior_preservation": bool(v["prior_preservation"]),
+                              "train_text_encoders": bool(v["train_text_encoders"]), "buckets": bool(v["buckets"]),
+                              "instance_prompt": v["instance_prompt"] or ""})
+
+
+def _value(values: dict, name: str) -> dict:
+    """``{"value": …}`` for a form box restored from a run's settings; {} to leave it alone."""
+    if name not in values:
+        return {}
+    value = values[name]
+    return {"value": "" if value is None and name == "instance_prompt" else value}
 
 
 def _wire_results(ctx: h.Context, c) -> None:
     """Generate, Export and Analyze: each lists the finished runs when its tab is opened, keeping
     the run the user picked (and their prompt, format and dtype) while it is still listed.
     Prompt and format follow the run on a user's pick (.input) or when the tab's refresh
-    changes the run — never on a refresh alone, which would overwrite what the user typed."""
-    @shown
+    changes the run — never on a refresh alone, which would overwrite what the user typed.
+    Problems (e.g. no trained run yet) go to each tab's note, under its main button."""
     def on_generate_tab(current, prompt):
         choices, chosen = _newest_or(ctx, current)
         refill = chosen and (chosen != current or not (prompt or "").strip())
         return gr.update(choices=choices, value=chosen), h.default_prompt(ctx, chosen) if refill else gr.skip()
 
-    c.generate_tab.select(on_generate_tab, [c.gen_run, c.prompt], [c.gen_run, c.prompt])
-    c.gen_run.input(shown(lambda ref: h.default_prompt(ctx, ref) if ref else ""), c.gen_run, c.prompt)
+    on(c.generate_tab.select, on_generate_tab, [c.gen_run, c.prompt], [c.gen_run, c.prompt], c.gen_note)
+    on(c.gen_run.input, lambda ref: h.default_prompt(ctx, ref) if ref else "", c.gen_run, [c.prompt], c.gen_note)
 
-    @shown
     def on_export_tab(current, hint):
         choices, chosen = _newest_or(ctx, current)
         again = chosen != current or not hint
         return (gr.update(choices=choices, value=chosen),
                 *(_export_suggestion(ctx, chosen) if again else (gr.skip(),) * 4))
 
-    c.export_tab.select(on_export_tab, [c.exp_run, c.exp_hint], [c.exp_run, *c.suggestion])
+    on(c.export_tab.select, on_export_tab, [c.exp_run, c.exp_hint], [c.exp_run, *c.suggestion], c.exp_note)
 
-    @shown
     def on_analyze_tab(current, more):
         choices, chosen = _newest_or(ctx, current)
         refs = {ref for _, ref in choices}
         return (gr.update(choices=choices, value=chosen),
                 gr.update(choices=choices, value=[r for r in (more or []) if r in refs]))
 
-    c.analyze_tab.select(on_analyze_tab, [c.ana_run, c.ana_more], [c.ana_run, c.ana_more])
+    on(c.analyze_tab.select, on_analyze_tab, [c.ana_run, c.ana_more], [c.ana_run, c.ana_more], c.ana_note)
 
-    @shown
     def on_generate(ref, prompt, negative, n, steps, guidance, strength, seed, random_seed):
         if not ref:
             raise UserError("no trained subject yet: train one on the Train tab first")
@@ -479,24 +620,22 @@ def _wire_results(ctx: h.Context, c) -> None:
                 f'<code>{escape(str(result.images[0].parent))}</code>.</div>')
         return [(str(p), f"seed {result.seed + i}") for i, p in enumerate(result.images)], note, result.seed
 
-    c.generate.click(on_generate, [c.gen_run, c.prompt, c.negative, c.n, c.gen_steps, c.guidance, c.strength,
-                                   c.gen_seed, c.random_seed], [c.gallery, c.gen_note, c.gen_seed])
+    on(c.generate.click, on_generate, [c.gen_run, c.prompt, c.negative, c.n, c.gen_steps, c.guidance, c.strength,
+                                       c.gen_seed, c.random_seed], [c.gallery, c.gen_note, c.gen_seed], c.gen_note)
 
     def on_format(fmt):
         return h.EXPORT_FORMATS.get(fmt, ("", ""))[1], ("fp16" if fmt.startswith("merged") else "fp32")
 
     c.fmt.change(on_format, c.fmt, [c.fmt_help, c.dtype])
 
-    @shown
     def on_export(ref, fmt, dtype):
         if not ref:
             raise UserError("no trained subject yet: train one on the Train tab first")
         outcome = h.export_run(ctx, ref, fmt, dtype)
         return views.export_report_html(outcome), str(outcome.path)
 
-    c.export.click(on_export, [c.exp_run, c.fmt, c.dtype], [c.exp_report, c.download])
+    on(c.export.click, on_export, [c.exp_run, c.fmt, c.dtype], [c.exp_report, c.download], c.exp_note)
 
-    @shown
     def on_analyze(ref, more, axis):
         if not ref:
             raise UserError("no trained subject yet: train one on the Train tab first")
@@ -505,19 +644,18 @@ def _wire_results(ctx: h.Context, c) -> None:
         return (views.check_html(check), check.subject_images, check.class_images, str(outcome.plot),
                 views.analysis_html(outcome))
 
-    c.analyze.click(on_analyze, [c.ana_run, c.ana_more, c.ana_axis],
-                    [c.check_text, c.check_subject, c.check_class, c.ana_plot, c.ana_text])
+    on(c.analyze.click, on_analyze, [c.ana_run, c.ana_more, c.ana_axis],
+       [c.check_text, c.check_subject, c.check_class, c.ana_plot, c.ana_text], c.ana_note)
 
 
 def _wire_export_choice(ctx: h.Context, c) -> None:
     """The Export tab's "Where will you use it?": the run's answer when it is picked, the format
     and advice for the answer, and for a run trained for diffusers exported for ComfyUI / A1111 /
     Forge the choice between the merged checkpoint and a retrain (one click, same photos and settings)."""
-    c.exp_run.input(shown(lambda ref: _export_suggestion(ctx, ref)), c.exp_run, c.suggestion)
-    c.exp_use.input(shown(lambda ref, use: _export_suggestion(ctx, ref, h.EXPORT_USES.get(use))),
-                    [c.exp_run, c.exp_use], c.suggestion)
+    on(c.exp_run.input, lambda ref: _export_suggestion(ctx, ref), c.exp_run, c.suggestion, c.exp_note)
+    on(c.exp_use.input, lambda ref, use: _export_suggestion(ctx, ref, h.EXPORT_USES.get(use)),
+       [c.exp_run, c.exp_use], c.suggestion, c.exp_note)
 
-    @shown
     def on_retrain(ref):
         new = h.retrain_for(ctx, ref, "comfy")
         subject = new.split("/")[0]
@@ -526,7 +664,7 @@ def _wire_export_choice(ctx: h.Context, c) -> None:
                 f'ComfyUI / A1111 / Forge adapter here.</div>')
         return note, gr.update(choices=h.list_runs(ctx, subject), value=new)
 
-    c.retrain.click(on_retrain, c.exp_run, [c.exp_report, c.run])
+    on(c.retrain.click, on_retrain, c.exp_run, [c.exp_report, c.run], c.exp_note)
 
 
 def _export_suggestion(ctx: h.Context, ref: str | None, use: str | None = None):
@@ -617,6 +755,9 @@ def main(argv: list[str] | None = None) -> int:
                              "configs (as for `dorabooth train --model-config`)")
     parser.add_argument("--workspace", metavar="DIR", default="dorabooth-workspace",
                         help="where subjects, photos and runs are kept (default: ./dorabooth-workspace)")
+    parser.add_argument("--samples", metavar="DIR", help="sample subjects to offer, one folder each with photos and "
+                                                         "a subject.json (default: the toy world's, with the toy "
+                                                         "model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this "
                                                             "computer only)")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
@@ -624,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)             # gradio's own requests, each logged
     try:
-        ctx = h.make_context(args.workspace, args.model, model_config=args.model_config)
+        ctx = h.make_context(args.workspace, args.model, model_config=args.model_config, samples=args.samples)
         ctx.info                                          # a missing or unreadable model fails here, readably
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"dorabooth-ui: {e}", file=sys.stderr)

@@ -15,7 +15,7 @@ import secrets
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dorabooth import rundir as rd
@@ -135,6 +135,7 @@ class Context:
     samples: Path | None = None        # sample subjects to offer (None: assets/subjects with the toy model)
     worker: TrainingWorker = None      # type: ignore[assignment]
     sessions: SessionCache = field(default_factory=SessionCache)
+    starting: threading.Lock = field(default_factory=threading.Lock)   # one Start at a time (double clicks)
     _info: ModelInfo | None = None
     _device: DeviceInfo | None = None  # the training device (detected once; tests describe one)
 
@@ -272,6 +273,7 @@ METHOD_LABELS = {
 # "Where will you use it?": answer → the magnitude axis that makes the small file exact there
 # (dorabooth.formats.destinations says why "Not sure" trains axis "in").
 USES = {_USE_LABELS[k]: _AXIS_FOR_USE[k] for k in ("comfy", "diffusers", "unsure")}
+NEW_RUN = "(new run)"                  # a config's ``out`` before its run folder is made
 # The Advanced overrides of the device settings: "auto" = what dorabooth.devices resolves.
 PRECISIONS = {"auto": None, "no": "no", "fp16": "fp16", "bf16": "bf16"}
 CHECKPOINTING = {"auto": None, "on": True, "off": False}
@@ -296,6 +298,7 @@ class TrainSettings:
     precision: str = "auto"                # auto | no | fp16 | bf16 (PRECISIONS)
     checkpointing: str = "auto"            # auto | on | off
     optimizer: str = "auto"                # auto | adamw | adamw8bit
+    buckets: bool = False                  # aspect-ratio buckets instead of a square centre crop
 
 
 def preset_values(ctx: Context, preset: str) -> dict:
@@ -339,9 +342,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: Path):
-    """The TrainConfig for a run of ``subject_name`` (validated by TrainConfig itself, and the
-    device settings by ``dorabooth.memory.plan_run``: e.g. bf16 on a GPU without it)."""
+def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: Path | None = None):
+    """The TrainConfig for a run of ``subject_name`` into the folder ``run`` (None: not made yet),
+    validated by TrainConfig itself, and the device settings by ``dorabooth.memory.plan_run``
+    (e.g. bf16 on a GPU without it)."""
     subject = ctx.workspace.subject(subject_name)
     if not subject.class_noun:
         raise UserError("say what the subject is (the class noun, e.g. 'dog') on the Subject tab first")
@@ -355,7 +359,7 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
     # a stored class prompt (from a sample subject) only while it still names the class noun
     class_prompt = subject.class_prompt if subject.class_noun in subject.class_prompt.split() else None
     config = TrainConfig(
-        images=str(subject.images), class_noun=subject.class_noun, out=str(run), token=subject.token,
+        images=str(subject.images), class_noun=subject.class_noun, out=str(run or NEW_RUN), token=subject.token,
         instance_prompt=prompt, class_prompt=class_prompt, model=ctx.model, model_config=ctx.model_config,
         class_images=str(ctx.workspace.class_images(subject.name, subject.class_noun, ctx.info.id)),
         **_recipe(ctx, settings))
@@ -375,16 +379,21 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
         if value not in choices:
             raise UserError(f"{what} {value!r}: choose one of {', '.join(choices)}")
     preset = preset_values(ctx, settings.preset)
-    steps = int(settings.steps or preset["steps"])
+
+    def given(value, default):                    # an empty box means the preset's value; a 0 is checked
+        return default if value is None else value
+
+    steps = int(given(settings.steps, preset["steps"]))
     return dict(
         **METHOD_LABELS[settings.method], magnitude_axis=USES[settings.use],
-        rank=int(settings.rank or preset["rank"]), steps=steps, lr=float(settings.lr or preset["lr"]),
+        rank=int(given(settings.rank, preset["rank"])), steps=steps, lr=float(given(settings.lr, preset["lr"])),
         prior_preservation=bool(settings.prior_preservation),
-        num_class_images=int(settings.class_images or preset["class_images"]),
+        num_class_images=int(given(settings.class_images, preset["class_images"])),
         train_text_encoders=(preset["train_text_encoders"] if settings.train_text_encoders is None
                              else bool(settings.train_text_encoders)), seed=int(settings.seed),
         sample_every=max(1, steps // 4), mixed_precision=PRECISIONS[settings.precision],
-        gradient_checkpointing=CHECKPOINTING[settings.checkpointing], optimizer=OPTIMIZERS[settings.optimizer])
+        gradient_checkpointing=CHECKPOINTING[settings.checkpointing], optimizer=OPTIMIZERS[settings.optimizer],
+        buckets=bool(settings.buckets))
 
 
 def _plan(ctx: Context, config: TrainConfig):
@@ -423,20 +432,85 @@ def device_view(ctx: Context, settings: TrainSettings) -> DeviceView:
 
 def start_training(ctx: Context, subject_name: str, settings: TrainSettings) -> str:
     """Queue a new run; returns its reference ``subject/run``. The run folder holds the request
-    at once, so it is listed (and survives a restart) even while it waits."""
+    (the config and the Train tab's ``settings``) at once, so it is listed (and survives a
+    restart) even while it waits.
+
+    Idempotent while it matters: if a run of this subject with the same config is queued or
+    training, its reference comes back and nothing new is queued (a double click on Start).
+    """
     subject = ctx.workspace.subject(subject_name)
     label = f"{METHOD_LABELS.get(settings.method, {}).get('method', 'run')}-{settings.preset}"
-    run = ctx.workspace.new_run(subject.name, label)
-    try:
-        config = build_config(ctx, subject.name, settings, run)
-    except Exception:
-        shutil.rmtree(run, ignore_errors=True)        # nothing was made yet: no empty run left behind
-        raise
-    request = {"config": config.to_dict(), "preset": settings.preset, "method_label": settings.method,
-               "use": settings.use, "requested": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    (run / REQUEST_FILE).write_text(json.dumps(request, indent=2) + "\n")
-    ctx.worker.submit(run, config)
+    with ctx.starting:
+        config = build_config(ctx, subject.name, settings)     # checked before any folder is made
+        twin = live_twin(ctx, config)
+        if twin is not None:
+            return twin
+        run = ctx.workspace.new_run(subject.name, label)
+        config = replace(config, out=str(run))
+        request = {"config": config.to_dict(), "settings": asdict(settings), "preset": settings.preset,
+                   "method_label": settings.method, "use": settings.use,
+                   "requested": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (run / REQUEST_FILE).write_text(json.dumps(request, indent=2) + "\n")
+        ctx.worker.submit(run, config)
     return ctx.workspace.ref(run)
+
+
+def live_twin(ctx: Context, config: TrainConfig) -> str | None:
+    """The queued or training run asked for with the same config (its folder aside), if any."""
+    for run in ctx.worker.line():
+        try:
+            asked = _request_config(run)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if replace(asked, out=NEW_RUN) == replace(config, out=NEW_RUN):
+            return ctx.workspace.ref(run)
+    return None
+
+
+def live_run(ctx: Context) -> str | None:
+    """The run the worker trains now, else the first one waiting; None when the line is empty."""
+    line = ctx.worker.line()
+    return ctx.workspace.ref(line[0]) if line else None
+
+
+def run_form(ctx: Context, ref: str) -> TrainSettings | None:
+    """The Train tab's settings a run was started with (None: it was not started from the app)."""
+    form = runs.read_request(ctx.workspace.run(ref)).get("settings")
+    if not isinstance(form, dict):
+        return None
+    known = {f.name for f in fields(TrainSettings)}
+    return TrainSettings(**{k: v for k, v in form.items() if k in known})
+
+
+def delete_run(ctx: Context, ref: str) -> str:
+    """Delete a run folder with everything in it; a queued or training run is refused."""
+    check_idle(ctx, ref, "delete")
+    ctx.workspace.delete_run(ctx.workspace.run(ref))
+    return f"Deleted {ref}."
+
+
+def rename_run(ctx: Context, ref: str, name: str) -> str:
+    """Rename a run (its folder keeps its number: ``001-<name>``); returns the new reference."""
+    check_idle(ctx, ref, "rename")
+    return ctx.workspace.ref(ctx.workspace.rename_run(ctx.workspace.run(ref), name))
+
+
+def check_idle(ctx: Context, ref: str, what: str) -> None:
+    """Refuse (UserError saying what to do) to ``what`` a run that is queued or training."""
+    run = ctx.workspace.run(ref)
+    position = ctx.worker.position(run)
+    if position is not None:
+        doing = "training" if position == 0 else "waiting to train"
+        raise UserError(f"{ref} is {doing}; press Stop (and wait until it has stopped) before you {what} it")
+    owner = rd.run_busy(run)
+    if owner is not None:
+        raise UserError(f"{ref} is being trained right now by another process ({owner}); wait for it to "
+                        f"finish or stop it there, then {what} it")
+
+
+def _request_config(run: Path) -> TrainConfig:
+    """The config the app asked for, pointed at the folder the run is in now (it may have been renamed)."""
+    return replace(TrainConfig.from_dict(runs.read_request(run)["config"]), out=str(run))
 
 
 def stop_training(ctx: Context, ref: str) -> str:
@@ -457,10 +531,10 @@ def resume_training(ctx: Context, ref: str) -> str:
     status = run_status(ctx, ref)
     if not status.resumable:
         raise UserError(f"{ref} is {status.state}; only stopped, failed or interrupted runs can be resumed")
-    if rd.is_run(run):
-        config = replace(rd.read_config(run)[0], resume=True)
+    if rd.is_run(run):                                 # out: the folder may have been renamed since
+        config = replace(rd.read_config(run)[0], resume=True, out=str(run))
     else:                                              # it never started: start it as requested
-        config = TrainConfig.from_dict(json.loads((run / REQUEST_FILE).read_text())["config"])
+        config = _request_config(run)
     position = ctx.worker.submit(run, config)
     return "Resuming." if position == 0 else f"Queued to resume: {_place(position)}."
 
@@ -506,7 +580,7 @@ def recover_queue(ctx: Context) -> list[str]:
             waiting.append(run)
     waiting.sort(key=lambda r: (r / REQUEST_FILE).stat().st_mtime)
     for run in waiting:
-        ctx.worker.submit(run, TrainConfig.from_dict(json.loads((run / REQUEST_FILE).read_text())["config"]))
+        ctx.worker.submit(run, _request_config(run))
     return [ctx.workspace.ref(r) for r in waiting]
 
 
@@ -563,7 +637,7 @@ def retrain_for(ctx: Context, ref: str, use: str = "comfy") -> str:
     if status.settings.get("method") != "dora":
         raise UserError(f"{ref} is a {status.method_name} run: its files work the same everywhere; no need to retrain")
     for other in ctx.workspace.runs(run.parent.parent.name):
-        request = runs.request_of(other)
+        request = runs.read_request(other)
         if request.get("retrain_of") == ref and request.get("use") == USE_LABELS[use] \
                 and not read_status(other, ctx.worker.position(other)).resumable:
             return ctx.workspace.ref(other)
@@ -574,7 +648,7 @@ def retrain_for(ctx: Context, ref: str, use: str = "comfy") -> str:
     new = ctx.workspace.new_run(run.parent.parent.name, label)
     config = replace(config, out=str(new), magnitude_axis=AXIS_FOR_USE[use], resume=False)
     request = {"config": config.to_dict(), "preset": status.settings.get("_preset"),
-               "method_label": runs.request_of(run).get("method_label"), "use": USE_LABELS[use], "retrain_of": ref,
+               "method_label": runs.read_request(run).get("method_label"), "use": USE_LABELS[use], "retrain_of": ref,
                "requested": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     (new / REQUEST_FILE).write_text(json.dumps(request, indent=2) + "\n")
     ctx.worker.submit(new, config)

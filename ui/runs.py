@@ -86,20 +86,17 @@ def run_settings(run: str | Path) -> dict:
                 continue
             settings = dict(data.get(key, {}))
             settings["_resolved"] = name == rd.CONFIG
-            settings["_preset"] = _request(run).get("preset")
+            settings["_preset"] = read_request(run).get("preset")
             settings["_base_model"] = (data.get("base_model") or {}).get("id")
             return settings
     return {}
 
 
-def request_of(run: str | Path) -> dict:
-    """What the app asked the trainer for (``ui-request.json``); {} for runs started elsewhere."""
-    return _request(Path(run))
-
-
-def _request(run: Path) -> dict:
+def read_request(run: str | Path) -> dict:
+    """What the app asked for (``ui-request.json``: config, the Train tab's settings, preset);
+    {} for a run the app did not start."""
     try:
-        return json.loads((run / REQUEST_FILE).read_text())
+        return json.loads((Path(run) / REQUEST_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return {}
 
@@ -128,7 +125,7 @@ def read_status(run: str | Path, position: int | None = None) -> RunStatus:
             if isinstance(e.get("loss"), (int, float)):
                 losses[status.step] = float(e["loss"])
         elif kind == "sample":
-            status.samples.append((e.get("step", 0), list(e.get("paths", []))))
+            status.samples.append((e.get("step", 0), [_in_run(run, p) for p in e.get("paths", [])]))
         elif kind == "checkpoint":
             status.checkpoint = e.get("step")
         elif kind == "skip":
@@ -155,6 +152,13 @@ def read_status(run: str | Path, position: int | None = None) -> RunStatus:
     else:
         status.state = INTERRUPTED
     return status
+
+
+def _in_run(run: Path, path: str) -> str:
+    """A sample's path in the run folder as it is now: events record absolute paths, and the
+    folder may have been renamed since (``samples/step-N/NN.png`` keeps its place inside)."""
+    p = Path(path)
+    return str(run / rd.SAMPLES / p.parent.name / p.name) if p.parent.parent.name == rd.SAMPLES else path
 
 
 def _plain_error(message: str) -> str:

@@ -121,39 +121,68 @@ def run_details_html(status: RunStatus | None) -> str:
 
 
 
-def loss_svg(losses: list[tuple[int, float]], total: int = 0, width: int = 560, height: int = 200) -> str:
-    """The training loss per step (faint) and its running average (bold), as inline SVG."""
+def smoothed(values: list[float], span: float) -> list[float]:
+    """Exponential moving average over about ``span`` values, bias-corrected as Adam's moments
+    are (Kingma & Ba 2015, §3): the first point is the first value, never pulled towards 0."""
+    beta = 1 - 2 / (span + 1)
+    avg, out = 0.0, []
+    for t, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** t))
+    return out
+
+
+def loss_range(values: list[float], smooth: list[float]) -> tuple[float, float]:
+    """The y-range: the 5th–95th percentile of the raw losses widened to hold the whole smoothed
+    curve, plus a margin; single spikes run off the frame instead of flattening the rest."""
+    ordered = sorted(values)
+    lo = min(_percentile(ordered, 0.05), min(smooth))
+    hi = max(_percentile(ordered, 0.95), max(smooth))
+    pad = (hi - lo) * 0.08 or abs(hi) * 0.1 or 0.5
+    return lo - pad, hi + pad
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    at = q * (len(ordered) - 1)
+    i = int(at)
+    return ordered[i] if i + 1 >= len(ordered) else ordered[i] + (at - i) * (ordered[i + 1] - ordered[i])
+
+
+def loss_svg(losses: list[tuple[int, float]], total: int = 0, width: int = 520, height: int = 260) -> str:
+    """The training loss per step (faint) and its smoothed curve (bold), as inline SVG with
+    labelled axes; the y-range is robust (:func:`loss_range`)."""
     if not losses:
         return '<div class="db-plot db-empty">The loss curve appears here once training starts.</div>'
-    left, right, top, bottom = 48, 12, 14, 30
+    left, right, top, bottom = 74, 14, 30, 40
     w, h = width - left - right, height - top - bottom
     steps = [s for s, _ in losses]
     values = [v for _, v in losses]
-    lo, hi = min(values), max(values)
-    if hi - lo < 1e-12:
-        lo, hi = lo - 0.5, hi + 0.5
+    smooth = smoothed(values, span=max(4.0, len(values) / 8))          # diffusion losses are noisy per step
+    lo, hi = loss_range(values, smooth)
     x_max = max(total, steps[-1], 1)
 
     def pt(step: float, value: float) -> str:
-        return f"{left + w * step / x_max:.1f},{top + h * (1 - (value - lo) / (hi - lo)):.1f}"
+        y = min(max((value - lo) / (hi - lo), -0.02), 1.02)           # spikes stop at the frame
+        return f"{left + w * step / x_max:.1f},{top + h * (1 - y):.1f}"
 
-    smooth, avg = [], None
-    beta = 0.9 if len(values) > 20 else 0.6
-    for v in values:
-        avg = v if avg is None else beta * avg + (1 - beta) * v
-        smooth.append(avg)
+    ticks = "".join(f'<line x1="{left}" y1="{top + h * (1 - f):.1f}" x2="{left + w}" y2="{top + h * (1 - f):.1f}" '
+                    f'class="db-grid"/><text x="{left - 6}" y="{top + h * (1 - f) + 4:.1f}" text-anchor="end">'
+                    f'{lo + f * (hi - lo):.3g}</text>' for f in (0, 0.5, 1))
     raw = " ".join(pt(s, v) for s, v in _thin(losses))
     line = " ".join(pt(s, v) for s, v in _thin(list(zip(steps, smooth))))
-    return (f'<div class="db-plot"><svg viewBox="0 0 {width} {height}" width="100%" role="img" '
-            f'aria-label="training loss per step">'
+    return (f'<div class="db-plot"><div class="db-section">Training loss</div>'
+            f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="training loss per step" '
+            f'data-first-smoothed="{smooth[0]:.6g}" data-y-min="{lo:.6g}" data-y-max="{hi:.6g}">'
+            f'{ticks}'
             f'<line x1="{left}" y1="{top + h}" x2="{left + w}" y2="{top + h}" class="db-axis"/>'
             f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + h}" class="db-axis"/>'
-            f'<text x="{left - 6}" y="{top + 4}" text-anchor="end">{hi:.3g}</text>'
-            f'<text x="{left - 6}" y="{top + h}" text-anchor="end">{lo:.3g}</text>'
-            f'<text x="{left}" y="{height - 8}">0</text>'
-            f'<text x="{left + w}" y="{height - 8}" text-anchor="end">step {x_max}</text>'
-            f'<text x="{left + w / 2}" y="{height - 8}" text-anchor="middle">'
-            f'loss (faint: each step, bold: average)</text>'
+            f'<text x="16" y="{top + h / 2:.1f}" text-anchor="middle" transform="rotate(-90 16 {top + h / 2:.1f})">'
+            f'loss</text>'
+            f'<text x="{left}" y="{top + h + 16}" text-anchor="middle">0</text>'
+            f'<text x="{left + w}" y="{top + h + 16}" text-anchor="end">{x_max}</text>'
+            f'<text x="{left + w / 2}" y="{height - 6}" text-anchor="middle">step</text>'
+            f'<text x="{left + w}" y="{top - 12}" text-anchor="end">faint: each step · bold: smoothed '
+            f'(now {smooth[-1]:.3g})</text>'
             f'<polyline points="{raw}" class="db-raw"/><polyline points="{line}" class="db-smooth"/>'
             f'</svg></div>')
 
@@ -173,6 +202,25 @@ def sample_gallery(status: RunStatus | None) -> list[tuple[str, str]]:
     for step, paths in reversed(status.samples):
         out += [(p, f"step {step}") for p in paths]
     return out
+
+
+def previews_title(status: RunStatus | None) -> str:
+    """The heading above the previews: what they show and the newest step (the gallery has no
+    label of its own: gradio draws it over the first image)."""
+    if status is None or not status.samples:
+        return ('<div class="db-section">Previews</div><div class="db-details">Images of the training prompt, '
+                'drawn with the adapter as it learns, appear here during training.</div>')
+    step = status.samples[-1][0]
+    return (f'<div class="db-section" data-newest-step="{step}">Previews: newest at step {step}'
+            f'{f" of {status.total}" if status.total else ""}</div><div class="db-details">“'
+            f'{escape(status.instance_prompt)}”, drawn with the adapter as it learns; newest first, each '
+            f'captioned with its step.</div>')
+
+
+def note_html(message: str, problem: bool = True) -> str:
+    """One message beside the controls it is about: a problem to fix (red) or plain news."""
+    kind = "db-problem" if problem else "db-info"
+    return f'<div class="{kind}" role="{"alert" if problem else "status"}">{escape(message)}</div>'
 
 
 # ---- Subject tab -------------------------------------------------------------------------------

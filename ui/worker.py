@@ -72,6 +72,11 @@ class TrainingWorker:
                     return i + (1 if self._current is not None else 0)
         return None
 
+    def line(self) -> list[Path]:
+        """The running run (if any) first, then the waiting ones in order."""
+        with self._wake:
+            return ([self._current.run] if self._current is not None else []) + [job.run for job in self._line]
+
     def stop(self, run: str | Path) -> str:
         """"stopping" (running: stops after the current step), "removed" (was waiting) or "idle"."""
         run = Path(run).resolve()

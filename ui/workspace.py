@@ -20,13 +20,14 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dorabooth import rundir as rd
-from dorabooth.data import UnusableImage, fit, load_image
+from dorabooth.data import UnusableImage, cut_off_share, fit, load_image, looks_blank
 from dorabooth.formats.files import atomic_file, write_bytes, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -35,6 +36,7 @@ MAX_IMAGES = 20                        # per subject
 MIN_IMAGES = 3                         # to start training
 MAX_NAME = 48
 NEAR_DUPLICATE = 6.0                   # mean |difference| of 16×16 thumbnails (0–255) below which photos match
+CUT_OFF = 0.15                         # share of the subject outside the crop above which a photo is flagged
 PREVIEW_SIDE = 256                     # crops are shown at least this large (nearest-neighbour)
 SUBJECT_FILE = "subject.json"
 REQUEST_FILE = "ui-request.json"       # what the UI asked the trainer for (a queued run has only this)
@@ -132,8 +134,10 @@ class Workspace:
         the training and class prompts."""
         subject = self.subject(name, create=True)
         token, class_noun = (token or "").strip(), " ".join((class_noun or "").split())
-        if not token or " " in token:
-            raise UserError(f"token {token!r}: use one rare made-up word, such as 'sks'")
+        if not token:
+            raise UserError("the token is empty: type one rare made-up word, such as 'sks'")
+        if " " in token:
+            raise UserError(f"token {token!r}: use one rare made-up word without spaces, such as 'sks'")
         meta = subject.folder / SUBJECT_FILE
         data = json.loads(meta.read_text())
         data.update(token=token, class_noun=class_noun)
@@ -201,7 +205,8 @@ class Workspace:
             preview.unlink(missing_ok=True)
 
     def photos(self, name: str, *, resolution: int | None = None) -> list[Photo]:
-        """The stored photos with warnings: too small for ``resolution``, unreadable, near-duplicates."""
+        """The stored photos with warnings: too small for ``resolution``, unreadable, blank, the
+        subject cut off by the square crop, near-duplicates."""
         subject = self.subject(name)
         out: list[Photo] = []
         seen: list[tuple[bytes, str]] = []                  # (thumbnail, name) of the photos so far
@@ -222,6 +227,12 @@ class Workspace:
             elif resolution is not None and min(image.size) < resolution:
                 photo.warnings.append(f"smaller than the training size ({resolution} px): it will be upscaled "
                                       f"and may look soft")
+            if looks_blank(image):
+                photo.warnings.append("looks blank (nearly one colour all over): is the subject in it?")
+            elif resolution is not None and (cut := cut_off_share(image, (resolution, resolution))) >= CUT_OFF:
+                photo.warnings.append(f"the square crop cuts off about {100 * cut:.0f}% of the subject: crop the "
+                                      f"photo around the subject yourself, or turn on aspect-ratio buckets under "
+                                      f"Advanced settings on the Train tab")
             thumb = _thumbnail(image)
             twin = next((name for other, name in seen if _thumb_distance(thumb, other) < NEAR_DUPLICATE), None)
             if twin is not None:
@@ -286,6 +297,24 @@ class Workspace:
         if not path.is_dir():
             raise UserError(f"no run called {ref!r} in the workspace")
         return path
+
+    def rename_run(self, run: Path, name: str) -> Path:
+        """``runs/001-old`` → ``runs/001-<name>``: the number (the order of runs) is kept."""
+        number = re.match(r"(\d+)-", run.name)
+        stem = sanitize_name(re.sub(r"^\d+-", "", str(name or "").strip()), "run name")
+        target = run.parent / (f"{number.group(1)}-{stem}" if number else stem)
+        if target == run:
+            return run
+        if target.exists():
+            raise UserError(f"{run.parent.parent.name} already has a run called {target.name}; choose another name")
+        run.rename(target)
+        return target
+
+    def delete_run(self, run: Path) -> None:
+        """Remove a run folder: first renamed to a hidden name (so it is never listed half-deleted)."""
+        hidden = run.with_name(f".deleted-{run.name}-{time.time_ns()}")
+        run.rename(hidden)
+        shutil.rmtree(hidden)
 
     def ref(self, run: Path) -> str:
         """``subject/run``: how the app names a run folder."""

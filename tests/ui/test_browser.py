@@ -7,22 +7,16 @@ SDXL-architecture test model; training is 4 steps at 32 px.
 """
 
 import json
-import os
 import re
-import socket
 import struct
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = Path("/usr/bin/chromium")
+from ui_fixtures import CHROMIUM, serve_app
+
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = [
     pytest.mark.browser,
@@ -31,51 +25,12 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def app(tmp_path, tiny_model):
-    """``dorabooth-ui`` (``python -m ui.app``, what the console script runs) on a free port."""
+    """``dorabooth-ui`` on a free port with the tiny model (``ui_fixtures.serve_app``)."""
     pytest.importorskip("gradio")
-    port = _free_port()
-    workspace = tmp_path / "workspace"
-    log = open(tmp_path / "app.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ui.app", "--model", tiny_model, "--workspace", str(workspace),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"dorabooth-ui did not start:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url, workspace
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
-
-
-@pytest.fixture
-def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
-        yield context.new_page()
-        browser.close()
+    with serve_app(tmp_path, tiny_model) as served:
+        yield served
 
 
 def _tab(page, name: str):
@@ -85,6 +40,15 @@ def _tab(page, name: str):
 def _shot(page, name: str):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"ui-{name}.png"), full_page=True)
+
+
+def _not_clipped(page, selector: str):
+    """Every element matching ``selector`` lies inside its <svg>'s box, as drawn."""
+    outside = page.eval_on_selector_all(selector, """els => els.filter(e => {
+        const r = e.getBoundingClientRect(), box = e.ownerSVGElement.getBoundingClientRect();
+        return r.width === 0 || r.left < box.left - 1 || r.right > box.right + 1 || r.top < box.top - 1
+               || r.bottom > box.bottom + 1; }).map(e => e.textContent)""")
+    assert page.locator(selector).count() and not outside, f"clipped or hidden: {outside}"
 
 
 def _no_traceback(page):
@@ -111,9 +75,8 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     assert "Ready" in page.locator("#db-subject-summary").inner_text()
     _shot(page, "1-subject")
     page.locator("#db-remove").click()                                       # nothing chosen: a message, no trace
-    page.get_by_text("choose a photo to remove").first.wait_for(timeout=10_000)
+    page.locator("#db-photo-note", has_text="choose a photo to remove").wait_for(timeout=10_000)
     _no_traceback(page)
-    page.locator(".toast-close").first.click()
 
     # ---- Train: 4 steps, no prior preservation, wait for the bar to finish ------------------
     _tab(page, "Train")
@@ -138,6 +101,9 @@ def test_upload_train_generate_export_reload(app, page, photos, tmp_path):
     assert "Finished: 4 steps" in page.locator("#db-progress").inner_text()
     page.wait_for_selector("#db-loss svg polyline", timeout=10_000)
     page.wait_for_selector("#db-previews img", timeout=10_000)
+    assert "newest at step 4 of 4" in page.locator("#db-previews-title").inner_text()    # previews with their step
+    assert "step 4" in page.locator("#db-previews").inner_text()
+    _not_clipped(page, "#db-loss svg text")                                  # the axis labels, "loss" included
     ref = "rex-the-dog/001-dora-quick"
     assert ref in page.locator("#db-run input").input_value()
     saved = json.loads((workspace / "rex-the-dog" / "runs" / "001-dora-quick" / "config.json").read_text())

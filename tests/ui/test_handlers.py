@@ -2,11 +2,13 @@
 run states read from disk, generation, export, analysis, and the page's error messages."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -195,7 +197,7 @@ def test_state_comes_from_the_run_folder(fake):
 def test_a_waiting_run_is_queued_again_after_a_restart(fake, tmp_path, tiny_model):
     ctx, trainer = fake
     first = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False))
-    waiting = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False))
+    waiting = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False, seed=1))
     _wait_for_state(ctx, first, runs.TRAINING)
     ctx.worker.close(timeout=5)                                    # the app stops; the first run checkpoints
     assert h.run_status(ctx, first).state == runs.STOPPED
@@ -208,6 +210,94 @@ def test_a_waiting_run_is_queued_again_after_a_restart(fake, tmp_path, tiny_mode
         restarted.close()
 
 
+def test_start_is_idempotent_while_the_same_run_is_live(fake):
+    """A double click on Start (or a second click) queues nothing new while a run of the same
+    subject and settings waits or trains; other settings, or the same after it ended, do."""
+    ctx, trainer = fake
+    settings = h.TrainSettings(steps=2, prior_preservation=False)
+    first = h.start_training(ctx, "rex", settings)
+    assert h.start_training(ctx, "rex", h.TrainSettings(steps=2, prior_preservation=False)) == first
+    clicks = []                                                    # two requests at once: still one run
+    threads = [threading.Thread(target=lambda: clicks.append(h.start_training(ctx, "rex", settings)))
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert clicks == [first, first]
+    other = h.start_training(ctx, "rex", h.TrainSettings(steps=2, prior_preservation=False, seed=1))
+    assert other != first and h.start_training(ctx, "rex", replace(settings, seed=1)) == other   # queued: same
+    assert [ref for _, ref in h.list_runs(ctx, "rex")] == [other, first]
+    trainer.release.set()
+    assert _wait(ctx, first).finished and _wait(ctx, other).finished
+    again = h.start_training(ctx, "rex", settings)                 # ended: a new run with the same settings
+    assert again not in (first, other) and _wait(ctx, again).finished
+
+
+def test_a_reload_finds_the_live_run_and_the_settings_it_was_started_with(fake):
+    ctx, trainer = fake
+    assert h.live_run(ctx) is None
+    asked = h.TrainSettings(preset="quick", method="LoRA", use="ComfyUI / A1111 / Forge", steps=7, rank=2, lr=2e-4,
+                            prior_preservation=False, seed=3, checkpointing="on", optimizer="adamw", buckets=True)
+    ref = h.start_training(ctx, "rex", asked)
+    waiting = h.start_training(ctx, "rex", replace(asked, seed=4))
+    _wait_for_state(ctx, ref, runs.TRAINING)
+    assert h.live_run(ctx) == ref                                  # the training one, not the one waiting
+    assert h.run_form(ctx, ref) == asked and h.run_form(ctx, waiting) == replace(asked, seed=4)
+    config = json.loads((ctx.workspace.run(ref) / "ui-request.json").read_text())["config"]
+    assert (config["buckets"], config["method"], config["magnitude_axis"], config["gradient_checkpointing"]) == \
+        (True, "lora", "in", True)
+    trainer.release.set()
+    _wait(ctx, waiting)
+    assert h.live_run(ctx) is None
+
+
+def test_runs_are_renamed_and_deleted_but_never_while_live(fake):
+    ctx, trainer = fake
+    ref = h.start_training(ctx, "rex", h.TrainSettings(steps=2, prior_preservation=False))
+    _wait_for_state(ctx, ref, runs.TRAINING)
+    for action in (lambda: h.delete_run(ctx, ref), lambda: h.rename_run(ctx, ref, "best")):
+        with pytest.raises(UserError, match="is training; press Stop"):
+            action()
+    assert "Stopping" in h.stop_training(ctx, ref)
+    assert _wait(ctx, ref).state == runs.STOPPED
+
+    renamed = h.rename_run(ctx, ref, "First try!")
+    assert renamed == "rex/001-first-try" and not (ctx.workspace.root / "rex" / "runs" / "001-dora-balanced").exists()
+    assert h.rename_run(ctx, renamed, "002-first-try") == renamed                   # a typed number is not doubled
+    h.resume_training(ctx, renamed)                                # the trainer is pointed at the new folder
+    trainer.release.set()
+    done = _wait(ctx, renamed)
+    assert done.finished and trainer.started[-1] == "001-first-try"
+
+    other = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False, seed=1))
+    _wait(ctx, other)
+    other = h.rename_run(ctx, other, "first try")                  # the numbers keep two names apart
+    assert other == "rex/002-first-try"
+    assert h.delete_run(ctx, renamed) == "Deleted rex/001-first-try."
+    assert [ref for _, ref in h.list_runs(ctx, "rex")] == [other]
+    assert not [p for p in (ctx.workspace.root / "rex" / "runs").iterdir() if p.name.startswith(".")]
+    with pytest.raises(UserError, match="no run called"):
+        h.delete_run(ctx, renamed)
+    with pytest.raises(UserError, match="no letters or digits"):
+        h.rename_run(ctx, other, "!!!")
+    assert h.rename_run(ctx, other, "../../escape") == "rex/002-escape"            # a name, never a path
+
+
+def test_previews_are_found_after_a_rename(fake):
+    """Events record absolute sample paths; a renamed folder's previews are read from where they are now."""
+    ctx, _ = fake
+    run = ctx.workspace.new_run("rex", "dora-quick")
+    (run / "ui-request.json").write_text(json.dumps({"config": {"method": "dora", "steps": 2}}))
+    (run / "samples" / "step-2").mkdir(parents=True)
+    (run / "samples" / "step-2" / "00.png").write_bytes(b"png")
+    (run / "events.jsonl").write_text(json.dumps({"type": "sample", "step": 2,
+                                                  "paths": [str(run / "samples" / "step-2" / "00.png")]}) + "\n")
+    moved = h.rename_run(ctx, ctx.workspace.ref(run), "renamed")
+    [(step, [path])] = h.run_status(ctx, moved).samples
+    assert step == 2 and Path(path).is_file() and "001-renamed" in path
+
+
 def test_training_needs_photos_and_a_class_noun(fake, tmp_path):
     ctx, _ = fake
     ctx.workspace.save_subject("rex", token="sks", class_noun="")
@@ -218,7 +308,13 @@ def test_training_needs_photos_and_a_class_noun(fake, tmp_path):
         h.start_training(ctx, "cat", h.TrainSettings())
     with pytest.raises(ValueError, match="token"):
         ctx.workspace.save_subject("cat", token="two words", class_noun="cat")
-    assert not list((ctx.workspace.root / "cat" / "runs").iterdir())          # no empty run left behind
+    ctx.workspace.save_subject("rex", token="sks", class_noun="dog")
+    zeros = {"steps": "steps 0: train at least 1 step", "rank": "rank 0", "class_images": "use at least 1"}
+    for field, message in zeros.items():                           # a 0 is refused, not replaced by the preset
+        with pytest.raises(ValueError, match=message):
+            h.start_training(ctx, "rex", h.TrainSettings(**{field: 0}))
+    made = ctx.workspace.root / "cat" / "runs"
+    assert not made.exists() or not list(made.iterdir())                    # no empty run left behind
 
 
 def test_a_custom_training_prompt_must_name_the_token(fake):
@@ -425,24 +521,65 @@ def test_views_say_what_happens_in_plain_words():
     assert "loss curve appears" in views.loss_svg([])
 
 
-def test_page_errors_are_messages_not_tracebacks():
-    gr = pytest.importorskip("gradio")
-    from ui.app import shown
+def test_page_problems_are_one_note_never_error_badges():
+    """A handler's problem goes to its note as one message, every other output untouched; no
+    gr.Error (gradio would put a red badge over every output: the fields to fix)."""
+    pytest.importorskip("gradio")
+    from ui.app import on
 
-    @shown
-    def user_mistake():
-        raise UserError("add at least 3 photos")
+    wired = {}
 
-    @shown
-    def bug():
-        raise KeyError("boom")
+    def event(fn, inputs, outputs, **kwargs):                      # stands in for e.g. button.click
+        wired.update(fn=fn, outputs=outputs, kwargs=kwargs)
 
-    with pytest.raises(gr.Error) as e:
-        user_mistake()
-    assert e.value.message == "add at least 3 photos"
-    with pytest.raises(gr.Error) as e:
-        bug()
-    assert "Something went wrong" in e.value.message and "Traceback" not in e.value.message
+    note, box, other = object(), object(), object()
+
+    def handler(kind):
+        if kind == "mistake":
+            raise UserError("the token is empty: type one rare made-up word, such as 'sks'")
+        if kind == "bug":
+            raise KeyError("boom")
+        return "value", "more"
+
+    on(event, handler, ["kind"], [box, other], note, trigger_mode="once")
+    assert wired["outputs"] == [box, other, note]
+    assert wired["kwargs"] == {"trigger_mode": "once", "show_progress_on": [box, other]}   # no spinner on the note
+    assert wired["fn"]("fine") == ("value", "more", "")                 # success clears the note
+    mistake = wired["fn"]("mistake")
+    assert list(mistake) == [note] and "db-problem" in mistake[note] and "the token is empty" in mistake[note]
+    bug = wired["fn"]("bug")
+    assert "Something went wrong" in bug[note] and "Traceback" not in bug[note]
+
+    on(event, lambda: "<b>done</b>", [], box, box)                     # a handler that writes its own note
+    assert wired["outputs"] == [box] and wired["fn"]() == "<b>done</b>"
+
+
+def test_the_loss_curve_is_smoothed_from_its_first_value_with_a_robust_range():
+    assert views.smoothed([2.0, 2.0, 2.0], span=10) == pytest.approx([2.0, 2.0, 2.0])   # no climb from 0
+    first = views.smoothed([1.0, 0.0], span=3)
+    assert first[0] == 1.0 and 0 < first[1] < 1
+    losses = [(i, 0.1 + 0.01 * (i % 3)) for i in range(1, 100)] + [(100, 5.0)]     # one spike
+    lo, hi = views.loss_range([v for _, v in losses], views.smoothed([v for _, v in losses], 12))
+    assert 0 < lo < 0.1 and 0.12 < hi < 1.0                        # the spike does not flatten the rest
+    svg = views.loss_svg(losses, 200)
+    assert ">loss</text>" in svg and ">step</text>" in svg and 'data-first-smoothed="0.11"' in svg
+
+
+def test_blank_and_cut_off_photos_are_flagged_on_the_subject_tab(tmp_path):
+    import numpy as np
+
+    ws = Workspace(tmp_path / "ws")
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (96, 96), (252, 252, 250)).save(blank)
+    wide = np.full((100, 200, 3), 235, np.uint8)
+    wide[35:65, 20:180] = (30, 60, 200)                            # a long subject, side on
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    ws.add_photos("rex", [*make_photos(tmp_path / "up", n=2), blank, tmp_path / "wide.png"])
+    listed = {p.name: p for p in ws.photos("rex", resolution=32)}
+    assert listed["blank.png"].warnings == ["looks blank (nearly one colour all over): is the subject in it?"]
+    assert re.match(r"the square crop cuts off about 3[78]% of the subject", listed["wide.png"].warnings[0])  # 60/160
+    assert "aspect-ratio buckets" in listed["wide.png"].warnings[0]
+    assert not listed["photo-0.png"].warnings and all(p.usable for p in listed.values())   # warnings only
 
 
 def test_console_script_reports_a_missing_model(tmp_path, capsys):

@@ -1,10 +1,22 @@
-"""Helpers for the app's tests: a tiny SDXL-architecture model on disk and photo-like images."""
+"""Helpers for the app's tests: a tiny SDXL-architecture model on disk, photo-like images, and
+the app served on a free port for the browser tests."""
 
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from tiny_models import make_sdxl_pipeline
+
+CHROMIUM = Path("/usr/bin/chromium")         # Debian's; Playwright drives it (no browser download)
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 def save_tiny_model(folder: Path) -> Path:
@@ -56,3 +68,39 @@ def save_comfy_loadable_model(folder: Path) -> Path:
                                    requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+@contextlib.contextmanager
+def serve_app(tmp_path: Path, model: str, *args: str, timeout: float = 120):
+    """``dorabooth-ui`` (``python -m ui.app``, what the console script runs) on a free port with
+    ``model`` and a workspace in ``tmp_path``; yields (url, workspace). ``args``: more flags."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workspace = tmp_path / "workspace"
+    log_path = tmp_path / "app.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ui.app", "--model", model, "--workspace", str(workspace),
+                                 "--host", "127.0.0.1", "--port", str(port), *args],
+                                cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT,
+                                env=env)
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    raise RuntimeError(f"dorabooth-ui did not start:\n{log_path.read_text()[-3000:]}") from None
+                time.sleep(0.5)
+        try:
+            yield url, workspace
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
