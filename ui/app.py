@@ -306,7 +306,8 @@ def _generate_tab(ctx: h.Context, c) -> None:
 def _export_tab(ctx: h.Context, c) -> None:
     gr.Markdown("Download your subject for the tool you use. The report says which tools apply the file exactly as "
                 "trained, which only approximately (and by how much), and which not.")
-    c.exp_run = gr.Dropdown(label="Trained subject", elem_id="db-exp-run")
+    c.exp_run = gr.Dropdown(label="Trained subject", elem_id="db-exp-run",
+                            allow_custom_value=True)                 # a run deleted meanwhile: a note, no badges
     c.exp_use = gr.Radio(label="Where will you use it?", choices=list(h.EXPORT_USES), elem_id="db-exp-use")
     c.exp_hint = gr.HTML(elem_id="db-exp-hint")
     with gr.Row(visible=False, elem_id="db-retrain-row") as c.retrain_row:
@@ -326,7 +327,8 @@ def _export_tab(ctx: h.Context, c) -> None:
 def _analyze_tab(ctx: h.Context, c) -> None:
     gr.Markdown(CHECK_TEXT)
     with gr.Row():
-        c.ana_run = gr.Dropdown(label="Trained subject", elem_id="db-ana-run")
+        c.ana_run = gr.Dropdown(label="Trained subject", elem_id="db-ana-run",
+                                allow_custom_value=True)             # a run deleted meanwhile: a note, no badges
         c.ana_more = gr.Dropdown(label="Compare with (optional, for the plot below)", multiselect=True,
                                  info="e.g. a LoRA and a DoRA run of the same subject.")
     c.analyze = gr.Button("Analyze", variant="primary", elem_id="db-analyze")
