@@ -205,30 +205,8 @@ def comfy_app(tmp_path):
     (workspace / "rex" / "subject.json").write_text(json.dumps({"name": "rex", "token": "sks", "class_noun": "dog"}))
     train(TrainConfig(images=str(photos), class_noun="dog", out=str(workspace / "rex" / "runs" / "001-dora"),
                       model=model, steps=1, rank=4, prior_preservation=False, sample_every=0, magnitude_axis="out"))
-    port = _free_port()
-    log = open(tmp_path / "app.log", "w")
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "ui.app", "--model", model, "--workspace", str(workspace),
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=Path(__file__).resolve().parents[2], stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"dorabooth-ui did not start:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-    yield url, workspace
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with serve_app(tmp_path, model) as served:
+        yield served
 
 
 def test_export_for_comfyui_offers_merged_checkpoint_or_retrain(comfy_app, page):
