@@ -3,6 +3,7 @@ on a tiny trained run, the embedding scorer on tiny local CLIP/DINOv2 folders, a
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -90,22 +91,30 @@ def test_eval_cli_prints_a_table_and_writes_json(dora_run, tmp_path, capsys):
     assert 0 <= m["subject_fidelity"] <= 1 and 0 <= m["class_leak"] <= 1
     kept = [p for p in result["per_prompt"]]
     assert m["n_images"] == 2 * len(kept) == len(result["images"])
-    assert [p["prompt"] for p in kept][0] == "a photo of sks dog"
+    assert [p["prompt"] for p in kept][0] == "a sks dog"             # the toy preset's caption phrasing
     assert all(set(p) == {"prompt", "kind", "expect", "n", "subject", "prompt_fidelity"} for p in kept)
     assert all(Path(im["path"]).is_file() for im in result["images"])
     assert len(result["skipped"]) + len(kept) == 3
 
 
-def test_eval_uses_the_prompts_the_trainer_resolved(dora_run):
-    """No prompts in the run's config: eval's {instance} and {class_prompt} are the trainer's defaults."""
-    from dorabooth.rundir import read_config
+def test_eval_uses_the_prompts_the_trainer_resolved(dora_run, tmp_path):
+    """No prompts given: the trainer wrote its family's defaults into config.json (the tiny model
+    is a toy-sized one: caption phrasing) and eval's {instance} and {class_prompt} are those; a
+    run made before prompts were written there has none, and was trained with "a photo of …"."""
+    import shutil
+
+    from dorabooth.rundir import read_config, write_config
     from dorabooth.evaluate import read_eval_run
 
-    config, _ = read_config(dora_run)
-    assert config.instance_prompt is None and config.class_prompt is None
+    config, extra = read_config(dora_run)
+    assert (config.instance_prompt, config.class_prompt) == ("a sks dog", "a dog")
     run = read_eval_run(dora_run)
-    assert (run.instance_prompt, run.class_prompt) == ("a photo of sks dog", "a photo of a dog")
-    assert run.class_prompt == config.resolved_class_prompt
+    assert (run.instance_prompt, run.class_prompt) == ("a sks dog", "a dog")
+    old = tmp_path / "old-run"
+    shutil.copytree(dora_run, old)
+    write_config(old, replace(config, instance_prompt=None, class_prompt=None), extra)
+    assert (read_eval_run(old).instance_prompt, read_eval_run(old).class_prompt) == ("a photo of sks dog",
+                                                                                    "a photo of a dog")
 
 
 def test_eval_of_a_checkpoint_with_defaults(dora_run):
