@@ -272,4 +272,5 @@ def _positive(name: str, value: float | None) -> None:
     _check(value is None or (math.isfinite(value) and value > 0), f"{name} {value}: use a positive number")
 
 
-__all__ = ["TrainConfig", "default_prompts", "PROMPT_STYLES", "METHODS", "MAGNITUDE_AXES", "LR_SCHEDULES", "OPTIMIZERS", "MIXED_PRECISION"]
+__all__ = ["TrainConfig", "default_prompts", "PROMPT_STYLES", "METHODS", "MAGNITUDE_AXES", "LR_SCHEDULES", "OPTIMIZERS",
+           "MIXED_PRECISION"]

@@ -14,6 +14,7 @@ from dorabooth.cli import main
 from dorabooth.evaluate import (DEFAULT_PROMPTS, EvalPrompt, EvalRun, ToyScorer, evaluate_run, fill, format_table,
                                 load_prompts, mean_std)
 from dorabooth.toyworld import world
+from dorabooth.toyworld.reader import GENERATED_SHAPE_ACCURACY
 from dorabooth.toyworld.subjects import write_subjects
 from tiny_models import TOKENIZER_DIR
 
@@ -82,10 +83,18 @@ def test_eval_cli_prints_a_table_and_writes_json(dora_run, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out.strip().splitlines()
     lines = printed[next(i for i, line in enumerate(printed) if line.startswith("run ")):]
-    assert lines[0].split() == ["run", "label", "seed", "lr", "subject", "prompt", "class_leak", "images"], printed
+    assert lines[0].split() == ["run", "label", "seed", "lr", "subject", "prompt", "class_leak", "reader",
+                                "images"], printed
     assert lines[2].split()[:2] == [dora_run.name, "DoRA"] and lines[2].split()[-1] in ("6", "4"), printed
     result = json.loads(out.read_text())["runs"][0]
     assert result["scorer"] == "toy" and result["seeds"] == [0, 1] and result["snapshot"] == "final"
+    # beside the fidelity numbers: how often the reader gets the subject's shape right on generations
+    shape, (correct, n) = result["subject"][0], GENERATED_SHAPE_ACCURACY[result["subject"][0]]
+    acc = result["reader_accuracy"]
+    assert (acc["subject_shape"], acc["correct"], acc["n"]) == (shape, correct, n) and set(acc["per_shape"]) == set(
+        world.SHAPES)
+    assert lines[2].split()[-3:-1] == [shape, f"{correct}/{n}"], printed
+    assert lines[3].startswith("reader: shape read right on ") and "reader-set" in lines[3] and "star " in lines[3]
     m = result["metrics"]
     assert set(m) == {"subject_fidelity", "prompt_fidelity", "class_leak", "n_images"}
     assert 0 <= m["subject_fidelity"] <= 1 and 0 <= m["class_leak"] <= 1
