@@ -50,8 +50,11 @@ def _add_train(sub) -> None:
     _flag(g, "--token", help="rare word that will mean the subject (default: sks)")
     _flag(g, "--class-noun", dest="class_noun", help="what the subject is, e.g. dog")
     _flag(g, "--out", metavar="RUN_DIR", help="run folder to create (or continue with --resume)")
-    _flag(g, "--instance-prompt", dest="instance_prompt", help='default: "a photo of <token> <class noun>"')
-    _flag(g, "--class-prompt", dest="class_prompt", help='default: "a photo of a <class noun>"')
+    _flag(g, "--instance-prompt", dest="instance_prompt",
+          help='default: "a <token> <class noun>" on the toy model (its captions\' phrasing), '
+               '"a photo of <token> <class noun>" on SD/SDXL')
+    _flag(g, "--class-prompt", dest="class_prompt",
+          help='default: "a <class noun>" on the toy model, "a photo of a <class noun>" on SD/SDXL')
     _flag(g, "--model", metavar="M",
           help="base model: hub id, diffusers folder or .safetensors file (default: the embedded toy model)")
     _flag(g, "--model-config", dest="model_config", metavar="DIR",

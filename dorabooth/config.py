@@ -38,8 +38,8 @@ class TrainConfig:
     class_noun: str                            # "dog": what the subject is
     out: str                                   # run folder (created; DESIGN §6)
     token: str = "sks"                         # rare token that will mean the subject
-    instance_prompt: str | None = None         # default "a photo of {token} {class_noun}"
-    class_prompt: str | None = None            # default "a photo of a {class_noun}" ("an" before a vowel)
+    instance_prompt: str | None = None         # default per model family: default_prompts()
+    class_prompt: str | None = None            # default per model family: default_prompts()
     model: str | None = None                   # hub id, diffusers folder or .safetensors; None = embedded toy
     model_config: str | None = None            # for a .safetensors model: diffusers folder / hub id with its configs
 
@@ -159,18 +159,14 @@ class TrainConfig:
 
     @property
     def resolved_instance_prompt(self) -> str:
-        return self.instance_prompt or default_instance_prompt(self.token, self.class_noun)
+        """The instance prompt. ``with_defaults`` writes the family's default into the config;
+        a config without one (runs made before it did) was trained with the "photo" phrasing."""
+        return self.instance_prompt or default_prompts(self.token, self.class_noun)[0]
 
     @property
     def resolved_class_prompt(self) -> str:
-        """The class prompt; by default with an article, so that the word in the token's place
-        differs ("a photo of sks dog" vs "a photo of a dog"): measured on the toy model, the
-        article-less "a photo of dog" let the subject leak into "a photo of a dog" (10/16 vs 0/16)."""
-        if self.class_prompt:
-            return self.class_prompt
-        noun = self.class_noun.strip()
-        article = "an" if noun[:1].lower() in "aeiou" else "a"
-        return f"a photo of {article} {noun}"
+        """The class prompt (as ``resolved_instance_prompt``)."""
+        return self.class_prompt or default_prompts(self.token, self.class_noun)[1]
 
     @property
     def class_dir(self) -> Path:
@@ -181,8 +177,12 @@ class TrainConfig:
         return [f.name for f in fields(self) if getattr(self, f.name) is None and f.name in _FAMILY_FIELDS]
 
     def with_defaults(self, defaults: dict[str, Any]) -> TrainConfig:
-        """Fill the ``None`` fields from a family's ``train_defaults`` and derive cadences."""
+        """Fill the ``None`` fields from a family's ``train_defaults`` (the prompts phrased in its
+        ``prompt_style``) and derive cadences."""
         values = {k: v for k, v in defaults.items() if k in _FAMILY_FIELDS and getattr(self, k) is None}
+        instance, class_prompt = default_prompts(self.token, self.class_noun, defaults.get("prompt_style", "photo"))
+        values.update({k: v for k, v in (("instance_prompt", instance), ("class_prompt", class_prompt))
+                       if getattr(self, k) is None})
         cfg = replace(self, **values)
         missing = cfg.unresolved
         if missing:
@@ -217,7 +217,8 @@ class TrainConfig:
 
     def recipe_differences(self, other: TrainConfig) -> list[str]:
         """Fields (outside run mechanics) where ``other`` differs: what --resume refuses."""
-        a, b = self.to_dict(), other.to_dict()
+        a, b = (dict(c.to_dict(), instance_prompt=c.resolved_instance_prompt,
+                     class_prompt=c.resolved_class_prompt) for c in (self, other))
         return [k for k in a if k not in RUN_MECHANICS and a[k] != b[k]]
 
 
@@ -229,9 +230,33 @@ _FAMILY_FIELDS = frozenset({"rank", "resolution", "steps", "lr", "num_class_imag
                             "train_text_encoders"})
 
 
-def default_instance_prompt(token: str, class_noun: str) -> str:
-    """The instance prompt when none is given: "a photo of sks dog"."""
-    return f"a photo of {token} {class_noun}".strip()
+# How the default prompts are phrased; ``families.TRAIN_PRESETS`` picks the style per family.
+PROMPT_STYLES: dict[str, tuple[str, str]] = {
+    # DreamBooth's phrasing (Ruiz et al. 2023), what real SD / SDXL checkpoints were prompted with
+    "photo": ("a photo of {token} {class_noun}", "a photo of {article} {class_noun}"),
+    # the toy world's captions ("a star on a blue background"): it never saw "a photo of",
+    # and "a photo of a star" drew a star in 3 of 4 images (docs/training.md)
+    "caption": ("a {token} {class_noun}", "{article} {class_noun}"),
+}
+
+
+def default_prompts(token: str, class_noun: str, style: str = "photo") -> tuple[str, str]:
+    """(instance prompt, class prompt) in a phrasing style: "a photo of sks dog" and "a photo of a
+    dog" ("photo"), "a sks star" and "a star" ("caption"). The class prompt keeps an article so
+    that the word in the token's place differs: measured on the toy model, the article-less "a
+    photo of dog" let the subject leak into "a photo of a dog" (10/16 vs 0/16)."""
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt style {style!r}: choose one of {', '.join(PROMPT_STYLES)}")
+    noun = class_noun.strip()
+    article = "an" if noun[:1].lower() in "aeiou" else "a"
+    instance, class_prompt = PROMPT_STYLES[style]
+    return (" ".join(instance.format(token=token, class_noun=noun).split()),
+            class_prompt.format(article=article, class_noun=noun))
+
+
+def default_instance_prompt(token: str, class_noun: str, style: str = "photo") -> str:
+    """The instance prompt when none is given ("a photo of sks dog"; "a sks dog" in "caption" style)."""
+    return default_prompts(token, class_noun, style)[0]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -247,4 +272,5 @@ def _positive(name: str, value: float | None) -> None:
     _check(value is None or (math.isfinite(value) and value > 0), f"{name} {value}: use a positive number")
 
 
-__all__ = ["TrainConfig", "METHODS", "MAGNITUDE_AXES", "LR_SCHEDULES", "OPTIMIZERS", "MIXED_PRECISION"]
+__all__ = ["TrainConfig", "default_prompts", "PROMPT_STYLES", "METHODS", "MAGNITUDE_AXES", "LR_SCHEDULES", "OPTIMIZERS",
+           "MIXED_PRECISION"]

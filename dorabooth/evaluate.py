@@ -8,7 +8,10 @@ scorers:
   Subject fidelity = share of subject-prompt images that read as the subject (shape,
   pattern and colours); prompt fidelity = share of images of prompts with expectations
   (e.g. ``"background": "blue"``) that show every expected attribute; class leak = share of
-  class-prompt images that read as the subject (prior preservation failing).
+  class-prompt images that read as the subject (prior preservation failing). Each result
+  carries the reader's measured shape accuracy on the toy model's own generations
+  (``reader_accuracy``: for the subject's shape and per shape, from
+  ``toyworld.reader.GENERATED_SHAPE_ACCURACY``), and the table prints it beside the scores.
 - ``embedding``: the metrics DreamBooth papers report, from local model folders the user
   passes (nothing is downloaded): DINO (ViT/DINOv2 CLS features) and CLIP-I = mean cosine
   similarity of generated and real subject images; CLIP-T = mean cosine similarity of a
@@ -221,7 +224,16 @@ class ToyScorer:
         return out
 
     def describe(self) -> dict:
-        return {"scorer": "toy", "subject": list(self.subject), "subject_from": self.source}
+        """What scored the images, with the reader's measured shape accuracy on the toy model's
+        own generations (``toyworld.reader.GENERATED_SHAPE_ACCURACY``): for the subject's shape,
+        and per shape."""
+        from .toyworld.reader import READER_SET, shape_accuracy
+
+        per_shape = shape_accuracy()
+        return {"scorer": "toy", "subject": list(self.subject), "subject_from": self.source,
+                "reader_accuracy": {"subject_shape": self.subject[0], **per_shape.get(self.subject[0], {}),
+                                    "per_shape": per_shape,
+                                    "measured_on": f"toy-model generations labelled by eye ({READER_SET})"}}
 
 
 class EmbeddingScorer:
@@ -429,18 +441,32 @@ def evaluate(runs: Sequence[str | os.PathLike], *, out: str | os.PathLike | None
 
 
 def format_table(results: Sequence[Mapping]) -> str:
-    """One row per run: subject fidelity, prompt fidelity (and class leak / DINO, CLIP-I, CLIP-T)."""
-    extra = ["class_leak"] if results and results[0].get("scorer") == "toy" else ["dino", "clip_i", "clip_t"]
+    """One row per run: subject fidelity, prompt fidelity (and class leak / DINO, CLIP-I, CLIP-T);
+    for the toy scorer also the reader's shape accuracy for the subject's shape, and a line of
+    its accuracy per shape under the table."""
+    toy = bool(results) and results[0].get("scorer") == "toy"
+    extra = ["class_leak"] if toy else ["dino", "clip_i", "clip_t"]
     head = f"{'run':<28} {'label':<12} {'seed':>4} {'lr':>8} {'subject':>8} {'prompt':>8}" + "".join(
-        f" {k:>10}" for k in extra) + f" {'images':>6}"
+        f" {k:>10}" for k in extra) + (f" {'reader':>14}" if toy else "") + f" {'images':>6}"
     rows = [head, "-" * len(head)]
     for res in results:
         m = res["metrics"]
         rows.append(f"{Path(res['run']).name[:28]:<28} {res['label']:<12} {_fmt(res['seed'], 'd'):>4} "
                     f"{_fmt(res['lr'], '.0e'):>8} {_fmt(m['subject_fidelity'], '.3f'):>8} "
                     f"{_fmt(m['prompt_fidelity'], '.3f'):>8}"
-                    + "".join(f" {_fmt(m.get(k), '.3f'):>10}" for k in extra) + f" {m['n_images']:>6}")
+                    + "".join(f" {_fmt(m.get(k), '.3f'):>10}" for k in extra)
+                    + (f" {_reader_cell(res.get('reader_accuracy', {})):>14}" if toy else "")
+                    + f" {m['n_images']:>6}")
+    if toy and results[0].get("reader_accuracy"):
+        acc = results[0]["reader_accuracy"]
+        rows.append(f"reader: shape read right on {acc['measured_on']}: " + ", ".join(
+            f"{shape} {v['correct']}/{v['n']}" for shape, v in acc["per_shape"].items()))
     return "\n".join(rows)
+
+
+def _reader_cell(acc: Mapping) -> str:
+    """The reader's shape accuracy for the subject's shape: "star 71/71"."""
+    return f"{acc['subject_shape']} {acc['correct']}/{acc['n']}" if acc.get("n") else "n/a"
 
 
 def _fmt(x, spec: str) -> str:

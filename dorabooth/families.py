@@ -75,17 +75,19 @@ def check_family(expected: str, actual: Family, *, source: str) -> None:
 # ---- training and generation differences (used by train.py and generate.py) -----------------
 # Presets users know (kohya_ss, OneTrainer, diffusers' DreamBooth LoRA READMEs), chosen per
 # family and native size. "toy" is any model whose native resolution is at most 128 px
-# (the embedded toy SDXL and the tiny test models).
+# (the embedded toy SDXL and the tiny test models). ``prompt_style`` phrases the default
+# instance and class prompts (``config.default_prompts``): real checkpoints know DreamBooth's
+# "a photo of sks dog"; the toy model knows only its captions' "a sks star" / "a star".
 TRAIN_PRESETS: dict[str, dict] = {
     #        resolution None = the model's native size
     "toy":  dict(resolution=None, steps=600, lr=1e-3, rank=8, num_class_images=40, class_image_steps=20,
-                 train_text_encoders=True),
+                 train_text_encoders=True, prompt_style="caption"),
     "sd1":  dict(resolution=512, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False),
+                 train_text_encoders=False, prompt_style="photo"),
     "sd2":  dict(resolution=None, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False),
+                 train_text_encoders=False, prompt_style="photo"),
     "sdxl": dict(resolution=1024, steps=1000, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False),
+                 train_text_encoders=False, prompt_style="photo"),
 }
 GENERATE_PRESETS: dict[str, dict] = {
     "toy":  dict(steps=20, guidance=5.0),

@@ -1,8 +1,12 @@
 """TrainConfig: validation messages say what to change; JSON round trip; family defaults."""
 
+from dataclasses import replace
+
 import pytest
 
-from dorabooth.config import TrainConfig
+from dorabooth import families as fam
+from dorabooth.config import TrainConfig, default_prompts
+from dorabooth.memory import fill_from_run
 from dorabooth.rundir import read_config, write_config
 
 BASE = dict(images="imgs", class_noun="dog", out="run")
@@ -35,6 +39,7 @@ def test_defaults_and_derived_values():
                              train_text_encoders=True))
     assert (r.rank, r.alpha, r.text_encoder_lr, r.checkpoint_every) == (16, 16.0, 1e-4, 25)
     assert r.validation_prompts == ("a photo of sks dog",) and r.train_text_encoders is True
+    assert (r.instance_prompt, r.class_prompt) == ("a photo of sks dog", "a photo of a dog")   # written down
     full = TrainConfig(**BASE, method="full").with_defaults(
         dict(rank=16, resolution=512, steps=100, lr=1e-4, num_class_images=5, class_image_steps=5,
              train_text_encoders=True))
@@ -44,6 +49,38 @@ def test_defaults_and_derived_values():
     assert (half.effective_rank, half.alpha) == (8, 8.0)       # DoRA†: half the rank, scale 1
     with pytest.raises(ValueError, match="no default for"):
         c.with_defaults({})
+
+
+def test_default_prompts_follow_the_family():
+    """The toy model's captions never say "a photo of": its presets phrase prompts as they do;
+    SD / SDXL keep DreamBooth's phrasing. A prompt the user gave is kept as given."""
+    assert {n: p["prompt_style"] for n, p in fam.TRAIN_PRESETS.items()} == {
+        "toy": "caption", "sd1": "photo", "sd2": "photo", "sdxl": "photo"}
+    assert default_prompts("sks", "star", "caption") == ("a sks star", "a star")
+    assert default_prompts("zwx", "owl", "caption") == ("a zwx owl", "an owl")
+    assert default_prompts("sks", "dog") == default_prompts("sks", "dog", "photo") == ("a photo of sks dog",
+                                                                                        "a photo of a dog")
+    with pytest.raises(ValueError, match="choose one of photo, caption"):
+        default_prompts("sks", "dog", "poem")
+    star = TrainConfig(**{**BASE, "class_noun": "star"})
+    toy = star.with_defaults(fam.TRAIN_PRESETS["toy"] | {"resolution": 32})
+    assert (toy.instance_prompt, toy.class_prompt, toy.validation_prompts) == ("a sks star", "a star", ("a sks star",))
+    sdxl = star.with_defaults(fam.TRAIN_PRESETS["sdxl"])
+    assert (sdxl.instance_prompt, sdxl.class_prompt) == ("a photo of sks star", "a photo of a star")
+    mine = TrainConfig(**{**BASE, "instance_prompt": "sks dog, studio light"}).with_defaults(
+        fam.TRAIN_PRESETS["toy"] | {"resolution": 32})
+    assert (mine.instance_prompt, mine.class_prompt) == ("sks dog, studio light", "a dog")
+
+
+def test_resume_keeps_the_prompts_a_run_was_trained_with():
+    """A run made before the prompts were written into config.json (None there) was trained with
+    the "photo" phrasing; resuming it with the toy's new defaults neither refuses nor changes them."""
+    toy = fam.TRAIN_PRESETS["toy"] | {"resolution": 32}
+    old = replace(TrainConfig(**BASE).with_defaults(toy), instance_prompt=None, class_prompt=None)   # its config.json
+    resumed = fill_from_run(TrainConfig(**BASE, resume=True), old).with_defaults(toy)
+    assert (resumed.instance_prompt, resumed.class_prompt) == ("a photo of sks dog", "a photo of a dog")
+    assert old.recipe_differences(resumed) == []
+    assert old.recipe_differences(replace(resumed, instance_prompt="a sks dog")) == ["instance_prompt"]
 
 
 def test_json_round_trip(tmp_path):

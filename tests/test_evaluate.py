@@ -3,6 +3,7 @@ on a tiny trained run, the embedding scorer on tiny local CLIP/DINOv2 folders, a
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from dorabooth.cli import main
 from dorabooth.evaluate import (DEFAULT_PROMPTS, EvalPrompt, EvalRun, ToyScorer, evaluate_run, fill, format_table,
                                 load_prompts, mean_std)
 from dorabooth.toyworld import world
+from dorabooth.toyworld.reader import GENERATED_SHAPE_ACCURACY
 from dorabooth.toyworld.subjects import write_subjects
 from tiny_models import TOKENIZER_DIR
 
@@ -81,31 +83,47 @@ def test_eval_cli_prints_a_table_and_writes_json(dora_run, tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out.strip().splitlines()
     lines = printed[next(i for i, line in enumerate(printed) if line.startswith("run ")):]
-    assert lines[0].split() == ["run", "label", "seed", "lr", "subject", "prompt", "class_leak", "images"], printed
+    assert lines[0].split() == ["run", "label", "seed", "lr", "subject", "prompt", "class_leak", "reader",
+                                "images"], printed
     assert lines[2].split()[:2] == [dora_run.name, "DoRA"] and lines[2].split()[-1] in ("6", "4"), printed
     result = json.loads(out.read_text())["runs"][0]
     assert result["scorer"] == "toy" and result["seeds"] == [0, 1] and result["snapshot"] == "final"
+    # beside the fidelity numbers: how often the reader gets the subject's shape right on generations
+    shape, (correct, n) = result["subject"][0], GENERATED_SHAPE_ACCURACY[result["subject"][0]]
+    acc = result["reader_accuracy"]
+    assert (acc["subject_shape"], acc["correct"], acc["n"]) == (shape, correct, n) and set(acc["per_shape"]) == set(
+        world.SHAPES)
+    assert lines[2].split()[-3:-1] == [shape, f"{correct}/{n}"], printed
+    assert lines[3].startswith("reader: shape read right on ") and "reader-set" in lines[3] and "star " in lines[3]
     m = result["metrics"]
     assert set(m) == {"subject_fidelity", "prompt_fidelity", "class_leak", "n_images"}
     assert 0 <= m["subject_fidelity"] <= 1 and 0 <= m["class_leak"] <= 1
     kept = [p for p in result["per_prompt"]]
     assert m["n_images"] == 2 * len(kept) == len(result["images"])
-    assert [p["prompt"] for p in kept][0] == "a photo of sks dog"
+    assert [p["prompt"] for p in kept][0] == "a sks dog"             # the toy preset's caption phrasing
     assert all(set(p) == {"prompt", "kind", "expect", "n", "subject", "prompt_fidelity"} for p in kept)
     assert all(Path(im["path"]).is_file() for im in result["images"])
     assert len(result["skipped"]) + len(kept) == 3
 
 
-def test_eval_uses_the_prompts_the_trainer_resolved(dora_run):
-    """No prompts in the run's config: eval's {instance} and {class_prompt} are the trainer's defaults."""
-    from dorabooth.rundir import read_config
+def test_eval_uses_the_prompts_the_trainer_resolved(dora_run, tmp_path):
+    """No prompts given: the trainer wrote its family's defaults into config.json (the tiny model
+    is a toy-sized one: caption phrasing) and eval's {instance} and {class_prompt} are those; a
+    run made before prompts were written there has none, and was trained with "a photo of …"."""
+    import shutil
+
+    from dorabooth.rundir import read_config, write_config
     from dorabooth.evaluate import read_eval_run
 
-    config, _ = read_config(dora_run)
-    assert config.instance_prompt is None and config.class_prompt is None
+    config, extra = read_config(dora_run)
+    assert (config.instance_prompt, config.class_prompt) == ("a sks dog", "a dog")
     run = read_eval_run(dora_run)
-    assert (run.instance_prompt, run.class_prompt) == ("a photo of sks dog", "a photo of a dog")
-    assert run.class_prompt == config.resolved_class_prompt
+    assert (run.instance_prompt, run.class_prompt) == ("a sks dog", "a dog")
+    old = tmp_path / "old-run"
+    shutil.copytree(dora_run, old)
+    write_config(old, replace(config, instance_prompt=None, class_prompt=None), extra)
+    assert (read_eval_run(old).instance_prompt, read_eval_run(old).class_prompt) == ("a photo of sks dog",
+                                                                                    "a photo of a dog")
 
 
 def test_eval_of_a_checkpoint_with_defaults(dora_run):

@@ -3,9 +3,9 @@
 `dorabooth train` with default settings on a sample subject, then `dorabooth generate` at
 strength 1 (the adapter) and 0 (exactly the base model) for the same prompts and seeds:
 
-- subject prompts ("a photo of sks square …"): the toy world's reader must see the subject
-  (shape, split pattern, both colours) measurably more often with the adapter than without;
-- class prompts ("a photo of a square …"): the adapter's images must stay the class the base
+- subject prompts (the run's instance prompt, "a sks square …"): the toy world's reader must see
+  the subject (shape, split pattern, both colours) measurably more often with the adapter than without;
+- class prompts (its class prompt, "a square …"): the adapter's images must stay the class the base
   model drew (same shape rate; the same shape at the same seed) and not turn into the subject;
 - the whole default run, class images included, must take at most 5 minutes on the 2-core CPU.
 
@@ -46,12 +46,15 @@ def subject_folder(tmp_path) -> Path:
     return next(p for p in write_subjects(tmp_path / "subjects") if p.name == SUBJECT)
 
 
-def prompts(token: str, noun: str) -> dict[str, list[str]]:
+def prompts(run: Path) -> dict[str, list[str]]:
+    """The run's own instance and class prompts (the trainer's defaults for the toy model)."""
+    from dorabooth.rundir import read_config
+
+    config, _ = read_config(run)
+    instance, klass = config.resolved_instance_prompt, config.resolved_class_prompt
     return {
-        "subject": [f"a photo of {token} {noun}", f"a photo of {token} {noun} on a blue background",
-                    f"a photo of {token} {noun} on a green background",
-                    f"a photo of {token} {noun} on a black background"],
-        "class": [f"a photo of a {noun}", f"a photo of a {noun} on a blue background"],
+        "subject": [instance] + [f"{instance} on a {bg} background" for bg in ("blue", "green", "black")],
+        "class": [klass, f"{klass} on a blue background"],
     }
 
 
@@ -80,7 +83,7 @@ def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
     train_s = time.monotonic() - start
 
     result = {"train_s": round(train_s, 1), "seeds": SEEDS, "subject": info["name"]}
-    for kind, texts in prompts(token, noun).items():
+    for kind, texts in prompts(run).items():
         counts = defaultdict(int)
         for i, text in enumerate(texts):
             for base, adapted in generate_pairs(run, text, tmp_path / f"{kind}-{i}"):

@@ -56,8 +56,7 @@ def two_colour_right(image, scene: world.Scene, r: dict) -> bool:
     """Both named colours in the named parts of whatever object was drawn."""
     img = reader._prepare(image)
     lab = reader.labels(img)
-    bg = reader.NAMES.index(r["background"])
-    mask = reader.largest_blob(lab != bg)
+    mask = reader.figure(img)[0]                      # the object as read() finds it
     if mask.sum() < 4:
         return False
     import numpy as np

@@ -430,7 +430,7 @@ def test_training_runs_in_the_background_and_finishes(trained):
     assert len(list((ctx.workspace.root / "rex" / "class-images" / "dog").glob("model-*/*.png"))) == 2  # prior
     assert h.list_runs(ctx, finished_only=True) == [(f"{ref} · DoRA, 2 steps", ref)]
     assert "steps, about" in h.preset_choices(ctx)[0][0]           # measured on this machine now
-    assert h.default_prompt(ctx, ref) == "a photo of sks dog"
+    assert h.default_prompt(ctx, ref) == "a sks dog"                    # the toy-sized preset's phrasing
 
 
 def test_generate_saves_images_in_the_run(trained):
