@@ -217,7 +217,7 @@ def _train_tab(ctx: h.Context, c) -> None:
             c.class_images = gr.Number(label="Class images", value=preset["class_images"], precision=0)
             c.text_encoders = gr.Checkbox(label="Train the text encoders too", value=preset["train_text_encoders"],
                                           info="Can capture a likeness faster; more likely to overfit.")
-        c.instance_prompt = gr.Textbox(label="Training prompt", placeholder="(empty: a photo of <token> <class noun>)",
+        c.instance_prompt = gr.Textbox(label="Training prompt", placeholder=f"(empty: {h.example_prompt(ctx, '<token>', '<class noun>')})",
                                        info="What each photo is captioned with while training; it must contain "
                                             "the token.")
         auto = h.device_view(ctx, h.TrainSettings()).auto
@@ -366,7 +366,7 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
         kept = gr.skip() if keep_typing else None
         return (gr.update(choices=h.subject_names(ctx) or [view.name], value=view.name),
                 kept or view.token, kept or view.class_noun, views.subject_summary_html(view), view.previews,
-                gr.update(choices=[p.name for p in view.photos], value=None), _train_intro(view),
+                gr.update(choices=[p.name for p in view.photos], value=None), _train_intro(ctx, view),
                 kept or view.instance_prompt)
 
     def runs_of(name: str, select: bool | str = True):
@@ -707,10 +707,10 @@ def _empty_view(name: str) -> h.SubjectView:
     return h.SubjectView(name, "sks", "", [], [])
 
 
-def _train_intro(view: h.SubjectView) -> str:
+def _train_intro(ctx: h.Context, view: h.SubjectView) -> str:
     if not view.photos:
         return ('<div class="db-warn">No photos yet: add them on the <b>Subject</b> tab first.</div>')
-    what = f"“{escape(view.instance_prompt or f'a photo of {view.token} {view.class_noun or chr(8230)}')}”"
+    what = f"“{escape(view.instance_prompt or h.example_prompt(ctx, view.token, view.class_noun or chr(8230)))}”"
     state = ("" if view.ready else
              ' <span class="db-warn">Not ready: ' + (f"add photos (at least {MIN_IMAGES} usable)." if view.usable
                                                     < MIN_IMAGES else "set the class noun on the Subject tab.")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dorabooth import rundir as rd
-from dorabooth.config import TrainConfig
+from dorabooth.config import TrainConfig, default_prompts
 from dorabooth.devices import DeviceInfo
 from dorabooth.specs import ModelSpec
 from dorabooth.models import asset_dir
@@ -60,7 +60,7 @@ class ModelInfo:
     id: str                      # what the user passed ("toy" for the embedded model)
     family: str                  # sd1 | sd2 | sdxl
     resolution: int              # training / generation side in px
-    defaults: dict               # steps, lr, rank, num_class_images (the trainer's family defaults)
+    defaults: dict               # steps, lr, rank, num_class_images, prompt_style (the trainer's family defaults)
     generate: dict               # steps, guidance
     device: str                  # "CPU (…)" or the GPU's name
     spec: ModelSpec | None = field(default=None, repr=False, compare=False)   # the configs it was read from
@@ -83,7 +83,8 @@ def describe_model(model: str | None, model_config: str | None = None, device: D
     gen = generate_defaults(spec.family, spec.view)
     return ModelInfo("toy" if model in (None, "toy", "toy-sdxl") else str(model), spec.family.name,
                      int(defaults["resolution"]),
-                     {k: defaults.get(k) for k in ("steps", "lr", "rank", "num_class_images", "train_text_encoders")},
+                     {k: defaults.get(k) for k in ("steps", "lr", "rank", "num_class_images", "train_text_encoders",
+                                                  "prompt_style")},
                      {"steps": gen["steps"], "guidance": gen["guidance"]}, (device or detect_device()).name, spec)
 
 
@@ -342,6 +343,16 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def prompt_style(ctx: Context) -> str:
+    """How this model's default prompts are phrased ("photo" or, on the toy model, "caption")."""
+    return ctx.info.defaults.get("prompt_style", "photo")
+
+
+def example_prompt(ctx: Context, token: str, class_noun: str) -> str:
+    """The training prompt a run gets when none is written (``config.default_prompts``)."""
+    return default_prompts(token, class_noun, prompt_style(ctx))[0]
+
+
 def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: Path | None = None):
     """The TrainConfig for a run of ``subject_name`` into the folder ``run`` (None: not made yet),
     validated by TrainConfig itself, and the device settings by ``dorabooth.memory.plan_run``
@@ -352,12 +363,14 @@ def build_config(ctx: Context, subject_name: str, settings: TrainSettings, run: 
     usable = sum(p.usable for p in ctx.workspace.photos(subject.name, resolution=ctx.info.resolution))
     if usable < MIN_IMAGES:
         raise UserError(f"{subject.name} has {usable} usable photo(s); add at least {MIN_IMAGES} on the Subject tab")
+    instance_default, class_default = default_prompts(subject.token, subject.class_noun, prompt_style(ctx))
     prompt = " ".join((settings.instance_prompt or "").split()) or None
     if prompt is not None and subject.token not in prompt.split():
-        raise UserError(f"the training prompt must contain the token {subject.token!r}, e.g. "
-                        f"'a photo of {subject.token} {subject.class_noun}'")
-    # a stored class prompt (from a sample subject) only while it still names the class noun
-    class_prompt = subject.class_prompt if subject.class_noun in subject.class_prompt.split() else None
+        raise UserError(f"the training prompt must contain the token {subject.token!r}, e.g. '{instance_default}'")
+    # a stored class prompt (from a sample subject) only while it still names the class noun; the
+    # defaults written out, so a queued run shows the prompts it will train with
+    class_prompt = subject.class_prompt if subject.class_noun in subject.class_prompt.split() else class_default
+    prompt = prompt or instance_default
     config = TrainConfig(
         images=str(subject.images), class_noun=subject.class_noun, out=str(run or NEW_RUN), token=subject.token,
         instance_prompt=prompt, class_prompt=class_prompt, model=ctx.model, model_config=ctx.model_config,

@@ -328,6 +328,20 @@ def test_a_custom_training_prompt_must_name_the_token(fake):
     assert h.default_prompt(ctx, ref) == "a sks dog"               # Generate starts from the training prompt
 
 
+def test_default_prompts_follow_the_models_phrasing(fake):
+    """The toy family's captions say "a sks dog", not "a photo of …" (issue 12 #14): the app's
+    example, the error's example and a queued run's recorded prompts use the model's style."""
+    ctx, _ = fake
+    assert h.prompt_style(ctx) == "caption"                        # tiny test models get the toy preset
+    assert h.example_prompt(ctx, "sks", "dog") == "a sks dog"
+    with pytest.raises(UserError, match="e.g. 'a sks dog'"):
+        h.build_config(ctx, "rex", h.TrainSettings(instance_prompt="a dog"))
+    config = h.build_config(ctx, "rex", h.TrainSettings())
+    assert (config.instance_prompt, config.class_prompt) == ("a sks dog", "a dog")
+    photo = replace(ctx.info, defaults={**ctx.info.defaults, "prompt_style": "photo"})
+    assert h.example_prompt(replace(ctx, _info=photo), "sks", "dog") == "a photo of sks dog"
+
+
 def test_a_sample_subject_is_copied_into_the_workspace(tmp_path, tiny_model):
     samples = tmp_path / "samples"
     photos = make_photos(samples / "blue-yellow-circle", n=4, seed=3)
@@ -346,7 +360,7 @@ def test_a_sample_subject_is_copied_into_the_workspace(tmp_path, tiny_model):
         assert (config.instance_prompt, config.class_prompt) == ("a ohwx circle", "a circle")
         ctx.workspace.save_subject(view.name, token="ohwx", class_noun="ball")
         config = h.build_config(ctx, view.name, h.TrainSettings(), run)
-        assert config.class_prompt is None                              # stale sample prompt is dropped
+        assert config.class_prompt == "a ball"                         # stale sample prompt: the default instead
         with pytest.raises(UserError):
             h.use_sample(ctx, "../ws")
     finally:
