@@ -153,12 +153,26 @@ def train_config_from_args(args):
             base.pop(mechanic, None)
     if given.get("resume") and given.get("out") and is_run(given["out"]):
         base = read_config(given["out"])[0].to_dict()
-    merged = {**base, **given}
+    merged = {**_prompts_follow_the_subject(base, given), **given}
     missing = [f"--{n.replace('_', '-')}" for n in ("images", "class_noun", "out") if not merged.get(n)]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (e.g. dorabooth train --images DIR --class-noun dog "
                          f"--out RUN_DIR)")
     return TrainConfig.from_dict(merged)
+
+
+def _prompts_follow_the_subject(base: dict, given: dict) -> dict:
+    """``base`` (a recorded config) without the prompts that were only the defaults for its token
+    and class noun when the flags change either: they are derived again for the new subject (a
+    run's config.json records its resolved prompts)."""
+    from .config import PROMPT_STYLES, default_prompts
+
+    old = (base.get("token") or "sks", base.get("class_noun") or "")
+    new = (given.get("token") or old[0], given.get("class_noun") or old[1])
+    if new == old or not old[1]:
+        return base
+    defaults = {p for style in PROMPT_STYLES for p in default_prompts(*old, style)}
+    return {k: v for k, v in base.items() if not (k in ("instance_prompt", "class_prompt") and v in defaults)}
 
 
 def _run_train(args) -> int:

@@ -289,11 +289,13 @@ def plan_run(config: TrainConfig, spec: ModelSpec, device: DeviceInfo) -> RunPla
 
 def fill_from_run(config: TrainConfig, previous: TrainConfig) -> TrainConfig:
     """For --resume: the device-dependent fields left on "auto" take the run's own values, and
-    prompts left unset the ones it was trained with (a run made before the family's prompt style
-    was recorded has none in its config: it used the "photo" phrasing)."""
+    prompts left unset the ones it was trained with, while token and class noun stay (a run made
+    before the family's prompt style was recorded has none in its config: it used the "photo"
+    phrasing)."""
     keep = {k: getattr(previous, k) for k in DEVICE_FIELDS if getattr(config, k) is None}
-    if config.instance_prompt is None:
-        keep["instance_prompt"] = previous.resolved_instance_prompt
-    if config.class_prompt is None:
-        keep["class_prompt"] = previous.resolved_class_prompt
+    if (config.token, config.class_noun) == (previous.token, previous.class_noun):   # else derived anew
+        if config.instance_prompt is None:
+            keep["instance_prompt"] = previous.resolved_instance_prompt
+        if config.class_prompt is None:
+            keep["class_prompt"] = previous.resolved_class_prompt
     return replace(config, **keep)

@@ -36,13 +36,14 @@ def _header(path):
 
 
 def _check_names_the_subject(meta, kind):
+    """The run is on a tiny test model, which gets the toy preset and its caption-style prompts."""
     assert meta["modelspec.trigger_phrase"] == "sks dog"
     assert "sks dog" in meta["modelspec.title"] and "dog" in meta["modelspec.description"]
-    assert "a photo of sks dog" in meta["modelspec.description"] and "sks dog" in meta["modelspec.usage_hint"]
-    assert json.loads(meta["ss_tag_frequency"]) == {"1_sks dog": {"a photo of sks dog": 3}}
+    assert "a sks dog" in meta["modelspec.description"] and "sks dog" in meta["modelspec.usage_hint"]
+    assert json.loads(meta["ss_tag_frequency"]) == {"1_sks dog": {"a sks dog": 3}}
     assert json.loads(meta["ss_dataset_dirs"]) == {"1_sks dog": {"n_repeats": 1, "img_count": 3}}
     assert (meta["dorabooth.token"], meta["dorabooth.class_noun"], meta["dorabooth.instance_prompt"]) == \
-        ("sks", "dog", "a photo of sks dog")
+        ("sks", "dog", "a sks dog")
     if kind == "kohya":
         assert meta["ss_output_name"] == "sks-dog_dora"            # A1111's alias for <lora:…>
 
@@ -55,7 +56,7 @@ def test_every_adapter_file_names_its_trigger_word_and_class(run, tmp_path):
     for path, kind in ((own, "diffusers"), (kohya, "kohya"), (peft, "diffusers"), (back, "diffusers")):
         _check_names_the_subject(_header(path), kind)
         subject = read_adapter_file(path).subject
-        assert subject == Subject("sks", "dog", "a photo of sks dog", "a photo of a dog", 3), path
+        assert subject == Subject("sks", "dog", "a sks dog", "a dog", 3), path
     assert _header(kohya)["dorabooth.base_hash"].startswith("sha256")
 
 
