@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import shutil
+import signal
 import sys
 from dataclasses import asdict
 from html import escape
@@ -23,7 +25,7 @@ import gradio as gr
 
 from . import handlers as h
 from . import views
-from .security import check_exposure, is_loopback, read_auth, received_uploads
+from .security import check_exposure, is_loopback, private_upload_folder, read_auth, received_uploads
 from .workspace import MAX_IMAGES, MAX_UPLOAD_BYTES, MIN_IMAGES, UserError, sanitize_name
 
 log = logging.getLogger("dorabooth.ui")
@@ -772,6 +774,8 @@ def main(argv: list[str] | None = None) -> int:
     waiting = h.recover_queue(ctx)
     if waiting:
         log.info("queued again after a restart: %s", ", ".join(waiting))
+    uploads = private_upload_folder()
+    signal.signal(signal.SIGTERM, _interrupt)       # a stop (kill, systemd) closes the server and cleans up
     demo = build(ctx)
     try:
         launch(demo, ctx, host=args.host, port=args.port, block=True, auth=logins)
@@ -779,7 +783,13 @@ def main(argv: list[str] | None = None) -> int:
         pass
     finally:
         ctx.close()
+        if uploads is not None:
+            shutil.rmtree(uploads, ignore_errors=True)
     return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _parser() -> argparse.ArgumentParser:

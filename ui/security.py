@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tempfile
 from pathlib import Path
 
 from .workspace import MAX_IMAGES, UserError
@@ -59,14 +60,26 @@ def check_exposure(host: str, logins: list, insecure: bool) -> None:
                          f"USER:PASS (or --auth-file FILE), or add --insecure to serve it without one anyway")
 
 
+def private_upload_folder() -> Path | None:
+    """Give this app an upload folder of its own (mode 0700) unless ``$GRADIO_TEMP_DIR`` names
+    one: gradio's default, ``<tmp>/gradio``, is shared by every gradio app of every user of this
+    computer, and each of them serves any file in it. Call before the page is built; the caller
+    removes the folder on exit."""
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return None
+    folder = Path(tempfile.mkdtemp(prefix="dorabooth-ui-uploads-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    return folder
+
+
 def received_uploads(demo, files) -> list[str]:
     """``files`` (paths gradio hands to the upload event), each checked to be a file this server
     received through its own upload endpoint; UserError, and nothing taken, otherwise.
 
     A request names its files by server path. Gradio refuses paths outside its upload folder,
-    but that folder (``$GRADIO_TEMP_DIR``, else ``<tmp>/gradio``) is shared by every gradio app
-    and also holds copies of files the app shows; so a path must, with symlinks resolved, lie
-    inside it and be one of the files uploaded to this server (``demo.upload_file_set``).
+    but that folder also holds copies of the files the app shows (and, when it is gradio's
+    shared default, other apps' files); so a path must, with symlinks resolved, lie inside it
+    and be one of the files uploaded to this server (``demo.upload_file_set``).
     """
     from gradio.utils import get_upload_folder
 
