@@ -14,6 +14,7 @@ from ui_fixtures import make_photos, serve_app
 
 from ui import app
 from ui.security import is_loopback, read_auth
+from ui.workspace import UserError, Workspace
 
 gradio_client = pytest.importorskip("gradio_client")
 httpx = pytest.importorskip("httpx")
@@ -52,6 +53,29 @@ def test_logins_from_the_flag_and_the_file(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith(message) and err.count("\n") == 1
     assert not (tmp_path / "ws").exists()
+
+
+# ---- what the workspace holds ------------------------------------------------------------------
+def test_uploads_and_subjects_are_bounded(tmp_path, monkeypatch):
+    """Per subject (count, bytes), in the whole workspace (bytes, subjects), and texts: each
+    refused with the limit in the message, nothing stored for it."""
+    ws = Workspace(tmp_path / "ws")
+    photos = make_photos(tmp_path / "up", n=4, size=64)
+    size = photos[0].stat().st_size
+    monkeypatch.setattr("ui.workspace.MAX_SUBJECT_BYTES", 2 * size + size // 2)
+    results = ws.add_photos("rex", photos[:3])
+    assert [r.stored for r in results[:2]] == ["photo-0.png", "photo-1.png"]
+    assert "a subject's photos hold at most 0 MiB together" in results[2].problem
+    monkeypatch.setattr("ui.workspace.MAX_SUBJECT_BYTES", 10**9)
+    monkeypatch.setattr("ui.workspace.MAX_WORKSPACE_BYTES", ws.photo_bytes() + size // 2)
+    [result] = ws.add_photos("other", photos[3:])
+    assert "the workspace's photos hold at most" in result.problem and not list((ws.root / "other" / "images").iterdir())
+    monkeypatch.setattr("ui.workspace.MAX_SUBJECTS", 2)
+    with pytest.raises(UserError, match="the workspace holds at most 2 subjects"):
+        ws.subject("third", create=True)
+    assert sorted(ws.subjects()) == ["other", "rex"]
+    with pytest.raises(UserError, match="the class noun is 501 characters long; use at most 500"):
+        ws.save_subject("rex", token="sks", class_noun="d" * 501)
 
 
 # ---- a live app with a login ---------------------------------------------------------------------
