@@ -55,6 +55,24 @@ def test_logins_from_the_flag_and_the_file(tmp_path, capsys):
     assert not (tmp_path / "ws").exists()
 
 
+def test_the_upload_box_is_the_only_input_that_takes_files(tmp_path):
+    """Every file-taking input goes through ``received_uploads``: today only the upload box does
+    (a new gr.File / gr.Image / UploadButton input must be checked the same way, then listed here)."""
+    import gradio as gr
+
+    from ui import handlers as h
+
+    ctx = h.make_context(tmp_path / "ws")
+    try:
+        demo = app.build(ctx)
+    finally:
+        ctx.close()
+    kinds = (gr.File, gr.Image, gr.Gallery, gr.UploadButton, gr.Video, gr.Audio, gr.Model3D, gr.MultimodalTextbox,
+             gr.ImageEditor, gr.Dataframe)
+    taking = {(c.elem_id, fn.name) for fn in demo.fns.values() for c in fn.inputs if isinstance(c, kinds)}
+    assert taking == {("db-upload", "on_upload")}
+
+
 # ---- what the workspace holds ------------------------------------------------------------------
 def test_uploads_and_subjects_are_bounded(tmp_path, monkeypatch):
     """Per subject (count, bytes), in the whole workspace (bytes, subjects), and texts: each
