@@ -23,6 +23,16 @@ OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TARGET_PRESETS = ("attn", "cross-attn", "attn+ff", "all-linear")
 
+# What a request may ask for (the app passes user input straight in): each number checked against
+# its range in TrainConfig.__post_init__, the message stating the range.
+MAX_STEPS = 100_000
+MAX_RANK = 1024                        # presets use 8–32; "best quality" doubles the family's rank
+MAX_CLASS_IMAGES = 10_000
+MAX_LR = 1.0                           # AdamW: anything near 1 already diverges; lr in (0, 1]
+MAX_RESOLUTION = 4096
+MAX_SAMPLER_STEPS = 1000
+MAX_SEED = 2**32 - 1
+
 # Fields that may change between a run and its --resume without changing what is learned.
 RUN_MECHANICS = frozenset({"out", "resume", "checkpoint_every", "keep_checkpoints", "sample_every",
                            "mixed_precision", "steps", "validation_prompts", "gradient_checkpointing"})
@@ -112,32 +122,21 @@ class TrainConfig:
         if self.mixed_precision is not None:
             _one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
         _check(bool(self.targets.strip()), f"targets: use one of {', '.join(TARGET_PRESETS)} or module names")
-        if self.rank is not None:
-            _check(self.rank >= 1 and (not self.half_rank or self.rank >= 2),
-                   f"rank {self.rank}: use a rank of at least {2 if self.half_rank else 1}")
-        _positive("alpha", self.alpha)
-        _positive("lr", self.lr)
-        _positive("text_encoder_lr", self.text_encoder_lr)
-        if self.resolution is not None:
-            _check(self.resolution >= 8 and self.resolution % 8 == 0,
-                   f"resolution {self.resolution}: use a multiple of 8 (e.g. 512, 768, 1024)")
-        if self.steps is not None:
-            _check(self.steps >= 1, f"steps {self.steps}: train at least 1 step")
-        if self.num_class_images is not None:
-            _check(self.num_class_images >= 1, f"num_class_images {self.num_class_images}: use at least 1")
-        if self.class_image_steps is not None:
-            _check(self.class_image_steps >= 1, "class_image_steps: use at least 1 sampler step")
-        _check(self.prior_loss_weight >= 0, "prior_loss_weight: use a weight >= 0")
+        _check_bounds(self)
+        _check(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
+               "prior_loss_weight: use a weight >= 0")
         _check(self.warmup_steps >= 0, "warmup_steps: use 0 or more")
         _check(self.batch_size >= 1, f"batch_size {self.batch_size}: use at least 1")
         _check(self.grad_accum >= 1, f"grad_accum {self.grad_accum}: use at least 1")
         _positive("max_grad_norm", self.max_grad_norm)
-        _check(self.weight_decay >= 0, "weight_decay: use 0 or more")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+               "weight_decay: use 0 or a small positive number")
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
                f"adam_betas {self.adam_betas}: give two numbers in [0, 1)")
         _positive("adam_eps", self.adam_eps)
         _positive("min_snr_gamma", self.min_snr_gamma)
-        _check(self.noise_offset >= 0, "noise_offset: use 0 (off) or a small positive value such as 0.05")
+        _check(math.isfinite(self.noise_offset) and self.noise_offset >= 0,
+               "noise_offset: use 0 (off) or a small positive value such as 0.05")
         for name in ("sample_every", "checkpoint_every"):
             value = getattr(self, name)
             _check(value is None or value >= 0, f"{name} {value}: use 0 (off) or a number of steps")
@@ -266,6 +265,44 @@ def _check(ok: bool, message: str) -> None:
 
 def _one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def _check_bounds(c: TrainConfig) -> None:
+    """The numbers a request may set, each within its range (the MAX_* above); messages state the range."""
+    if c.rank is not None:
+        least = 2 if c.half_rank else 1
+        _check(c.rank >= least,
+               f"rank {c.rank}: use a rank of at least {least} (the range is {least}–{MAX_RANK})")
+        _check(c.rank <= MAX_RANK,
+               f"rank {c.rank}: use a rank of at most {MAX_RANK} (the range is {least}–{MAX_RANK}; 4–64 is usual)")
+    _positive("alpha", c.alpha)
+    _learning_rate("lr", c.lr)
+    _learning_rate("text_encoder_lr", c.text_encoder_lr)
+    if c.resolution is not None:
+        _check(c.resolution >= 8 and c.resolution % 8 == 0,
+               f"resolution {c.resolution}: use a multiple of 8 (e.g. 512, 768, 1024)")
+        _check(c.resolution <= MAX_RESOLUTION,
+               f"resolution {c.resolution}: use at most {MAX_RESOLUTION} px (e.g. 512, 768, 1024)")
+    if c.steps is not None:
+        _check(c.steps >= 1, f"steps {c.steps}: train at least 1 step (the range is 1–{MAX_STEPS})")
+        _check(c.steps <= MAX_STEPS, f"steps {c.steps}: train at most {MAX_STEPS} steps (the range is "
+                                     f"1–{MAX_STEPS}; a few hundred to a few thousand is usual)")
+    if c.num_class_images is not None:
+        _check(1 <= c.num_class_images <= MAX_CLASS_IMAGES,
+               f"num_class_images {c.num_class_images}: use at least 1 and at most {MAX_CLASS_IMAGES} "
+               f"(the range is 1–{MAX_CLASS_IMAGES}; about 100–200 is usual)")
+    if c.class_image_steps is not None:
+        _check(1 <= c.class_image_steps <= MAX_SAMPLER_STEPS,
+               f"class_image_steps {c.class_image_steps}: use at least 1 sampler step and at most "
+               f"{MAX_SAMPLER_STEPS}")
+    _check(0 <= c.seed <= MAX_SEED, f"seed {c.seed}: use a whole number from 0 to {MAX_SEED}")
+
+
+def _learning_rate(name: str, value: float | None) -> None:
+    """A learning rate in (0, MAX_LR]: 0 would train nothing, 1e38 overflows the update."""
+    _check(value is None or (math.isfinite(value) and 0 < value <= MAX_LR),
+           f"{name} {value}: use a positive number of at most {MAX_LR:g} (the range is (0, {MAX_LR:g}]; "
+           f"1e-4 to 1e-3 is usual)")
 
 
 def _positive(name: str, value: float | None) -> None:

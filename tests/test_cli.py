@@ -61,6 +61,18 @@ def test_missing_flags_and_bad_values_are_one_line_errors(capsys):
         parse("train", "--method", "qlora")
 
 
+@pytest.mark.parametrize("lr", ["1e38", "1e300", "0"])
+def test_a_learning_rate_out_of_range_is_one_error_line(tmp_path, lr):
+    """issue 13 #2/#5: --lr 1e38 ended in an overflow traceback, 1e300 was queued: one line
+    stating the range, before anything is loaded or written."""
+    proc = subprocess.run([sys.executable, "-m", "dorabooth", "train", "--images", str(tmp_path), "--class-noun",
+                           "dog", "--out", str(tmp_path / "run"), "--lr", lr], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert proc.returncode == 1 and not (tmp_path / "run").exists()
+    assert proc.stderr.strip() == f"error: lr {float(lr)}: use a positive number of at most 1 (the range is (0, 1]; " \
+                                  f"1e-4 to 1e-3 is usual)"
+
+
 def test_help_names_the_stable_flags():
     out = subprocess.run([sys.executable, "-m", "dorabooth", "train", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120).stdout

@@ -24,10 +24,31 @@ BASE = dict(images="imgs", class_noun="dog", out="run")
     (dict(optimizer="sgd"), "adamw, adamw8bit"),
     (dict(mixed_precision="fp8"), "no, fp16, bf16"),
     (dict(batch_size=0), "batch_size 0"),
+    # issue 13 #2: what the app's probe queued, and lr 0: each refused with the allowed range
+    (dict(steps=10**9), r"steps 1000000000: train at most 100000 steps \(the range is 1–100000"),
+    (dict(rank=10**6), r"rank 1000000: use a rank of at most 1024 \(the range is 1–1024"),
+    (dict(num_class_images=10**7), r"num_class_images 10000000: .*the range is 1–10000"),
+    (dict(lr=1e300), r"lr 1e\+300: use a positive number of at most 1 \(the range is \(0, 1\]"),
+    (dict(lr=1e38), r"lr 1e\+38: .*\(0, 1\]"),
+    (dict(lr=0.0), r"lr 0.0: use a positive number .*\(0, 1\]"),
+    (dict(lr=float("inf")), "lr inf"),
+    (dict(text_encoder_lr=2.0), r"text_encoder_lr 2.0: .*\(0, 1\]"),
+    (dict(max_grad_norm=float("nan")), "max_grad_norm nan: use a positive number"),
+    (dict(resolution=8192), "resolution 8192: use at most 4096"),
+    (dict(class_image_steps=10**6), "class_image_steps 1000000: .*at most 1000"),
+    (dict(seed=-1), "seed -1: use a whole number from 0 to 4294967295"),
+    (dict(noise_offset=float("inf")), "noise_offset"),
 ])
 def test_validation_says_what_to_change(change, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{**BASE, **change})
+
+
+def test_the_bounds_themselves_are_allowed():
+    """The ends of each range are valid: the bounds refuse only what lies beyond them."""
+    TrainConfig(**BASE, steps=100_000, rank=1024, num_class_images=10_000, lr=1.0, text_encoder_lr=1e-8,
+                resolution=4096, class_image_steps=1000, seed=2**32 - 1)
+    TrainConfig(**BASE, steps=1, rank=2, half_rank=True, num_class_images=1, seed=0)
 
 
 def test_defaults_and_derived_values():

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import shutil
+import signal
 import sys
 from dataclasses import asdict
 from html import escape
@@ -23,6 +25,7 @@ import gradio as gr
 
 from . import handlers as h
 from . import views
+from .security import check_exposure, is_loopback, private_upload_folder, read_auth, received_uploads
 from .workspace import MAX_IMAGES, MAX_UPLOAD_BYTES, MIN_IMAGES, UserError, sanitize_name
 
 log = logging.getLogger("dorabooth.ui")
@@ -409,7 +412,8 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
     on(c.subject.select, on_subject, c.subject, [*outputs, c.run], c.subject_note)
 
     def on_upload(name, files, token, class_noun):
-        return (*show(h.upload_photos(ctx, name or "my-subject", files or [], token, class_noun),
+        files = received_uploads(demo, files or [])
+        return (*show(h.upload_photos(ctx, name or "my-subject", files, token, class_noun),
                       keep_typing=True), None)
 
     on(c.upload.upload, on_upload, [c.subject, c.upload, c.token, c.class_noun], [*outputs, c.upload],
@@ -736,20 +740,62 @@ def _float(value, what: str) -> float | None:
         raise UserError(f"{what}: use a number, e.g. 0.0001") from None
 
 
-def launch(demo: gr.Blocks, ctx: h.Context, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
-    """Serve the page; files are served from the workspace only."""
+def launch(demo: gr.Blocks, ctx: h.Context, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
+           auth: list[tuple[str, str]] | None = None):
+    """Serve the page; files are served from the workspace only; ``auth``: the (user, password)
+    pairs that may log in (None: no login, for a loopback address or ``--insecure``)."""
     demo.queue(default_concurrency_limit=1)
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
                 allowed_paths=[str(ctx.workspace.root)], max_file_size=MAX_UPLOAD_BYTES, quiet=False,
                 theme=gr.themes.Soft(), css=CSS, footer_links=[], ssr_mode=False, run_history=False,
-                inbrowser=False)
+                inbrowser=False, auth=auth or None, auth_message="dorabooth: log in with the user and password "
+                                                                "given to dorabooth-ui (--auth / --auth-file).")
     return demo
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:                                               # before anything is loaded, made or served
+        logins = read_auth(args.auth, args.auth_file)
+        check_exposure(args.host, logins, args.insecure)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)             # gradio's own requests, each logged
+    if not logins and not is_loopback(args.host):
+        log.warning("--insecure: serving on %s without a login; anyone who reaches it can use the app", args.host)
+    try:
+        ctx = h.make_context(args.workspace, args.model, model_config=args.model_config, samples=args.samples)
+        ctx.info                                          # a missing or unreadable model fails here, readably
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"dorabooth-ui: {e}", file=sys.stderr)
+        return 2
+    waiting = h.recover_queue(ctx)
+    if waiting:
+        log.info("queued again after a restart: %s", ", ".join(waiting))
+    uploads = private_upload_folder()
+    signal.signal(signal.SIGTERM, _interrupt)       # a stop (kill, systemd) closes the server and cleans up
+    demo = build(ctx)
+    try:
+        launch(demo, ctx, host=args.host, port=args.port, block=True, auth=logins)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctx.close()
+        if uploads is not None:
+            shutil.rmtree(uploads, ignore_errors=True)
+    return 0
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dorabooth-ui", description="Start the dorabooth app in your browser: upload photos, train, "
-                                         "generate, export.")
+                                         "generate, export. docs/security.md says what it protects and what not.")
     parser.add_argument("--model", metavar="M", help="base model: hub id, diffusers folder or .safetensors file "
                                                      "(default: the embedded toy model)")
     parser.add_argument("--model-config", dest="model_config", metavar="DIR",
@@ -761,28 +807,17 @@ def main(argv: list[str] | None = None) -> int:
                                                          "a subject.json (default: the toy world's, with the toy "
                                                          "model)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this "
-                                                            "computer only)")
+                                                            "computer only); any other needs --auth or --insecure")
     parser.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)             # gradio's own requests, each logged
-    try:
-        ctx = h.make_context(args.workspace, args.model, model_config=args.model_config, samples=args.samples)
-        ctx.info                                          # a missing or unreadable model fails here, readably
-    except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"dorabooth-ui: {e}", file=sys.stderr)
-        return 2
-    waiting = h.recover_queue(ctx)
-    if waiting:
-        log.info("queued again after a restart: %s", ", ".join(waiting))
-    demo = build(ctx)
-    try:
-        launch(demo, ctx, host=args.host, port=args.port, block=True)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        ctx.close()
-    return 0
+    parser.add_argument("--auth", metavar="USER:PASS", help="require this login (the password is visible to other "
+                                                            "users of this computer in the process list: prefer "
+                                                            "--auth-file)")
+    parser.add_argument("--auth-file", dest="auth_file", metavar="FILE",
+                        help="require a login from this file: one USER:PASS a line")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a --host other computers can reach without a login (anyone reaching it can "
+                             "read and change the workspace)")
+    return parser
 
 
 if __name__ == "__main__":

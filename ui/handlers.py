@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import secrets
 import shutil
 import threading
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dorabooth import rundir as rd
-from dorabooth.config import TrainConfig, default_prompts
+from dorabooth.config import MAX_SEED, TrainConfig, default_prompts
 from dorabooth.devices import DeviceInfo
 from dorabooth.specs import ModelSpec
 from dorabooth.models import asset_dir
@@ -275,6 +276,9 @@ METHOD_LABELS = {
 # (dorabooth.formats.destinations says why "Not sure" trains axis "in").
 USES = {_USE_LABELS[k]: _AXIS_FOR_USE[k] for k in ("comfy", "diffusers", "unsure")}
 NEW_RUN = "(new run)"                  # a config's ``out`` before its run folder is made
+MAX_QUEUED = 10                        # runs training or waiting at once
+MAX_GENERATE_STEPS = 1000              # sampler steps per image the Generate tab may ask for
+MAX_PROMPT = 2000                      # characters in a prompt or negative prompt
 # The Advanced overrides of the device settings: "auto" = what dorabooth.devices resolves.
 PRECISIONS = {"auto": None, "no": "no", "fp16": "fp16", "bf16": "bf16"}
 CHECKPOINTING = {"auto": None, "on": True, "off": False}
@@ -458,6 +462,7 @@ def start_training(ctx: Context, subject_name: str, settings: TrainSettings) -> 
         twin = live_twin(ctx, config)
         if twin is not None:
             return twin
+        check_queue_room(ctx)
         run = ctx.workspace.new_run(subject.name, label)
         config = replace(config, out=str(run))
         request = {"config": config.to_dict(), "settings": asdict(settings), "preset": settings.preset,
@@ -466,6 +471,13 @@ def start_training(ctx: Context, subject_name: str, settings: TrainSettings) -> 
         (run / REQUEST_FILE).write_text(json.dumps(request, indent=2) + "\n")
         ctx.worker.submit(run, config)
     return ctx.workspace.ref(run)
+
+
+def check_queue_room(ctx: Context) -> None:
+    """At most MAX_QUEUED runs train or wait at once (a script cannot queue thousands)."""
+    if len(ctx.worker.line()) >= MAX_QUEUED:
+        raise UserError(f"{MAX_QUEUED} runs are training or waiting already (the most the queue holds): wait for "
+                        f"one to finish, or stop one, then start this one")
 
 
 def live_twin(ctx: Context, config: TrainConfig) -> str | None:
@@ -623,10 +635,18 @@ def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", 
     run, status = _finished_run(ctx, ref)
     if not (prompt or "").strip():
         raise UserError("write a prompt, e.g. 'a photo of sks dog on the beach'")
+    if max(len(prompt), len(negative or "")) > MAX_PROMPT:
+        raise UserError(f"the prompt is too long: use at most {MAX_PROMPT} characters")
     if not 1 <= int(n) <= 16:
         raise UserError("number of images: choose 1 to 16")
-    if strength < 0:
-        raise UserError("strength: use 0 (the base model) to about 1.5")
+    if steps is not None and not 1 <= int(steps) <= MAX_GENERATE_STEPS:
+        raise UserError(f"steps {steps}: use 1 to {MAX_GENERATE_STEPS} sampler steps")
+    if guidance is not None and not (math.isfinite(guidance) and 0 <= guidance <= 50):
+        raise UserError(f"guidance {guidance}: use 0 to 50 (5–8 is usual)")
+    if not (math.isfinite(strength) and 0 <= strength <= 3):
+        raise UserError("strength: use 0 (the base model) to about 1.5 (at most 3)")
+    if seed is not None and not 0 <= int(seed) <= MAX_SEED:
+        raise UserError(f"seed {seed}: use a whole number from 0 to {MAX_SEED}")
     seed = secrets.randbelow(2**31) if seed is None else int(seed)
     settings = status.settings                       # the base model the run was trained on
     paths = ctx.sessions.use(settings.get("model"), lambda session: generate(
@@ -658,6 +678,7 @@ def retrain_for(ctx: Context, ref: str, use: str = "comfy") -> str:
     if config.magnitude_axis == AXIS_FOR_USE[use]:
         raise UserError(f"{ref} is trained for {USE_LABELS[use]} already: export its adapter file")
     label = f"{config.method}-for-{'comfyui' if use == 'comfy' else use}"
+    check_queue_room(ctx)
     new = ctx.workspace.new_run(run.parent.parent.name, label)
     config = replace(config, out=str(new), magnitude_axis=AXIS_FOR_USE[use], resume=False)
     request = {"config": config.to_dict(), "preset": status.settings.get("_preset"),

@@ -9,9 +9,10 @@ Layout (everything the UI makes is usable from the CLI too)::
     <workspace>/<subject>/runs/<run>/         a run folder (DESIGN §6) plus the UI's
                                               ui-request.json, generated/ and exports/
 
-Owns: sanitising user-chosen names (no path traversal), bounded uploads (file size, count,
-image decoding through :func:`dorabooth.data.load_image`), duplicate detection, and writing
-files under a temporary name before renaming them.
+Owns: sanitising user-chosen names (no path traversal), bounded uploads (file size, count
+and bytes per subject, bytes in the workspace, image decoding through
+:func:`dorabooth.data.load_image`), bounded subjects and texts, duplicate detection, and
+writing files under a temporary name before renaming them.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from dorabooth.formats.files import atomic_file, write_bytes, write_json
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 MAX_UPLOAD_BYTES = 30 * 2**20          # per photo
 MAX_IMAGES = 20                        # per subject
+MAX_SUBJECT_BYTES = 200 * 2**20        # the photos of one subject together
+MAX_WORKSPACE_BYTES = 4 * 2**30        # the photos of all subjects together
+MAX_SUBJECTS = 200
+MAX_TEXT = 500                         # characters in a token, class noun or prompt
 MIN_IMAGES = 3                         # to start training
 MAX_NAME = 48
 NEAR_DUPLICATE = 6.0                   # mean |difference| of 16×16 thumbnails (0–255) below which photos match
@@ -121,6 +126,9 @@ class Workspace:
         if not meta.is_file():
             if not create:
                 raise UserError(f"there is no subject called {safe!r} yet; upload photos to create it")
+            if len(self.subjects()) >= MAX_SUBJECTS:
+                raise UserError(f"the workspace holds at most {MAX_SUBJECTS} subjects; reuse one, or remove a "
+                                f"subject's folder from {self.root}")
             (folder / "images").mkdir(parents=True, exist_ok=True)
             write_json(meta, {"name": safe, "token": "sks", "class_noun": "",
                               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2)
@@ -134,6 +142,10 @@ class Workspace:
         the training and class prompts."""
         subject = self.subject(name, create=True)
         token, class_noun = (token or "").strip(), " ".join((class_noun or "").split())
+        for text, what in ((token, "token"), (class_noun, "class noun"), (instance_prompt, "training prompt"),
+                           (class_prompt, "class prompt")):
+            if text is not None and len(text) > MAX_TEXT:
+                raise UserError(f"the {what} is {len(text)} characters long; use at most {MAX_TEXT}")
         if not token:
             raise UserError("the token is empty: type one rare made-up word, such as 'sks'")
         if " " in token:
@@ -153,13 +165,17 @@ class Workspace:
         """Copy uploaded files into the subject's ``images/`` after checking each one.
 
         Refused (with the reason): other file types, files over 30 MiB, unreadable images,
-        decompression bombs, exact duplicates, and anything beyond 20 photos. The stored
-        file is the uploaded bytes, unchanged, under a sanitised unique name.
+        decompression bombs, exact duplicates, and anything beyond 20 photos or 200 MiB of a
+        subject, or 4 GiB of photos in the workspace. The stored file is the uploaded bytes,
+        unchanged, under a sanitised unique name.
         """
         subject = self.subject(name, create=True)
         subject.images.mkdir(parents=True, exist_ok=True)
-        known = {_sha256(p.read_bytes()): p.name for p in self._photo_files(subject)}
+        mine = self._photo_files(subject)
+        known = {_sha256(p.read_bytes()): p.name for p in mine}
         count = len(known)
+        held = sum(p.stat().st_size for p in mine)                       # this subject's photos
+        total = self.photo_bytes()                                       # every subject's
         results = []
         for file in files:
             src = Path(file)
@@ -177,6 +193,14 @@ class Workspace:
             if count >= MAX_IMAGES:
                 result.problem = f"a subject holds at most {MAX_IMAGES} photos; remove some first"
                 continue
+            if held + size > MAX_SUBJECT_BYTES:
+                result.problem = (f"a subject's photos hold at most {MAX_SUBJECT_BYTES // 2**20} MiB together "
+                                  f"({held / 2**20:.0f} MiB here already); remove some, or save them as JPG")
+                continue
+            if total + size > MAX_WORKSPACE_BYTES:
+                result.problem = (f"the workspace's photos hold at most {MAX_WORKSPACE_BYTES / 2**30:g} GiB "
+                                  f"together; remove photos or subjects you no longer need")
+                continue
             try:
                 load_image(src)                          # bounded decode; raises UnusableImage with a reason
             except UnusableImage as e:
@@ -192,8 +216,14 @@ class Workspace:
             write_bytes(target, data)
             known[digest] = target.name
             count += 1
+            held += len(data)
+            total += len(data)
             result.stored = target.name
         return results
+
+    def photo_bytes(self) -> int:
+        """Bytes of every subject's stored photos."""
+        return sum(p.stat().st_size for name in self.subjects() for p in self._photo_files(self.subject(name)))
 
     def remove_photo(self, name: str, photo: str) -> None:
         subject = self.subject(name)

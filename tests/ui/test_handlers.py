@@ -309,12 +309,32 @@ def test_training_needs_photos_and_a_class_noun(fake, tmp_path):
     with pytest.raises(ValueError, match="token"):
         ctx.workspace.save_subject("cat", token="two words", class_noun="cat")
     ctx.workspace.save_subject("rex", token="sks", class_noun="dog")
-    zeros = {"steps": "steps 0: train at least 1 step", "rank": "rank 0", "class_images": "use at least 1"}
+    zeros = {"steps": "steps 0: train at least 1 step", "rank": "rank 0", "class_images": "use at least 1",
+             "lr": r"lr 0.0: use a positive number .*\(0, 1\]"}
     for field, message in zeros.items():                           # a 0 is refused, not replaced by the preset
         with pytest.raises(ValueError, match=message):
             h.start_training(ctx, "rex", h.TrainSettings(**{field: 0}))
     made = ctx.workspace.root / "cat" / "runs"
     assert not made.exists() or not list(made.iterdir())                    # no empty run left behind
+
+
+def test_the_queue_and_generation_are_bounded(fake, monkeypatch):
+    """issue 13 #2: a script could queue runs without end, and ask Generate for any number of
+    steps or any seed; each is refused with the limit."""
+    ctx, trainer = fake
+    monkeypatch.setattr(h, "MAX_QUEUED", 2)
+    refs = [h.start_training(ctx, "rex", h.TrainSettings(steps=1, seed=seed, prior_preservation=False))
+            for seed in (1, 2)]
+    with pytest.raises(UserError, match="2 runs are training or waiting already"):
+        h.start_training(ctx, "rex", h.TrainSettings(steps=1, seed=3, prior_preservation=False))
+    assert len(h.list_runs(ctx, "rex")) == 2                                  # no folder for the refused one
+    trainer.release.set()
+    assert all(_wait(ctx, ref).finished for ref in refs)
+    for kwargs, message in [({"steps": 10**6}, "steps 1000000: use 1 to 1000"), ({"seed": -1}, "seed -1"),
+                            ({"seed": 2**40}, "from 0 to 4294967295"), ({"guidance": float("inf")}, "guidance inf"),
+                            ({"strength": 1e9}, "strength"), ({"negative": "x" * 5000}, "at most 2000 characters")]:
+        with pytest.raises(UserError, match=message):
+            h.generate_images(ctx, refs[0], "a sks dog", **kwargs)
 
 
 def test_a_custom_training_prompt_must_name_the_token(fake):
