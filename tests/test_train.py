@@ -259,8 +259,8 @@ def test_resume_refuses_changed_recipe_and_existing_runs(root, subject, tmp_path
     train(config)
     with pytest.raises(FileExistsError, match="--resume"):
         train(config)
-    with pytest.raises(ValueError, match="lr differ"):
-        train(TrainConfig(**{**config.to_dict(), "lr": 5e-4, "resume": True}))
+    with pytest.raises(ValueError, match="seed differ"):
+        train(TrainConfig(**{**config.to_dict(), "seed": 5, "resume": True}))
     with pytest.raises(FileNotFoundError, match="no run to continue"):
         train(TrainConfig(**{**config.to_dict(), "out": str(tmp_path / "new"), "resume": True}))
     extended = train(TrainConfig(**{**config.to_dict(), "steps": 2, "resume": True}))   # more steps: allowed
