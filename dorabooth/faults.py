@@ -7,6 +7,7 @@ The points, in the order a run reaches them:
     rename:<path>       a file written by ``formats.files.atomic_file`` is complete under its
                         temporary name and about to be renamed onto <path> (class images,
                         samples, config.json, the final adapter.safetensors, ...)
+    step:<step>         optimizer step <step> is taken, nothing written for it yet
     checkpoint:<step>   checkpoints/.tmp-step-<step>/ holds some of its files, not all
     rotation:<step>     checkpoints/step-<step>/ was renamed away to be deleted, not yet deleted
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, losses
+from . import adapters, faults, losses
 from . import families as fam
 from . import rundir as rd
 from .checkpoints import (TrainingDiverged, TrainState, check_finite_weights, diverged, restore_checkpoint,
@@ -189,6 +189,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        faults.reach("step", step)
 
         window = (window + [time.monotonic() - t0])[-20:]
         it_s = len(window) / sum(window)

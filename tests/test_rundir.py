@@ -19,7 +19,7 @@ HOST = socket.gethostname()
 
 def dead_pid() -> int:
     return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                              text=True).stdout)
+                              text=True, check=True).stdout)
 
 
 # ---- the lock ----------------------------------------------------------------------------------
@@ -28,9 +28,9 @@ def test_the_lock_holds_host_and_pid_and_leaves_nothing(tmp_path):
         assert (tmp_path / LOCK).read_text() == f"{HOST}:{os.getpid()}"
         assert sorted(p.name for p in tmp_path.iterdir()) == [LOCK]          # no temporary beside it
         assert run_busy(tmp_path) is None                                     # this process's own
-        with pytest.raises(RunBusy, match=f"being trained by another process \\({HOST}:{os.getpid()}\\)"):
-            with run_lock(tmp_path):
-                pass
+        busy = f"being trained by another process \\({HOST}:{os.getpid()}\\)"
+        with pytest.raises(RunBusy, match=busy), run_lock(tmp_path):
+            pass
     assert list(tmp_path.iterdir()) == []
 
 
@@ -44,9 +44,8 @@ def test_a_dead_owners_lock_is_taken_over_and_a_live_one_is_not(tmp_path):
     try:
         lock.write_text(f"{HOST}:{live.pid}")
         assert run_busy(tmp_path) == f"{HOST}:{live.pid}"
-        with pytest.raises(RunBusy, match=f"If nothing is training it, delete {lock}"):
-            with run_lock(tmp_path):
-                pass
+        with pytest.raises(RunBusy, match=f"If nothing is training it, delete {lock}"), run_lock(tmp_path):
+            pass
         assert lock.read_text() == f"{HOST}:{live.pid}"                        # left as it was
     finally:
         live.kill()
@@ -58,9 +57,8 @@ def test_an_empty_lock_is_stale_after_a_few_seconds(tmp_path):
     empty file that counted as alive forever. Now one is busy only while it may be being written."""
     lock = tmp_path / LOCK
     lock.write_text("")
-    with pytest.raises(RunBusy, match="unknown: the lock is empty"):
-        with run_lock(tmp_path):
-            pass
+    with pytest.raises(RunBusy, match="unknown: the lock is empty"), run_lock(tmp_path):
+        pass
     assert run_busy(tmp_path) == "unknown"
     old = time.time() - rd.EMPTY_LOCK_GRACE_S - 1
     os.utime(lock, (old, old))
@@ -76,9 +74,8 @@ def test_without_hard_links_the_lock_is_created_exclusively(tmp_path, monkeypatc
     monkeypatch.setattr(os, "link", no_links)
     with run_lock(tmp_path):
         assert (tmp_path / LOCK).read_text() == f"{HOST}:{os.getpid()}"
-        with pytest.raises(RunBusy):
-            with run_lock(tmp_path):
-                pass
+        with pytest.raises(RunBusy), run_lock(tmp_path):
+            pass
     assert list(tmp_path.iterdir()) == []
 
 
@@ -90,7 +87,7 @@ def full_disk(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root (the full-disk lock case fills a small real file system)")
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
+                          text=True, check=False)
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
     try:
@@ -108,9 +105,9 @@ def full_disk(tmp_path):
 
 def test_a_lock_that_cannot_be_written_is_not_left_behind(full_disk):
     run = full_disk / "run"
-    with pytest.raises(OSError, match=f"cannot write the lock {run / LOCK} .*free space on that disk"):
-        with run_lock(run):
-            pass
+    full = f"cannot write the lock {run / LOCK} .*free space on that disk"
+    with pytest.raises(OSError, match=full), run_lock(run):
+        pass
     assert list(run.iterdir()) == []                      # neither an empty lock nor its temporary
     (full_disk / "filler").unlink()                       # space freed: the same command works
     with run_lock(run):
