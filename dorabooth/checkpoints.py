@@ -114,8 +114,12 @@ def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Train
         write_json(tmp / rd.STATE, meta, default=_json_default)
         if config.method != "full":                     # the same adapter as a user-facing file
             adapters.save_adapter(pipe, tmp / rd.ADAPTER, base_model=config.model, subject=rd.subject_of(config, run))
-        rd.remove_checkpoint(run, step)                 # re-saving a step (stop right after a checkpoint)
+        replaced = final.with_name(f".old-{final.name}")
+        shutil.rmtree(replaced, ignore_errors=True)
+        if final.exists():                              # re-saving a step: renamed away, deleted once replaced
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         for s in rd.checkpoint_steps(run)[:-config.keep_checkpoints]:
             rd.remove_checkpoint(run, s)
         emit("checkpoint", step=step, path=str(final))

@@ -235,10 +235,9 @@ _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
 def remove_stale_temporaries(run: Path, also: tuple[Path, ...] = ()) -> list[Path]:
     """Remove what killed writers left in the run folder: ``checkpoints/.tmp-step-N``,
     ``.old-step-N`` and incomplete ``step-N`` (only this run's trainer writes those: call it
-    holding the run's lock), and
-    ``.NAME.tmp-PID`` / ``.NAME.old-PID`` of processes that no longer run, in the run folder, its
-    checkpoints, samples, instance and class folders and the folders ``also`` (a shared class
-    folder). Returns what was removed."""
+    holding the run's lock), and ``.NAME.tmp-PID`` / ``.NAME.old-PID`` of processes that no
+    longer run, in the run folder, its checkpoints, samples, instance and class folders and the
+    folders ``also`` (a shared class folder). Returns what was removed."""
     run = Path(run)
     ckpts, samples = run / CHECKPOINTS, run / SAMPLES
     stale = [*ckpts.glob(".tmp-step-*"), *ckpts.glob(".old-step-*")] if ckpts.is_dir() else []
@@ -254,6 +253,7 @@ def remove_stale_temporaries(run: Path, also: tuple[Path, ...] = ()) -> list[Pat
             m = _TEMPORARY.match(p.name)
             if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
                 stale.append(p)
+    stale = list(dict.fromkeys(stale))                 # (a folder given twice under one name)
     for p in stale:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

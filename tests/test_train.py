@@ -337,7 +337,9 @@ def test_resume_with_a_lower_lr_continues_the_schedule_with_it(root, subject, tm
     assert saved["overrides"] == [{"step": 2, "field": "lr", "old": 1e-3, "new": 2.5e-4},
                                   {"step": 2, "field": "max_grad_norm", "old": 1.0, "new": 0.5},
                                   {"step": 2, "field": "text_encoder_lr", "old": 1e-3, "new": 2.5e-4}]
-    assert [e["message"] for e in events if e["type"] == "override"][0] == "resuming from step 2 with lr 0.00025 (was 0.001)"
+    assert [e["message"] for e in events if e["type"] == "override"] == [
+        "resuming from step 2 with lr 0.00025 (was 0.001)", "resuming from step 2 with max_grad_norm 0.5 (was 1.0)",
+        "resuming from step 2 with text_encoder_lr 0.00025 (was 0.001)"]
 
 
 def test_bad_images_are_skipped_and_the_run_continues(root, subject, tmp_path):
