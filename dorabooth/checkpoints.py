@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, inject
+from . import adapters, faults, inject
 from . import rundir as rd
 from .config import TrainConfig
 from .formats.files import atomic_folder, read_safetensors, write_json, write_safetensors
@@ -26,7 +26,24 @@ from .version import __version__
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; the run stopped and kept its last good checkpoint."""
+    """The loss or the weights became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+def diverged(what: str, step: int, last_good: Path | None) -> TrainingDiverged:
+    """The error of a run whose ``what`` ("the loss became nan") went non-finite at ``step``: it
+    names the last good checkpoint and the overrides ``--resume`` accepts."""
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    again = ("--resume with a lower --lr (or --max-grad-norm) continues from it" if last_good
+             else "run the command again with a lower --lr")
+    return TrainingDiverged(f"training diverged: {what} at step {step}; it stopped and {kept}. Lower --lr, clip "
+                            f"harder with a lower --max-grad-norm, or use --mixed-precision bf16 or no: {again}")
+
+
+def check_finite_weights(params: dict[str, torch.nn.Parameter], step: int, last_good: Path | None) -> None:
+    """Stop a run whose trainable weights hold NaN/inf before anything is written from them."""
+    for name, p in params.items():
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise diverged(f"the weights became NaN/inf ({name})", step, last_good)
 
 
 @dataclass(frozen=True)
@@ -75,7 +92,9 @@ def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Train
     """``checkpoints/step-N/``: trainable tensors, optimizer (safetensors + JSON), LR schedule,
     data position and every process's RNG, plus ``adapter.safetensors`` (usable with generate);
     written under a temporary name and renamed, then older checkpoints beyond
-    ``keep_checkpoints`` are removed."""
+    ``keep_checkpoints`` are removed (renamed away, then deleted). Weights that are not finite
+    stop the run (:func:`diverged`) before anything is written."""
+    check_finite_weights(state.params, step, rd.latest_checkpoint(run))
     final = rd.checkpoint_dir(run, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
@@ -89,18 +108,20 @@ def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Train
                           {"method": config.method})
         opt_tensors, opt_meta = _optimizer_state(state.optimizer)
         write_safetensors(tmp / rd.OPTIMIZER, opt_tensors)
+        faults.reach("checkpoint", step)
         meta = {"step": step, "processes": accelerator.num_processes, "optimizer": opt_meta,
                 "lr_schedule": state.schedule.state_dict(), "dorabooth_version": __version__}
         write_json(tmp / rd.STATE, meta, default=_json_default)
         if config.method != "full":                     # the same adapter as a user-facing file
             adapters.save_adapter(pipe, tmp / rd.ADAPTER, base_model=config.model, subject=rd.subject_of(config, run))
-        if final.exists():                              # re-saving a step (stop right after a checkpoint)
-            old = final.with_name(f".old-{final.name}")
-            os.replace(final, old)
-            shutil.rmtree(old)
+        replaced = final.with_name(f".old-{final.name}")
+        shutil.rmtree(replaced, ignore_errors=True)
+        if final.exists():                              # re-saving a step: renamed away, deleted once replaced
+            os.replace(final, replaced)
         os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
         for s in rd.checkpoint_steps(run)[:-config.keep_checkpoints]:
-            shutil.rmtree(rd.checkpoint_dir(run, s), ignore_errors=True)
+            rd.remove_checkpoint(run, s)
         emit("checkpoint", step=step, path=str(final))
     accelerator.wait_for_everyone()
     return final
@@ -132,8 +153,10 @@ def restore_checkpoint(run: Path, state: TrainState, accelerator, emit) -> int:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
+    wanted = [group["initial_lr"] for group in state.optimizer.param_groups]      # this run's, before loading
     _load_optimizer_state(state.optimizer, read_safetensors(ckpt / rd.OPTIMIZER, "checkpoint")[0], meta["optimizer"])
     state.schedule.load_state_dict(meta["lr_schedule"])
+    _use_learning_rates(state.optimizer, state.schedule, wanted)
     rng, _ = read_safetensors(ckpt / f"rng-{accelerator.process_index}.safetensors", "checkpoint")
     state.gen.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
@@ -141,6 +164,18 @@ def restore_checkpoint(run: Path, state: TrainState, accelerator, emit) -> int:
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))])
     emit("resume", step=meta["step"], path=str(ckpt))
     return meta["step"]
+
+
+def _use_learning_rates(optimizer, schedule, base_lrs: list[float]) -> None:
+    """After a restore, the LR schedule continues from its step with this run's learning rates
+    (``--resume --lr`` may lower them) instead of the checkpoint's."""
+    if list(schedule.base_lrs) == list(base_lrs):
+        return
+    schedule.base_lrs = list(base_lrs)
+    for group, base, factor in zip(optimizer.param_groups, base_lrs, schedule.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(schedule.last_epoch)
+    schedule._last_lr = [group["lr"] for group in optimizer.param_groups]
 
 
 def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerator) -> Path:

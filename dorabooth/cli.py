@@ -23,7 +23,8 @@ checkpointing and the optimizer default to "auto": chosen for the device (bf16 o
 have it, else fp16; checkpointing on for SDXL; 8-bit AdamW where bitsandbytes works). The
 resolved values are written to RUN_DIR/config.json; `--dry-run` prints them with a peak
 memory estimate without loading a weight or writing a file. `--resume` continues RUN_DIR
-from its newest checkpoint (other flags may be left out; they come from RUN_DIR/config.json).
+from its newest checkpoint (other flags may be left out; they come from RUN_DIR/config.json;
+--steps, --lr, --text-encoder-lr and --max-grad-norm may change, the changes are recorded there).
 Mistakes (folders, numbers, model, run folder) are reported before the model loads, and
 nothing is written for them; a run that stopped or failed before its first checkpoint is
 started again in place by the corrected command, with or without --resume.
@@ -153,7 +154,7 @@ def train_config_from_args(args):
             base.pop(mechanic, None)
     if given.get("resume") and given.get("out") and is_run(given["out"]):
         base = read_config(given["out"])[0].to_dict()
-    merged = {**_prompts_follow_the_subject(base, given), **given}
+    merged = {**_text_encoder_lr_follows(_prompts_follow_the_subject(base, given), given), **given}
     missing = [f"--{n.replace('_', '-')}" for n in ("images", "class_noun", "out") if not merged.get(n)]
     if missing:
         raise ValueError(f"missing {', '.join(missing)} (e.g. dorabooth train --images DIR --class-noun dog "
@@ -173,6 +174,14 @@ def _prompts_follow_the_subject(base: dict, given: dict) -> dict:
         return base
     defaults = {p for style in PROMPT_STYLES for p in default_prompts(*old, style)}
     return {k: v for k, v in base.items() if not (k in ("instance_prompt", "class_prompt") and v in defaults)}
+
+
+def _text_encoder_lr_follows(base: dict, given: dict) -> dict:
+    """``base`` without its text-encoder learning rate when that was only the default (the same
+    as its --lr) and a new --lr is given: it follows the new --lr (``--resume --lr``)."""
+    if "lr" in given and "text_encoder_lr" not in given and base.get("text_encoder_lr") == base.get("lr"):
+        return {k: v for k, v in base.items() if k != "text_encoder_lr"}
+    return base
 
 
 def _run_train(args) -> int:

@@ -36,6 +36,9 @@ MAX_SEED = 2**32 - 1
 # Fields that may change between a run and its --resume without changing what is learned.
 RUN_MECHANICS = frozenset({"out", "resume", "checkpoint_every", "keep_checkpoints", "sample_every",
                            "mixed_precision", "steps", "validation_prompts", "gradient_checkpointing"})
+# Fields a --resume may change although they change what is learned from there on: the ways out
+# of a diverged run (lower the learning rate, clip harder); config.json records each change.
+RESUME_OVERRIDES = frozenset({"lr", "text_encoder_lr", "max_grad_norm"})
 
 
 @dataclass(frozen=True)
@@ -215,10 +218,10 @@ class TrainConfig:
         return cls(**d)
 
     def recipe_differences(self, other: TrainConfig) -> list[str]:
-        """Fields (outside run mechanics) where ``other`` differs: what --resume refuses."""
+        """Fields (outside run mechanics and resume overrides) where ``other`` differs: what --resume refuses."""
         a, b = (dict(c.to_dict(), instance_prompt=c.resolved_instance_prompt,
                      class_prompt=c.resolved_class_prompt) for c in (self, other))
-        return [k for k in a if k not in RUN_MECHANICS and a[k] != b[k]]
+        return [k for k in a if k not in RUN_MECHANICS | RESUME_OVERRIDES and a[k] != b[k]]
 
 
 # Fields whose "auto" (None) depends on the device and the family (devices.resolve_device_settings).

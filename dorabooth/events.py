@@ -11,7 +11,10 @@ Every event has ``type`` and ``time`` (Unix seconds). Types written by the train
 (message), ``start``, ``skip`` (path, reason), ``prepared``, ``class_images`` (done, total),
 ``step`` (step, total, loss, lr, it_s, eta_s), ``checkpoint`` (step, path), ``sample``
 (step, paths), ``stopped``, ``error`` (message), ``done`` (adapter, steps), ``restart``
-(message: the folder's earlier run never reached a checkpoint and starts over in place).
+(message: the folder's earlier run never reached a checkpoint and starts over in place),
+``cleaned`` (paths: temporaries killed writers left, removed), ``override`` (step, field, old,
+new, message: a --resume changed the learning rate or clipping), ``finished`` (step, adapter,
+message: --resume of a finished run; passed to ``on_event`` only, nothing is written).
 """
 
 from __future__ import annotations
@@ -152,7 +155,7 @@ class ProgressBar:
         elif kind == "skip":
             self._line(f"skipped {event['path']}: {event['reason']}")
         elif kind in ("checkpoint", "sample", "prepared", "start", "done", "stopped", "image", "device", "warning",
-                      "restart"):
+                      "restart", "override", "finished"):
             self._line(_describe(event))
         elif kind == "error" and self._open:
             self._line("")                # end the bar's line; the caller prints the error itself
@@ -176,7 +179,7 @@ def _describe(event: dict) -> str:
         return f"wrote {event['path']}"
     if kind == "warning":
         return f"warning: {event['message']}"
-    if kind == "restart":
+    if kind in ("restart", "override", "finished"):
         return event["message"]
     if kind == "device":
         estimate = (event.get("memory_estimate") or {}).get("peak")

@@ -8,7 +8,8 @@ memory plan, the optimizer, the images at the resolved resolution), still before
 loaded or a file is written.
 
 The run folder's rule: a new run needs a folder without progress; ``--resume`` continues a
-run with progress (a checkpoint or a result) and the same recipe; a run that stopped or failed
+run with progress (a checkpoint or a result) and the same recipe (learning rates and clipping may
+change: ``config.RESUME_OVERRIDES``); a run that stopped or failed
 before its first checkpoint has nothing to continue, so it is started again in place, with or
 without ``--resume`` and whatever the settings now (``rundir.has_progress``).
 """
@@ -56,4 +57,5 @@ def check_resume_recipe(resolved: TrainConfig, run: Path) -> None:
     changed = previous.recipe_differences(resolved)
     if changed:
         raise ValueError(f"--resume: {', '.join(changed)} differ from the run in {run}; resume with the same "
-                         f"settings or start a new run folder")
+                         f"settings (a resume may change --steps, --lr, --text-encoder-lr, --max-grad-norm and "
+                         f"the run mechanics) or start a new run folder")

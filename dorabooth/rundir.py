@@ -11,20 +11,28 @@ what a path given as ``--adapter`` means. Nothing else in the package spells the
     RUN/unet/  RUN/text_encoder*/   the final weights of a full fine-tune (unet/ written last: it marks
                                     the run finished)
     RUN/.training.lock              host:pid of the process training the run
+    .NAME.tmp-PID  .NAME.old-PID    files being written / folders being replaced (formats.files);
+    checkpoints/.tmp-step-N/        a checkpoint being written, .old-step-N/ one being deleted; a
+                                    start or --resume removes those a killed process left
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import faults
 from .config import TrainConfig
+from .events import read_events
 
 if TYPE_CHECKING:                  # not at run time: the command line checks a run folder before torch loads
     from .formats.subject import Subject
@@ -147,22 +155,44 @@ def read_run(run: str | os.PathLike) -> Run:
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
+RESUME_FILES = (STATE, TRAINABLE, OPTIMIZER, "rng-0.safetensors")   # what resuming from a checkpoint reads
+
+
 def checkpoint_dir(run: Path, step: int) -> Path:
     return Path(run) / CHECKPOINTS / f"step-{step}"
 
 
-def checkpoint_steps(run: Path, holding: str = STATE) -> list[int]:
-    """Steps of the complete checkpoints (those holding ``holding``), oldest first."""
+def checkpoint_steps(run: Path, holding: str | None = None) -> list[int]:
+    """Steps of the complete checkpoints, oldest first: ``step-N`` folders holding every file
+    resuming reads (and ``holding`` when given). A folder missing one is not listed (a deletion
+    killed half-way; rotation renames a checkpoint away before deleting it, so only older
+    versions left such folders)."""
     root = Path(run) / CHECKPOINTS
     if not root.is_dir():
         return []
+    needed = (*RESUME_FILES, *((holding,) if holding else ()))
     return sorted(int(p.name[5:]) for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit() and (p / holding).is_file())
+                  if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()
+                  and all((p / name).is_file() for name in needed))
 
 
 def latest_checkpoint(run: Path) -> Path | None:
     steps = checkpoint_steps(run)
     return checkpoint_dir(run, steps[-1]) if steps else None
+
+
+def remove_checkpoint(run: Path, step: int) -> None:
+    """Delete ``checkpoints/step-N/`` atomically: renamed to ``.old-step-N`` first, so that a
+    kill half-way leaves no partial ``step-N`` (the start of the next run removes the rest)."""
+    folder = checkpoint_dir(run, step)
+    trash = folder.with_name(f".old-{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(folder, trash)
+    except FileNotFoundError:
+        return
+    faults.reach("rotation", step)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def has_progress(run: str | os.PathLike) -> bool:
@@ -171,6 +201,17 @@ def has_progress(run: str | os.PathLike) -> bool:
     again in place."""
     run = Path(run)
     return bool(checkpoint_steps(run)) or (run / ADAPTER).is_file() or (run / FULL_UNET / CONFIG).is_file()
+
+
+def finished_step(run: str | os.PathLike, method: str) -> int | None:
+    """The step a finished run's result was written at (its last ``done`` event), or None when
+    the result (``adapter.safetensors`` / ``unet/``) is not there."""
+    run = Path(run)
+    if not (run / (f"{FULL_UNET}/{CONFIG}" if method == "full" else ADAPTER)).is_file():
+        return None
+    done = [e for e in read_events(run / EVENTS) if e.get("type") == "done"]
+    steps = done[-1].get("steps") if done else None
+    return steps if isinstance(steps, int) else None
 
 
 def clear_attempt(run: Path, keep_class: bool) -> None:
@@ -184,6 +225,41 @@ def clear_attempt(run: Path, keep_class: bool) -> None:
         shutil.rmtree(run / name, ignore_errors=True)
     for name in (CONFIG, EVENTS):
         (run / name).unlink(missing_ok=True)
+
+
+# Temporaries of atomic writes: ``.NAME.tmp-PID`` (a file or folder being written) and
+# ``.NAME.old-PID`` (a folder being replaced), see formats.files.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)$")
+
+
+def remove_stale_temporaries(run: Path, also: tuple[Path, ...] = ()) -> list[Path]:
+    """Remove what killed writers left in the run folder: ``checkpoints/.tmp-step-N``,
+    ``.old-step-N`` and incomplete ``step-N`` (only this run's trainer writes those: call it
+    holding the run's lock), and ``.NAME.tmp-PID`` / ``.NAME.old-PID`` of processes that no
+    longer run, in the run folder, its checkpoints, samples, instance and class folders and the
+    folders ``also`` (a shared class folder). Returns what was removed."""
+    run = Path(run)
+    ckpts, samples = run / CHECKPOINTS, run / SAMPLES
+    stale = [*ckpts.glob(".tmp-step-*"), *ckpts.glob(".old-step-*")] if ckpts.is_dir() else []
+    folders = [run, ckpts, samples, run / INSTANCE, run / CLASS, *also,
+               *(p for root in (ckpts, samples) if root.is_dir() for p in root.glob("step-*"))]
+    if ckpts.is_dir():                                 # incomplete step-N/: half deleted by an older version
+        complete = {f"step-{s}" for s in checkpoint_steps(run)}
+        stale += [p for p in ckpts.glob("step-*") if p.is_dir() and p.name not in complete]
+    for folder in dict.fromkeys(folders):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            m = _TEMPORARY.match(p.name)
+            if m and int(m["pid"]) != os.getpid() and not _pid_alive(int(m["pid"])):
+                stale.append(p)
+    stale = list(dict.fromkeys(stale))                 # (a folder given twice under one name)
+    for p in stale:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return stale
 
 
 def final_result(run: Path, method: str) -> Path:
@@ -221,10 +297,16 @@ def resolve_adapter(adapter: str | os.PathLike) -> AdapterSource:
         return AdapterSource("full", p, None, False)
     if p.is_dir() and (p / LORA_WEIGHT_NAME).is_file():
         return AdapterSource("adapter", p / LORA_WEIGHT_NAME, None, False)
+    if p.is_dir() and (p / ADAPTER).is_file() and p.parent.name == CHECKPOINTS:     # a checkpoint folder
+        return AdapterSource("adapter", p / ADAPTER, None, False)
     if p.is_file() and p.suffix == ".safetensors":
         return AdapterSource("adapter", p, None, False)
     if p.is_file():
         raise ValueError(f"--adapter {p}: only .safetensors adapter files are read")
+    gone = _checkpoint_of(p)
+    if gone is not None and not p.exists():
+        run, step = gone
+        raise FileNotFoundError(_no_checkpoint(run, step))
     raise FileNotFoundError(f"--adapter {p}: not a run folder, adapter folder or .safetensors file")
 
 
@@ -232,9 +314,28 @@ def checkpoint_adapter(run: Path, step: int) -> Path:
     """``checkpoints/step-N/adapter.safetensors``; the error lists the checkpoints that have one."""
     path = checkpoint_dir(run, step) / ADAPTER
     if not path.is_file():
-        have = [f"step-{s}" for s in checkpoint_steps(run, holding=ADAPTER)]
-        raise FileNotFoundError(f"{path} does not exist; checkpoints with adapters: {', '.join(have) or 'none'}")
+        raise FileNotFoundError(_no_checkpoint(Path(run), step))
     return path
+
+
+def _checkpoint_of(path: Path) -> tuple[Path, int] | None:
+    """(run folder, step) when ``path`` is, or lies in, a run's ``checkpoints/step-N``."""
+    for folder in (path, *path.parents):
+        name = folder.name
+        if folder.parent.name == CHECKPOINTS and name.startswith("step-") and name[5:].isdigit() \
+                and is_run(folder.parent.parent):
+            return folder.parent.parent, int(name[5:])
+    return None
+
+
+def _no_checkpoint(run: Path, step: int) -> str:
+    """Why ``checkpoints/step-N`` cannot be used: rotated away (the run wrote it) or never written."""
+    have = ", ".join(f"step-{s}" for s in checkpoint_steps(run, holding=ADAPTER)) or "none"
+    written = any(e.get("type") == "checkpoint" and e.get("step") == step for e in read_events(run / EVENTS))
+    why = ("no longer exists: the run keeps only its newest checkpoints (--keep-checkpoints) and deleted it"
+           if written else "does not exist: the run never wrote it")
+    return (f"checkpoint step-{step} of {run} {why}; checkpoints with adapters now: {have}. Pass one of "
+            f"those, or the run folder for its final adapter")
 
 
 # ---- one trainer per run folder --------------------------------------------------------------
@@ -245,51 +346,114 @@ class RunBusy(RuntimeError):
 @contextmanager
 def run_lock(run: Path):
     """One trainer per run folder: a second ``train`` / ``--resume`` of the same folder fails at
-    once instead of interleaving checkpoints with the first. The lock file holds
-    ``host:pid``; one left by a process that no longer runs on this machine is taken over."""
+    once instead of interleaving checkpoints with the first. The lock file holds ``host:pid``,
+    written whole before it gets the lock's name (a hard link, which fails when the lock
+    exists), so a lock is never empty; one left by a process that no longer runs on this machine
+    is taken over, and so is an empty one (older versions wrote the name first) after a few seconds."""
     lock = Path(run) / LOCK
     me = f"{socket.gethostname()}:{os.getpid()}"
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = lock.read_text().strip()
-            except OSError:
-                owner = ""
-            if attempt == 0 and not _lock_owner_alive(owner):
-                lock.unlink(missing_ok=True)              # left by a killed run: take it over
-                continue
-            raise RunBusy(f"{run} is being trained by another process ({owner or 'unknown'}); wait for it to "
-                          f"finish or stop it, then --resume. If nothing is training it, delete {lock}") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        break
+    for attempt in range(3):
+        if _create_lock(lock, me):
+            break
+        owner = _lock_owner(lock)
+        if owner is None:                                  # released meanwhile: try again
+            continue
+        if attempt < 2 and _lock_stale(lock, owner):
+            lock.unlink(missing_ok=True)                   # left by a killed run: take it over
+            continue
+        raise RunBusy(f"{run} is being trained by another process ({owner or 'unknown: the lock is empty'}); "
+                      f"wait for it to finish or stop it, then --resume. If nothing is training it, delete {lock}")
+    else:
+        raise RunBusy(f"{run}: its lock {lock} keeps changing hands; is another trainer starting? Try again")
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        if _lock_owner(lock) == me:                       # (not a lock another process took over)
+            lock.unlink(missing_ok=True)
+
+
+EMPTY_LOCK_GRACE_S = 5.0        # an empty lock younger than this may be an older version's, being written
+
+
+def _create_lock(lock: Path, me: str) -> bool:
+    """Write ``me`` into a temporary file and link it to ``lock``; False when a lock exists.
+    Where the file system has no hard links, create the lock exclusively and write it (on a
+    failed write it is removed). Nothing is left behind on an error."""
+    tmp = lock.with_name(f"{lock.name}.tmp-{os.getpid()}")
+    try:
+        try:
+            tmp.write_text(me)
+            os.link(tmp, lock)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+        except OSError:
+            lock.unlink(missing_ok=True)
+            raise
+        return True
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write the lock {lock} ({e.strerror}); free space on that disk or fix "
+                               f"its permissions, then run the command again") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _lock_owner(lock: Path) -> str | None:
+    """The lock's ``host:pid`` ("" when empty or unreadable), or None when there is no lock."""
+    try:
+        return lock.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return ""
+
+
+def _lock_stale(lock: Path, owner: str) -> bool:
+    """A lock nobody holds: its process is gone from this machine, or it has been empty for a
+    few seconds (only a writer that died between creating and writing it leaves one)."""
+    if not owner:
+        try:
+            return time.time() - lock.stat().st_mtime > EMPTY_LOCK_GRACE_S
+        except FileNotFoundError:
+            return True
+    return not _lock_owner_alive(owner)
 
 
 def run_busy(run: str | os.PathLike) -> str | None:
     """``host:pid`` of another live process training ``run`` now (its lock), or None (no lock, a
     dead owner's, or this process's own: its threads know their runs)."""
-    try:
-        owner = (Path(run) / LOCK).read_text().strip()
-    except OSError:
+    lock = Path(run) / LOCK
+    owner = _lock_owner(lock)
+    if owner is None or owner == f"{socket.gethostname()}:{os.getpid()}" or _lock_stale(lock, owner):
         return None
-    mine = owner == f"{socket.gethostname()}:{os.getpid()}"
-    return owner if not mine and _lock_owner_alive(owner) else None
+    return owner or "unknown"
 
 
 def _lock_owner_alive(owner: str) -> bool:
     host, _, pid = owner.rpartition(":")
     if host != socket.gethostname() or not pid.isdigit():
         return True                                   # another machine's, or unreadable: assume it runs
+    return _pid_alive(int(pid))
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this machine."""
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    except OverflowError:
+        return False
     return True

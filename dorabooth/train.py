@@ -21,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, losses
+from . import adapters, faults, losses
 from . import families as fam
 from . import rundir as rd
-from .checkpoints import TrainingDiverged, TrainState, restore_checkpoint, save_checkpoint, save_final
-from .config import TrainConfig
+from .checkpoints import (TrainingDiverged, TrainState, check_finite_weights, diverged, restore_checkpoint,
+                          save_checkpoint, save_final)
+from .config import RESUME_OVERRIDES, TrainConfig
 from .data import batch_stream, check_images
 from .devices import EmulatedPrecisionWarning, detect_device
 from .events import EventLog, stop_requested
@@ -50,6 +51,7 @@ class RunResult:
     step: int
     stopped: bool = False
     main_process: bool = True            # False in the other processes of a multi-process run
+    finished: bool = False               # --resume of a run already finished: nothing was trained
 
 
 # =============================================================================================
@@ -69,6 +71,9 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
     config = plan.config                               # file is written (and the Accelerator needs the precision)
     if config.resume and not rd.has_progress(run):     # nothing to continue: the run starts over in place
         config = replace(config, resume=False)
+    done = already_finished(config, run, on_event)
+    if done is not None:
+        return done
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_cpu_processes())
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
@@ -77,6 +82,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
         with run_lock(run) if accelerator.is_main_process else nullcontext():
             emit = EventLog(run / rd.EVENTS, on_event) if accelerator.is_main_process else EventLog()
             if accelerator.is_main_process:
+                remove_leftovers(config, run, emit)
                 restart_in_place(config, run, emit)
                 report_device(plan, emit)
             try:
@@ -96,7 +102,8 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     config = resolve_config(config, pipe, family, run)
     accelerator.wait_for_everyone()                    # every process has checked the folder first
     if accelerator.is_main_process:
-        rd.write_config(run, config, run_metadata(base, family, pipe, accelerator))
+        rd.write_config(run, config, {**run_metadata(base, family, pipe, accelerator),
+                                      **resume_overrides(config, run, emit)})
     load_weights(pipe, weights, weight_dtype, fp32=fp32_components(config, family))
     pipe.set_progress_bar_config(disable=True)
 
@@ -182,6 +189,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        faults.reach("step", step)
 
         window = (window + [time.monotonic() - t0])[-20:]
         it_s = len(window) / sum(window)
@@ -192,11 +200,13 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         if _due(step, config.checkpoint_every, total) or stopping:
             last_good = save_checkpoint(run, step, state, pipe, config, accelerator, emit)
         if _due(step, config.sample_every, total) or step == total:
+            check_finite_weights(params, step, last_good)
             save_samples(pipe, family, config, run, step, accelerator, emit)
         if stopping and step < total:
             emit("stopped", step=step)
             return RunResult(run, None, step, stopped=True, main_process=accelerator.is_main_process)
 
+    check_finite_weights(params, step, last_good)
     adapter = save_final(pipe, config, run, base, accelerator)
     emit("done", adapter=str(adapter), steps=step, seconds=round(time.monotonic() - started, 1))
     return RunResult(run, adapter, step, main_process=accelerator.is_main_process)
@@ -226,6 +236,48 @@ def plan_device(config: TrainConfig, run: Path) -> RunPlan:
     if config.resume and rd.is_run(run):
         config = fill_from_run(config, rd.read_config(run)[0])
     return plan_run(config, model_spec(config.model, config.model_config), detect_device())
+
+
+def already_finished(config: TrainConfig, run: Path, on_event) -> RunResult | None:
+    """--resume of a run whose result is there and that has trained ``config.steps`` already:
+    nothing to train (a ``finished`` event says so and how to train longer; nothing is written)."""
+    step = rd.finished_step(run, config.method) if config.resume else None
+    if step is None or config.steps > step:
+        return None
+    result = rd.final_result(run, config.method)
+    EventLog(None, on_event)("finished", step=step, adapter=str(result),
+                             message=f"{run} is finished: {result.name} was written at step {step}; to train "
+                                     f"longer pass --resume --steps N with N > {step}")
+    return RunResult(run, result, step, finished=True)
+
+
+def remove_leftovers(config: TrainConfig, run: Path, emit: EventLog) -> None:
+    """What processes killed while writing left (temporaries, a checkpoint being written or
+    deleted) goes before the run starts or resumes (``rundir.remove_stale_temporaries``)."""
+    shared = (config.class_dir,) if config.prior_preservation else ()
+    removed = rd.remove_stale_temporaries(run, also=shared)
+    if removed:
+        emit("cleaned", paths=[str(p) for p in removed])
+
+
+def resume_overrides(config: TrainConfig, run: Path, emit: EventLog) -> dict:
+    """On --resume, the changes of the fields a resume may change in what is learned
+    (``config.RESUME_OVERRIDES``: learning rates, clipping) as ``{"overrides": [{step, field,
+    old, new}, ...]}`` for ``config.json``, after those recorded by earlier resumes; each new
+    one is an ``override`` event."""
+    if not (config.resume and rd.is_run(run)):
+        return {}
+    recorded = rd.config_data(run)
+    previous = TrainConfig.from_dict(recorded["config"])
+    history = list(recorded.get("overrides") or [])
+    step = (rd.checkpoint_steps(run) or [0])[-1]
+    for name in sorted(RESUME_OVERRIDES):
+        old, new = getattr(previous, name), getattr(config, name)
+        if old != new:
+            history.append({"step": step, "field": name, "old": old, "new": new})
+            emit("override", step=step, field=name, old=old, new=new,
+                 message=f"resuming from step {step} with {name} {new} (was {old})")
+    return {"overrides": history} if history else {}
 
 
 def restart_in_place(config: TrainConfig, run: Path, emit: EventLog) -> None:
@@ -349,10 +401,7 @@ def check_finite(loss: torch.Tensor, step: int, last_good: Path | None, accelera
     bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=loss.device)
     if float(accelerator.reduce(bad, "sum")) == 0:
         return
-    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
-    raise TrainingDiverged(f"loss became {float(loss.detach())} at step {step}; training stopped and {kept}. "
-                           f"Lower --lr, use --mixed-precision bf16 or no, or raise --max-grad-norm limits; "
-                           f"--resume continues from the last checkpoint")
+    raise diverged(f"the loss became {float(loss.detach())}", step, last_good)
 
 
 def _due(step: int, every: int, total: int) -> bool:

@@ -392,3 +392,40 @@ def test_a_run_that_failed_before_its_first_checkpoint_restarts_in_place(tmp_pat
     events = [json.loads(line)["type"] for line in (other / "events.jsonl").read_text().splitlines()]
     assert events[0] == "restart" and "error" not in events and events[-1] == "done"
     assert json.loads((other / "config.json").read_text())["config"]["class_noun"] == "dog"
+
+
+def test_the_divergence_advice_works(tmp_path, capsys, monkeypatch):
+    """issue 13 #6: after "loss became nan … lower --lr … --resume continues", `--resume --lr`
+    was refused ("lr differ"). Now it continues with the new rate (the text encoders' rate, the
+    old default, follows it) and clipping, recorded in config.json."""
+    from dorabooth import losses
+
+    model = str(save_model("sd15", tmp_path / "model"))
+    subject = make_subject(tmp_path / "subject")
+    run = tmp_path / "run"
+    real, calls = losses.dreambooth_loss, {"n": 0}
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        loss, parts = real(*args, **kw)
+        return (loss * float("nan"), parts) if calls["n"] == 3 else (loss, parts)
+
+    monkeypatch.setattr(losses, "dreambooth_loss", poisoned)
+    argv = ["train", "--images", str(subject), "--class-noun", "dog", "--out", str(run), "--model", model,
+            "--steps", "4", "--checkpoint-every", "2", "--rank", "4", "--lr", "1e-3", "--no-prior-preservation",
+            "--train-text-encoders"]
+    assert cli.main(argv) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"error: training diverged: the loss became nan at step 3; it stopped and the last good checkpoint is "
+        f"{run / 'checkpoints' / 'step-2'}. Lower --lr")
+    assert errors[0].endswith("--resume with a lower --lr (or --max-grad-norm) continues from it")
+    assert cli.main(["train", "--out", str(run), "--resume", "--lr", "2e-4", "--max-grad-norm", "0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "resuming from step 2 with lr 0.0002 (was 0.001)\n" in err and "differ" not in err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["config"]["lr"], saved["config"]["text_encoder_lr"], saved["config"]["max_grad_norm"]) == \
+        (2e-4, 2e-4, 0.5)
+    assert [(o["field"], o["old"], o["new"]) for o in saved["overrides"]] == \
+        [("lr", 1e-3, 2e-4), ("max_grad_norm", 1.0, 0.5), ("text_encoder_lr", 1e-3, 2e-4)]
+    assert (run / "adapter.safetensors").is_file()

@@ -116,10 +116,11 @@ def test_json_round_trip(tmp_path):
         read_config(tmp_path / "nothing")
 
 
-def test_recipe_differences_ignore_run_mechanics():
+def test_recipe_differences_ignore_run_mechanics_and_resume_overrides():
     a = TrainConfig(**BASE, steps=10)
     assert a.recipe_differences(TrainConfig(**BASE, steps=20, resume=True, checkpoint_every=5)) == []
-    assert a.recipe_differences(TrainConfig(**BASE, steps=10, lr=1e-3)) == ["lr"]
+    assert a.recipe_differences(TrainConfig(**BASE, steps=10, lr=1e-3, text_encoder_lr=1e-5, max_grad_norm=0.5)) == []
+    assert a.recipe_differences(TrainConfig(**BASE, steps=10, rank=8, seed=3)) == ["rank", "seed"]
 
 
 def test_device_fields_default_to_auto_and_round_trip(tmp_path):

@@ -259,8 +259,8 @@ def test_resume_refuses_changed_recipe_and_existing_runs(root, subject, tmp_path
     train(config)
     with pytest.raises(FileExistsError, match="--resume"):
         train(config)
-    with pytest.raises(ValueError, match="lr differ"):
-        train(TrainConfig(**{**config.to_dict(), "lr": 5e-4, "resume": True}))
+    with pytest.raises(ValueError, match="seed differ"):
+        train(TrainConfig(**{**config.to_dict(), "seed": 5, "resume": True}))
     with pytest.raises(FileNotFoundError, match="no run to continue"):
         train(TrainConfig(**{**config.to_dict(), "out": str(tmp_path / "new"), "resume": True}))
     extended = train(TrainConfig(**{**config.to_dict(), "steps": 2, "resume": True}))   # more steps: allowed
@@ -285,6 +285,61 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(root, subject, tmp
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-2"]
     assert not (run / "adapter.safetensors").exists()
     assert events[-1]["type"] == "error" and "nan" in events[-1]["message"]
+
+
+def test_non_finite_weights_at_a_checkpoint_stop_as_diverged_and_write_nothing(root, subject, tmp_path, monkeypatch):
+    """Weights gone NaN with a finite loss (the step after it is not taken): the checkpoint due
+    is not written, not even in part, and the message is the divergence one."""
+    import importlib
+
+    trainer = importlib.import_module("dorabooth.train")
+    params, real = {}, trainer.setup_method
+    monkeypatch.setattr(trainer, "setup_method", lambda pipe, config: params.update(real(pipe, config)) or params)
+
+    def poison(event):
+        if event["type"] == "step" and event["step"] == 4:
+            next(iter(params.values())).data.fill_(float("nan"))
+
+    config = run_config(root, subject, tmp_path, "sd15", steps=6, checkpoint_every=2)
+    with pytest.raises(TrainingDiverged, match=r"^training diverged: the weights became NaN/inf \(unet\..*\) at step 4; "
+                                               r"it stopped and the last good checkpoint is .*checkpoints/step-2\. "
+                                               r"Lower --lr.*--resume with a lower --lr"):
+        train(config, on_event=poison)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2"]
+    assert not (run / "adapter.safetensors").exists()
+
+
+def test_resume_with_a_lower_lr_continues_the_schedule_with_it(root, subject, tmp_path, monkeypatch):
+    """The way out of a divergence: --resume with a lower learning rate (and clipping). The LR
+    schedule restored from the checkpoint continues with the new rate, not the checkpoint's;
+    config.json records the change."""
+    real = losses.dreambooth_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        loss, parts = real(*args, **kw)
+        return (loss * float("nan"), parts) if calls["n"] == 3 else (loss, parts)
+
+    config = run_config(root, subject, tmp_path, "sd15", steps=4, checkpoint_every=2, lr_schedule="linear")
+    with monkeypatch.context() as m:
+        m.setattr(losses, "dreambooth_loss", poisoned)
+        with pytest.raises(TrainingDiverged, match="at step 3"):
+            train(config)
+    events = []
+    lower = TrainConfig(**{**config.to_dict(), "lr": 2.5e-4, "max_grad_norm": 0.5, "resume": True})
+    assert train(lower, on_event=events.append).step == 4
+    lrs = {e["step"]: e["lr"] for e in events if e["type"] == "step"}
+    assert lrs == {3: pytest.approx(2.5e-4 * lr_factor(3, lower)), 4: pytest.approx(2.5e-4 * lr_factor(4, lower))}
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["config"]["lr"] == 2.5e-4 and saved["config"]["max_grad_norm"] == 0.5
+    assert saved["overrides"] == [{"step": 2, "field": "lr", "old": 1e-3, "new": 2.5e-4},
+                                  {"step": 2, "field": "max_grad_norm", "old": 1.0, "new": 0.5},
+                                  {"step": 2, "field": "text_encoder_lr", "old": 1e-3, "new": 2.5e-4}]
+    assert [e["message"] for e in events if e["type"] == "override"] == [
+        "resuming from step 2 with lr 0.00025 (was 0.001)", "resuming from step 2 with max_grad_norm 0.5 (was 1.0)",
+        "resuming from step 2 with text_encoder_lr 0.00025 (was 0.001)"]
 
 
 def test_bad_images_are_skipped_and_the_run_continues(root, subject, tmp_path):

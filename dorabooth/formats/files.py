@@ -25,6 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .. import faults
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _MAX_HEADER = 100 * 2**20
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -255,6 +257,7 @@ def atomic_file(path: str | os.PathLike):
     tmp = temp_sibling(target)
     try:
         yield tmp
+        faults.reach("rename", target)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
