@@ -20,6 +20,7 @@ import torch
 from . import adapters, inject
 from . import rundir as rd
 from .config import TrainConfig
+from .diskfull import DiskFull
 from .formats.files import atomic_folder, read_safetensors, write_json, write_safetensors
 from .models import BaseModel
 from .version import __version__
@@ -72,12 +73,40 @@ def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit) -> Path:
+    """:func:`write_checkpoint`; when it fails (disk full, a NaN) its temporary folder goes, and
+    running out of space says what a checkpoint of this run needs."""
+    tmp = _tmp_dir(run, step)
+    try:
+        return write_checkpoint(run, step, state, pipe, config, accelerator, emit)
+    except BaseException as e:
+        if not accelerator.is_main_process:
+            raise
+        needs = _checkpoint_bytes(run, tmp, e)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DiskFull):
+            raise e.carry_on(e.way_out, needs=needs) from e
+        raise
+
+
+def _tmp_dir(run: Path, step: int) -> Path:
+    final = rd.checkpoint_dir(run, step)
+    return final.with_name(f".tmp-{final.name}")
+
+
+def _checkpoint_bytes(run: Path, tmp: Path, e: BaseException) -> int | None:
+    """A checkpoint's size: the last complete one's, else what the failed one wrote and was writing."""
+    last = rd.latest_checkpoint(run)
+    written = [f.stat().st_size for f in (last or tmp).rglob("*") if f.is_file()]
+    return sum(written) + (0 if last else getattr(e, "needs", None) or 0) or None
+
+
+def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit) -> Path:
     """``checkpoints/step-N/``: trainable tensors, optimizer (safetensors + JSON), LR schedule,
     data position and every process's RNG, plus ``adapter.safetensors`` (usable with generate);
     written under a temporary name and renamed, then older checkpoints beyond
     ``keep_checkpoints`` are removed."""
     final = rd.checkpoint_dir(run, step)
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = _tmp_dir(run, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -28,6 +28,7 @@ from .checkpoints import TrainingDiverged, TrainState, restore_checkpoint, save_
 from .config import TrainConfig
 from .data import batch_stream, check_images
 from .devices import EmulatedPrecisionWarning, detect_device
+from .diskfull import DiskFull
 from .events import EventLog, stop_requested
 from .families import Family, detect_family
 from .inject import has_trainable
@@ -82,10 +83,27 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
             try:
                 return _train(config, accelerator, run, emit, stop)
             except Exception as e:
-                emit("error", message=f"{type(e).__name__}: {e}")
-                raise
+                explained = _explained(e, config, run)
+                with suppress(OSError):                # a full disk may refuse this line too
+                    emit("error", message=f"{type(explained).__name__}: {explained}")
+                if explained is e:
+                    raise
+                raise explained from e
     finally:
         _release(accelerator)
+
+
+def _explained(e: Exception, config: TrainConfig, run: Path) -> Exception:
+    """``e``, or for a full disk and a number that overflowed, an error that says how to carry on."""
+    if isinstance(e, DiskFull):
+        last = rd.latest_checkpoint(run)
+        kept = f"the last complete checkpoint {last.name} is kept" if last else "no checkpoint was complete yet"
+        return e.carry_on(f"continue with --resume; {kept}")
+    if isinstance(e, OverflowError) or (isinstance(e, RuntimeError) and "without overflow" in str(e)):
+        return ValueError(f"a number overflowed while training {run} ({e}): --lr {config.lr:g}"
+                          f"{f', --text-encoder-lr {config.text_encoder_lr:g}' if config.text_encoder_lr else ''} "
+                          f"is far too large; use e.g. 1e-4 (typical 1e-5 … 1e-3)")
+    return e
 
 
 def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) -> RunResult:
