@@ -81,10 +81,9 @@ def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Train
     except BaseException as e:
         if not accelerator.is_main_process:
             raise
-        needs = _checkpoint_bytes(run, tmp, e)
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, DiskFull):
-            raise e.carry_on(e.way_out, needs=needs) from e
+            raise e.carry_on(e.way_out, needs=_checkpoint_bytes(state, config)) from e
         raise
 
 
@@ -93,11 +92,12 @@ def _tmp_dir(run: Path, step: int) -> Path:
     return final.with_name(f".tmp-{final.name}")
 
 
-def _checkpoint_bytes(run: Path, tmp: Path, e: BaseException) -> int | None:
-    """A checkpoint's size: the last complete one's, else what the failed one wrote and was writing."""
-    last = rd.latest_checkpoint(run)
-    written = [f.stat().st_size for f in (last or tmp).rglob("*") if f.is_file()]
-    return sum(written) + (0 if last else getattr(e, "needs", None) or 0) or None
+def _checkpoint_bytes(state: TrainState, config: TrainConfig) -> int:
+    """About what a checkpoint takes: the trainable tensors in fp32, their copy as the adapter
+    file (dora/lora) and the optimizer's state tensors."""
+    trainable = sum(p.numel() for p in state.params.values()) * 4
+    moments = sum(t.nbytes for s in state.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    return trainable * (1 if config.method == "full" else 2) + moments
 
 
 def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit) -> Path:

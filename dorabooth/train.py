@@ -100,9 +100,10 @@ def _explained(e: Exception, config: TrainConfig, run: Path) -> Exception:
         kept = f"the last complete checkpoint {last.name} is kept" if last else "no checkpoint was complete yet"
         return e.carry_on(f"continue with --resume; {kept}")
     if isinstance(e, OverflowError) or (isinstance(e, RuntimeError) and "without overflow" in str(e)):
-        return ValueError(f"a number overflowed while training {run} ({e}): --lr {config.lr:g}"
-                          f"{f', --text-encoder-lr {config.text_encoder_lr:g}' if config.text_encoder_lr else ''} "
-                          f"is far too large; use e.g. 1e-4 (typical 1e-5 … 1e-3)")
+        lrs = f"--lr {config.lr:g}" + (f" or --text-encoder-lr {config.text_encoder_lr:g}"
+                                       if config.train_text_encoders and config.text_encoder_lr else "")
+        return ValueError(f"a number overflowed while training {run} ({e}): {lrs} is far too large; use e.g. 1e-4 "
+                          f"(typical 1e-5 … 1e-3)")
     return e
 
 
