@@ -40,7 +40,7 @@ from . import rundir as rd
 from .conventions import MAGNITUDE_AXES
 from .events import EventLog
 from .formats.adapter_files import read_adapter_file
-from .formats.files import read_metadata, read_tensor, tensor_shapes, write_json
+from .formats.files import atomic_file, read_metadata, read_tensor, tensor_shapes, write_json
 from .formats.layout import text_module
 from .formats.neutral import adapted_weight
 from .inject import TEXT_ENCODER_TARGETS, module_name, resolve_targets
@@ -417,7 +417,8 @@ def plot(data: Mapping, path: str | os.PathLike, *, layers: str = "query") -> Pa
     fig.suptitle(textwrap.fill(title, width=int(15 * 4.2 * len(panels))), fontsize=9)   # ~15 chars/inch at 9 pt
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 

@@ -20,6 +20,7 @@ import torch
 from . import adapters, faults, inject
 from . import rundir as rd
 from .config import TrainConfig
+from .diskfull import DiskFull
 from .formats.files import atomic_folder, read_safetensors, write_json, write_safetensors
 from .models import BaseModel
 from .version import __version__
@@ -89,6 +90,34 @@ def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit) -> Path:
+    """:func:`write_checkpoint`; when it fails (disk full, a NaN) its temporary folder goes, and
+    running out of space says what a checkpoint of this run needs."""
+    tmp = _tmp_dir(run, step)
+    try:
+        return write_checkpoint(run, step, state, pipe, config, accelerator, emit)
+    except BaseException as e:
+        if not accelerator.is_main_process:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, DiskFull):
+            raise e.carry_on(e.way_out, needs=_checkpoint_bytes(state, config)) from e
+        raise
+
+
+def _tmp_dir(run: Path, step: int) -> Path:
+    final = rd.checkpoint_dir(run, step)
+    return final.with_name(f".tmp-{final.name}")
+
+
+def _checkpoint_bytes(state: TrainState, config: TrainConfig) -> int:
+    """About what a checkpoint takes: the trainable tensors in fp32, their copy as the adapter
+    file (dora/lora) and the optimizer's state tensors."""
+    trainable = sum(p.numel() for p in state.params.values()) * 4
+    moments = sum(t.nbytes for s in state.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    return trainable * (1 if config.method == "full" else 2) + moments
+
+
+def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit) -> Path:
     """``checkpoints/step-N/``: trainable tensors, optimizer (safetensors + JSON), LR schedule,
     data position and every process's RNG, plus ``adapter.safetensors`` (usable with generate);
     written under a temporary name and renamed, then older checkpoints beyond
@@ -96,7 +125,7 @@ def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Train
     stop the run (:func:`diverged`) before anything is written."""
     check_finite_weights(state.params, step, rd.latest_checkpoint(run))
     final = rd.checkpoint_dir(run, step)
-    tmp = final.with_name(f".tmp-{final.name}")
+    tmp = _tmp_dir(run, step)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -315,11 +315,23 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError)
 
 def _user_error(e: Exception) -> bool:
     """An error whose message says what to change (printed without a traceback)."""
-    if isinstance(e, USER_ERRORS):
+    if isinstance(e, USER_ERRORS) or _message(e) is not None:
         return True                                 # (no import: a mistake found before torch loads stays fast)
     from .checkpoints import TrainingDiverged
     from .rundir import RunBusy
     return isinstance(e, (TrainingDiverged, RunBusy))
+
+
+def _message(e: Exception) -> str | None:
+    """The one line for an ordinary failure that arrives without a message of ours: a full disk
+    that no write helper named (safetensors' own error is no OSError), a number that overflowed."""
+    from .diskfull import AGAIN, DiskFull, is_disk_full
+
+    if is_disk_full(e) and not isinstance(e, DiskFull):
+        return f"disk full ({e}): free space on the output's disk and {AGAIN}"
+    if isinstance(e, OverflowError) or (isinstance(e, RuntimeError) and "without overflow" in str(e)):
+        return f"a number overflowed ({e}): a value given (a learning rate, a strength, a scale) is far too large"
+    return None
 
 
 def main(argv=None) -> int:
@@ -341,7 +353,7 @@ def main(argv=None) -> int:
     except Exception as e:
         if os.environ.get("DORABOOTH_DEBUG") or not _user_error(e):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_message(e) or e}", file=sys.stderr)
         return 1
 
 

@@ -296,6 +296,8 @@ def prepare_images(
     reason (``on_skip(Skipped)`` is called for each). A ``manifest.json`` records every
     example; raises ``ValueError`` naming the folder when no image is left.
     """
+    from .formats.files import atomic_file
+
     src, dst = Path(src), Path(dst)
     min_side = resolution // 2 if min_side is None else min_side
     sizes = bucket_sizes(resolution, multiple) if buckets else [(resolution, resolution)]
@@ -314,7 +316,8 @@ def prepare_images(
         size = nearest_bucket(image.width, image.height, sizes)
         crop, corner = fit(image, size)
         out = dst / f"{i:03d}-{_safe_stem(path.stem)}.png"
-        crop.save(out)
+        with atomic_file(out) as tmp:                 # a full disk leaves no half-written photo
+            crop.save(tmp, format="PNG")
         examples.append(Example(out.name, prompt_for(read_caption(path)), size,
                                 (image.height, image.width), corner, path.name))
     if not examples:

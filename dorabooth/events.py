@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from . import diskfull
+
 EventCallback = Callable[[dict], None]
 
 
@@ -36,7 +38,8 @@ def stop_requested(stop) -> bool:
 
 
 class EventLog:
-    """Builds events, appends them to ``path`` (if given) and passes them to ``on_event``."""
+    """Builds events, appends them to ``path`` (if given) and passes them to ``on_event``. An
+    append that runs out of space raises :class:`~dorabooth.diskfull.DiskFull` naming ``path``."""
 
     def __init__(self, path: str | Path | None = None, on_event: EventCallback | None = None):
         self.path = Path(path) if path is not None else None
@@ -45,7 +48,7 @@ class EventLog:
     def __call__(self, type: str, **fields) -> dict:
         event = {"type": type, "time": round(time.time(), 3), **fields}
         if self.path is not None:
-            with open(self.path, "a", encoding="utf-8") as f:
+            with diskfull.naming(self.path), open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(event, default=str) + "\n")
         if self.on_event is not None:
             self.on_event(event)

@@ -188,9 +188,9 @@ def _a1111_text(p: dict) -> str:
 
 
 def save_png(image: Image.Image, folder: str | os.PathLike, name: str) -> Path:
-    """Write ``image`` with its parameters as PNG text chunks; temp name, then rename."""
+    """Write ``image`` with its parameters as PNG text chunks; temp name, then rename (a failed
+    write leaves neither the temporary nor a folder it made)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     for key in ("parameters", "dorabooth"):
         if key in image.info:
@@ -226,8 +226,7 @@ def generate(prompt: str, *, out: str | os.PathLike, adapter: str | os.PathLike 
         session = Session(model, merge=merge, model_config=model_config)
     session.use_adapter(source)
     strengths = [strength] if isinstance(strength, (int, float)) else list(strength)
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(out)                                  # made by the first image written
     paths = []
     for t in strengths:
         session.set_strength(t)

@@ -64,8 +64,7 @@ def save_samples(pipe, family, config: TrainConfig, run: Path, step: int, accele
         accelerator.wait_for_everyone()
         return
     defaults = fam.generate_defaults(family, pipe)
-    folder = run / rd.SAMPLES / f"step-{step}"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = run / rd.SAMPLES / f"step-{step}"                # made by the first image written
     modules = [pipe.unet, *fam.text_encoder_modules(pipe, family)]
     modes = [m.training for m in modules]
     for m in modules:

@@ -14,7 +14,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
@@ -29,6 +29,7 @@ from .checkpoints import (TrainingDiverged, TrainState, check_finite_weights, di
 from .config import RESUME_OVERRIDES, TrainConfig
 from .data import batch_stream, check_images
 from .devices import EmulatedPrecisionWarning, detect_device
+from .diskfull import DiskFull
 from .events import EventLog, stop_requested
 from .families import Family, detect_family
 from .inject import has_trainable
@@ -88,10 +89,28 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
             try:
                 return _train(config, accelerator, run, emit, stop)
             except Exception as e:
-                emit("error", message=f"{type(e).__name__}: {e}")
-                raise
+                explained = _explained(e, config, run)
+                with suppress(OSError):                # a full disk may refuse this line too
+                    emit("error", message=f"{type(explained).__name__}: {explained}")
+                if explained is e:
+                    raise
+                raise explained from e
     finally:
         _release(accelerator)
+
+
+def _explained(e: Exception, config: TrainConfig, run: Path) -> Exception:
+    """``e``, or for a full disk and a number that overflowed, an error that says how to carry on."""
+    if isinstance(e, DiskFull):
+        last = rd.latest_checkpoint(run)
+        kept = f"the last complete checkpoint {last.name} is kept" if last else "no checkpoint was complete yet"
+        return e.carry_on(f"continue with --resume; {kept}")
+    if isinstance(e, OverflowError) or (isinstance(e, RuntimeError) and "without overflow" in str(e)):
+        lrs = f"--lr {config.lr:g}" + (f" or --text-encoder-lr {config.text_encoder_lr:g}"
+                                       if config.train_text_encoders and config.text_encoder_lr else "")
+        return ValueError(f"a number overflowed while training {run} ({e}): {lrs} is far too large; use e.g. 1e-4 "
+                          f"(typical 1e-5 … 1e-3)")
+    return e
 
 
 def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) -> RunResult:

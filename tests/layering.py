@@ -17,7 +17,8 @@ FACE = PACKAGE
 
 # Lowest first. A name ending in ".*" covers a subpackage and its modules.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("leaves", {"version", "conventions", "lazyface", "importcheck", "quiet", "faults", "losses", "events", "families",
+    ("leaves", {"version", "conventions", "lazyface", "importcheck", "quiet", "faults", "diskfull", "losses", "events",
+                "families",
                 "data", "config", "dora", "dora_autograd", "optim", "formats.files", "formats.layout",
                 "formats.single_file"}),
     ("model access", {"inject", "models", "weights", "rundir", "devices", "specs", "memory", "preflight", "formats",

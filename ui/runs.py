@@ -165,6 +165,6 @@ def _plain_error(message: str) -> str:
     """``"ValueError: resolution 30 …"`` → ``"resolution 30 …"``: the type name tells a user nothing."""
     head, sep, rest = message.partition(": ")
     if sep and head.isidentifier() and (head.endswith("Error") or head.endswith("Exception")
-                                         or head == "TrainingDiverged"):
+                                         or head in ("TrainingDiverged", "DiskFull")):
         return rest
     return message

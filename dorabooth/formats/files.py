@@ -3,7 +3,9 @@
 Every file ``formats/`` reads or writes goes through here. Owns: refusing pickles (never
 ``torch.load`` a user's file), turning safetensors' terse errors for truncated or corrupt
 files into messages that name the file, the finiteness check before anything is written,
-and write-to-temp-then-rename (DESIGN §10).
+and write-to-temp-then-rename (DESIGN §10): a write that fails for any reason leaves no
+temporary and no folder it created, and one that runs out of space raises
+:class:`~dorabooth.diskfull.DiskFull` naming the file it was writing.
 
 Whole models are read and written one tensor at a time (:class:`SafetensorsReader`,
 :func:`write_safetensors_streaming`) with plain file reads and writes: a memory-mapped file's
@@ -19,13 +21,14 @@ import shutil
 import struct
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from itertools import takewhile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .. import faults
+from .. import diskfull, faults
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _MAX_HEADER = 100 * 2**20
@@ -208,20 +211,25 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[tuple
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(target) as tmp, open(tmp, "wb", buffering=0) as f:
-        f.write(struct.pack("<Q", len(raw)) + raw)
+    with atomic_file(target, needs=8 + len(raw) + offset) as tmp, open(tmp, "wb", buffering=0) as f:
+        _write_all(f, struct.pack("<Q", len(raw)) + raw)
         for name, dtype, shape in order:
             t = tensor_of(name).detach().to("cpu")
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise ValueError(f"{where}: {name} is {tuple(t.shape)} {t.dtype}, the header says {tuple(shape)} "
                                  f"{dtype}")
             check_finite({name: t}, where)
-            view = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-            for i in range(0, len(view), _CHUNK):
-                f.write(view[i:i + _CHUNK])
-            del t, view
+            _write_all(f, t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            del t
     return target
+
+
+def _write_all(f, data) -> None:
+    """All of ``data`` through the unbuffered file ``f``: a raw write may write less than asked
+    (a disk filling up), and the next call then raises the reason."""
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[f.write(view[:_CHUNK]):]
 
 
 def read_json(path: str | os.PathLike, what: str = "file"):
@@ -249,18 +257,39 @@ def temp_sibling(target: Path) -> Path:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike):
-    """Yield a temporary sibling of ``path`` to write; on success it is renamed onto ``path``
-    (readers never see a half-written file), on an error it is removed."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_sibling(target)
+def made_folders(path: str | os.PathLike) -> Iterator[Path]:
+    """``mkdir -p path``; when the block fails, the folders this made are removed again (those
+    still empty: a folder that existed before, or that another writer filled, stays)."""
+    folder = Path(path)
+    missing = list(takewhile(lambda p: not p.exists(), (folder, *folder.parents)))      # nearest first
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        yield tmp
-        faults.reach("rename", target)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+        yield folder
+    except BaseException:
+        for p in missing:
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, *, needs: int | None = None):
+    """Yield a temporary sibling of ``path`` to write; on success it is renamed onto ``path``
+    (readers never see a half-written file). On any error (raised by the block, or by closing,
+    flushing or renaming) the temporary and the folders made for ``path`` are removed; running
+    out of space raises :class:`~dorabooth.diskfull.DiskFull` naming ``path`` (``needs``: its size
+    in bytes, when known)."""
+    target = Path(path)
+    tmp = temp_sibling(target)
+    with made_folders(target.parent), diskfull.naming(target, needs):
+        try:
+            yield tmp
+            faults.reach("rename", target)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def write_json(path: str | os.PathLike, data, *, indent: int | None = 1, **dumps) -> Path:
@@ -285,8 +314,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
     check_finite(tensors, str(target))
     out = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(target) as tmp:
+    with atomic_file(target, needs=sum(t.nbytes for t in out.values())) as tmp:
         save_file(out, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
     return target
 
@@ -295,7 +323,9 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
 def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False):
     """Yield a temporary folder next to ``path``; on success it is renamed onto ``path``.
 
-    On an error the temporary folder is removed and an existing ``path`` is left untouched.
+    On an error the temporary folder and the folders made for ``path`` are removed and an
+    existing ``path`` is left untouched; running out of space raises
+    :class:`~dorabooth.diskfull.DiskFull` naming the file as it would have been in ``path``.
     """
     target = Path(path)
     if target.exists() and not overwrite:
@@ -304,15 +334,24 @@ def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False):
         raise FileExistsError(f"{target} exists and is not a folder")
     tmp = temp_sibling(target)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with made_folders(target.parent):
+        try:
+            with diskfull.naming(target, within=tmp):
+                tmp.mkdir()
+                yield tmp
+                if target.exists():
+                    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                    os.replace(target, old)
+                    os.replace(tmp, target)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.replace(tmp, target)
+        except diskfull.DiskFull as e:
+            raise e.carry_on(e.way_out, path=_outside(e.path, tmp, target)) from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _outside(path: Path, tmp: Path, target: Path) -> Path:
+    """``path`` inside the temporary folder ``tmp`` as it will be named in ``target``."""
+    return target / path.relative_to(tmp) if path.is_relative_to(tmp) else path
