@@ -17,13 +17,13 @@ import json
 import os
 import shutil
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 _MAX_HEADER = 100 * 2**20
@@ -196,9 +196,10 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[tuple
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
     where = where or str(target)
-    # larger items first, then by name (as safetensors' own writer), so every tensor stays aligned
+    # larger items first, then by name (as safetensors' own writer), so every tensor stays aligned;
+    # metadata sorted too: the same tensors and metadata always give the same bytes
     order = sorted(entries, key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0]))
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    header: dict = {"__metadata__": dict(sorted((str(k), str(v)) for k, v in metadata.items()))} if metadata else {}
     offset = 0
     for name, dtype, shape in order:
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -276,16 +277,30 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = True) -> Path:
-    """Check finiteness, write to a temporary sibling, then rename onto ``path``."""
+    """Check finiteness, write to a temporary sibling, then rename onto ``path``.
+
+    Byte-reproducible: the header is written here (:func:`write_safetensors_streaming`), not by
+    safetensors' ``save_file``, whose metadata order changes from one call to the next."""
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
     check_finite(tensors, str(target))
     out = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(target) as tmp:
-        save_file(out, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-    return target
+    return write_safetensors_streaming(target, [(k, t.dtype, tuple(t.shape)) for k, t in out.items()],
+                                       out.__getitem__, metadata or {})
+
+
+def header_date() -> str:
+    """``modelspec.date`` of a file written now (local time); with ``SOURCE_DATE_EPOCH`` set (the
+    reproducible-builds convention) that moment in UTC, so a rewrite gives the same bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return time.strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(epoch)))
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(f"SOURCE_DATE_EPOCH={epoch!r}: not a number of seconds since 1970; unset it or give "
+                         f"one, e.g. SOURCE_DATE_EPOCH=$(date +%s)") from None
 
 
 @contextmanager
