@@ -189,7 +189,8 @@ def test_eval_refuses_pickled_model_folders_without_opening_them(dora_run, tmp_p
     for folder in (Path(clip), Path(dino)):
         (folder / "model.safetensors").unlink()             # what save_pretrained(safe_serialization=False) leaves
         (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
-    for flag, folder, example in (("--clip", clip, "openai/clip-vit-large-patch14"), ("--dino", dino, "facebook/dinov2-small")):
+    for flag, folder, example in (("--clip", clip, "openai/clip-vit-large-patch14"),
+                                  ("--dino", dino, "facebook/dinov2-small")):
         assert main(["eval", str(dora_run), flag, folder, "--seeds", "0", "--steps", "1"]) == 1
         err = capsys.readouterr().err
         assert err.splitlines()[-1] == (
