@@ -197,8 +197,11 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
     Attaches layers as the file describes (rank, alpha, method, magnitude axis, targets)
     unless matching layers are attached already (then only the tensors are replaced, e.g. to
     resume training). Adapters on components the file does not cover are detached. Raises,
-    naming the file, on a family mismatch, unknown modules or shape mismatches; in that case
-    the pipeline is left unchanged. Returns the adapted module names.
+    naming the file, on a family mismatch, unknown modules or shape mismatches, a damaged
+    tensor (not float, not finite, beyond fp16: ``check_adapter_tensors``), a DoRA magnitude
+    over ``MAX_MAGNITUDE_GROWTH`` × the base's norms, or a dorabooth file missing a module its
+    recorded targets select; in that case the pipeline is left unchanged. Returns the adapted
+    module names.
     """
     adapter = read_adapter_file(path)          # any format: diffusers/PEFT, kohya, LyCORIS, OneTrainer
     source = adapter.source

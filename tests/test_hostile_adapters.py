@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from dorabooth import cli
+from dorabooth.formats import read_adapter
 from dorabooth.generate import Session
 
 MODULE = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -131,6 +132,8 @@ def test_the_library_session_refuses_them_and_keeps_its_state(run, hostile):
         with pytest.raises(ValueError, match=EDITS[name][1]):
             session.use_adapter(hostile(name))
         assert session.adapter is None                    # the failed load left no adapter attached
+    with pytest.raises(ValueError, match=EDITS["x1e30"][1]):
+        read_adapter(hostile("x1e30"))                    # the formats API's own reader too
 
 
 def test_a_merge_that_overflows_names_the_file_and_module(run):

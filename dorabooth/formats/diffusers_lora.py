@@ -333,6 +333,8 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         tensors, meta = read_safetensors(source, "adapter file")
     except ValueError as e:
         raise ValueError(f"{source}: not a readable safetensors file ({str(e).removeprefix(f'{source}: ')})") from None
+    from .adapter_files import check_adapter_tensors      # (that module imports this one)
+    check_adapter_tensors(tensors, str(source))
     return read_state_dict(tensors, meta, str(source))
 
 
