@@ -20,8 +20,9 @@ from . import inject
 from .conventions import ADAPTER_METHODS, MAGNITUDE_AXES
 from .dora import DoRALinear, axis_norm
 from .families import check_family, detect_family
-from .formats.adapter_files import DAMAGED, read_adapter_file
+from .formats.adapter_files import read_adapter_file
 from .formats.diffusers_lora import write_adapter
+from .formats.files import DAMAGED
 from .formats.neutral import Adapter, ModuleAdapter, module_paths
 from .formats.subject import Subject
 from .version import __version__

@@ -11,13 +11,12 @@ refused with the formats that can carry it.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
 from . import diffusers_lora, kohya
-from .files import read_json, read_metadata, read_safetensors, write_safetensors
+from .files import check_adapter_tensors, read_json, read_metadata, read_safetensors, write_safetensors
 from .layout import UNetLayout
 from .. import rundir as rd
 from ..conventions import ADAPTER_FORMATS
@@ -74,40 +73,6 @@ def read_adapter_file(path: str | os.PathLike) -> Adapter:
     if kind == "peft":
         return _read_peft(p, tensors, meta)
     return diffusers_lora.read_state_dict(tensors, meta, str(p))
-
-
-FP16_MAX = float(torch.finfo(torch.float16).max)     # 65504
-DAMAGED = "the file is damaged or its training diverged — use an earlier checkpoint"
-
-
-def check_adapter_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise, naming ``source`` and the first bad tensor (by name), unless every adapter tensor is
-    floating point, finite and within the fp16 range (|x| <= 65504).
-
-    The bound: adapters circulate and are applied in fp16, so a larger value cannot come from
-    a working adapter (trained A, B and magnitudes are O(1)-O(100)); it overflows to inf/NaN
-    downstream (a ×1e30 magnitude gives black images). A kohya ``alpha`` may be an integer."""
-    bad = []
-    for key in sorted(tensors):
-        t = tensors[key]
-        if not t.is_floating_point():
-            if key.endswith(".alpha") and t.numel() == 1:
-                continue
-            raise ValueError(f"{source}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; adapter weights "
-                             f"are floating point (fp16, bf16 or fp32): the file is damaged or not an adapter")
-        if t.numel() == 0:
-            continue
-        x = t.detach().float()
-        if torch.isnan(x).any():
-            bad.append((key, "has NaN values"))
-        elif torch.isinf(x).any():
-            bad.append((key, "has infinite values"))
-        elif (peak := float(x.abs().max())) > FP16_MAX:
-            bad.append((key, f"has values up to {peak:.3g}, beyond the fp16 range (65504) no working adapter leaves"))
-    if bad:
-        key, what = bad[0]
-        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
-        raise ValueError(f"{source}: tensor {key!r} {what}{more}; {DAMAGED}")
 
 
 def _read_peft(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> Adapter:

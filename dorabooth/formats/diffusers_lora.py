@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .files import header_date, read_safetensors, write_safetensors
+from .files import check_adapter_tensors, header_date, read_safetensors, write_safetensors
 from .neutral import COMPONENTS, Adapter, ModuleAdapter, group_by_component, module_paths, scale_for
 from .single_file import model_class
 from .subject import Subject, description
@@ -333,7 +333,6 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         tensors, meta = read_safetensors(source, "adapter file")
     except ValueError as e:
         raise ValueError(f"{source}: not a readable safetensors file ({str(e).removeprefix(f'{source}: ')})") from None
-    from .adapter_files import check_adapter_tensors      # (that module imports this one)
     check_adapter_tensors(tensors, str(source))
     return read_state_dict(tensors, meta, str(source))
 

@@ -3,7 +3,8 @@
 Every file ``formats/`` reads or writes goes through here. Owns: refusing pickles (never
 ``torch.load`` a user's file), turning safetensors' terse errors for truncated or corrupt
 files into messages that name the file, the finiteness check before anything is written,
-and write-to-temp-then-rename (DESIGN §10).
+the check of an adapter's tensors when it is read (:func:`check_adapter_tensors`), and
+write-to-temp-then-rename (DESIGN §10).
 
 Whole models are read and written one tensor at a time (:class:`SafetensorsReader`,
 :func:`write_safetensors_streaming`) with plain file reads and writes: a memory-mapped file's
@@ -241,6 +242,40 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
             raise ValueError(f"{where}: {key} is not finite (NaN/inf) in {str(t.dtype).removeprefix('torch.')}; "
                              f"nothing was written. A strength too large, a broken adapter, or fp16 overflow "
                              f"(try --dtype bf16 or fp32)")
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)     # 65504
+DAMAGED = "the file is damaged or its training diverged — use an earlier checkpoint"
+
+
+def check_adapter_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise, naming ``source`` and the first bad tensor (by name), unless every adapter tensor is
+    floating point, finite and within the fp16 range (|x| <= 65504).
+
+    The bound: adapters circulate and are applied in fp16, so a larger value cannot come from
+    a working adapter (trained A, B and magnitudes are O(1)-O(100)); it overflows to inf/NaN
+    downstream (a ×1e30 magnitude gives black images). A kohya ``alpha`` may be an integer."""
+    bad = []
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not t.is_floating_point():
+            if key.endswith(".alpha") and t.numel() == 1:
+                continue
+            raise ValueError(f"{source}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; adapter weights "
+                             f"are floating point (fp16, bf16 or fp32): the file is damaged or not an adapter")
+        if t.numel() == 0:
+            continue
+        x = t.detach().float()
+        if torch.isnan(x).any():
+            bad.append((key, "has NaN values"))
+        elif torch.isinf(x).any():
+            bad.append((key, "has infinite values"))
+        elif (peak := float(x.abs().max())) > FP16_MAX:
+            bad.append((key, f"has values up to {peak:.3g}, beyond the fp16 range (65504) no working adapter leaves"))
+    if bad:
+        key, what = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(f"{source}: tensor {key!r} {what}{more}; {DAMAGED}")
 
 
 def temp_sibling(target: Path) -> Path:
