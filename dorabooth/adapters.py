@@ -18,10 +18,11 @@ from torch import nn
 
 from . import inject
 from .conventions import ADAPTER_METHODS, MAGNITUDE_AXES
-from .dora import DoRALinear
+from .dora import DoRALinear, axis_norm
 from .families import check_family, detect_family
 from .formats.adapter_files import read_adapter_file
 from .formats.diffusers_lora import write_adapter
+from .formats.files import DAMAGED
 from .formats.neutral import Adapter, ModuleAdapter, module_paths
 from .formats.subject import Subject
 from .version import __version__
@@ -113,11 +114,16 @@ def set_strength(pipe, t: float) -> None:
 def merge(pipe) -> None:
     """Write the adapted weights (at the current strength) into the base layers, in place.
 
-    All or nothing: if a layer's merged weight is not finite, every layer is unmerged again."""
+    All or nothing: if a layer's merged weight is not finite, every layer is unmerged again
+    and the error names the module and its adapter tensors."""
     layers = _layers(pipe)
     try:
-        for layer in layers:
-            layer.merge()
+        for name, layer in inject.pipeline_dora_modules(pipe).items():
+            try:
+                layer.merge()
+            except ValueError as e:
+                tensors = "lora_A, lora_B" + (", lora_magnitude_vector" if layer.use_dora else "")
+                raise ValueError(f"{name} ({tensors}): {e}") from None
     except Exception:
         for layer in layers:
             layer.unmerge()
@@ -192,8 +198,11 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
     Attaches layers as the file describes (rank, alpha, method, magnitude axis, targets)
     unless matching layers are attached already (then only the tensors are replaced, e.g. to
     resume training). Adapters on components the file does not cover are detached. Raises,
-    naming the file, on a family mismatch, unknown modules or shape mismatches; in that case
-    the pipeline is left unchanged. Returns the adapted module names.
+    naming the file, on a family mismatch, unknown modules or shape mismatches, a damaged
+    tensor (not float, not finite, beyond fp16: ``check_adapter_tensors``), a DoRA magnitude
+    over ``MAX_MAGNITUDE_GROWTH`` × the base's norms, or a dorabooth file missing a module its
+    recorded targets select; in that case the pipeline is left unchanged. Returns the adapted
+    module names.
     """
     adapter = read_adapter_file(path)          # any format: diffusers/PEFT, kohya, LyCORIS, OneTrainer
     source = adapter.source
@@ -208,6 +217,7 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
                              f"{component}; load it onto the model family it was trained for")
     configs = {component: adapter.component_config(component) for component in per}
     _check_fits(adapter, components, configs, family.name)
+    _check_complete(adapter, components)
 
     names = []
     for component, model in components.items():
@@ -230,8 +240,12 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
     return names
 
 
+MAX_MAGNITUDE_GROWTH = 1000.0   # largest DoRA magnitude / largest base norm of a module that loads
+
+
 def _check_fits(adapter: Adapter, components: dict[str, nn.Module], configs: dict[str, dict], family: str) -> None:
-    """Raise, naming the file, unless every module of ``adapter`` is a Linear of the same shape here."""
+    """Raise, naming the file, unless every module of ``adapter`` is a Linear of the same shape here
+    and every DoRA magnitude is within ``MAX_MAGNITUDE_GROWTH`` of the base weight's norms."""
     source = adapter.source
     for component, keys in adapter.by_component().items():
         model = components[component]
@@ -240,8 +254,10 @@ def _check_fits(adapter: Adapter, components: dict[str, nn.Module], configs: dic
             try:
                 module = model.get_submodule(inject.module_name(model, component, canonical))
             except AttributeError:
-                raise ValueError(f"{source}: {key} does not exist in this {type(model).__name__} ({family}); "
-                                 f"the adapter is for another base model") from None
+                raise ValueError(f"{source}: the keys {_file_name(adapter, key)}.… are for a module this {family} "
+                                 f"model's {type(model).__name__} does not have; the adapter was trained for "
+                                 f"another model or model family: load it onto that base") from None
+            _check_magnitude(adapter, key, module)
             base = module.base_layer if isinstance(module, DoRALinear) else module
             if not isinstance(base, nn.Linear):
                 raise ValueError(f"{source}: {key} is a {type(base).__name__}, not a Linear layer")
@@ -252,6 +268,56 @@ def _check_fits(adapter: Adapter, components: dict[str, nn.Module], configs: dic
                                  f"base model")
             if rank > min(base.weight.shape):
                 raise ValueError(f"{source}: rank {rank} exceeds min(in, out) of {key}")
+
+
+def _file_name(adapter: Adapter, key: str) -> str:
+    """A module's name in the file: its key, or the kohya name the file uses for it."""
+    return adapter.file_names.get(key, key)
+
+
+def _magnitude_name(adapter: Adapter, key: str) -> str:
+    kohya = key in adapter.file_names
+    return f"{_file_name(adapter, key)}.{'dora_scale' if kohya else 'lora_magnitude_vector'}"
+
+
+def _check_magnitude(adapter: Adapter, key: str, module: nn.Module) -> None:
+    """A DoRA magnitude is the norm the adapted weight's rows (columns) get; training moves it a
+    few percent from the base's. One over ``MAX_MAGNITUDE_GROWTH`` × the base's largest norm is
+    finite but makes activations overflow (black images): refused, naming the tensor."""
+    mod = adapter.modules[key]
+    W0 = module.base_weight if isinstance(module, DoRALinear) else module.weight
+    if not mod.is_dora or W0.is_meta or tuple(W0.shape) != (mod.out_features, mod.in_features):
+        return
+    growth = float(mod.magnitude.abs().max()) / float(axis_norm(W0, mod.axis).max())
+    if growth > MAX_MAGNITUDE_GROWTH:
+        raise ValueError(f"{adapter.source}: tensor {_magnitude_name(adapter, key)!r} is up to {growth:.3g}× "
+                         f"the base weight's norms (training moves them by a few percent; at most "
+                         f"{MAX_MAGNITUDE_GROWTH:g}× loads); {DAMAGED}")
+
+
+def _check_complete(adapter: Adapter, components: dict[str, nn.Module]) -> None:
+    """A dorabooth file records the targets it was trained with (``dorabooth.targets``); every module
+    they select in this base must be in the file. Refused otherwise: a module was removed or the
+    copy is damaged (files that cover fewer components, e.g. UNet only, record only those)."""
+    if "dorabooth.targets" not in adapter.metadata:
+        return                                 # other tools' files: loaded as the modules they hold
+    for component, keys in adapter.by_component().items():
+        model, recorded = components[component], (adapter.targets or {}).get(component)
+        if not recorded:
+            continue
+        try:
+            selected = inject.resolve_targets(model, recorded)
+        except ValueError:
+            continue                           # a target this base lacks: _check_fits judged the modules
+        have = set(module_paths(keys))
+        missing = [n for n in (inject.canonical_name(model, component, m) for m in selected) if n not in have]
+        if missing:
+            raise ValueError(f"{adapter.source}: its recorded {component} targets ({', '.join(recorded)}) select "
+                             f"{len(selected)} modules but the file has tensors for {len(selected) - len(missing)}; "
+                             f"missing {component}.{missing[0]}" + (f" and {len(missing) - 1} more" if len(missing) > 1
+                                                                     else "")
+                             + "; the file is incomplete (damaged or cut): use the complete file or an earlier "
+                               "checkpoint")
 
 
 def _matches(current: dict[str, DoRALinear], paths: list[str], config: dict) -> bool:

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import torch
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+COMPANION_SUFFIXES = (".txt", ".json")   # captions next to the photos, a subject description: not skipped
 MAX_PIXELS = 64_000_000           # ~8000 × 8000; bigger files are refused before decoding
 MAX_FILE_BYTES = 200 * 2**20
 MANIFEST = "manifest.json"
@@ -137,6 +138,18 @@ def list_images(folder: str | Path) -> list[Path]:
         raise FileNotFoundError(f"image folder {folder} does not exist; point --images at a folder of photos")
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
                   and not p.name.startswith("."))
+
+
+def other_files(folder: str | Path) -> list[Skipped]:
+    """The files of an images folder that are not read: neither images nor captions/descriptions
+    (``COMPANION_SUFFIXES``) nor hidden; each with the reason (an .svg is a drawing, not a photo)."""
+    out = []
+    for p in sorted(Path(folder).iterdir()):
+        suffix = p.suffix.lower()
+        if p.is_file() and not p.name.startswith(".") and suffix not in IMAGE_SUFFIXES + COMPANION_SUFFIXES:
+            what = f"{suffix} files are" if suffix else "files without an extension are"
+            out.append(Skipped(p.name, f"not an image: {what} not read; save it as .png or .jpg"))
+    return out
 
 
 # ---- geometry -------------------------------------------------------------------------------
@@ -304,7 +317,12 @@ def prepare_images(
     dst.mkdir(parents=True, exist_ok=True)
     examples: list[Example] = []
     skipped: list[Skipped] = []
-    for i, path in enumerate(list_images(src)):
+    paths = list_images(src)
+    for skip in other_files(src):
+        skipped.append(skip)
+        if on_skip is not None:
+            on_skip(skip)
+    for i, path in enumerate(paths):
         try:
             image = subject_image(path, resolution, min_side)
         except UnusableImage as e:
@@ -341,8 +359,9 @@ def subject_image(path: Path, resolution: int, min_side: int | None = None) -> I
 def check_images(src: str | Path, resolution: int) -> list[Skipped]:
     """The test :func:`prepare_images` applies, without writing anything: raises ``ValueError``
     when no image in ``src`` is usable at ``resolution``; returns the ones that would be skipped."""
-    skipped, usable = [], 0
-    for path in list_images(src):
+    paths = list_images(src)
+    skipped, usable = other_files(src), 0
+    for path in paths:
         try:
             subject_image(path, resolution)
             usable += 1

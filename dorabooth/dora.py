@@ -183,12 +183,14 @@ class DoRALinear(nn.Module):
         """Write W'(strength) into the base layer in place; W0 is kept for ``unmerge``."""
         if self.merged:
             return
-        W = self.merged_weight()
-        if not torch.isfinite(W).all():
-            raise ValueError("merged weight is not finite; the adapter is broken (NaN/inf in A, B or m)")
         base_w = self.base_layer.weight
+        W = self.merged_weight().to(base_w.dtype)      # checked in the dtype it runs in: fp16 overflows at 65504
+        if not torch.isfinite(W).all():
+            raise ValueError(f"the merged weight at strength {self.strength:g} is not finite (NaN/inf) in "
+                             f"{str(W.dtype).removeprefix('torch.')}: lower the strength, generate in fp32/bf16, or "
+                             f"the adapter is broken")
         self._w0_backup = base_w.data
-        base_w.data = W.to(base_w.dtype)
+        base_w.data = W
         self.merged = True
 
     @torch.no_grad()

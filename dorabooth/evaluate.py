@@ -42,7 +42,7 @@ from .data import list_images
 from .events import EventLog
 from .formats.files import write_json
 from .generate import Session, save_png
-from .models import TOY_ALIASES, TOY_MODEL, shipped_path
+from .models import TOY_ALIASES, TOY_MODEL, refuse_pickled_weights, shipped_path
 
 PROMPTS_DIR = shipped_path("prompts")
 DEFAULT_PROMPTS = {"toy": PROMPTS_DIR / "toy-eval.json", "embedding": PROMPTS_DIR / "dreambooth-objects.txt"}
@@ -319,6 +319,9 @@ def _model_folder(path: str, flag: str, example: str) -> str:
         raise FileNotFoundError(f"{flag} {path}: not a local model folder (needs config.json and weights). dorabooth "
                                 f"never downloads evaluation models; on a machine with internet run e.g. "
                                 f"`huggingface-cli download {example} --local-dir DIR` and pass {flag} DIR")
+    refuse_pickled_weights(p, f"Download its .safetensors weights instead (`huggingface-cli download {example} "
+                              f"--include '*.safetensors' '*.json' '*.txt' --local-dir DIR`) or re-save it with "
+                              f"save_pretrained")
     return str(p)
 
 
@@ -326,7 +329,7 @@ def _load_clip(path: str):
     from transformers import CLIPModel, CLIPProcessor
 
     folder = _model_folder(path, "--clip", "openai/clip-vit-large-patch14")
-    return (CLIPModel.from_pretrained(folder, local_files_only=True).eval(),
+    return (CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval(),
             CLIPProcessor.from_pretrained(folder, local_files_only=True))
 
 
@@ -334,7 +337,7 @@ def _load_dino(path: str):
     from transformers import AutoImageProcessor, AutoModel
 
     folder = _model_folder(path, "--dino", "facebook/dinov2-small")
-    return (AutoModel.from_pretrained(folder, local_files_only=True).eval(),
+    return (AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval(),
             AutoImageProcessor.from_pretrained(folder, local_files_only=True))
 
 

@@ -89,7 +89,11 @@ class Session:
         else:
             adapters.load_adapter(self.pipe, source.path)
         self.adapter = source
-        self._apply_strength()
+        try:
+            self._apply_strength()
+        except ValueError:
+            self._remove_adapter()                     # a merge that failed leaves no adapter behind
+            raise
 
     @property
     def fine_tuned_components(self) -> list[str]:
@@ -100,9 +104,14 @@ class Session:
         """Adapter strength t ≥ 0 (DESIGN §3); 0 gives exactly the base model's images."""
         if t < 0 or not isinstance(t, (int, float)):
             raise ValueError(f"strength {t}: use a number >= 0 (0 = base model, 1 = as trained)")
-        self.strength = float(t)
+        previous, self.strength = self.strength, float(t)
         if self.adapter is not None:
-            self._apply_strength()
+            try:
+                self._apply_strength()
+            except ValueError:
+                self.strength = previous                # the session stays as it was
+                self._apply_strength()
+                raise
 
     def _apply_strength(self) -> None:
         t = self.strength
@@ -112,7 +121,10 @@ class Session:
         adapters.unmerge(self.pipe)
         adapters.set_strength(self.pipe, t)
         if self.merge and t != 0.0:      # t = 0 runs the base layers themselves: bit-exact base images
-            adapters.merge(self.pipe)
+            try:
+                adapters.merge(self.pipe)
+            except ValueError as e:
+                raise ValueError(f"{self.adapter.path}: {e}") from None
 
     def _remove_adapter(self) -> None:
         if self._full is not None:

@@ -176,11 +176,15 @@ def _open_folder(folder: str):
     pipe = skeleton(Path(folder), **extra)
     weights = FolderWeights(folder, pipe)
     for component in weights.problems:
-        here = Path(folder) / component
-        if any(here.glob("*.bin")) and not any(here.glob("*.safetensors")):
-            raise OSError(f"{folder}/{component}: only pickled .bin weights; dorabooth reads only .safetensors, never "
-                          f"pickled .bin files. Re-save the pipeline with safe_serialization=True")
+        refuse_pickled_weights(Path(folder) / component)
     return pipe, weights
+
+
+def refuse_pickled_weights(folder: Path, fix: str = "Re-save the pipeline with safe_serialization=True") -> None:
+    """Raise when ``folder`` holds its weights only as pickled ``.bin`` files (which are never opened)."""
+    if any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
+        raise OSError(f"{folder}: only pickled .bin weights; dorabooth reads only .safetensors, never pickled .bin "
+                      f"files. {fix}")
 
 
 def _dtype_kwargs(dtype: torch.dtype) -> dict:

@@ -130,6 +130,7 @@ def test_follow_reads_a_growing_events_file(tmp_path):
 def test_train_generate_resume_end_to_end(tmp_path, capsys):
     model = str(save_model("sdxl", tmp_path / "model"))
     subject = make_subject(tmp_path / "subject")
+    (subject / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")
     run = tmp_path / "run"
     common = ["--model", model, "--rank", "4", "--lr", "1e-3", "--num-class-images", "2",
               "--class-image-steps", "2"]
@@ -137,6 +138,7 @@ def test_train_generate_resume_end_to_end(tmp_path, capsys):
                      *common]) == 0
     out, err = capsys.readouterr()
     assert out.strip().endswith("adapter.safetensors") and "step 2/2" in err and "done:" in err
+    assert "skipped logo.svg: not an image: .svg files are not read; save it as .png or .jpg" in err.splitlines()
     assert cli.main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0     # the rest from config.json
     capsys.readouterr()
     assert json.loads((run / "config.json").read_text())["config"]["steps"] == 3

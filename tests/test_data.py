@@ -73,17 +73,22 @@ def test_prepare_skips_bad_images_with_reasons(tmp_path):
     _save(src / "good.png", size=(40, 30))
     _save(src / "tiny.png", size=(5, 5))
     (src / "broken.jpg").write_bytes(b"\xff\xd8 garbage")
-    (src / "notes.md").write_text("not an image")          # ignored: not an image suffix
+    (src / "logo.svg").write_text("<svg xmlns='http://www.w3.org/2000/svg'/>")   # a drawing, not a photo
+    (src / "good.txt").write_text("on a beach")             # a caption and a subject description: not skipped
+    (src / "subject.json").write_text("{}")
+    (src / ".DS_Store").write_bytes(b"\0")                  # hidden: not skipped
     skipped = []
     examples, skips = data.prepare_images(src, tmp_path / "dst", resolution=16, multiple=8, buckets=False,
                                           prompt_for=lambda c: "a photo of sks dog", on_skip=skipped.append)
     assert [e.source for e in examples] == ["good.png"]
-    assert {s.path for s in skips} == {"tiny.png", "broken.jpg"} == {s.path for s in skipped}
+    assert {s.path for s in skips} == {"logo.svg", "tiny.png", "broken.jpg"} == {s.path for s in skipped}
     assert any("short side" in s.reason for s in skips)
+    assert skips[0].reason == "not an image: .svg files are not read; save it as .png or .jpg"
+    assert data.check_images(src, 16) == skips                 # what the trainer's preflight reports
     out = Image.open(tmp_path / "dst" / examples[0].path)
     assert out.size == (16, 16)
     manifest = json.loads((tmp_path / "dst" / "manifest.json").read_text())
-    assert len(manifest["examples"]) == 1 and len(manifest["skipped"]) == 2
+    assert len(manifest["examples"]) == 1 and len(manifest["skipped"]) == 3
     again, _ = data.read_manifest(tmp_path / "dst")
     assert again == examples
 

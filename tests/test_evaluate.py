@@ -3,6 +3,7 @@ on a tiny trained run, the embedding scorer on tiny local CLIP/DINOv2 folders, a
 
 import json
 import math
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -170,6 +171,34 @@ def test_embedding_scorer_on_tiny_local_models(dora_run, tmp_path):
     assert m["subject_fidelity"] == m["dino"] and m["prompt_fidelity"] == m["clip_t"] and m["n_images"] == 2
     assert all(-1.0 <= m[k] <= 1.0 for k in ("dino", "clip_i", "clip_t"))
     assert format_table([res]).splitlines()[0].split()[-4:] == ["dino", "clip_i", "clip_t", "images"]
+
+
+class _Payload:
+    """A pickle that creates ``marker`` when it is unpickled: the folder's weights must never be opened."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def test_eval_refuses_pickled_model_folders_without_opening_them(dora_run, tmp_path, capsys):
+    clip, dino = _tiny_clip_and_dino(tmp_path)
+    marker = tmp_path / "payload-ran"
+    for folder in (Path(clip), Path(dino)):
+        (folder / "model.safetensors").unlink()             # what save_pretrained(safe_serialization=False) leaves
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Payload(marker)))
+    for flag, folder, example in (("--clip", clip, "openai/clip-vit-large-patch14"),
+                                  ("--dino", dino, "facebook/dinov2-small")):
+        assert main(["eval", str(dora_run), flag, folder, "--seeds", "0", "--steps", "1"]) == 1
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == (
+            f"error: {folder}: only pickled .bin weights; dorabooth reads only .safetensors, never pickled .bin files. "
+            f"Download its .safetensors weights instead (`huggingface-cli download {example} --include "
+            f"'*.safetensors' '*.json' '*.txt' --local-dir DIR`) or re-save it with save_pretrained")
+        assert "Traceback" not in err
+    assert not marker.exists()
 
 
 def test_mean_std():

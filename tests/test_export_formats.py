@@ -285,3 +285,29 @@ def test_kohya_file_attaches_as_live_layers(adapters, axis):
     inject.load_adapter_state_dict(fresh, ad.tensors, source=str(kfile))
     a, b = unet_output(fresh), unet_output(pipe)
     assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-5
+
+
+def _header(path) -> dict:
+    data = path.read_bytes()
+    return json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+
+
+def test_files_written_twice_are_byte_identical(adapters, tmp_path, monkeypatch):
+    """The same adapter written twice gives the same bytes (safetensors' own writer orders the header
+    metadata at random): save_adapter, export to kohya and diffusers-lora, a merged single file.
+    SOURCE_DATE_EPOCH fixes the one entry that records when (modelspec.date)."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    pipe, _, _ = adapters("sdxl", "out")
+    saved = [dorabooth.save_adapter(pipe, tmp_path / str(i) / "saved.safetensors") for i in range(2)]
+    pairs = {"save_adapter": saved}
+    for fmt in ("kohya", "diffusers-lora", "merged-single-file"):      # (a kohya title is the file's name)
+        pairs[fmt] = [export(saved[0], format=fmt, out=tmp_path / str(i) / f"{fmt}.safetensors", pipe=pipe).path
+                      for i in range(2)]
+    for what, (a, b) in pairs.items():
+        assert a.read_bytes() == b.read_bytes(), what
+        meta = _header(a)["__metadata__"]
+        assert list(meta) == sorted(meta) and meta["modelspec.date"] == "2023-11-14T22:13:20", what
+    assert read_adapter_file(saved[0]).tensors.keys() == read_adapter_file(pairs["diffusers-lora"][0]).tensors.keys()
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(ValueError, match=r"SOURCE_DATE_EPOCH='yesterday': not a number of seconds"):
+        dorabooth.save_adapter(pipe, tmp_path / "never.safetensors")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import diffusers_lora, kohya
-from .files import read_json, read_metadata, read_safetensors, write_safetensors
+from .files import check_adapter_tensors, read_json, read_metadata, read_safetensors, write_safetensors
 from .layout import UNetLayout
 from .. import rundir as rd
 from ..conventions import ADAPTER_FORMATS
@@ -67,6 +67,7 @@ def read_adapter_file(path: str | os.PathLike) -> Adapter:
     except ValueError as e:
         raise ValueError(f"{p}: {e}") from None
     tensors, meta = read_safetensors(p, "adapter file")
+    check_adapter_tensors(tensors, str(p))
     if kind == "kohya":
         return kohya.read_state_dict(tensors, meta, str(p))
     if kind == "peft":

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from .files import read_safetensors, write_safetensors
+from .files import check_adapter_tensors, header_date, read_safetensors, write_safetensors
 from .neutral import COMPONENTS, Adapter, ModuleAdapter, group_by_component, module_paths, scale_for
 from .single_file import model_class
 from .subject import Subject, description
@@ -240,15 +240,13 @@ def write_adapter(
 
 def _modelspec(adapter: Adapter, family: str, base_model: str | None) -> dict[str, str]:
     """SAI model spec entries (what model browsers show) and the subject the adapter was trained on."""
-    import time
-
     subject = adapter.subject
     arch = model_class(family)["modelspec.architecture"]
     return {"modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": f"{arch}/lora",
             "modelspec.implementation": "diffusers",
             "modelspec.title": subject.title(adapter.method) if subject else "dorabooth adapter",
             "modelspec.description": description(subject, adapter.method, adapter.axis, base_model),
-            "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"), **(subject.metadata() if subject else {})}
+            "modelspec.date": header_date(), **(subject.metadata() if subject else {})}
 
 
 # ---- read ----------------------------------------------------------------------------------
@@ -281,8 +279,10 @@ def _component_facts(component: str, grouped: dict[str, dict[str, torch.Tensor]]
     with_m = [m for m, g in grouped.items() if MAGNITUDE in g]
     if with_m and len(with_m) != len(grouped):
         missing = sorted(set(grouped) - set(with_m))
-        raise ValueError(f"{source}: {component} has DoRA magnitudes for some modules but not for "
-                         f"{len(missing)} others, e.g. {missing[:2]}")
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"{source}: {component}.{missing[0]}{more} has lora_A/lora_B but no {MAGNITUDE}, unlike the "
+                         f"other {len(with_m)} {component} modules (DoRA); each module of a DoRA file has all three: "
+                         f"the file is incomplete, or that module was added to it from elsewhere")
     use_dora = bool(with_m)
     axis = None
     if use_dora:
@@ -333,6 +333,7 @@ def read_adapter(path: str | os.PathLike) -> Adapter:
         tensors, meta = read_safetensors(source, "adapter file")
     except ValueError as e:
         raise ValueError(f"{source}: not a readable safetensors file ({str(e).removeprefix(f'{source}: ')})") from None
+    check_adapter_tensors(tensors, str(source))
     return read_state_dict(tensors, meta, str(source))
 
 

@@ -3,7 +3,8 @@
 Every file ``formats/`` reads or writes goes through here. Owns: refusing pickles (never
 ``torch.load`` a user's file), turning safetensors' terse errors for truncated or corrupt
 files into messages that name the file, the finiteness check before anything is written,
-and write-to-temp-then-rename (DESIGN §10): a write that fails for any reason leaves no
+the check of an adapter's tensors when it is read (:func:`check_adapter_tensors`), and
+write-to-temp-then-rename (DESIGN §10): a write that fails for any reason leaves no
 temporary and no folder it created, and one that runs out of space raises
 :class:`~dorabooth.diskfull.DiskFull` naming the file it was writing.
 
@@ -19,6 +20,7 @@ import json
 import os
 import shutil
 import struct
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from itertools import takewhile
@@ -26,7 +28,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from .. import diskfull, faults
 
@@ -201,9 +202,10 @@ def write_safetensors_streaming(path: str | os.PathLike, entries: Sequence[tuple
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
     where = where or str(target)
-    # larger items first, then by name (as safetensors' own writer), so every tensor stays aligned
+    # larger items first, then by name (as safetensors' own writer), so every tensor stays aligned;
+    # metadata sorted too: the same tensors and metadata always give the same bytes
     order = sorted(entries, key=lambda e: (-torch.empty((), dtype=e[1]).element_size(), e[0]))
-    header: dict = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}} if metadata else {}
+    header: dict = {"__metadata__": dict(sorted((str(k), str(v)) for k, v in metadata.items()))} if metadata else {}
     offset = 0
     for name, dtype, shape in order:
         size = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
@@ -250,6 +252,40 @@ def check_finite(tensors: Mapping[str, torch.Tensor], where: str) -> None:
             raise ValueError(f"{where}: {key} is not finite (NaN/inf) in {str(t.dtype).removeprefix('torch.')}; "
                              f"nothing was written. A strength too large, a broken adapter, or fp16 overflow "
                              f"(try --dtype bf16 or fp32)")
+
+
+FP16_MAX = float(torch.finfo(torch.float16).max)     # 65504
+DAMAGED = "the file is damaged or its training diverged — use an earlier checkpoint"
+
+
+def check_adapter_tensors(tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise, naming ``source`` and the first bad tensor (by name), unless every adapter tensor is
+    floating point, finite and within the fp16 range (|x| <= 65504).
+
+    The bound: adapters circulate and are applied in fp16, so a larger value cannot come from
+    a working adapter (trained A, B and magnitudes are O(1)-O(100)); it overflows to inf/NaN
+    downstream (a ×1e30 magnitude gives black images). A kohya ``alpha`` may be an integer."""
+    bad = []
+    for key in sorted(tensors):
+        t = tensors[key]
+        if not t.is_floating_point():
+            if key.endswith(".alpha") and t.numel() == 1:
+                continue
+            raise ValueError(f"{source}: tensor {key!r} is {str(t.dtype).removeprefix('torch.')}; adapter weights "
+                             f"are floating point (fp16, bf16 or fp32): the file is damaged or not an adapter")
+        if t.numel() == 0:
+            continue
+        x = t.detach().float()
+        if torch.isnan(x).any():
+            bad.append((key, "has NaN values"))
+        elif torch.isinf(x).any():
+            bad.append((key, "has infinite values"))
+        elif (peak := float(x.abs().max())) > FP16_MAX:
+            bad.append((key, f"has values up to {peak:.3g}, beyond the fp16 range (65504) no working adapter leaves"))
+    if bad:
+        key, what = bad[0]
+        more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
+        raise ValueError(f"{source}: tensor {key!r} {what}{more}; {DAMAGED}")
 
 
 def temp_sibling(target: Path) -> Path:
@@ -308,15 +344,30 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
                       metadata: Mapping[str, str] | None = None, *, overwrite: bool = True) -> Path:
-    """Check finiteness, write to a temporary sibling, then rename onto ``path``."""
+    """Check finiteness, write to a temporary sibling, then rename onto ``path``.
+
+    Byte-reproducible: the header is written here (:func:`write_safetensors_streaming`), not by
+    safetensors' ``save_file``, whose metadata order changes from one call to the next."""
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} exists; choose another --out or pass --overwrite")
     check_finite(tensors, str(target))
     out = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    with atomic_file(target, needs=sum(t.nbytes for t in out.values())) as tmp:
-        save_file(out, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-    return target
+    return write_safetensors_streaming(target, [(k, t.dtype, tuple(t.shape)) for k, t in out.items()],
+                                       out.__getitem__, metadata or {})
+
+
+def header_date() -> str:
+    """``modelspec.date`` of a file written now (local time); with ``SOURCE_DATE_EPOCH`` set (the
+    reproducible-builds convention) that moment in UTC, so a rewrite gives the same bytes."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if not epoch:
+        return time.strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(int(epoch)))
+    except (ValueError, OverflowError, OSError):
+        raise ValueError(f"SOURCE_DATE_EPOCH={epoch!r}: not a number of seconds since 1970; unset it or give "
+                         f"one, e.g. SOURCE_DATE_EPOCH=$(date +%s)") from None
 
 
 @contextmanager

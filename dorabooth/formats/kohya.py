@@ -23,12 +23,12 @@ OneTrainer "legacy"), ``lycoris_…`` names, text-encoder names with or without
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Mapping
 
 import torch
 
 from ..version import __version__
+from .files import header_date
 from .layout import UNetLayout, flatten, is_original_unet_name, original_to_unet, text_module, unet_to_original, unflatten
 from .neutral import Adapter, ModuleAdapter, axis_from_shape, split_module_key
 from .single_file import model_class
@@ -245,7 +245,7 @@ def metadata(adapter: Adapter, family: str, layout: UNetLayout, *, title: str = 
            for k, v in model_class(family, resolution=resolution, prediction_type=prediction_type).items()},
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
         "modelspec.title": subject.title(adapter.method) if subject else (title or "dorabooth adapter"),
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": header_date(),
         "modelspec.description": description(subject, adapter.method, axis, base_model or adapter.base_model),
         **(subject.metadata() if subject else {}),
         "dorabooth.version": __version__,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .files import header_date
 from .layout import UNetLayout, text_module, unet_to_original
 
 PREFIX = {
@@ -299,11 +300,10 @@ def modelspec(family: str, title: str, *, resolution: int | None = None,
               prediction_type: str | None = None) -> dict[str, str]:
     """SAI model spec header entries of a checkpoint (``resolution``/``prediction_type``: from
     :func:`image_spec` of the pipeline it was written from)."""
-    import time
     return {
         "modelspec.sai_model_spec": "1.0.0",
         **model_class(family, resolution=resolution, prediction_type=prediction_type),
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if family == "sdxl" else "diffusers",
         "modelspec.title": title,
-        "modelspec.date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "modelspec.date": header_date(),
     }

@@ -22,7 +22,7 @@ def load(model: str, rescale_unseen: bool = True):
     from .recipe import pipeline_from_checkpoint
 
     if (Path(model) / "model_index.json").exists():
-        return StableDiffusionXLPipeline.from_pretrained(model)
+        return StableDiffusionXLPipeline.from_pretrained(model, use_safetensors=True)
     return pipeline_from_checkpoint(model, rescale_unseen)
 
 

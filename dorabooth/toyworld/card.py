@@ -56,7 +56,7 @@ def package(build_dir, dest, n_eval: int = 200, seed: int = 1234, on_event=None)
     if dest.exists():
         shutil.rmtree(dest)
     save_pipeline(pipeline_from_checkpoint(build_dir), dest)
-    pipe = StableDiffusionXLPipeline.from_pretrained(dest)
+    pipe = StableDiffusionXLPipeline.from_pretrained(dest, use_safetensors=True)
     pipe.set_progress_bar_config(disable=True)
     start = time.time()
     generate(pipe, ["a red star on a blue background"] * 4, seed)

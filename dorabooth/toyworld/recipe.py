@@ -90,7 +90,7 @@ def train_vae(out: Path, images, recipe: Recipe, seed: int, steps, on_event):
     if (out / "vae" / "config.json").exists():
         from diffusers import AutoencoderKL
 
-        return AutoencoderKL.from_pretrained(out / "vae")
+        return AutoencoderKL.from_pretrained(out / "vae", use_safetensors=True)
     torch.manual_seed(seed)
     vae = models.make_vae()
     opt = torch.optim.AdamW(vae.parameters(), recipe.vae_lr, weight_decay=0.0)
@@ -148,7 +148,7 @@ def polish_decoder(out: Path, vae, images, latents, recipe: Recipe, seed: int, s
     from diffusers import AutoencoderKL
 
     if (out / "vae_polished" / "config.json").exists():
-        return AutoencoderKL.from_pretrained(out / "vae_polished")
+        return AutoencoderKL.from_pretrained(out / "vae_polished", use_safetensors=True)
     if not steps and recipe.decoder_minutes <= 0:
         return vae
     vae = deepcopy(vae)
@@ -433,7 +433,7 @@ def pipeline_from_checkpoint(out_dir, rescale_unseen: bool = True):
 
     out = Path(out_dir)
     polished = out / "vae_polished"
-    vae = AutoencoderKL.from_pretrained(polished if polished.exists() else out / "vae")
+    vae = AutoencoderKL.from_pretrained(polished if polished.exists() else out / "vae", use_safetensors=True)
     tokenizer = load_tokenizer(out / "tokenizer")
     channels = tuple(json.loads((out / "joint" / "state.json").read_text())["recipe"]["unet_channels"])
     te1, te2 = models.make_text_encoders(len(tokenizer), tokenizer.bos_token_id,
