@@ -7,7 +7,7 @@ as quantiles of N(0, 1), and the block scales are themselves quantised to int8 i
 per group, about 0.26 × bf16.
 
 The quantiser is torchao's ``to_nf4`` (pure torch: the same code and numbers on CPU, CUDA and
-MPS, so CI tests what a GPU runs). bitsandbytes' ``Linear4bit`` runs on CPU too since 0.46,
+MPS, so CI tests what a GPU runs). bitsandbytes' ``Linear4bit`` runs on CPU too (0.50.2),
 but keeps its quantisation state in a Python object outside the module's buffers and
 quantises when moved to CUDA, device-dependent paths the trainer would need to special-case.
 
