@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
+from tiny_runs import make_subject
 from torch import nn
 
 import dorabooth
@@ -21,7 +22,6 @@ from dorabooth.config import TrainConfig
 from dorabooth.dora import DoRALinear, axis_norm, dora_weight
 from dorabooth.memory import NF4_BYTES
 from dorabooth.quantize import NF4Linear, frozen_bytes, quantize_adapted
-from tiny_runs import make_subject
 
 
 def _pair(axis, dtype, use_dora=True):
