@@ -159,8 +159,9 @@ def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None
                             if n and not _inside_adapter(n, wrapped)]
     if base_model is None:
         base_model = getattr(pipe, "name_or_path", None) or None
+    quantized = sorted({layer.quantized_base for layer in inject.iter_layers(pipe)} - {None})
     return write_adapter(path, adapter, family=family.name, module_names=names, base_model=base_model,
-                         version=__version__)
+                         version=__version__, quantized_base=",".join(quantized) or None)
 
 
 def _attached_adapter(pipe) -> Adapter:

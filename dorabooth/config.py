@@ -22,6 +22,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TARGET_PRESETS = ("attn", "cross-attn", "attn+ff", "all-linear")
+QUANTIZE_BASE = ("none", "nf4")        # dorabooth.quantize (kept here too: config imports no torch)
 
 # What a request may ask for (the app passes user input straight in): each number checked against
 # its range in TrainConfig.__post_init__, the message stating the range.
@@ -64,6 +65,7 @@ class TrainConfig:
     magnitude_axis: str = "out"                # out (PEFT/diffusers) | in (kohya (1, in), A1111/ComfyUI)
     rslora: bool = False                       # scale alpha / sqrt(rank) instead of alpha / rank
     targets: str = "attn"                      # UNet preset: attn | cross-attn | attn+ff | all-linear
+    quantize_base: str = "none"                # none | nf4: adapted layers' frozen W0 held in NF4 (QDoRA; torchao)
     train_text_encoders: bool | None = None    # every text encoder trains too (adapters, or the whole encoder for full)
     text_encoder_lr: float | None = None       # default = lr
 
@@ -119,6 +121,10 @@ class TrainConfig:
                f"token {self.token!r}: use one rare word such as 'sks' (--token)")
         _one_of("method", self.method, METHODS)
         _one_of("magnitude_axis", self.magnitude_axis, MAGNITUDE_AXES)
+        _one_of("quantize_base", self.quantize_base, QUANTIZE_BASE)
+        _check(self.quantize_base == "none" or self.method != "full",
+               f"quantize_base {self.quantize_base}: a full fine-tune trains the base weights themselves; use "
+               f"--method dora or lora with --quantize-base, or drop it")
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.optimizer is not None:
             _one_of("optimizer", self.optimizer, OPTIMIZERS)

@@ -100,8 +100,31 @@ class DoRALinear(nn.Module):
     # ---- magnitude -------------------------------------------------------------------
     def _base_sq_norm(self) -> torch.Tensor:
         """‖W0‖² along the magnitude axis, fp32: (out,) or (in,)."""
-        W = self.base_layer.weight.detach().float()
+        W = self._dense_base().detach().float()
         return W.square().sum(1 if self.magnitude_axis == "out" else 0)
+
+    def _dense_base(self) -> torch.Tensor:
+        """W0 : (out, in) in its storage dtype; a quantised base (QDoRA) dequantised now."""
+        base = self.base_layer
+        return base.weight if isinstance(base, nn.Linear) else base.dequantize()
+
+    @property
+    def quantized_base(self) -> str | None:
+        """"nf4" when W0 is held quantised (:meth:`quantize_base`), else None."""
+        return getattr(self.base_layer, "quantized", None)
+
+    @torch.no_grad()
+    def quantize_base(self, make) -> None:
+        """QDoRA: hold W0 quantised, ``make(base_layer)`` → a module with ``dequantize(dtype)``
+        (:class:`dorabooth.quantize.NF4Linear`). Forward, norm and magnitude then use the
+        dequantised W0; the magnitude restarts from it (call right after attaching)."""
+        if self.merged or self.quantized_base:
+            raise RuntimeError("quantize_base() on a merged or already quantised layer")
+        self.base_layer = make(self.base_layer)
+        self._w0_sq = self._base_sq_norm()
+        self._g_cache = None
+        if self.use_dora:
+            self.init_magnitude()
 
     def _w0_sq_on(self, device) -> torch.Tensor:
         if self._w0_sq.device != device:
@@ -110,7 +133,7 @@ class DoRALinear(nn.Module):
 
     def base_magnitude(self) -> torch.Tensor:
         """m0 = ‖W0‖ along the axis, fp32, flat: (out,) or (in,)."""
-        return self._w0_sq_on(self.base_layer.weight.device).sqrt()
+        return self._w0_sq_on(self.lora_A.weight.device).sqrt()
 
     @torch.no_grad()
     def init_magnitude(self) -> None:
@@ -129,7 +152,7 @@ class DoRALinear(nn.Module):
     def weight_norm(self, strength: float | None = None) -> torch.Tensor:
         """‖V(t)‖ along the axis (fp32, no grad), by the low-rank formula."""
         t = self.strength if strength is None else strength
-        W = self.base_layer.weight
+        W = self._dense_base()
         with torch.no_grad():
             return low_rank_norm(W, self.lora_A.weight, self.lora_B.weight, t * self.scale,
                                  self.magnitude_axis, w0_sq=self._w0_sq_on(W.device))
@@ -153,7 +176,8 @@ class DoRALinear(nn.Module):
             return self.base_layer(x)
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        W, bias = cast(self.base_layer.weight, dtype), self.base_layer.bias
+        base = self.base_layer                                # a quantised base is dequantised per call
+        W, bias = (cast(base.weight, dtype) if isinstance(base, nn.Linear) else base), base.bias
         bias = None if bias is None else cast(bias, dtype)
         A, B = cast(self.lora_A.weight, dtype), cast(self.lora_B.weight, dtype)
         lead = x.shape[:-1]
@@ -161,7 +185,7 @@ class DoRALinear(nn.Module):
         x_d = self.dropout(x2) if self.training and isinstance(self.dropout, nn.Dropout) else x2
         s = self.strength * self.scale
         if not self.use_dora:                                 # plain LoRA: autograd is enough
-            y = F.linear(x2, W, bias).addmm_(x_d @ A.t(), B.t(), alpha=s)
+            y = (F.linear(x2, W, bias) if W is not base else base(x2)).addmm_(x_d @ A.t(), B.t(), alpha=s)
         else:
             y = dora_forward(x2, x_d, W, bias, A, B, self._scale_vector(dtype), s, self.magnitude_axis)
         return y.reshape(*lead, self.out_features)            # (..., out)
@@ -170,7 +194,7 @@ class DoRALinear(nn.Module):
     @property
     def base_weight(self) -> torch.Tensor:
         """W0 : (out, in), also while the adapter is merged into the base layer (detached)."""
-        return (self._w0_backup if self.merged else self.base_layer.weight).detach()
+        return (self._w0_backup if self.merged else self._dense_base()).detach()
 
     @torch.no_grad()
     def merged_weight(self, strength: float | None = None) -> torch.Tensor:
@@ -183,6 +207,9 @@ class DoRALinear(nn.Module):
         """Write W'(strength) into the base layer in place; W0 is kept for ``unmerge``."""
         if self.merged:
             return
+        if self.quantized_base:
+            raise ValueError(f"the base weight is held in {self.quantized_base} (QDoRA training): merge the adapter "
+                             f"into the unquantised base model (load it from its files, or dorabooth export)")
         base_w = self.base_layer.weight
         W = self.merged_weight().to(base_w.dtype)      # checked in the dtype it runs in: fp16 overflows at 65504
         if not torch.isfinite(W).all():

@@ -38,8 +38,16 @@ def cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def dense(weight, dtype: torch.dtype) -> torch.Tensor:
+    """W0 as a tensor in ``dtype``. ``weight`` is a tensor, or a quantised base layer (QDoRA,
+    :class:`dorabooth.quantize.NF4Linear`) that is dequantised here, on every call: the autograd
+    functions below keep the quantised layer, not a dense copy, between forward and backward."""
+    return cast(weight, dtype) if isinstance(weight, torch.Tensor) else weight.dequantize(dtype)
+
+
 def dora_forward(x, x_d, weight, bias, lora_A, lora_B, g, scale, axis):
-    """y : (T, out) for 2-D x, x_d : (T, in), all in one dtype; g : (out,) or (in,) by ``axis``.
+    """y : (T, out) for 2-D x, x_d : (T, in), all in one dtype; g : (out,) or (in,) by ``axis``;
+    ``weight`` a tensor in that dtype or a quantised base layer (:func:`dense`).
 
     Without a gradient to compute this is the plain formula; with one, the fused autograd
     function (outside autocast: its inputs are already in the compute dtype)."""
@@ -57,7 +65,7 @@ def dora_forward(x, x_d, weight, bias, lora_A, lora_B, g, scale, axis):
 def _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
     """y = g ⊙ (W0·x + s·B·(A·x_d)) + bias for 2-D x, x_d : (T, in); g : (out,). Returns (y, u)."""
     u = F.linear(x_d, lora_A)                                 # (T, r)
-    y = F.linear(x, weight).addmm_(u, lora_B.t(), alpha=scale).mul_(g)   # (T, out)
+    y = F.linear(x, dense(weight, x.dtype)).addmm_(u, lora_B.t(), alpha=scale).mul_(g)   # (T, out)
     if bias is not None:
         y.add_(bias)
     return y, u
@@ -67,7 +75,7 @@ def _in_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
     """y = W0·x̃ + s·B·(A·x̃_d) + bias, x̃ = x ⊙ g, for 2-D x, x_d : (T, in); g : (in,)."""
     xt = x * g                                                # (T, in)
     u = F.linear(xt if x_d is x else x_d * g, lora_A)         # (T, r)
-    y = F.linear(xt, weight, bias).addmm_(u, lora_B.t(), alpha=scale)   # (T, out)
+    y = F.linear(xt, dense(weight, xt.dtype), bias).addmm_(u, lora_B.t(), alpha=scale)   # (T, out)
     return y, u
 
 
@@ -109,13 +117,14 @@ class _DoRAOutAxis(torch.autograd.Function):
             else:                                             # g = 0 hides h: recompute those rows
                 rows = (g == 0).nonzero().squeeze(1)
                 grad_g = Gy.div_(torch.where(g == 0, torch.ones_like(g), g))
-                h = x @ weight[rows].t() + s * (u @ lora_B[rows].t())  # (T, k)
+                h = x @ dense(weight, x.dtype)[rows].t() + s * (u @ lora_B[rows].t())  # (T, k)
                 grad_g[rows] = (grad_y[:, rows] * h).sum(0)
         if need_x or need_xd:
+            W = dense(weight, Gg.dtype)
             if ctx.same_input:
-                grad_x = (Gg @ weight).addmm_(GgB, lora_A)    # (T, in)
+                grad_x = (Gg @ W).addmm_(GgB, lora_A)         # (T, in)
             else:
-                grad_x = Gg @ weight if need_x else None
+                grad_x = Gg @ W if need_x else None
                 grad_xd = GgB @ lora_A if need_xd else None
         return grad_x, grad_xd, None, None, grad_A, grad_B, grad_g, None
 
@@ -143,14 +152,15 @@ class _DoRAInAxis(torch.autograd.Function):
             grad_B = (grad_y.t() @ u).mul_(s)                 # (out, r)
         if need_A:
             grad_A = GB.t() @ (x_d * g)                       # (r, in)
+        W = dense(weight, grad_y.dtype)
         if ctx.same_input:
-            dxt = (grad_y @ weight).addmm_(GB, lora_A)        # ∂L/∂x̃ : (T, in)
+            dxt = (grad_y @ W).addmm_(GB, lora_A)             # ∂L/∂x̃ : (T, in)
             if need_g:
                 grad_g = torch.linalg.vecdot(dxt, x, dim=0)
             if need_x or need_xd:
                 grad_x = dxt.mul_(g)
         else:
-            dxt = grad_y @ weight                             # base path, input x
+            dxt = grad_y @ W                                  # base path, input x
             dxt_d = GB @ lora_A                               # low-rank path, input x_d
             if need_g:
                 grad_g = torch.linalg.vecdot(dxt, x, dim=0) + torch.linalg.vecdot(dxt_d, x_d, dim=0)

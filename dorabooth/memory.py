@@ -9,7 +9,9 @@ The estimate (:func:`estimate_memory`; also in docs/training.md), in bytes:
 
     frozen weights      Σ_components P_c · bytes(dtype_c)     UNet and text encoders in the weight dtype
                                                               (fp32, or fp16/bf16 with mixed precision; the
-                                                              trained ones fp32 with --method full), VAE fp32
+                                                              trained ones fp32 with --method full), VAE fp32;
+                                                              with --quantize-base nf4 the adapted Linears'
+                                                              weights NF4_BYTES each (QDoRA)
     trainable (fp32)    4 · N                                 N = trainable parameters: per adapted Linear
                                                               (out, in): r·(in + out) + out (DoRA, axis out)
                                                               or + in (axis in); LoRA r·(in + out); full: all
@@ -36,7 +38,7 @@ from dataclasses import dataclass, replace
 
 from .config import DEVICE_FIELDS, TrainConfig
 from .devices import DTYPE_BYTES, DeviceInfo, DeviceSettings, resolve_device_settings
-from .specs import PUBLISHED, ModelSpec, trainable_parameters
+from .specs import PUBLISHED, ModelSpec, adapted_weights, trainable_parameters
 
 # ---- measured activation terms (bench/activation_memory.py; docs/training.md has the table) ---
 # Activation bytes of one UNet training step, one batch item, fp32, DoRA r=16 on "attn", without /
@@ -88,6 +90,9 @@ TEXT_ENCODER_ACTIVATIONS: dict[str, dict[bool, float]] = {
 MEASURED_VAE_DECODE = {512: 1_234_747_392, 1024: 4_241_514_496}
 VAE_DECODE = _curve(MEASURED_VAE_DECODE)
 _MEASURED_VAE_PARAMETERS = 83_653_863
+# QDoRA (--quantize-base nf4): per weight a 4-bit code, an int8 block scale per 64 and a float
+# factor per group of up to 256 scales (dorabooth.quantize; measured 0.258 × bf16 on SD 320 × 640).
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # bf16 (CPU autocast, frozen weights bf16) / fp32 activations on SD 1.5 at 512 px: 0.520 without and
 # 0.494 with gradient checkpointing; fp16 is taken to be the same (same element size).
 HALF_PRECISION_ACTIVATIONS = 0.51
@@ -156,6 +161,7 @@ def estimate_memory(spec: ModelSpec, config: TrainConfig, settings: DeviceSettin
     n = sum(trainable.values())
     weight_bytes = DTYPE_BYTES[settings.mixed_precision]
     frozen, parts = 0, []
+    nf4 = adapted_weights(spec, config) if config.quantize_base == "nf4" else {}
     for component, count in spec.parameters.items():
         if component == "vae":
             size, dtype = DTYPE_BYTES[settings.vae_dtype], settings.vae_dtype
@@ -163,8 +169,9 @@ def estimate_memory(spec: ModelSpec, config: TrainConfig, settings: DeviceSettin
             continue                                   # all trainable: counted below in fp32
         else:
             size, dtype = weight_bytes, {"no": "fp32"}.get(settings.mixed_precision, settings.mixed_precision)
-        frozen += count * size
-        parts.append(f"{component} {_count(count)} × {dtype}")
+        q = nf4.get(component, 0)
+        frozen += (count - q) * size + int(q * NF4_BYTES)
+        parts.append(f"{component} {_count(count)} × {dtype}" + (f" ({_count(q)} of them NF4)" if q else ""))
     state = 2 if settings.optimizer == "adamw8bit" else 8
     acts, act_formula, notes = _activations(spec, config, settings)
     terms = (

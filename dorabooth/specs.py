@@ -170,6 +170,20 @@ def _meta_module(cls_spec: tuple[str, str], config: dict):
 # =============================================================================================
 # Trainable parameters
 # =============================================================================================
+def adapted_weights(spec: ModelSpec, config: TrainConfig) -> dict[str, int]:
+    """Weights of the Linear layers the adapters wrap, per component (what ``--quantize-base``
+    holds in NF4); none for ``--method full``."""
+    from .inject import TEXT_ENCODER_TARGETS, resolve_targets
+
+    if config.method == "full":
+        return {}
+    trained = {"unet": config.targets}
+    if config.train_text_encoders:
+        trained.update({c: TEXT_ENCODER_TARGETS for c in spec.family.text_encoders})
+    return {c: sum(spec.modules[c].get_submodule(n).weight.numel() for n in resolve_targets(spec.modules[c], t))
+            for c, t in trained.items()}
+
+
 def trainable_parameters(spec: ModelSpec, config: TrainConfig) -> dict[str, int]:
     """Trainable parameters per component for a resolved ``config``, counted from shapes (the
     adapters the trainer attaches: targets resolved as ``inject`` resolves them). Raises

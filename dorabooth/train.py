@@ -39,6 +39,7 @@ from .memory import RunPlan, fill_from_run, plan_run
 from .models import BaseModel, load_weights, open_pipeline
 from .optim import check_optimizer_available, make_lr_schedule, make_optimizer
 from .preflight import check_request, check_resume_recipe, check_run_folder
+from .quantize import check_quantize_available, quantize_adapted
 from .rundir import run_lock
 from .sampling import save_samples
 from .specs import model_spec
@@ -142,6 +143,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         params = setup_method(pipe, config)            # {name: parameter} that train
     trainable_modules = [m for m in (pipe.unet, *fam.text_encoder_modules(pipe, family)) if has_trainable(m)]
     place(pipe, family, device, weight_dtype)
+    quantize_adapted(trainable_modules, config.quantize_base)     # QDoRA: on the device, before the first step
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(pipe, family, config)
 
@@ -243,6 +245,7 @@ def preflight(config: TrainConfig) -> RunPlan:
     run = Path(config.out)
     plan = plan_device(config, run)
     check_optimizer_available(plan.config.optimizer)
+    check_quantize_available(plan.config.quantize_base)
     check_images(plan.config.images, plan.config.resolution)
     check_resume_recipe(plan.config, run)
     return plan

@@ -179,6 +179,7 @@ def write_adapter(
     base_model: str | None = None,
     version: str = "",
     overwrite: bool = True,
+    quantized_base: str | None = None,
 ) -> Path:
     """Write ``adapter`` as a diffusers/PEFT adapter file (either magnitude axis); returns the file path.
 
@@ -186,6 +187,8 @@ def write_adapter(
     inside it). ``module_names``: every module name of each component of the base model, in
     canonical naming, for short PEFT ``target_modules`` (else the full module names). The file
     is written to a temporary name and renamed, and every tensor is checked to be finite first.
+    ``quantized_base`` ("nf4"): recorded as ``dorabooth.quantized_base`` when the base was held
+    quantised while training (QDoRA; informational: the file is an ordinary adapter).
     """
     target = resolve_path(path)
     tensors = adapter.tensors
@@ -234,6 +237,8 @@ def write_adapter(
         metadata["dorabooth.base_model"] = str(base_model)
     if adapter.base_hash:
         metadata["dorabooth.base_hash"] = adapter.base_hash
+    if quantized_base:
+        metadata["dorabooth.quantized_base"] = quantized_base
     metadata.update(_modelspec(adapter, family, base_model))
     return write_safetensors(target, to_diffusers_layout(tensors), metadata, overwrite=overwrite)
 
