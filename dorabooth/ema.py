@@ -14,6 +14,7 @@ initialisation after 500 steps. The EMA is used for previews and the final adapt
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
+from typing import ClassVar
 
 import torch
 
@@ -62,7 +63,7 @@ class EMA:
 class NoEMA:
     """``--ema-decay`` off: the same calls, doing nothing."""
 
-    tensors: dict[str, torch.Tensor] = {}
+    tensors: ClassVar[dict[str, torch.Tensor]] = {}
 
     def update(self, step: int) -> None:
         pass

@@ -9,22 +9,22 @@ LoRA+ (Hayou et al. 2024, arXiv:2402.12354) gives the up matrices B their own le
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 from .config import TrainConfig
 
 
-@lru_cache(maxsize=None)
+@cache
 def bitsandbytes_problem(kind: str = "cuda") -> str | None:
     """None when bitsandbytes' 8-bit AdamW runs on a device of ``kind`` here, else why not, in
     words. On the CPU it is tried: one step on a 4096-element tensor must keep 8-bit moments
-    (bitsandbytes ≥ 0.49 has CPU optimizers; older versions fail)."""
+    (recent bitsandbytes has CPU optimizers, 0.50.2 works; older versions fail)."""
     try:
         import bitsandbytes
         bitsandbytes.optim.AdamW8bit  # noqa: B018 - fails on builds without the optimizers
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - a broken install raises anything
         return f"bitsandbytes is not usable ({type(e).__name__}: {e}); `pip install bitsandbytes`"
     if kind == "cuda":
         return None if torch.cuda.is_available() else "bitsandbytes' 8-bit AdamW needs a CUDA GPU"
@@ -37,7 +37,7 @@ def bitsandbytes_problem(kind: str = "cuda") -> str | None:
         opt.step()
         if opt.state[p]["state1"].dtype != torch.uint8 or not torch.isfinite(p).all():
             return f"bitsandbytes {bitsandbytes.__version__} did not keep 8-bit moments on this CPU"
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure of the trial step means "not here"
         return (f"bitsandbytes {getattr(bitsandbytes, '__version__', '?')}'s 8-bit AdamW does not run on this CPU "
                 f"({type(e).__name__}: {str(e)[:120]}); `pip install -U bitsandbytes` or use a CUDA GPU")
     return None
@@ -77,7 +77,7 @@ def check_optimizer_available(name: str) -> None:
 
 def _no_decay(name: str, p: torch.nn.Parameter) -> bool:
     """Magnitudes, biases and vectors: no weight decay (decay would pull DoRA's m towards 0, not ‖W0‖)."""
-    return name.endswith("lora_magnitude_vector") or name.endswith(".bias") or p.ndim < 2
+    return name.endswith(("lora_magnitude_vector", ".bias")) or p.ndim < 2
 
 
 def _is_up(name: str) -> bool:

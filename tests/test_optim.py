@@ -11,7 +11,7 @@ from dorabooth.config import TrainConfig
 from dorabooth.ema import EMA, ema_decay
 from dorabooth.optim import check_optimizer_available, make_optimizer, param_groups
 
-BASE = dict(images="i", class_noun="dog", out="o")
+BASE = {"images": "i", "class_noun": "dog", "out": "o"}
 
 
 def _params():
