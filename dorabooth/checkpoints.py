@@ -1,8 +1,9 @@
 """Writing and restoring a run's training state (DESIGN §6), and its final result.
 
 ``checkpoints/step-N/`` holds the trainable tensors, the optimizer (tensors as safetensors,
-the rest as JSON), the LR schedule, the data position and every process's RNG, plus the
-adapter as a user-facing file; it is written under a temporary name and renamed, so a
+the rest as JSON), the LR schedule, the data position and every process's RNG, with
+``--ema-decay`` the EMA of the trainable tensors (``ema.safetensors``), plus the adapter as a
+user-facing file (the EMA weights when on); it is written under a temporary name and renamed, so a
 killed run resumes from the last complete one. The final result is ``adapter.safetensors``
 (dora/lora) or the fine-tuned ``unet/`` and text encoders (full).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from . import adapters, faults, inject
 from . import rundir as rd
 from .config import TrainConfig
 from .diskfull import DiskFull
+from .ema import EMA, NoEMA
 from .formats.files import atomic_folder, read_safetensors, write_json, write_safetensors
 from .models import BaseModel
 from .version import __version__
@@ -55,14 +57,20 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     gen: torch.Generator                      # this process's data/noise generator
+    ema: EMA | NoEMA = field(default_factory=NoEMA)
+
+
+EMA_FILE = "ema.safetensors"                  # a checkpoint's EMA of the trainable tensors (--ema-decay)
 
 
 def _optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """An optimizer state_dict split into tensors (safetensors) and the rest (JSON)."""
+    """An optimizer state_dict split into tensors (safetensors) and the rest (JSON). A state
+    entry that is itself a dict (bitsandbytes' ``__bnb_optimizer_quant_state__``: 8-bit moments,
+    quantisation maps, absmax) is stored entry by entry as ``name/entry``."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
-        for name, value in state.items():
+        for name, value in _flat(state):
             if isinstance(value, torch.Tensor):
                 tensors[f"state.{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
@@ -70,14 +78,25 @@ def _optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
+def _flat(state: dict):
+    for name, value in state.items():
+        if isinstance(value, dict):
+            yield from ((f"{name}/{k}", v) for k, v in value.items())
+        else:
+            yield name, value
+
+
 def _load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = value
-    for key, value in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+    entries = [(*key.split(".", 2)[1:], value) for key, value in tensors.items()]
+    entries += [(*key.split(".", 1), value) for key, value in meta["scalars"].items()]
+    for idx, name, value in entries:
+        into = state.setdefault(int(idx), {})
+        if "/" in name:                                 # an entry of a nested dict (_flat)
+            name, entry = name.split("/", 1)
+            into = into.setdefault(name, {})
+            name = entry
+        into[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
@@ -112,7 +131,7 @@ def _tmp_dir(run: Path, step: int) -> Path:
 def _checkpoint_bytes(state: TrainState, config: TrainConfig) -> int:
     """About what a checkpoint takes: the trainable tensors in fp32, their copy as the adapter
     file (dora/lora) and the optimizer's state tensors."""
-    trainable = sum(p.numel() for p in state.params.values()) * 4
+    trainable = sum(p.numel() for p in state.params.values()) * 4 + sum(t.nbytes for t in state.ema.tensors.values())
     moments = sum(t.nbytes for s in state.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
     return trainable * (1 if config.method == "full" else 2) + moments
 
@@ -137,12 +156,16 @@ def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Trai
                           {"method": config.method})
         opt_tensors, opt_meta = _optimizer_state(state.optimizer)
         write_safetensors(tmp / rd.OPTIMIZER, opt_tensors)
+        if state.ema.tensors:
+            write_safetensors(tmp / EMA_FILE, state.ema.tensors)
         faults.reach("checkpoint", step)
         meta = {"step": step, "processes": accelerator.num_processes, "optimizer": opt_meta,
                 "lr_schedule": state.schedule.state_dict(), "dorabooth_version": __version__}
         write_json(tmp / rd.STATE, meta, default=_json_default)
-        if config.method != "full":                     # the same adapter as a user-facing file
-            adapters.save_adapter(pipe, tmp / rd.ADAPTER, base_model=config.model, subject=rd.subject_of(config, run))
+        if config.method != "full":                     # the same adapter (its EMA when on) as a user-facing file
+            with state.ema.applied():
+                adapters.save_adapter(pipe, tmp / rd.ADAPTER, base_model=config.model,
+                                      subject=rd.subject_of(config, run))
         replaced = final.with_name(f".old-{final.name}")
         shutil.rmtree(replaced, ignore_errors=True)
         if final.exists():                              # re-saving a step: renamed away, deleted once replaced
@@ -182,6 +205,11 @@ def restore_checkpoint(run: Path, state: TrainState, accelerator, emit) -> int:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[name].to(p.device, p.dtype))
+    if isinstance(state.ema, EMA):
+        if not (ckpt / EMA_FILE).is_file():
+            raise ValueError(f"{ckpt} has no {EMA_FILE} although this run keeps an EMA (--ema-decay); resume "
+                             f"without --ema-decay, as the run was started")
+        state.ema.load(read_safetensors(ckpt / EMA_FILE, "checkpoint")[0])
     wanted = [group["initial_lr"] for group in state.optimizer.param_groups]      # this run's, before loading
     _load_optimizer_state(state.optimizer, read_safetensors(ckpt / rd.OPTIMIZER, "checkpoint")[0], meta["optimizer"])
     state.schedule.load_state_dict(meta["lr_schedule"])

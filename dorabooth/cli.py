@@ -97,8 +97,14 @@ def _add_train(sub) -> None:
     _flag(g, "--batch-size", dest="batch_size", type=int, metavar="N", help="subject images per step (default 1)")
     _flag(g, "--grad-accum", dest="grad_accum", type=int, metavar="N", help="gradient accumulation (default 1)")
     _flag(g, "--max-grad-norm", dest="max_grad_norm", type=float, metavar="X", help="clip (default 1.0)")
-    _flag(g, "--optimizer", choices=("auto", "adamw", "adamw8bit"),
-          help="default auto: adamw8bit where bitsandbytes works (CUDA), else adamw")
+    _flag(g, "--optimizer", choices=("auto", "adamw", "adamw8bit", "prodigy"),
+          help="default auto: adamw8bit where bitsandbytes works (CUDA), else adamw; prodigy (pip install "
+               "prodigyopt) sets its own step size, --lr defaults to 1.0 with it")
+    _flag(g, "--loraplus-ratio", dest="loraplus_ratio", type=float, metavar="λ",
+          help="LoRA+: the up matrices (lora_B) learn at λ × --lr, A and the magnitude at --lr (default off; "
+               "the paper suggests 16)")
+    _flag(g, "--ema-decay", dest="ema_decay", type=float, metavar="D",
+          help="keep an EMA of the adapter weights (e.g. 0.999) for previews and the final adapter (default off)")
     _flag(g, "--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0.01)")
     _flag(g, "--min-snr-gamma", dest="min_snr_gamma", type=float, metavar="G", help="Min-SNR γ (default 5)")
     _bool(g, "--min-snr", "Min-SNR loss weighting (--no-min-snr: plain MSE)")

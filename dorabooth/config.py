@@ -19,7 +19,8 @@ from typing import Any
 from .conventions import MAGNITUDE_AXES, METHODS
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+PRODIGY_LR = 1.0                       # Prodigy estimates the step size; lr only scales it (its default)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 TARGET_PRESETS = ("attn", "cross-attn", "attn+ff", "all-linear")
 QUANTIZE_BASE = ("none", "nf4")        # dorabooth.quantize (kept here too: config imports no torch)
@@ -33,6 +34,7 @@ MAX_LR = 1.0                           # AdamW: anything near 1 already diverges
 MAX_RESOLUTION = 4096
 MAX_SAMPLER_STEPS = 1000
 MAX_SEED = 2**32 - 1
+MAX_LORAPLUS_RATIO = 1000.0            # LoRA+ paper: 16 suggested; B's lr = ratio · lr
 
 # Fields that may change between a run and its --resume without changing what is learned.
 RUN_MECHANICS = frozenset({"out", "resume", "checkpoint_every", "keep_checkpoints", "sample_every",
@@ -89,7 +91,9 @@ class TrainConfig:
     batch_size: int = 1                        # subject images per step and process (class images double it)
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0          # None = no clipping
-    optimizer: str | None = None               # adamw | adamw8bit (bitsandbytes); None = per device
+    optimizer: str | None = None               # adamw | adamw8bit (bitsandbytes) | prodigy (prodigyopt); None = per device
+    loraplus_ratio: float | None = None        # LoRA+: lora_B's lr = ratio · lr (paper: 16); None = off
+    ema_decay: float | None = None             # EMA of the adapter weights (e.g. 0.999), used for samples/final; None = off
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
@@ -149,6 +153,7 @@ class TrainConfig:
         for name in ("sample_every", "checkpoint_every"):
             value = getattr(self, name)
             _check(value is None or value >= 0, f"{name} {value}: use 0 (off) or a number of steps")
+        _check_optimizer_extras(self)
         _check(self.keep_checkpoints >= 1, "keep_checkpoints: keep at least 1")
         _check(all(p.strip() for p in self.validation_prompts), "validation_prompts: empty prompt given")
 
@@ -188,6 +193,8 @@ class TrainConfig:
         """Fill the ``None`` fields from a family's ``train_defaults`` (the prompts phrased in its
         ``prompt_style``) and derive cadences."""
         values = {k: v for k, v in defaults.items() if k in _FAMILY_FIELDS and getattr(self, k) is None}
+        if self.optimizer == "prodigy" and self.lr is None:
+            values["lr"] = PRODIGY_LR                  # Prodigy's own default, not the family's AdamW rate
         instance, class_prompt = default_prompts(self.token, self.class_noun, defaults.get("prompt_style", "photo"))
         values.update({k: v for k, v in (("instance_prompt", instance), ("class_prompt", class_prompt))
                        if getattr(self, k) is None})
@@ -305,6 +312,26 @@ def _check_bounds(c: TrainConfig) -> None:
                f"class_image_steps {c.class_image_steps}: use at least 1 sampler step and at most "
                f"{MAX_SAMPLER_STEPS}")
     _check(0 <= c.seed <= MAX_SEED, f"seed {c.seed}: use a whole number from 0 to {MAX_SEED}")
+
+
+def _check_optimizer_extras(c: TrainConfig) -> None:
+    """LoRA+ and EMA (adapters only), and Prodigy's single learning rate."""
+    if c.loraplus_ratio is not None:
+        _check(math.isfinite(c.loraplus_ratio) and 0 < c.loraplus_ratio <= MAX_LORAPLUS_RATIO,
+               f"loraplus_ratio {c.loraplus_ratio}: use a number in (0, {MAX_LORAPLUS_RATIO:g}] (16 is the "
+               f"LoRA+ paper's suggestion), or leave it off")
+        _check(c.method != "full", "loraplus_ratio: LoRA+ sets the lr of adapter up matrices; with --method full "
+                                   "leave --loraplus-ratio off")
+    if c.ema_decay is not None:
+        _check(math.isfinite(c.ema_decay) and 0 < c.ema_decay < 1,
+               f"ema_decay {c.ema_decay}: use a number in (0, 1) such as 0.999, or leave it off")
+        _check(c.method != "full", "ema_decay: the EMA is of adapter weights; with --method full leave --ema-decay off")
+    if c.optimizer == "prodigy":
+        _check(c.loraplus_ratio is None, "loraplus_ratio: Prodigy takes one learning rate for all parameters "
+                                         "(prodigyopt refuses others); drop --loraplus-ratio or use --optimizer adamw")
+        _check(c.text_encoder_lr is None or c.text_encoder_lr == c.lr,
+               f"text_encoder_lr {c.text_encoder_lr}: Prodigy takes one learning rate for all parameters; drop "
+               f"--text-encoder-lr or use --optimizer adamw")
 
 
 def _learning_rate(name: str, value: float | None) -> None:

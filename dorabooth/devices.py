@@ -177,8 +177,9 @@ def resolve_device_settings(config: TrainConfig, preset: str, device: DeviceInfo
             optimizer = "adamw"
             reasons.append(f"AdamW (fp32 state): {device.adamw8bit_problem}")
     else:
-        if optimizer == "adamw8bit" and device.adamw8bit_problem is not None:
-            raise ValueError(f"optimizer adamw8bit: {device.adamw8bit_problem}; use --optimizer adamw on this machine "
+        problem = _chosen_adamw8bit_problem(device) if optimizer == "adamw8bit" else None
+        if problem is not None:
+            raise ValueError(f"optimizer adamw8bit: {problem}; use --optimizer adamw on this machine "
                              f"(or install bitsandbytes on a CUDA machine)")
         reasons.append(f"optimizer {optimizer}: your choice")
 
@@ -189,6 +190,16 @@ def resolve_device_settings(config: TrainConfig, preset: str, device: DeviceInfo
         reasons.append("prompt embeddings cached: the text encoders are frozen")
     return DeviceSettings(device.label, precision, vae, bool(checkpointing), optimizer, cache, tuple(reasons),
                           tuple(warnings), frozenset(auto))
+
+
+def _chosen_adamw8bit_problem(device: DeviceInfo) -> str | None:
+    """Why an explicit ``--optimizer adamw8bit`` cannot run: "auto" takes it on CUDA only, but
+    asked for on a CPU it runs where bitsandbytes' CPU optimizers do (tried then, not before:
+    importing bitsandbytes costs seconds)."""
+    if device.kind == "cpu" and device.adamw8bit_problem is not None:
+        from .optim import bitsandbytes_problem
+        return bitsandbytes_problem("cpu")
+    return device.adamw8bit_problem
 
 
 def _auto_precision(device: DeviceInfo) -> tuple[str, str]:

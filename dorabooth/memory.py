@@ -56,6 +56,10 @@ MEASURED_UNET: dict[str, dict[bool, dict[int, int]]] = {
              True: {256: 631_902_208, 512: 1_506_304_000, 1024: 5_906_800_640}},
 }
 
+# Bytes of optimizer state per trainable parameter.
+OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw8bit": 2, "prodigy": 16}
+_OPTIMIZER_STATE_WHAT = {"adamw8bit": "8-bit AdamW", "prodigy": "Prodigy: m, v, s, x0 in fp32"}
+
 
 def _curve(points: dict[int, int]) -> tuple[float, float, float]:
     """(a, b, c) of the polynomial a + b·x + c·x² (x = latent pixels, (px / 8)²) through three
@@ -172,14 +176,15 @@ def estimate_memory(spec: ModelSpec, config: TrainConfig, settings: DeviceSettin
         q = nf4.get(component, 0)
         frozen += (count - q) * size + int(q * NF4_BYTES)
         parts.append(f"{component} {_count(count)} × {dtype}" + (f" ({_count(q)} of them NF4)" if q else ""))
-    state = 2 if settings.optimizer == "adamw8bit" else 8
+    state = OPTIMIZER_STATE_BYTES.get(settings.optimizer, 8) + (4 if config.ema_decay else 0)   # + the EMA copy
     acts, act_formula, notes = _activations(spec, config, settings)
     terms = (
         MemoryTerm("frozen weights", frozen, " + ".join(parts)),
         MemoryTerm("trainable (fp32)", 4 * n, f"4 B × {n:,} parameters"),
         MemoryTerm("gradients (fp32)", 4 * n, f"4 B × {n:,}"),
         MemoryTerm("optimizer state", state * n,
-                   f"{state} B × {n:,} ({'8-bit AdamW' if state == 2 else 'AdamW m, v in fp32'})"),
+                   f"{state} B × {n:,} ({_OPTIMIZER_STATE_WHAT.get(settings.optimizer, 'AdamW m, v in fp32')}"
+                   f"{' + EMA in fp32' if config.ema_decay else ''})"),
         MemoryTerm("activations", acts, act_formula),
     )
     a, b, c = VAE_DECODE

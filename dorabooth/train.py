@@ -30,6 +30,7 @@ from .config import RESUME_OVERRIDES, TrainConfig
 from .data import batch_stream, check_images
 from .devices import EmulatedPrecisionWarning, detect_device
 from .diskfull import DiskFull
+from .ema import make_ema
 from .events import EventLog, stop_requested
 from .families import Family, detect_family
 from .inject import has_trainable
@@ -155,6 +156,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     draw_class = make_class_sampler(class_pool, config.batch_size)
     optimizer = make_optimizer(params, config)
     schedule = make_lr_schedule(optimizer, config)
+    ema = make_ema(params, config.ema_decay)          # --ema-decay: previews and the result use its weights
     prepared = accelerator.prepare(*trainable_modules, optimizer)
     wrapped, optimizer = list(prepared[:-1]), prepared[-1]
     unet = wrapped[0]                                  # the UNet always trains (adapter or full)
@@ -162,7 +164,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
 
     step = 0
     gen = torch.Generator().manual_seed(config.seed * 7919 + accelerator.process_index)
-    state = TrainState(params, optimizer, schedule, gen)
+    state = TrainState(params, optimizer, schedule, gen, ema)
     if config.resume:
         step = restore_checkpoint(run, state, accelerator, emit)
     world = accelerator.num_processes
@@ -210,6 +212,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        ema.update(step)
         faults.reach("step", step)
 
         window = (window + [time.monotonic() - t0])[-20:]
@@ -222,13 +225,15 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
             last_good = save_checkpoint(run, step, state, pipe, config, accelerator, emit)
         if _due(step, config.sample_every, total) or step == total:
             check_finite_weights(params, step, last_good)
-            save_samples(pipe, family, config, run, step, accelerator, emit)
+            with ema.applied():
+                save_samples(pipe, family, config, run, step, accelerator, emit)
         if stopping and step < total:
             emit("stopped", step=step)
             return RunResult(run, None, step, stopped=True, main_process=accelerator.is_main_process)
 
     check_finite_weights(params, step, last_good)
-    adapter = save_final(pipe, config, run, base, accelerator)
+    with ema.applied():
+        adapter = save_final(pipe, config, run, base, accelerator)
     emit("done", adapter=str(adapter), steps=step, seconds=round(time.monotonic() - started, 1))
     return RunResult(run, adapter, step, main_process=accelerator.is_main_process)
 

@@ -44,7 +44,21 @@ def test_optimizer_follows_bitsandbytes():
     assert resolve(T4_NO_BNB).optimizer == "adamw"
     assert any("bitsandbytes is not installed" in r for r in resolve(T4_NO_BNB).reasons)
     with pytest.raises(ValueError, match="use --optimizer adamw"):
-        resolve(OLD_CPU, optimizer="adamw8bit")
+        resolve(MAC, optimizer="adamw8bit")
+    assert resolve(OLD_CPU).optimizer == "adamw"                              # auto: 8-bit on CUDA only
+
+
+def test_adamw8bit_asked_for_on_a_cpu_runs_where_bitsandbytes_does():
+    """Recent bitsandbytes has CPU optimizers: an explicit --optimizer adamw8bit on a CPU is tried
+    (a step on a 4096-element tensor) and refused, with the reason, only when it fails."""
+    from dorabooth.optim import bitsandbytes_problem
+
+    problem = bitsandbytes_problem("cpu")
+    if problem is None:
+        assert resolve(OLD_CPU, optimizer="adamw8bit").optimizer == "adamw8bit"
+    else:
+        with pytest.raises(ValueError, match=f"optimizer adamw8bit: {problem[:40]}.*use --optimizer adamw"):
+            resolve(OLD_CPU, optimizer="adamw8bit")
     assert resolve(A100, optimizer="adamw").optimizer == "adamw"             # explicit beats auto
 
 
