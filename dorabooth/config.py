@@ -57,7 +57,7 @@ class TrainConfig:
     model_config: str | None = None            # for a .safetensors model: diffusers folder / hub id with its configs
 
     # ---- method ----------------------------------------------------------------------------
-    method: str = "dora"                       # dora | lora | full (full fine-tune of the UNet)
+    method: str = "dora"                       # dora | lora | dvora (DoRA on VeRA) | full (full fine-tune of the UNet)
     rank: int | None = None
     alpha: float | None = None                 # default = rank (scale 1)
     half_rank: bool = False                    # DoRA†: the paper's half-rank setting, rank → rank // 2
@@ -182,6 +182,8 @@ class TrainConfig:
         """Fill the ``None`` fields from a family's ``train_defaults`` (the prompts phrased in its
         ``prompt_style``) and derive cadences."""
         values = {k: v for k, v in defaults.items() if k in _FAMILY_FIELDS and getattr(self, k) is None}
+        if self.method == "dvora" and self.rank is None and "dvora_rank" in defaults:
+            values["rank"] = defaults["dvora_rank"]
         instance, class_prompt = default_prompts(self.token, self.class_noun, defaults.get("prompt_style", "photo"))
         values.update({k: v for k, v in (("instance_prompt", instance), ("class_prompt", class_prompt))
                        if getattr(self, k) is None})
