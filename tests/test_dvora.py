@@ -17,10 +17,12 @@ from torch import nn
 
 import dorabooth
 from dorabooth import cli, inject
+from dorabooth.config import TrainConfig
 from dorabooth.dora import DoRALinear, dora_weight
 from dorabooth.dvora import DVoRALinear, projection_key, vera_projection
 from dorabooth.export import export
 from dorabooth.families import dvora_rank
+from dorabooth.specs import model_spec, trainable_parameters
 from tiny_models import rel_err, text_encoder_names, text_encoder_output, unet_output
 from tiny_runs import make_subject, save_model
 
@@ -212,6 +214,8 @@ def test_cli_train_generate_export_info(tmp_path, capsys, monkeypatch):
     start = next(e for e in events if e["type"] == "start")
     tensors, _ = read(run / "adapter.safetensors")
     assert start["trainable"] == sum(t.numel() for t in tensors.values())   # d, b, m: not the frozen A, B
+    planned = trainable_parameters(model_spec(model), TrainConfig.from_dict(config))   # what --dry-run counts
+    assert sum(planned.values()) == start["trainable"] == 2432
     assert cli.main(["train", "--out", str(run), "--resume", "--steps", "3"]) == 0
     capsys.readouterr()
     assert cli.main(["generate", "--adapter", str(run), "--prompt", "a photo of sks dog", "--out",
