@@ -334,11 +334,12 @@ def _check_complete(adapter: Adapter, components: dict[str, nn.Module]) -> None:
 
 
 def _matches(current: dict[str, DoRALinear], paths: list[str], config: dict) -> bool:
-    """True if the attached layers are exactly ``paths`` with ``config`` (then only tensors are loaded)."""
+    """True if the attached layers are exactly ``paths`` with ``config`` (then only tensors are loaded);
+    never for DVoRA layers: files always load as DoRA (lora_A = diag(d)·A, lora_B = diag(b)·B)."""
     if set(current) != set(paths):
         return False
     c = config
-    return all(m.rank == c["rank"] and m.alpha == c["alpha"] and m.use_dora == c["use_dora"] and m.rslora == c["rslora"]
+    return all(type(m) is DoRALinear and m.rank == c["rank"] and m.alpha == c["alpha"] and m.use_dora == c["use_dora"] and m.rslora == c["rslora"]
                and (not c["use_dora"] or m.magnitude_axis == c["magnitude_axis"]) for m in current.values())
 
 

@@ -54,7 +54,9 @@ class DoRALinear(nn.Module):
 
     State-dict names are PEFT's on-disk names: ``lora_A.weight`` (r, in),
     ``lora_B.weight`` (out, r), ``lora_magnitude_vector`` ((out,) for axis "out",
-    (1, in) for axis "in"), and ``base_layer.*`` for the wrapped layer.
+    (1, in) for axis "in"), and ``base_layer.*`` for the wrapped layer. Everything reads the
+    low-rank factors through :meth:`factors`; :class:`dorabooth.dvora.DVoRALinear` overrides it
+    (and ``_init_factors``) to feed DoRA the factors of a VeRA update.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, *, use_dora: bool = True,

@@ -31,7 +31,7 @@ peft = pytest.importorskip("peft")
 
 def read(path):
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118, dict(f.metadata())
 
 
 def randomize_vera(model: nn.Module, seed: int) -> None:
@@ -131,8 +131,11 @@ def test_only_d_b_m_train_and_projections_are_shared(make_pipe):
     assert torch.equal(vera_projection(1, 16, 16, 8)[1], vera_projection(1, 16, 16, 8)[1])
 
 
+def unet(widths):
+    return SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(block_out_channels=widths)))
+
+
 def test_default_rank_is_256_capped_at_the_narrowest_block():
-    unet = lambda widths: SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(block_out_channels=widths)))  # noqa: E731
     assert dvora_rank(unet((320, 640, 1280, 1280))) == 256          # SD 1.x / 2.x
     assert dvora_rank(unet((320, 640, 1280))) == 256                # SDXL
     assert dvora_rank(unet((32, 64, 128))) == 32                    # the toy model
