@@ -31,7 +31,7 @@ peft = pytest.importorskip("peft")
 
 def read(path):
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118, dict(f.metadata())
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())  # noqa: SIM118
 
 
 def randomize_vera(model: nn.Module, seed: int) -> None:
