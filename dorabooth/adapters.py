@@ -19,11 +19,13 @@ from torch import nn
 from . import inject
 from .conventions import ADAPTER_METHODS, MAGNITUDE_AXES
 from .dora import DoRALinear, axis_norm
+from .dvora import DVoRALinear
 from .families import check_family, detect_family
 from .formats.adapter_files import read_adapter_file
-from .formats.diffusers_lora import write_adapter
+from .formats.diffusers_lora import resolve_path, write_adapter
+from .formats.dvora_file import write_dvora
 from .formats.files import DAMAGED
-from .formats.neutral import Adapter, ModuleAdapter, module_paths
+from .formats.neutral import Adapter, ModuleAdapter, VeraInfo, module_paths
 from .formats.subject import Subject
 from .version import __version__
 
@@ -45,13 +47,15 @@ def attach(
     magnitude_axis: str = "out",
     rslora: bool = False,
     dropout: float = 0.0,
+    vera_seed: int = 0,
 ) -> list[str]:
-    """Wrap target Linear layers of the UNet (and the text encoders) with DoRA or LoRA layers.
+    """Wrap target Linear layers of the UNet (and the text encoders) with DoRA, LoRA or DVoRA layers.
 
     ``unet_targets``: a preset (``attn`` = to_q/to_k/to_v/to_out.0 of attn1 and attn2,
     ``cross-attn`` = attn2 only, ``attn+ff``, ``all-linear``) or module names/regexes.
     Text encoders get q_proj, k_proj, v_proj, out_proj. ``alpha`` defaults to ``rank``.
     All other weights of the pipeline are frozen. Returns the wrapped module names.
+    ``method="dvora"``: DoRA on VeRA (:mod:`dorabooth.dvora`), projections drawn from ``vera_seed``.
     """
 
     if method not in ADAPTER_METHODS:
@@ -67,8 +71,9 @@ def attach(
     plan = {"unet": unet_targets}
     if text_encoders:
         plan.update({c: inject.TEXT_ENCODER_TARGETS for c in family.text_encoders})
-    layer = dict(rank=rank, alpha=float(rank if alpha is None else alpha), use_dora=method == "dora",
-                 magnitude_axis=magnitude_axis, rslora=rslora, dropout=dropout)
+    layer = dict(rank=rank, alpha=float(rank if alpha is None else alpha), use_dora=method != "lora",
+                 magnitude_axis=magnitude_axis, rslora=rslora, dropout=dropout,
+                 vera_seed=int(vera_seed) if method == "dvora" else None)
     names: list[str] = []
     done: list[str] = []
     try:
@@ -160,6 +165,8 @@ def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None
     if base_model is None:
         base_model = getattr(pipe, "name_or_path", None) or None
     quantized = sorted({layer.quantized_base for layer in inject.iter_layers(pipe)} - {None})
+    if adapter.vera is not None:               # d, b, m and the seed; exports write it as ordinary DoRA
+        return write_dvora(resolve_path(path), adapter, family=family.name, base_model=base_model, version=__version__)
     return write_adapter(path, adapter, family=family.name, module_names=names, base_model=base_model,
                          version=__version__, quantized_base=",".join(quantized) or None)
 
@@ -167,7 +174,7 @@ def save_adapter(pipe, path: str | os.PathLike, *, base_model: str | None = None
 def _attached_adapter(pipe) -> Adapter:
     """The pipeline's attached adapter layers as the neutral in-memory adapter (no copies of the
     fp32 tensors), with the configuration they were attached with."""
-    modules, targets, alphas, rslora = {}, {}, {}, set()
+    modules, targets, alphas, rslora, seeds, d, b = {}, {}, {}, set(), set(), {}, {}
     for component, model in inject.pipeline_components(pipe).items():
         layers = inject.dora_modules(model)
         if not layers:
@@ -177,14 +184,20 @@ def _attached_adapter(pipe) -> Adapter:
         for name, layer in layers:
             key = f"{component}.{inject.canonical_name(model, component, name)}"
             m = layer.lora_magnitude_vector if layer.use_dora else None
-            modules[key] = ModuleAdapter(layer.lora_A.weight, layer.lora_B.weight, layer.scale, m,
-                                         layer.magnitude_axis if layer.use_dora else None)
+            down, up = layer.factors()                  # DVoRA: diag(d)·A, diag(b)·B
+            modules[key] = ModuleAdapter(down, up, layer.scale, m, layer.magnitude_axis if layer.use_dora else None)
+            if isinstance(layer, DVoRALinear):
+                d[key], b[key] = layer.vera_lambda_d, layer.vera_lambda_b
             keys.append(key)
         targets[component] = list(inject.attached_targets(model) or module_paths(keys))
         alphas[component] = config["alpha"]
         rslora.add(config["rslora"])
+        seeds.add(config["vera_seed"])
+    if len(seeds) > 1:
+        raise ValueError(f"the pipeline mixes DVoRA seeds/other adapters {sorted(seeds, key=str)}; attach one method")
+    seed = seeds.pop() if seeds else None
     return Adapter(modules=modules, rslora=rslora.pop() if len(rslora) == 1 else None, targets=targets,
-                   lora_alpha=alphas)
+                   lora_alpha=alphas, vera=None if seed is None else VeraInfo(seed, d, b))
 
 
 def _inside_adapter(name: str, wrapped: Sequence[str]) -> bool:
@@ -322,11 +335,12 @@ def _check_complete(adapter: Adapter, components: dict[str, nn.Module]) -> None:
 
 
 def _matches(current: dict[str, DoRALinear], paths: list[str], config: dict) -> bool:
-    """True if the attached layers are exactly ``paths`` with ``config`` (then only tensors are loaded)."""
+    """True if the attached layers are exactly ``paths`` with ``config`` (then only tensors are loaded);
+    never for DVoRA layers: files always load as DoRA (lora_A = diag(d)·A, lora_B = diag(b)·B)."""
     if set(current) != set(paths):
         return False
     c = config
-    return all(m.rank == c["rank"] and m.alpha == c["alpha"] and m.use_dora == c["use_dora"] and m.rslora == c["rslora"]
+    return all(type(m) is DoRALinear and m.rank == c["rank"] and m.alpha == c["alpha"] and m.use_dora == c["use_dora"] and m.rslora == c["rslora"]
                and (not c["use_dora"] or m.magnitude_axis == c["magnitude_axis"]) for m in current.values())
 
 

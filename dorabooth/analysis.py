@@ -51,7 +51,7 @@ AXIS_MEANING = {
     "out": "per output row of W (out, in): m = ||W[i, :]||, i = 1..out (dorabooth/PEFT/NVlabs axis)",
     "in": "per input column of W (out, in): m = ||W[:, j]||, j = 1..in (the paper's Eq. 2 notation)",
 }
-METHOD_NAMES = {"full": "FT", "lora": "LoRA", "dora": "DoRA"}
+METHOD_NAMES = {"full": "FT", "lora": "LoRA", "dora": "DoRA", "dvora": "DVoRA"}
 
 
 # =============================================================================================
@@ -135,7 +135,7 @@ def read_run(run: str | os.PathLike) -> RunInfo:
 def run_info(r: rd.Run) -> RunInfo:
     c = r.config
     return RunInfo(path=r.path, method=c.method, rank=c.effective_rank, half_rank=c.half_rank,
-                   magnitude_axis=c.magnitude_axis if c.method == "dora" else None, seed=c.seed, lr=c.lr,
+                   magnitude_axis=c.magnitude_axis if c.method in ("dora", "dvora") else None, seed=c.seed, lr=c.lr,
                    steps=c.steps, targets=c.targets or "attn", base=r.base_weights, base_hash=r.base_hash,
                    text_encoders=bool(c.train_text_encoders))
 

@@ -61,8 +61,9 @@ def _add_train(sub) -> None:
     _flag(g, "--model-config", dest="model_config", metavar="DIR",
           help="for a .safetensors --model: the diffusers folder (or hub id) with its configs")
     g = p.add_argument_group("method")
-    _flag(g, "--method", choices=("dora", "lora", "full"), help="default: dora; full = fine-tune the whole UNet")
-    _flag(g, "--rank", type=int, metavar="N", help="adapter rank (family default)")
+    _flag(g, "--method", choices=("dora", "lora", "dvora", "full"),
+          help="default: dora; dvora = DoRA on VeRA (frozen random A, B; trains d, b, m); full = fine-tune the whole UNet")
+    _flag(g, "--rank", type=int, metavar="N", help="adapter rank (family default; dvora: 256, at most the narrowest UNet width)")
     _flag(g, "--alpha", type=float, metavar="A", help="scale = alpha / rank (default alpha = rank)")
     _bool(g, "--half-rank", "DoRA†: the DoRA paper's half-rank setting (uses rank // 2)")
     _flag(g, "--magnitude-axis", dest="magnitude_axis", choices=MAGNITUDE_AXES,

@@ -60,7 +60,7 @@ class TrainConfig:
     model_config: str | None = None            # for a .safetensors model: diffusers folder / hub id with its configs
 
     # ---- method ----------------------------------------------------------------------------
-    method: str = "dora"                       # dora | lora | full (full fine-tune of the UNet)
+    method: str = "dora"                       # dora | lora | dvora (DoRA on VeRA) | full (full fine-tune of the UNet)
     rank: int | None = None
     alpha: float | None = None                 # default = rank (scale 1)
     half_rank: bool = False                    # DoRA†: the paper's half-rank setting, rank → rank // 2
@@ -195,6 +195,8 @@ class TrainConfig:
         values = {k: v for k, v in defaults.items() if k in _FAMILY_FIELDS and getattr(self, k) is None}
         if self.optimizer == "prodigy" and self.lr is None:
             values["lr"] = PRODIGY_LR                  # Prodigy's own default, not the family's AdamW rate
+        if self.method == "dvora" and self.rank is None and "dvora_rank" in defaults:
+            values["rank"] = defaults["dvora_rank"]
         instance, class_prompt = default_prompts(self.token, self.class_noun, defaults.get("prompt_style", "photo"))
         values.update({k: v for k, v in (("instance_prompt", instance), ("class_prompt", class_prompt))
                        if getattr(self, k) is None})

@@ -2,9 +2,10 @@
 can build its parser without loading torch): adapter methods, magnitude axes, the norm's eps,
 export formats and dtypes."""
 
-ADAPTER_METHODS = ("dora", "lora")         # the DoRA layer with and without its magnitude
+ADAPTER_METHODS = ("dora", "lora", "dvora")  # the DoRA layer with and without its magnitude; DoRA on VeRA
 METHODS = (*ADAPTER_METHODS, "full")       # full: the base weights themselves train
 MAGNITUDE_AXES = ("out", "in")             # m: one value per output row (out,) / per input column (1, in)
+DVORA_RANK = 256                           # --method dvora default rank (VeRA's, RoBERTa/GLUE), capped per model
 NORM_EPS = 1e-12                           # ‖V‖ is clamped here: rows/columns of zero norm give g = 0, not NaN
 
 ADAPTER_FORMATS = ("diffusers-lora", "kohya")                 # adapter files written (DESIGN §7)

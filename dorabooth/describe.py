@@ -202,6 +202,10 @@ def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str
     info = adapter.summary()
     if not consumers:
         return info
+    if adapter.vera is not None:
+        info["consumers"] = ("a DVoRA run file (d, b, m and a seed) only dorabooth reads; `dorabooth export` writes "
+                             "it as an ordinary DoRA file (diffusers-lora, kohya or merged) that the tools load")
+        return info
     spec = BaseSpec(model, model_config, pipe)
     if adapter.family is None and not spec.given and not recorded:
         info["consumers"] = "unknown model family; pass --model"

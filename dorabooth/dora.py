@@ -54,7 +54,9 @@ class DoRALinear(nn.Module):
 
     State-dict names are PEFT's on-disk names: ``lora_A.weight`` (r, in),
     ``lora_B.weight`` (out, r), ``lora_magnitude_vector`` ((out,) for axis "out",
-    (1, in) for axis "in"), and ``base_layer.*`` for the wrapped layer.
+    (1, in) for axis "in"), and ``base_layer.*`` for the wrapped layer. Everything reads the
+    low-rank factors through :meth:`factors`; :class:`dorabooth.dvora.DVoRALinear` overrides it
+    (and ``_init_factors``) to feed DoRA the factors of a VeRA update.
     """
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, *, use_dora: bool = True,
@@ -83,10 +85,7 @@ class DoRALinear(nn.Module):
         self.merged = False
 
         factory = dict(device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Linear(in_f, rank, bias=False, **factory)
-        self.lora_B = nn.Linear(rank, out_f, bias=False, **factory)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # as PEFT
-        nn.init.zeros_(self.lora_B.weight)
+        self._init_factors(factory)
         self._w0_sq = self._base_sq_norm()                  # fp32 cache, not a buffer: .to(fp16) must not touch it
         self._w0_backup = None
         self._g_cache = None
@@ -96,6 +95,21 @@ class DoRALinear(nn.Module):
             self.init_magnitude()
         else:
             self.lora_magnitude_vector = None
+
+    def _init_factors(self, factory: dict) -> None:
+        """The trainable low-rank factors: A Kaiming-uniform, B zeros (as PEFT)."""
+        self.lora_A = nn.Linear(self.in_features, self.rank, bias=False, **factory)
+        self.lora_B = nn.Linear(self.rank, self.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # as PEFT
+        nn.init.zeros_(self.lora_B.weight)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A : (r, in), B : (out, r)) in fp32, as the layer applies them (V = W0 + s·B·A)."""
+        return self.lora_A.weight, self.lora_B.weight
+
+    def adapter_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The tensors that train (what the inference cache of g watches)."""
+        return (self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector)
 
     # ---- magnitude -------------------------------------------------------------------
     def _base_sq_norm(self) -> torch.Tensor:
@@ -149,25 +163,26 @@ class DoRALinear(nn.Module):
             m = m.view(-1)                                    # (1, in) → (in,)
         return magnitude_at(m, self.base_magnitude(), t)
 
-    def weight_norm(self, strength: float | None = None) -> torch.Tensor:
-        """‖V(t)‖ along the axis (fp32, no grad), by the low-rank formula."""
+    def weight_norm(self, strength: float | None = None, factors=None) -> torch.Tensor:
+        """‖V(t)‖ along the axis (fp32, no grad), by the low-rank formula; ``factors`` = (A, B) if at hand."""
         t = self.strength if strength is None else strength
         W = self._dense_base()
         with torch.no_grad():
-            return low_rank_norm(W, self.lora_A.weight, self.lora_B.weight, t * self.scale,
-                                 self.magnitude_axis, w0_sq=self._w0_sq_on(W.device))
+            A, B = self.factors() if factors is None else factors
+            return low_rank_norm(W, A.detach(), B.detach(), t * self.scale, self.magnitude_axis,
+                                 w0_sq=self._w0_sq_on(W.device))
 
-    def _scale_vector(self, dtype) -> torch.Tensor:
+    def _scale_vector(self, dtype, factors=None) -> torch.Tensor:
         """g = m(t) / ‖V(t)‖ (the norm detached, paper §4.3) in ``dtype``: (out,) or (in,).
 
-        Without gradients (inference) g is cached until A, B, m or the strength change."""
-        params = (self.lora_A.weight, self.lora_B.weight, self.lora_magnitude_vector)
+        Without gradients (inference) g is cached until the adapter's tensors or the strength change."""
+        params = self.adapter_parameters()
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             self._g_cache = None
-            return cast(self.magnitude() / self.weight_norm(), dtype)
+            return cast(self.magnitude() / self.weight_norm(factors=factors), dtype)
         key = (tuple((p.data_ptr(), p._version) for p in params), self.strength, dtype)
         if self._g_cache is None or self._g_cache[0] != key:
-            self._g_cache = (key, cast(self.magnitude() / self.weight_norm(), dtype))
+            self._g_cache = (key, cast(self.magnitude() / self.weight_norm(factors=factors), dtype))
         return self._g_cache[1]
 
     # ---- forward ---------------------------------------------------------------------
@@ -179,7 +194,8 @@ class DoRALinear(nn.Module):
         base = self.base_layer                                # a quantised base is dequantised per call
         W, bias = (cast(base.weight, dtype) if isinstance(base, nn.Linear) else base), base.bias
         bias = None if bias is None else cast(bias, dtype)
-        A, B = cast(self.lora_A.weight, dtype), cast(self.lora_B.weight, dtype)
+        A32, B32 = self.factors()
+        A, B = cast(A32, dtype), cast(B32, dtype)
         lead = x.shape[:-1]
         x2 = cast(x.reshape(-1, self.in_features), dtype)     # (T, in)
         x_d = self.dropout(x2) if self.training and isinstance(self.dropout, nn.Dropout) else x2
@@ -187,7 +203,7 @@ class DoRALinear(nn.Module):
         if not self.use_dora:                                 # plain LoRA: autograd is enough
             y = (F.linear(x2, W, bias) if W is not base else base(x2)).addmm_(x_d @ A.t(), B.t(), alpha=s)
         else:
-            y = dora_forward(x2, x_d, W, bias, A, B, self._scale_vector(dtype), s, self.magnitude_axis)
+            y = dora_forward(x2, x_d, W, bias, A, B, self._scale_vector(dtype, (A32, B32)), s, self.magnitude_axis)
         return y.reshape(*lead, self.out_features)            # (..., out)
 
     # ---- merge -----------------------------------------------------------------------
@@ -199,7 +215,8 @@ class DoRALinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self, strength: float | None = None) -> torch.Tensor:
         """W'(t) in fp32: (out, in) (:func:`dora_weight`). ``strength`` defaults to the layer's current strength."""
-        return dora_weight(self.base_weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.lora_magnitude_vector,
+        A, B = self.factors()
+        return dora_weight(self.base_weight, A, B, self.scale, self.lora_magnitude_vector,
                            self.magnitude_axis, t=self.strength if strength is None else strength)
 
     @torch.no_grad()

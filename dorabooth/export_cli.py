@@ -133,6 +133,9 @@ def _run_info(args) -> int:
           f"\n  base model     {info['base_model'] or '-'}"
           f"\n  trigger        {info['trigger'] or '-'}" + (f" (trained as \"{info['instance_prompt']}\")"
                                                          if info['instance_prompt'] else ""))
+    if "vera_seed" in info:
+        print(f"  DVoRA          seed {info['vera_seed']}, {info['trainable']:,} trained numbers (d, b, m; A and B "
+              f"rebuilt from the seed)")
     unknown = info["unknown_keys"]
     print(f"  unknown keys   {len(unknown)}" + (f" (e.g. {', '.join(unknown[:3])})" if unknown else ""))
     if args.consumers:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .conventions import DVORA_RANK
+
 FAMILY_NAMES = ("sd1", "sd2", "sdxl")
 
 
@@ -124,7 +126,15 @@ def train_defaults(family: Family, pipe) -> dict:
     preset = dict(TRAIN_PRESETS[preset_name(family, pipe)])
     if preset["resolution"] is None:
         preset["resolution"] = native_resolution(pipe)
+    preset["dvora_rank"] = dvora_rank(pipe)
     return preset
+
+
+def dvora_rank(pipe) -> int:
+    """``--method dvora``'s default rank: VeRA's 256 (``DVORA_RANK``), at most the UNet's narrowest
+    block width (a lower bound of min(in, out) of its Linear layers): 256 on SD 1.x/2.x/XL (320
+    wide), 32 on the toy model, 16 on the tiny test models."""
+    return min(DVORA_RANK, *(int(c) for c in pipe.unet.config.block_out_channels))
 
 
 def generate_defaults(family: Family, pipe) -> dict:

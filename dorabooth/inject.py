@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .dora import DoRALinear
+from .dvora import DVoRALinear
 
 _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
 ATTN = tuple(f"{a}.{p}" for a in ("attn1", "attn2") for p in _ATTN_PROJ)
@@ -126,8 +127,11 @@ def inject(
     rslora: bool = False,
     dropout: float = 0.0,
     names: Sequence[str] | None = None,
+    vera_seed: int | None = None,
 ) -> list[str]:
     """Wrap the target ``nn.Linear`` modules of ``model`` with ``DoRALinear``; freeze all else.
+
+    ``vera_seed``: DVoRA layers (``DVoRALinear``, DoRA on VeRA) with projections from this seed.
 
     ``names``: wrap exactly these modules instead of resolving ``targets`` (which is then
     only recorded, e.g. when re-attaching an adapter read from a file). Returns the wrapped
@@ -159,8 +163,12 @@ def inject(
     try:
         for name in names:
             base = model.get_submodule(name)
-            layer = DoRALinear(base, rank, alpha, use_dora=use_dora, magnitude_axis=magnitude_axis,
-                               rslora=rslora, dropout=dropout)
+            if vera_seed is None:
+                layer = DoRALinear(base, rank, alpha, use_dora=use_dora, magnitude_axis=magnitude_axis,
+                                   rslora=rslora, dropout=dropout)
+            else:
+                layer = DVoRALinear(base, rank, alpha, seed=vera_seed, magnitude_axis=magnitude_axis,
+                                    rslora=rslora, dropout=dropout)
             layer.train(base.training)
             _set_submodule(model, name, layer)
     except Exception:
@@ -215,20 +223,22 @@ def has_trainable(model: nn.Module) -> bool:
 
 
 def component_config(model: nn.Module, component: str = "model") -> dict:
-    """rank, alpha, use_dora, magnitude_axis and rslora shared by all adapter layers of ``model``.
+    """rank, alpha, use_dora, magnitude_axis, rslora and vera_seed (DVoRA's, else None) shared by all
+    adapter layers of ``model``.
 
     Raises if the layers disagree (dorabooth attaches one configuration per component).
     """
     layers = dora_modules(model)
     if not layers:
         raise ValueError(f"{component} ({type(model).__name__}) has no dorabooth adapter layers")
-    configs = {(m.rank, m.alpha, m.use_dora, m.magnitude_axis if m.use_dora else None, m.rslora)
-               for _, m in layers}
+    configs = {(m.rank, m.alpha, m.use_dora, m.magnitude_axis if m.use_dora else None, m.rslora,
+                getattr(m, "vera_seed", None)) for _, m in layers}
     if len(configs) > 1:
         raise ValueError(f"{component}: adapter layers have different configurations {sorted(configs, key=str)}; "
                          f"dorabooth writes one rank/alpha/axis per component")
-    rank, alpha, use_dora, axis, rslora = configs.pop()
-    return {"rank": rank, "alpha": alpha, "use_dora": use_dora, "magnitude_axis": axis, "rslora": rslora}
+    rank, alpha, use_dora, axis, rslora, vera_seed = configs.pop()
+    return {"rank": rank, "alpha": alpha, "use_dora": use_dora, "magnitude_axis": axis, "rslora": rslora,
+            "vera_seed": vera_seed}
 
 
 # ---- canonical names ---------------------------------------------------------------------

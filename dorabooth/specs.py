@@ -205,6 +205,9 @@ def trainable_parameters(spec: ModelSpec, config: TrainConfig) -> dict[str, int]
             out_f, in_f = module.get_submodule(name).weight.shape
             if rank > min(out_f, in_f):
                 too_small.append(f"{name} (out, in) = ({out_f}, {in_f})")
+            if config.method == "dvora":               # d (r) + b (out) + m; A and B are frozen
+                total += rank + out_f + (out_f if config.magnitude_axis == "out" else in_f)
+                continue
             total += rank * (in_f + out_f)
             if config.method == "dora":
                 total += out_f if config.magnitude_axis == "out" else in_f

@@ -370,7 +370,7 @@ def run_metadata(base: BaseModel, family: Family, pipe, accelerator) -> dict:
 # Setup: model
 # =============================================================================================
 def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
-    """Attach adapters (dora/lora) or unfreeze the UNet, and with ``train_text_encoders`` the
+    """Attach adapters (dora/lora/dvora; DVoRA's projections drawn from ``config.seed``) or unfreeze the UNet, and with ``train_text_encoders`` the
     text encoders (full); returns the trainable parameters by pipeline-qualified name
     (``unet.…``, ``text_encoder.…``)."""
     if config.method == "full":
@@ -381,7 +381,7 @@ def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
     else:
         adapters.attach(pipe, method=config.method, rank=config.effective_rank, alpha=config.effective_alpha,
                          unet_targets=config.targets, text_encoders=config.train_text_encoders,
-                         magnitude_axis=config.magnitude_axis, rslora=config.rslora)
+                         magnitude_axis=config.magnitude_axis, rslora=config.rslora, vera_seed=config.seed)
     params = {}
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):

@@ -19,7 +19,7 @@ FACE = PACKAGE
 LAYERS: list[tuple[str, set[str]]] = [
     ("leaves", {"version", "conventions", "lazyface", "importcheck", "quiet", "faults", "diskfull", "losses", "events",
                 "families",
-                "data", "config", "dora", "dora_autograd", "optim", "ema", "formats.files", "formats.layout",
+                "data", "config", "dora", "dvora", "dora_autograd", "optim", "ema", "formats.files", "formats.layout",
                 "formats.single_file"}),
     ("model access", {"inject", "quantize", "models", "weights", "rundir", "devices", "specs", "memory", "preflight",
                       "formats",

@@ -13,7 +13,7 @@ BASE = dict(images="imgs", class_noun="dog", out="run")
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(method="qlora"), "method 'qlora': choose one of dora, lora, full"),
+    (dict(method="qlora"), "method 'qlora': choose one of dora, lora, dvora, full"),
     (dict(resolution=500), "multiple of 8"),
     (dict(rank=0), "rank 0"),
     (dict(rank=1, half_rank=True), "at least 2"),

@@ -133,7 +133,7 @@ def test_component_config_and_split_key():
     te = tiny_text_encoder()
     inject.inject(te, "q_proj", rank=3, alpha=6, magnitude_axis="in", rslora=True)
     assert inject.component_config(te) == {"rank": 3, "alpha": 6.0, "use_dora": True,
-                                            "magnitude_axis": "in", "rslora": True}
+                                            "magnitude_axis": "in", "rslora": True, "vera_seed": None}
     assert inject.split_key("unet.a.to_q.lora_magnitude_vector") == ("unet.a.to_q", "lora_magnitude_vector")
     with pytest.raises(KeyError, match="not an adapter key"):
         inject.split_key("unet.a.to_q.weight")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from . import diffusers_lora, kohya
+from . import diffusers_lora, dvora_file, kohya
 from .files import check_adapter_tensors, read_json, read_metadata, read_safetensors, write_safetensors
 from .layout import UNetLayout
 from .. import rundir as rd
@@ -36,7 +36,9 @@ AXIS_IN_REFUSAL = (
 
 
 def detect_format(keys: list[str], meta: dict[str, str]) -> str:
-    """"diffusers", "peft", "kohya"; raises for base checkpoints and unknown files."""
+    """"dvora", "diffusers", "peft", "kohya"; raises for base checkpoints and unknown files."""
+    if dvora_file.is_dvora(keys):
+        return "dvora"
     if any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys):
         return "kohya"
     if any(k.startswith(("unet.", "text_encoder.", "text_encoder_2.")) and k.endswith(_DIFFUSERS_SUFFIXES)
@@ -72,6 +74,8 @@ def read_adapter_file(path: str | os.PathLike) -> Adapter:
         return kohya.read_state_dict(tensors, meta, str(p))
     if kind == "peft":
         return _read_peft(p, tensors, meta)
+    if kind == "dvora":
+        return dvora_file.read_state_dict(tensors, meta, str(p))
     return diffusers_lora.read_state_dict(tensors, meta, str(p))
 
 

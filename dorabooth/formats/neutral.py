@@ -87,6 +87,16 @@ class ModuleAdapter:
 
 
 @dataclass
+class VeraInfo:
+    """What a DVoRA adapter (DoRA on VeRA, :mod:`dorabooth.dvora`) trained, beside its expanded
+    modules: the projections' seed and per module d : (r,) and b : (out,). Its modules hold
+    down = diag(d)·A and up = diag(b)·B, so everything else treats it as an ordinary DoRA adapter."""
+    seed: int
+    d: dict[str, torch.Tensor]
+    b: dict[str, torch.Tensor]
+
+
+@dataclass
 class Adapter:
     modules: dict[str, ModuleAdapter]
     family: str | None = None           # "sd1" | "sd2" | "sdxl" | None (unknown)
@@ -102,6 +112,7 @@ class Adapter:
     magnitude_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # as stored
     subject: Subject | None = None      # trigger word, prompts and class it was trained on, if known
     base_hash: str | None = None        # hash of the base weights it was trained on, if recorded
+    vera: VeraInfo | None = None        # a DVoRA adapter's seed and scaling vectors (None for DoRA/LoRA)
 
     @property
     def method(self) -> str:
@@ -161,6 +172,14 @@ class Adapter:
         return {"rank": rank, "alpha": alpha, "use_dora": kinds.pop(), "magnitude_axis": axes.pop() if axes else None,
                 "rslora": rslora}
 
+    def trainable_count(self) -> int:
+        """Numbers the adapter trained: d, b and m per module for DVoRA; A, B (and m) otherwise."""
+        if self.vera is not None:
+            return sum(self.vera.d[k].numel() + self.vera.b[k].numel() + m.magnitude.numel()
+                       for k, m in self.modules.items())
+        return sum(m.down.numel() + m.up.numel() + (m.magnitude.numel() if m.is_dora else 0)
+                   for m in self.modules.values())
+
     def component_targets(self, component: str) -> list[str]:
         """The target spec ``component`` was attached with; the module paths if the file does not say."""
         return list((self.targets or {}).get(component) or module_paths(self.by_component()[component]))
@@ -168,8 +187,10 @@ class Adapter:
     def summary(self) -> dict:
         """What ``adapter-info`` prints."""
         per = self.by_component()
+        extra = {} if self.vera is None else {"vera_seed": self.vera.seed, "trainable": self.trainable_count()}
         return {
-            "file": self.source, "format": self.format, "family": self.family, "method": self.method,
+            "file": self.source, "format": self.format, "family": self.family,
+            "method": "dvora" if self.vera is not None else self.method, **extra,
             "magnitude_axis": self.axis, "rank": self.ranks(), "alpha": self.alphas(),
             "rslora": self.rslora, "modules": len(self.modules),
             "modules_per_component": {c: len(per[c]) for c in self.components},

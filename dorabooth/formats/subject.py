@@ -23,7 +23,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-METHOD_WORDS = {"dora": "DoRA", "lora": "LoRA", "mixed": "DoRA/LoRA", "full": "full fine-tune"}
+METHOD_WORDS = {"dora": "DoRA", "lora": "LoRA", "dvora": "DVoRA", "mixed": "DoRA/LoRA", "full": "full fine-tune"}
 
 
 @dataclass(frozen=True)
