@@ -68,7 +68,7 @@ def _add_train(sub) -> None:
     _flag(g, "--magnitude-axis", dest="magnitude_axis", choices=MAGNITUDE_AXES,
           help="out (default; PEFT/diffusers files) or in (kohya dora_scale (1, in): A1111/ComfyUI)")
     _bool(g, "--rslora", "rank-stabilised scale alpha / sqrt(rank)")
-    _flag(g, "--targets", help="UNet targets: attn (default), cross-attn, attn+ff, all-linear, or module names")
+    _flag(g, "--targets", help="UNet targets: attn (default), cross-attn, attn+ff, all-linear, attn+conv, all (with ResNet convs: LoCon), or module names")
     _bool(g, "--train-text-encoders", "train the text encoder(s) too (both on SDXL): adapters on them, or with "
                                        "--method full the whole encoders; family default: "
                                        "on for the toy model, off for SD/SDXL")

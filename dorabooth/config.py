@@ -21,7 +21,7 @@ from .conventions import MAGNITUDE_AXES, METHODS
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit")
 MIXED_PRECISION = ("no", "fp16", "bf16")
-TARGET_PRESETS = ("attn", "cross-attn", "attn+ff", "all-linear")
+TARGET_PRESETS = ("attn", "cross-attn", "attn+ff", "all-linear", "attn+conv", "all")
 
 # What a request may ask for (the app passes user input straight in): each number checked against
 # its range in TrainConfig.__post_init__, the message stating the range.
@@ -63,7 +63,7 @@ class TrainConfig:
     half_rank: bool = False                    # DoRA†: the paper's half-rank setting, rank → rank // 2
     magnitude_axis: str = "out"                # out (PEFT/diffusers) | in (kohya (1, in), A1111/ComfyUI)
     rslora: bool = False                       # scale alpha / sqrt(rank) instead of alpha / rank
-    targets: str = "attn"                      # UNet preset: attn | cross-attn | attn+ff | all-linear
+    targets: str = "attn"                      # UNet preset: attn | cross-attn | attn+ff | all-linear | attn+conv | all
     train_text_encoders: bool | None = None    # every text encoder trains too (adapters, or the whole encoder for full)
     text_encoder_lr: float | None = None       # default = lr
 
