@@ -46,7 +46,7 @@ def attach(
     rslora: bool = False,
     dropout: float = 0.0,
 ) -> list[str]:
-    """Wrap target Linear layers of the UNet (and the text encoders) with DoRA or LoRA layers.
+    """Wrap target Linear (and, with conv targets, Conv2d) layers of the UNet (and the text encoders) with DoRA or LoRA layers.
 
     ``unet_targets``: a preset (``attn`` = to_q/to_k/to_v/to_out.0 of attn1 and attn2,
     ``cross-attn`` = attn2 only, ``attn+ff``, ``all-linear``; with convolutions ``attn+conv``, ``all``) or module names/regexes.

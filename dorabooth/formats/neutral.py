@@ -186,6 +186,7 @@ class Adapter:
             "file": self.source, "format": self.format, "family": self.family, "method": self.method,
             "magnitude_axis": self.axis, "rank": self.ranks(), "alpha": self.alphas(),
             "rslora": self.rslora, "modules": len(self.modules),
+            "conv_modules": sum(m.is_conv for m in self.modules.values()),
             "modules_per_component": {c: len(per[c]) for c in self.components},
             "base_model": self.base_model, "unknown_keys": list(self.unknown_keys),
             "trigger": self.subject.trigger if self.subject else None,
