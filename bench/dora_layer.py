@@ -1,13 +1,14 @@
 """DoRA layer cost: dorabooth against PEFT, as time and peak-memory ratios to PEFT LoRA.
 
-    python bench/dora_layer.py [--reps 7] [--only linear|unet] [--json OUT]
+    python bench/dora_layer.py [--reps 7] [--only linear|conv|unet] [--json OUT]
 
 Runs on one thread, every variant in this process, interleaved round-robin so machine noise
 hits all alike; prints medians and ratios. Time is this process's CPU time
 (``time.process_time``): with one thread it is the compute time, and it does not count the
 time spent waiting for a core on a shared machine. Variants: PEFT LoRA (the reference), PEFT DoRA,
 dorabooth LoRA, dorabooth DoRA with magnitude axis out and in.
-Cases: (a) Linear(1280, 1280) on x : (2, 1024, 1280); (b) a reduced SDXL-like UNet
+Cases: (a) Linear(1280, 1280) on x : (2, 1024, 1280); (a') Conv2d(320, 320, 3×3, padding 1) on
+x : (2, 320, 32, 32) (an SDXL ResNet conv; LoCon: A a 3×3 conv to r channels, B 1×1); (b) a reduced SDXL-like UNet
 (block_out_channels 128/256/512, transformer_layers_per_block 1/2/2, cross_attention_dim
 1024, text_time conditions, 32×32 latents, batch 2), r = 16 on to_q/to_k/to_v/to_out.0.
 Measured: a training step (forward, backward, AdamW step), and eval forward un-merged
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from dorabooth.dora import DoRALinear, dora_layers  # noqa: E402
+from dorabooth.dora import adapter_layer, dora_layers  # noqa: E402
 
 RANK = 16
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -41,8 +42,8 @@ def wrap_dorabooth(model, names, use_dora, axis="out"):
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, DoRALinear(getattr(parent, child), RANK, RANK,
-                                          use_dora=use_dora, magnitude_axis=axis))
+        setattr(parent, child, adapter_layer(getattr(parent, child), RANK, RANK,
+                                             use_dora=use_dora, magnitude_axis=axis))
     return model
 
 
@@ -86,6 +87,23 @@ class LinearCase:
         self.targets = ["0"]
         self.x = torch.randn(2, 1024, 1280, requires_grad=True)   # an inner layer: upstream trains
         self.target = torch.randn(2, 1024, 1280)
+
+    def forward(self, model):
+        return model(self.x)
+
+    def loss(self, model):
+        return (self.forward(model) - self.target).square().mean()
+
+
+class ConvCase:
+    name = "Conv2d(320, 320, 3x3, padding 1), x (2, 320, 32, 32) requiring grad"
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.base = nn.Sequential(nn.Conv2d(320, 320, 3, padding=1))
+        self.targets = ["0"]
+        self.x = torch.randn(2, 320, 32, 32, requires_grad=True)
+        self.target = torch.randn(2, 320, 32, 32)
 
     def forward(self, model):
         return model(self.x)
@@ -238,14 +256,14 @@ def report(r):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--only", choices=["linear", "unet"])
+    ap.add_argument("--only", choices=["linear", "conv", "unet"])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     import peft
     print(f"torch {torch.__version__}, peft {peft.__version__}, 1 thread, {args.reps} interleaved rounds, "
           "CPU time, medians of per-round ratios")
-    cases = {"linear": LinearCase, "unet": UNetCase}
+    cases = {"linear": LinearCase, "conv": ConvCase, "unet": UNetCase}
     results = []
     for key, cls in cases.items():
         if args.only and args.only != key:

@@ -18,7 +18,7 @@ from torch import nn
 
 from . import inject
 from .conventions import ADAPTER_METHODS, MAGNITUDE_AXES
-from .dora import DoRALinear, axis_norm
+from .dora import DoRALinear, axis_norm, max_rank
 from .dvora import DVoRALinear
 from .families import check_family, detect_family
 from .formats.adapter_files import read_adapter_file
@@ -49,10 +49,11 @@ def attach(
     dropout: float = 0.0,
     vera_seed: int = 0,
 ) -> list[str]:
-    """Wrap target Linear layers of the UNet (and the text encoders) with DoRA, LoRA or DVoRA layers.
+    """Wrap target Linear (and, with conv targets, Conv2d) layers of the UNet (and the text encoders) with DoRA,
+    LoRA or DVoRA layers.
 
     ``unet_targets``: a preset (``attn`` = to_q/to_k/to_v/to_out.0 of attn1 and attn2,
-    ``cross-attn`` = attn2 only, ``attn+ff``, ``all-linear``) or module names/regexes.
+    ``cross-attn`` = attn2 only, ``attn+ff``, ``all-linear``; with convolutions ``attn+conv``, ``all``) or module names/regexes.
     Text encoders get q_proj, k_proj, v_proj, out_proj. ``alpha`` defaults to ``rank``.
     All other weights of the pipeline are frozen. Returns the wrapped module names.
     ``method="dvora"``: DoRA on VeRA (:mod:`dorabooth.dvora`), projections drawn from ``vera_seed``.
@@ -90,7 +91,7 @@ def attach(
 
 
 def detach(pipe) -> list[str]:
-    """Remove all adapters: the original ``nn.Linear`` modules (holding W0) come back, and
+    """Remove all adapters: the original ``nn.Linear`` / ``nn.Conv2d`` modules (holding W0) come back, and
     ``requires_grad`` flags are restored to what they were before ``attach``."""
 
     names = []
@@ -258,7 +259,7 @@ MAX_MAGNITUDE_GROWTH = 1000.0   # largest DoRA magnitude / largest base norm of 
 
 
 def _check_fits(adapter: Adapter, components: dict[str, nn.Module], configs: dict[str, dict], family: str) -> None:
-    """Raise, naming the file, unless every module of ``adapter`` is a Linear of the same shape here
+    """Raise, naming the file, unless every module of ``adapter`` is a Linear (Conv2d) of the same shape here
     and every DoRA magnitude is within ``MAX_MAGNITUDE_GROWTH`` of the base weight's norms."""
     source = adapter.source
     for component, keys in adapter.by_component().items():
@@ -273,14 +274,17 @@ def _check_fits(adapter: Adapter, components: dict[str, nn.Module], configs: dic
                                  f"another model or model family: load it onto that base") from None
             _check_magnitude(adapter, key, module)
             base = module.base_layer if isinstance(module, DoRALinear) else module
-            if not isinstance(base, nn.Linear):
-                raise ValueError(f"{source}: {key} is a {type(base).__name__}, not a Linear layer")
             mod = adapter.modules[key]
-            if (mod.out_features, mod.in_features) != tuple(base.weight.shape):
-                raise ValueError(f"{source}: {key} is (out, in) = {tuple(base.weight.shape)} here but "
-                                 f"{(mod.out_features, mod.in_features)} in the file; the adapter is for another "
-                                 f"base model")
-            if rank > min(base.weight.shape):
+            kind = nn.Conv2d if mod.is_conv else nn.Linear
+            if type(base) is not kind and not (kind is nn.Linear and isinstance(base, nn.Linear)):
+                raise ValueError(f"{source}: {key} is a {type(base).__name__} here, but the file has a "
+                                 f"{'conv (LoCon)' if mod.is_conv else 'Linear'} adapter for it; the adapter is for "
+                                 f"another base model")
+            if mod.weight_shape != tuple(base.weight.shape):
+                dims = "(out, in, kh, kw)" if mod.is_conv else "(out, in)"
+                raise ValueError(f"{source}: {key} is {dims} = {tuple(base.weight.shape)} here but "
+                                 f"{mod.weight_shape} in the file; the adapter is for another base model")
+            if rank > max_rank(base):
                 raise ValueError(f"{source}: rank {rank} exceeds min(in, out) of {key}")
 
 
@@ -300,7 +304,7 @@ def _check_magnitude(adapter: Adapter, key: str, module: nn.Module) -> None:
     finite but makes activations overflow (black images): refused, naming the tensor."""
     mod = adapter.modules[key]
     W0 = module.base_weight if isinstance(module, DoRALinear) else module.weight
-    if not mod.is_dora or W0.is_meta or tuple(W0.shape) != (mod.out_features, mod.in_features):
+    if not mod.is_dora or W0.is_meta or tuple(W0.shape) != mod.weight_shape:
         return
     growth = float(mod.magnitude.abs().max()) / float(axis_norm(W0, mod.axis).max())
     if growth > MAX_MAGNITUDE_GROWTH:

@@ -22,7 +22,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 PRODIGY_LR = 1.0                       # Prodigy estimates the step size; lr only scales it (its default)
 MIXED_PRECISION = ("no", "fp16", "bf16")
-TARGET_PRESETS = ("attn", "cross-attn", "attn+ff", "all-linear")
+TARGET_PRESETS = ("attn", "cross-attn", "attn+ff", "all-linear", "attn+conv", "all")
 QUANTIZE_BASE = ("none", "nf4")        # dorabooth.quantize (kept here too: config imports no torch)
 
 # What a request may ask for (the app passes user input straight in): each number checked against
@@ -66,7 +66,7 @@ class TrainConfig:
     half_rank: bool = False                    # DoRA†: the paper's half-rank setting, rank → rank // 2
     magnitude_axis: str = "out"                # out (PEFT/diffusers) | in (kohya (1, in), A1111/ComfyUI)
     rslora: bool = False                       # scale alpha / sqrt(rank) instead of alpha / rank
-    targets: str = "attn"                      # UNet preset: attn | cross-attn | attn+ff | all-linear
+    targets: str = "attn"                      # UNet preset: attn | cross-attn | attn+ff | all-linear | attn+conv | all
     quantize_base: str = "none"                # none | nf4: adapted layers' frozen W0 held in NF4 (QDoRA; torchao)
     train_text_encoders: bool | None = None    # every text encoder trains too (adapters, or the whole encoder for full)
     text_encoder_lr: float | None = None       # default = lr
@@ -129,6 +129,9 @@ class TrainConfig:
         _check(self.quantize_base == "none" or self.method != "full",
                f"quantize_base {self.quantize_base}: a full fine-tune trains the base weights themselves; use "
                f"--method dora or lora with --quantize-base, or drop it")
+        _check(self.method != "dvora" or self.targets not in ("attn+conv", "all"),
+               f"targets {self.targets}: DVoRA adapts Linear layers only; use --targets attn, cross-attn, "
+               f"attn+ff or all-linear with --method dvora, or --method dora for the convolutions")
         _one_of("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if self.optimizer is not None:
             _one_of("optimizer", self.optimizer, OPTIMIZERS)

@@ -1,4 +1,4 @@
-"""DoRA and plain LoRA as one layer wrapping a frozen ``nn.Linear``.
+"""DoRA and plain LoRA as one layer wrapping a frozen ``nn.Linear`` (or ``nn.Conv2d``: :class:`DoRAConv2d`).
 
 DoRA: Weight-Decomposed Low-Rank Adaptation, Liu et al., ICML 2024, arXiv:2402.09353.
 This module imports torch only and owns the layer math; finding modules to wrap lives in
@@ -84,7 +84,7 @@ class DoRALinear(nn.Module):
         self.strength = 1.0
         self.merged = False
 
-        factory = dict(device=base.weight.device, dtype=torch.float32)
+        factory = {"device": base.weight.device, "dtype": torch.float32}
         self._init_factors(factory)
         self._w0_sq = self._base_sq_norm()                  # fp32 cache, not a buffer: .to(fp16) must not touch it
         self._w0_backup = None
@@ -284,6 +284,145 @@ class DoRALinear(nn.Module):
                 f"alpha={self.alpha:g}, scale={self.scale:g}, strength={self.strength:g}, merged={self.merged}")
 
 
+class DoRAConv2d(DoRALinear):
+    """A frozen ``nn.Conv2d`` plus a DoRA (or LoRA) adapter: LoCon, as PEFT and kohya build it.
+
+    Shapes (k = kh·kw)::
+
+        W0 : (out, in, kh, kw)     A = Conv2d(in, r, (kh, kw), stride, padding, dilation) : (r, in, kh, kw)
+                                   B = Conv2d(r, out, 1×1)                                : (out, r, 1, 1)
+        V  = W0 + s·B·A            (the (out, r)·(r, in·k) product, reshaped to W0's shape)
+
+    Axis ``"out"`` (PEFT's conv DoRA): g = m / ‖V‖ per output channel over in×kh×kw,
+    y = g ⊙ (conv(x, W0) + s·B(A(x))) + bias. Axis ``"in"`` (LyCORIS ``wd_on_out=False``,
+    ComfyUI's ``weight_decompose`` with a (1, in, 1, 1) ``dora_scale``): g per input channel
+    over out×kh×kw, y = conv(x̃, W0) + s·B(A(x̃)) + bias with x̃ = x ⊙ g per channel (zero
+    padding commutes with the channel scale). The norm is detached and computed by the
+    low-rank formula on the flattened matrices (never forming V); backward is autograd's.
+
+    ``lora_magnitude_vector``: (1, out, 1, 1) for axis "out" (PEFT's shape), (1, in) for "in".
+    Grouped convolutions and padding modes other than zeros are refused (SD UNets have none).
+    """
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, *, use_dora: bool = True,
+                 magnitude_axis: str = "out", rslora: bool = False, dropout: float = 0.0):
+        nn.Module.__init__(self)
+        if not isinstance(base, nn.Conv2d):
+            raise TypeError(f"DoRAConv2d wraps nn.Conv2d, got {type(base).__name__}")
+        if base.groups != 1 or base.padding_mode != "zeros":
+            raise ValueError(f"DoRAConv2d needs groups=1 and zero padding, got groups={base.groups}, "
+                             f"padding_mode={base.padding_mode!r}; leave this conv out of --targets")
+        if magnitude_axis not in MAGNITUDE_AXES:
+            raise ValueError(f"magnitude_axis must be 'out' or 'in', got {magnitude_axis!r}")
+        out_f, in_f, kh, kw = base.weight.shape
+        if not 1 <= rank <= conv_max_rank(base):
+            raise ValueError(f"rank {rank} must be between 1 and min(out, in·kh·kw) = {conv_max_rank(base)} "
+                             f"for a Conv2d({in_f}, {out_f}, {(kh, kw)}); lower --rank")
+        if alpha <= 0:
+            raise ValueError(f"alpha must be positive, got {alpha}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        self.base_layer = base
+        base.requires_grad_(False)
+        self.in_features, self.out_features, self.kernel = in_f, out_f, kh * kw
+        self.rank, self.alpha = int(rank), float(alpha)
+        self.use_dora, self.magnitude_axis, self.rslora = bool(use_dora), magnitude_axis, bool(rslora)
+        self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.strength = 1.0
+        self.merged = False
+
+        factory = {"device": base.weight.device, "dtype": torch.float32}
+        self.lora_A = nn.Conv2d(in_f, rank, (kh, kw), base.stride, base.padding, base.dilation, bias=False, **factory)
+        self.lora_B = nn.Conv2d(rank, out_f, 1, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # as PEFT
+        nn.init.zeros_(self.lora_B.weight)
+        self._w0_sq = self._base_sq_norm()
+        self._w0_backup = None
+        self._g_cache = None
+        if self.use_dora:
+            shape = (1, out_f, 1, 1) if magnitude_axis == "out" else (1, in_f)
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(shape, **factory))
+            self.init_magnitude()
+        else:
+            self.lora_magnitude_vector = None
+
+    def _base_sq_norm(self) -> torch.Tensor:
+        W = self.base_layer.weight.detach().float()
+        return W.square().sum((1, 2, 3) if self.magnitude_axis == "out" else (0, 2, 3))
+
+    def magnitude(self, strength: float | None = None) -> torch.Tensor:
+        t = self.strength if strength is None else strength
+        m = cast(self.lora_magnitude_vector, torch.float32).reshape(-1)
+        return magnitude_at(m, self.base_magnitude(), t)
+
+    def weight_norm(self, strength: float | None = None) -> torch.Tensor:
+        """‖V(t)‖ per output or input channel (fp32, no grad), by the low-rank formula."""
+        t = self.strength if strength is None else strength
+        W = self.base_layer.weight
+        with torch.no_grad():
+            return low_rank_norm(W.reshape(self.out_features, -1), self.lora_A.weight.reshape(self.rank, -1),
+                                 self.lora_B.weight.reshape(self.out_features, self.rank), t * self.scale,
+                                 self.magnitude_axis, w0_sq=self._w0_sq_on(W.device), group=self.kernel)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+        b = self.base_layer
+        return F.conv2d(x, weight, bias, b.stride, b.padding, b.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.strength == 0.0:
+            return self.base_layer(x)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        W, bias = cast(self.base_layer.weight, dtype), self.base_layer.bias
+        bias = None if bias is None else cast(bias, dtype)
+        A, B = cast(self.lora_A.weight, dtype), cast(self.lora_B.weight, dtype)
+        x = cast(x, dtype)                                    # (N, in, H, W) or (in, H, W)
+        drop = self.training and isinstance(self.dropout, nn.Dropout)
+        s = self.strength * self.scale
+        if not self.use_dora:
+            x_d = self.dropout(x) if drop else x
+            return self._conv(x, W, bias).add_(F.conv2d(self._conv(x_d, A), B), alpha=s)
+        g = self._scale_vector(dtype).view(-1, 1, 1)          # (C, 1, 1): broadcasts over channels
+        if self.magnitude_axis == "out":
+            x_d = self.dropout(x) if drop else x
+            h = self._conv(x, W).add_(F.conv2d(self._conv(x_d, A), B), alpha=s)   # (N, out, H', W')
+            y = h * g
+            return y if bias is None else y.add_(bias.view(-1, 1, 1))
+        xt = x * g                                            # x̃ = x ⊙ g per input channel
+        xt_d = self.dropout(xt) if drop else xt
+        return self._conv(xt, W, bias).add_(F.conv2d(self._conv(xt_d, A), B), alpha=s)
+
+    @torch.no_grad()
+    def merged_weight(self, strength: float | None = None) -> torch.Tensor:
+        """W'(t) in fp32: (out, in, kh, kw) (:func:`dora_weight`)."""
+        return super().merged_weight(strength)
+
+    def extra_repr(self) -> str:
+        kind = f"dora(axis={self.magnitude_axis})" if self.use_dora else "lora"
+        kh, kw = self.base_layer.kernel_size
+        return (f"in={self.in_features}, out={self.out_features}, kernel=({kh}, {kw}), {kind}, rank={self.rank}, "
+                f"alpha={self.alpha:g}, scale={self.scale:g}, strength={self.strength:g}, merged={self.merged}")
+
+
+def conv_max_rank(conv: nn.Conv2d) -> int:
+    """The largest LoCon rank of ``conv``: min(out, in·kh·kw), the rank of its flattened weight."""
+    out_f, in_f, kh, kw = conv.weight.shape
+    return min(out_f, in_f * kh * kw)
+
+
+def max_rank(module: nn.Module) -> int:
+    """The largest adapter rank of a Linear (min(in, out)) or Conv2d (min(out, in·kh·kw))."""
+    if isinstance(module, nn.Conv2d):
+        return conv_max_rank(module)
+    return min(module.weight.shape)
+
+
+def adapter_layer(base: nn.Module, rank: int, alpha: float, **kwargs) -> DoRALinear:
+    """The adapter layer for ``base``: :class:`DoRALinear` for a Linear, :class:`DoRAConv2d` for a Conv2d."""
+    return (DoRAConv2d if isinstance(base, nn.Conv2d) else DoRALinear)(base, rank, alpha, **kwargs)
+
+
 # ---- pure functions ------------------------------------------------------------------------
 def magnitude_at(m: torch.Tensor, m0: torch.Tensor, t: float, start: torch.Tensor | None = None) -> torch.Tensor:
     """m(t) = m0 + t·(m − m0) (DESIGN §3): m0 at t = 0, m itself at t = 1. Flat (out,) or (in,).
@@ -298,14 +437,24 @@ def magnitude_at(m: torch.Tensor, m0: torch.Tensor, t: float, start: torch.Tenso
 
 
 def axis_norm(W: torch.Tensor, axis: str) -> torch.Tensor:
-    """‖W‖ along ``axis`` in fp32, clamped at NORM_EPS: per row (out,) for "out", per column (in,) for "in"."""
-    return torch.linalg.vector_norm(W.detach().float(), dim=1 if axis == "out" else 0).clamp_min(NORM_EPS)
+    """‖W‖ along ``axis`` in fp32, clamped at NORM_EPS: per row (out,) for "out", per column (in,) for "in".
+
+    A conv weight (out, in, kh, kw): per output channel over in×kh×kw ("out"), per input
+    channel over out×kh×kw ("in"), as PEFT and LyCORIS/ComfyUI ``weight_decompose`` do."""
+    others = tuple(d for d in range(W.ndim) if d != (0 if axis == "out" else 1))
+    return torch.linalg.vector_norm(W.detach().float(), dim=others).clamp_min(NORM_EPS)
+
+
+def _axis_view(g: torch.Tensor, axis: str, ndim: int) -> torch.Tensor:
+    """g (out,) or (in,) shaped to broadcast over a weight of ``ndim`` dims along ``axis``."""
+    return g.view(-1, *[1] * (ndim - 1)) if axis == "out" else g.view(1, -1, *[1] * (ndim - 2))
 
 
 @torch.no_grad()
 def dora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, m: torch.Tensor | None = None,
                 axis: str | None = None, *, t: float = 1.0, m0: torch.Tensor | None = None) -> torch.Tensor:
-    """W'(t) in fp32: (out, in). The one definition of what an adapter does to a weight::
+    """W'(t) in fp32: (out, in) or, for a conv, (out, in, kh, kw). The one definition of what an
+    adapter does to a weight::
 
         V(t) = W + t·s·B·A
         m(t) = ‖W‖ + t·(m − m0)                    (norms along ``axis``)
@@ -319,25 +468,30 @@ def dora_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
     the base the adapter was trained on; default ‖W‖, a single adapter on its own base, where
     m(t) = m0 + t·(m − m0) as in the live layer. ``t = 0`` returns ``W`` unchanged (bit for
     bit, as a copy in fp32). Norms are clamped at NORM_EPS.
+
+    Conv (LoCon): ``W`` (out, in, kh, kw), ``A`` (r, in, kh, kw), ``B`` (out, r, 1, 1);
+    B·A is the product of the flattened (out, r) and (r, in·kh·kw) matrices, and the norms
+    are :func:`axis_norm`'s (per output channel over in×kh×kw, or per input channel over out×kh×kw).
     """
     W = W.detach().float()
-    out_f, in_f = B.shape[0], A.shape[1]
-    if tuple(W.shape) != (out_f, in_f):
-        raise ValueError(f"adapter is for a ({out_f}, {in_f}) weight, the base weight is {tuple(W.shape)}; "
+    shape = (B.shape[0], A.shape[1], *A.shape[2:])
+    if tuple(W.shape) != shape:
+        raise ValueError(f"adapter is for a {shape} weight, the base weight is {tuple(W.shape)}; "
                          f"it was made for another model")
     if m is not None and axis not in MAGNITUDE_AXES:
         raise ValueError(f"magnitude axis must be 'out' or 'in', got {axis!r}")
     if t == 0.0:
         return W.clone()
-    V = W + (t * scale) * (B.float() @ A.float())                                     # (out, in)
+    delta = B.float().reshape(B.shape[0], -1) @ A.float().reshape(A.shape[0], -1)    # (out, in·kh·kw)
+    V = W + (t * scale) * delta.view_as(W)                                            # W's shape
     if m is None:
         return V
     n = axis_norm(W, axis)                                                            # (out,) or (in,)
     m_t = magnitude_at(m.float().reshape(-1), n if m0 is None else m0.float().reshape(-1), t, start=n)
     g = m_t / axis_norm(V, axis)
-    return V * (g[:, None] if axis == "out" else g[None, :])
+    return V * _axis_view(g, axis, V.ndim)
 
 
 def dora_layers(module: nn.Module):
-    """(qualified name, DoRALinear) for every adapter layer under ``module``."""
+    """(qualified name, DoRALinear or DoRAConv2d) for every adapter layer under ``module``."""
     return [(name, m) for name, m in module.named_modules() if isinstance(m, DoRALinear)]

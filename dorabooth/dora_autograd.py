@@ -169,8 +169,12 @@ class _DoRAInAxis(torch.autograd.Function):
         return grad_x, grad_xd, None, None, grad_A, grad_B, grad_g, None
 
 
-def low_rank_norm(weight, lora_A, lora_B, scale, axis, w0_sq=None, eps=NORM_EPS):
+def low_rank_norm(weight, lora_A, lora_B, scale, axis, w0_sq=None, eps=NORM_EPS, group=1):
     """‖W0 + s·B·A‖ along ``axis`` ("out": per row → (out,), "in": per column → (in,)), fp32.
+
+    ``group`` > 1: a conv's flattened matrices W0 : (out, in·k), A : (r, in·k), k = kh·kw;
+    axis "in" then sums the squared column norms of each input channel's k columns → (in,)
+    (``w0_sq`` is (in,) then). Axis "out" needs nothing: a row is already in×kh×kw.
 
     ``w0_sq`` is ‖W0‖² along the axis if already known. See the module docstring for the
     formula; cross and square terms share one (out, r) or (r, in) matrix:
@@ -186,10 +190,12 @@ def low_rank_norm(weight, lora_A, lora_B, scale, axis, w0_sq=None, eps=NORM_EPS)
         n2 = torch.linalg.vecdot(B, M, dim=1)                                 # (out,)
     else:
         if w0_sq is None:
-            w0_sq = weight.float().square().sum(0)
+            w0_sq = weight.float().square().sum(0).view(-1, group).sum(1)
         BW = cast(cast(lora_B, weight.dtype).t() @ weight, torch.float32)    # (r, in)
         M = torch.addmm(BW, B.t() @ B, A, beta=2.0 * scale, alpha=scale * scale)
-        n2 = torch.linalg.vecdot(A, M, dim=0)                                 # (in,)
+        n2 = torch.linalg.vecdot(A, M, dim=0)                                 # (in·group,)
+        if group > 1:
+            n2 = n2.view(-1, group).sum(1)                                    # (in,)
     return n2.add_(w0_sq).clamp_min_(eps * eps).sqrt_()
 
 

@@ -125,11 +125,12 @@ def _run_info(args) -> int:
         print(json.dumps(info, indent=2, default=str))
         return 0
     comps = ", ".join(f"{c} {n}" for c, n in info["modules_per_component"].items())
+    conv = f"; {info['conv_modules']} of them Conv2d (LoCon)" if info.get("conv_modules") else ""
     print(f"{info['file']}\n  format         {info['format']}\n  family         {info['family'] or 'unknown'}"
           f"\n  method         {info['method']}\n  magnitude axis {info['magnitude_axis'] or '-'}"
           f"\n  rank           {', '.join(map(str, info['rank']))}"
           f"\n  alpha          {', '.join(f'{a:g}' for a in info['alpha'])}"
-          f"\n  modules        {info['modules']} ({comps})"
+          f"\n  modules        {info['modules']} ({comps}{conv})"
           f"\n  base model     {info['base_model'] or '-'}"
           f"\n  trigger        {info['trigger'] or '-'}" + (f" (trained as \"{info['instance_prompt']}\")"
                                                          if info['instance_prompt'] else ""))

@@ -1,7 +1,8 @@
 """Put DoRA/LoRA layers into a UNet or CLIP text encoder and take them out again.
 
-Owns: target presets (DESIGN §4), resolving targets to ``nn.Linear`` module names, wrapping
-them with :class:`~dorabooth.dora.DoRALinear`, freezing everything else, ``detach`` back to
+Owns: target presets (DESIGN §4), resolving targets to ``nn.Linear`` (and ``nn.Conv2d``)
+module names, wrapping them with :class:`~dorabooth.dora.DoRALinear` (:class:`~dorabooth.dora.DoRAConv2d`
+for a conv: LoCon), freezing everything else, ``detach`` back to
 the original modules, and adapter state dicts for a whole pipeline with ``unet.`` /
 ``text_encoder.`` / ``text_encoder_2.`` prefixes.
 
@@ -21,7 +22,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .dora import DoRALinear
+from .dora import DoRALinear, adapter_layer, max_rank
 from .dvora import DVoRALinear
 
 _ATTN_PROJ = ("to_q", "to_k", "to_v", "to_out.0")
@@ -29,13 +30,20 @@ ATTN = tuple(f"{a}.{p}" for a in ("attn1", "attn2") for p in _ATTN_PROJ)
 CROSS_ATTN = tuple(f"attn2.{p}" for p in _ATTN_PROJ)
 FF = ("ff.net.0.proj", "ff.net.2")  # GEGLU input projection and output Linear of each transformer block
 ALL_LINEAR = "all-linear"
+# LoCon: the ResNet convolutions and SD 1.x's 1×1 proj_in/proj_out (Linear in SD 2.x/SDXL, and
+# then not selected by these: conv presets select nn.Conv2d modules only).
+CONV = ("conv1", "conv2", "conv_shortcut", "proj_in", "proj_out")
 
-UNET_PRESETS: dict[str, tuple[str, ...] | str] = {
+UNET_PRESETS: dict[str, tuple[str, ...] | str] = {     # preset → the nn.Linear modules it selects
     "attn": ATTN,
     "cross-attn": CROSS_ATTN,
     "attn+ff": ATTN + FF,
     "all-linear": ALL_LINEAR,
+    "conv": (),
+    "attn+conv": ATTN,
+    "all": ALL_LINEAR,
 }
+CONV_PRESETS: dict[str, tuple[str, ...]] = {"conv": CONV, "attn+conv": CONV, "all": CONV}   # … and nn.Conv2d
 TEXT_ENCODER_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
 TEXT_ENCODER_COMPONENTS = ("text_encoder", "text_encoder_2")
 
@@ -49,7 +57,7 @@ def parse_targets(spec: str | Sequence[str]) -> tuple[str, ...]:
     items = [spec] if isinstance(spec, str) else list(spec)
     parts = tuple(p.strip() for item in items for p in str(item).split(",") if p.strip())
     if not parts:
-        raise ValueError("no target modules given; use a preset (attn, cross-attn, attn+ff, all-linear) or module names")
+        raise ValueError(f"no target modules given; use a preset ({', '.join(UNET_PRESETS)}) or module names")
     return parts
 
 
@@ -66,15 +74,30 @@ def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
 
 
-def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
-    """Names of the ``nn.Linear`` modules of ``model`` selected by ``spec``, in module order.
+def _conv_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if type(m) is nn.Conv2d]
 
-    ``spec``: a UNet preset name (``attn``, ``cross-attn``, ``attn+ff``, ``all-linear``), or
-    module names / suffixes / regular expressions (a list or a comma-separated string).
-    Every preset and every pattern must match at least one ``nn.Linear``.
+
+def _adaptable_names(model: nn.Module) -> list[str]:
+    """Every module an adapter layer can wrap (``nn.Linear``, plain ``nn.Conv2d``), in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or type(m) is nn.Conv2d]
+
+
+def _named(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
+    """Names of the ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` selected by ``spec``, in module order.
+
+    ``spec``: a UNet preset name (``attn``, ``cross-attn``, ``attn+ff``, ``all-linear``; with
+    convolutions ``conv``, ``attn+conv``, ``all``), or module names / suffixes / regular
+    expressions (a list or a comma-separated string). Linear presets and regular expressions
+    select ``nn.Linear`` modules; conv presets and exact names or suffixes (``conv1``) also
+    select ``nn.Conv2d`` modules. Every preset and every pattern must match at least one module.
     """
     cls = type(model).__name__
-    linear = _linear_names(model)
+    linear, convs = _linear_names(model), _conv_names(model)
     selected: set[str] = set()
     for item in parse_targets(spec):
         preset = UNET_PRESETS.get(item)
@@ -85,16 +108,17 @@ def resolve_targets(model: nn.Module, spec: str | Sequence[str]) -> list[str]:
             hits = {n for n in linear if any(f(n) for f in matchers)}
         else:
             f = _pattern_matcher(item)
-            hits = {n for n in linear if f(n)}
+            hits = {n for n in linear if f(n)} | {n for n in convs if _named(n, item)}
+        hits |= {n for n in convs if any(_named(n, p) for p in CONV_PRESETS.get(item, ()))}
         if not hits:
             what = f"preset {item!r}" if preset is not None else f"target {item!r}"
             raise ValueError(
-                f"{what} matched no nn.Linear module in {cls}; presets are "
+                f"{what} matched no nn.Linear{' or nn.Conv2d' if item in CONV_PRESETS else ''} module in {cls}; presets are "
                 f"{', '.join(UNET_PRESETS)} (UNet), or give module names such as "
                 f"{', '.join(repr(n) for n in linear[:3])}"
             )
         selected |= hits
-    return [n for n in linear if n in selected]
+    return [n for n in _adaptable_names(model) if n in selected]
 
 
 def _check_wrappable(model: nn.Module) -> None:
@@ -129,7 +153,8 @@ def inject(
     names: Sequence[str] | None = None,
     vera_seed: int | None = None,
 ) -> list[str]:
-    """Wrap the target ``nn.Linear`` modules of ``model`` with ``DoRALinear``; freeze all else.
+    """Wrap the target ``nn.Linear`` / ``nn.Conv2d`` modules of ``model`` with ``DoRALinear`` /
+    ``DoRAConv2d``; freeze all else.
 
     ``vera_seed``: DVoRA layers (``DVoRALinear``, DoRA on VeRA) with projections from this seed.
 
@@ -142,20 +167,20 @@ def inject(
     if names is None:
         names = resolve_targets(model, targets)
     else:
-        linear = set(_linear_names(model))
-        bad = [n for n in names if n not in linear]
+        adaptable = _adaptable_names(model)
+        bad = [n for n in names if n not in set(adaptable)]
         if bad:
-            raise ValueError(f"{type(model).__name__} has no nn.Linear named {bad[0]!r}"
+            raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Conv2d named {bad[0]!r}"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""))
-        order = {n: i for i, n in enumerate(_linear_names(model))}
+        order = {n: i for i, n in enumerate(adaptable)}
         names = sorted(set(names), key=order.__getitem__)
-    too_small = [(n, tuple(model.get_submodule(n).weight.shape)) for n in names
-                 if rank > min(model.get_submodule(n).weight.shape)]
+    too_small = [(n, tuple(model.get_submodule(n).weight.shape), max_rank(model.get_submodule(n))) for n in names
+                 if rank > max_rank(model.get_submodule(n))]
     if too_small:
-        shown = ", ".join(f"{n} (out, in) = {s}" for n, s in too_small[:3])
-        limit = min(min(s) for _, s in too_small)
+        shown = ", ".join(f"{n} weight {s}" for n, s, _ in too_small[:3])
+        limit = min(r for _, _, r in too_small)
         raise ValueError(
-            f"rank {rank} is larger than min(in, out) of {len(too_small)} target module(s) in "
+            f"rank {rank} is larger than min(in, out) (min(out, in·kh·kw) for a conv) of {len(too_small)} target module(s) in "
             f"{type(model).__name__}: {shown}; use rank <= {limit} or other targets"
         )
     setattr(model, _GRAD_ATTR, {n: p.requires_grad for n, p in model.named_parameters()})
@@ -164,8 +189,11 @@ def inject(
         for name in names:
             base = model.get_submodule(name)
             if vera_seed is None:
-                layer = DoRALinear(base, rank, alpha, use_dora=use_dora, magnitude_axis=magnitude_axis,
-                                   rslora=rslora, dropout=dropout)
+                layer = adapter_layer(base, rank, alpha, use_dora=use_dora, magnitude_axis=magnitude_axis,
+                                      rslora=rslora, dropout=dropout)
+            elif not isinstance(base, nn.Linear):
+                raise ValueError(f"{name} is a {type(base).__name__}: DVoRA adapts Linear layers only; "
+                                 "use --targets attn, cross-attn, attn+ff or all-linear with --method dvora")
             else:
                 layer = DVoRALinear(base, rank, alpha, seed=vera_seed, magnitude_axis=magnitude_axis,
                                     rslora=rslora, dropout=dropout)
@@ -189,7 +217,7 @@ def attached_targets(model: nn.Module) -> tuple[str, ...] | None:
 
 
 def detach(model: nn.Module) -> list[str]:
-    """Replace every ``DoRALinear`` by its original ``nn.Linear`` (unmerged, so it holds W0).
+    """Replace every adapter layer by its original ``nn.Linear`` / ``nn.Conv2d`` (unmerged, so it holds W0).
 
     The original module objects come back (same identity and weights), and ``requires_grad``
     of all parameters is restored to what it was before :func:`inject`.

@@ -38,7 +38,7 @@ MERGE_DEFINITION = ("sequential: V_k = W_{k-1} + t_k s_k B_k A_k; m_k = |W_{k-1}
 
 # ---- base weights of a pipeline ------------------------------------------------------------------
 def _base_module(pipe, key: str) -> torch.nn.Module:
-    """The module of a neutral module key in ``pipe`` (a Linear, or a dorabooth layer wrapping one)."""
+    """The module of a neutral module key in ``pipe`` (a Linear or Conv2d, or a dorabooth layer wrapping one)."""
     component, path = split_module_key(key)
     model = getattr(pipe, component, None)
     if model is None:
@@ -48,8 +48,8 @@ def _base_module(pipe, key: str) -> torch.nn.Module:
     except AttributeError:
         raise ValueError(f"{key} does not exist in this {type(model).__name__}; the adapter was made for "
                          f"another base model") from None
-    if not isinstance(module, (DoRALinear, torch.nn.Linear)):
-        raise ValueError(f"{key} is a {type(module).__name__}, not a Linear layer")
+    if not isinstance(module, (DoRALinear, torch.nn.Linear, torch.nn.Conv2d)):
+        raise ValueError(f"{key} is a {type(module).__name__}, not a Linear or Conv2d layer")
     return module
 
 

@@ -145,11 +145,12 @@ class NF4Linear(nn.Module):
 
 def quantize_adapted(modules, kind: str) -> int:
     """Put the base weight of every adapter layer under ``modules`` in ``kind`` ("nf4"); returns
-    how many layers. Call right after attaching (the magnitudes restart from the dequantised W0)."""
+    how many layers (Linear ones: a LoCon layer's conv base is left as it is). Call right after attaching (the magnitudes restart from the dequantised W0)."""
     if kind == "none":
         return 0
     from .inject import dora_modules
-    layers = [layer for m in modules for _, layer in dora_modules(m)]
+    layers = [layer for m in modules for _, layer in dora_modules(m)
+              if isinstance(layer.base_layer, nn.Linear)]    # conv (LoCon) bases stay as they are
     for layer in layers:
         layer.quantize_base(NF4Linear)
     return len(layers)
@@ -162,6 +163,8 @@ def frozen_bytes(modules) -> tuple[int, int]:
     for m in modules:
         for _, layer in dora_modules(m):
             base = layer.base_layer
+            if isinstance(base, nn.Conv2d):
+                continue
             n = layer.out_features * layer.in_features
             held += base.nbytes() if isinstance(base, NF4Linear) else base.weight.numel() * base.weight.element_size()
             bf16 += 2 * n

@@ -11,6 +11,7 @@ shapes, with the same target resolution as ``inject``.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -187,7 +188,9 @@ def adapted_weights(spec: ModelSpec, config: TrainConfig) -> dict[str, int]:
 def trainable_parameters(spec: ModelSpec, config: TrainConfig) -> dict[str, int]:
     """Trainable parameters per component for a resolved ``config``, counted from shapes (the
     adapters the trainer attaches: targets resolved as ``inject`` resolves them). Raises
-    ValueError for targets that match nothing or a rank above a target's min(in, out)."""
+    ValueError for targets that match nothing or a rank above a target's min(in, out) (a conv's
+    min(out, in·kh·kw))."""
+    from .dora import max_rank
     from .inject import TEXT_ENCODER_TARGETS, resolve_targets
 
     modules = spec.modules
@@ -202,13 +205,14 @@ def trainable_parameters(spec: ModelSpec, config: TrainConfig) -> dict[str, int]
             continue
         rank, total, too_small = config.effective_rank, 0, []
         for name in resolve_targets(module, targets):
-            out_f, in_f = module.get_submodule(name).weight.shape
-            if rank > min(out_f, in_f):
-                too_small.append(f"{name} (out, in) = ({out_f}, {in_f})")
+            target = module.get_submodule(name)
+            out_f, in_f, *kernel = target.weight.shape          # a conv's (out, in, kh, kw): A is (r, in, kh, kw)
+            if rank > max_rank(target):
+                too_small.append(f"{name} weight {tuple(target.weight.shape)}")
             if config.method == "dvora":               # d (r) + b (out) + m; A and B are frozen
                 total += rank + out_f + (out_f if config.magnitude_axis == "out" else in_f)
                 continue
-            total += rank * (in_f + out_f)
+            total += rank * (in_f * math.prod(kernel) + out_f)
             if config.method == "dora":
                 total += out_f if config.magnitude_axis == "out" else in_f
         if too_small:

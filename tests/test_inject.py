@@ -107,7 +107,7 @@ def test_inject_exact_names_and_unknown_name():
     names = inject.inject(te, ["my-targets"], names=[v_proj], rank=2, alpha=2)
     assert names == [v_proj] and inject.attached_targets(te) == ("my-targets",)
     inject.detach(te)
-    with pytest.raises(ValueError, match="has no nn.Linear named 'nope'"):
+    with pytest.raises(ValueError, match="has no nn.Linear or nn.Conv2d named 'nope'"):
         inject.inject(te, ["x"], names=["nope"], rank=2, alpha=2)
 
 

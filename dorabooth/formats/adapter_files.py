@@ -21,7 +21,7 @@ from .layout import UNetLayout
 from .. import rundir as rd
 from ..conventions import ADAPTER_FORMATS
 from ..version import __version__
-from .neutral import Adapter, ModuleAdapter, axis_from_shape, scale_for
+from .neutral import Adapter, ModuleAdapter, axis_from_shape, peft_axis, scale_for
 
 _DIFFUSERS_SUFFIXES = tuple(diffusers_lora._READ_SUFFIXES)
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "first_stage_model.", "cond_stage_model.", "conditioner.")
@@ -108,7 +108,9 @@ def _read_peft(p: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) 
         component = "text_encoder" if module.startswith(("text_model.", "encoder.layers.")) else "unet"
         path = module if component == "unet" else ("text_model." + module if not module.startswith("text_model.") else module)
         m = g.get("lora_magnitude_vector")
-        axis = None if m is None else axis_from_shape(tuple(m.shape), g["lora_B"].shape[0], g["lora_A"].shape[1])
+        out_f, in_f = g["lora_B"].shape[0], g["lora_A"].shape[1]
+        axis = None if m is None else (peft_axis(tuple(m.shape), out_f, in_f, conv=g["lora_A"].ndim == 4)
+                                       or axis_from_shape(tuple(m.shape), out_f, in_f))
         modules[f"{component}.{path}"] = ModuleAdapter(g["lora_A"], g["lora_B"], s,
                                                        None if m is None else m.reshape(-1), axis)
     if not modules:

@@ -202,20 +202,30 @@ def comfy_loaded_keys(file_keys: list[str], key_map: dict[str, str]) -> tuple[di
     return modules, loaded
 
 
+def low_rank_delta(up: torch.Tensor, down: torch.Tensor, shape) -> torch.Tensor:
+    """B·A in fp32 in the base weight's ``shape``: (out, in), or a conv's (out, in, kh, kw) from the
+    flattened (out, r)·(r, in·kh·kw) product (ComfyUI's and A1111's LoCon rebuild)."""
+    return (up.float().reshape(up.shape[0], -1) @ down.float().reshape(down.shape[0], -1)).view(shape)
+
+
+def _channel_norm(W: torch.Tensor, dim: int) -> torch.Tensor:
+    """‖W‖ per index of ``dim`` (0: rows / output channels, 1: columns / input channels), keepdim."""
+    return torch.linalg.vector_norm(W, dim=tuple(d for d in range(W.ndim) if d != dim), keepdim=True)
+
+
 def comfy_weight(W0: torch.Tensor, up: torch.Tensor, down: torch.Tensor, alpha: float | None,
                  dora_scale: torch.Tensor | None) -> torch.Tensor:
-    """``LoRAAdapter.calculate_weight`` + ``weight_decompose`` at strength 1, fp32."""
+    """``LoRAAdapter.calculate_weight`` + ``weight_decompose`` at strength 1, fp32 (Linear or conv)."""
     W = W0.float()
     s = alpha / down.shape[0] if alpha is not None else 1.0
-    diff = up.float() @ down.float()
+    V = W + s * low_rank_delta(up, down, W.shape)
     if dora_scale is None:
-        return W + s * diff
-    V = W + s * diff
+        return V
     ds = dora_scale.float()
     if ds.shape[0] == V.shape[0]:                       # wd_on_output_axis: norm of W0, not V
-        norm = torch.linalg.vector_norm(W, dim=1, keepdim=True)
+        norm = _channel_norm(W, 0)
     else:
-        norm = torch.linalg.vector_norm(V, dim=0, keepdim=True)
+        norm = _channel_norm(V, 1)
     return V * (ds / (norm + torch.finfo(torch.float32).eps))
 
 
@@ -223,10 +233,10 @@ def a1111_weight(W0: torch.Tensor, up, down, alpha: float | None, dora_scale: to
     """``NetworkModule.finalize_updown`` + ``apply_weight_decompose`` at multiplier 1, fp32."""
     W = W0.float()
     s = alpha / down.shape[0] if alpha is not None else 1.0
-    V = W + s * (up.float() @ down.float())
+    V = W + s * low_rank_delta(up, down, W.shape)
     if dora_scale is None:
         return V
-    col = torch.linalg.vector_norm(V, dim=0, keepdim=True)          # (1, in), always
+    col = _channel_norm(V, 1)                           # (1, in) or (1, in, 1, 1), always per input
     return V * (dora_scale.float() / col)
 
 
@@ -375,7 +385,7 @@ def _ours(mod: ModuleAdapter):
 
 def _lora_only(mod: ModuleAdapter, scale: float | None = None):
     s = mod.scale if scale is None else scale
-    return lambda W0: W0.float() + s * (mod.up @ mod.down)
+    return lambda W0: W0.float() + s * low_rank_delta(mod.up, mod.down, W0.shape)
 
 
 def _diffusers(view: FileView, base, tf_major: int, merged_hint: str) -> Verdict:

@@ -20,6 +20,11 @@ keys (format version, family, method, magnitude axis, rank, alpha, rslora, targe
 model and hash); and ``modelspec.*`` with the subject it was trained on (:mod:`.subject`). Axis-``in`` DoRA keeps the same keys with ``lora_magnitude_vector`` of shape
 ``(1, in)``: a stock loader then fails loudly on the shape instead of misreading it.
 
+Conv2d modules (LoCon: ResNet ``conv1``/``conv2``/``conv_shortcut``, SD 1.x ``proj_in``/``proj_out``)
+keep PEFT's names and shapes: ``lora_A.weight`` (r, in, kh, kw), ``lora_B.weight`` (out, r, 1, 1),
+``lora_magnitude_vector`` (1, out, 1, 1) (axis "in": (1, in)); stock ``load_lora_weights`` builds
+PEFT's conv DoRA layers from them.
+
 One deliberate exception: when a UNet adapter also covers Linear layers other than those
 four attention projections (``attn+ff``, ``all-linear``, some explicit patterns), its UNet
 keys all keep PEFT's ``lora_A``/``lora_B`` names. Stock ``load_lora_adapter`` converts
@@ -45,7 +50,7 @@ from pathlib import Path
 import torch
 
 from .files import check_adapter_tensors, header_date, read_safetensors, write_safetensors
-from .neutral import COMPONENTS, Adapter, ModuleAdapter, group_by_component, module_paths, scale_for
+from .neutral import COMPONENTS, Adapter, ModuleAdapter, group_by_component, module_paths, peft_axis, scale_for
 from .single_file import model_class
 from .subject import Subject, description
 
@@ -294,13 +299,13 @@ def _component_facts(component: str, grouped: dict[str, dict[str, torch.Tensor]]
         axes = set()
         for module, g in grouped.items():
             m, out_f, in_f = g[MAGNITUDE].shape, g["lora_B.weight"].shape[0], g["lora_A.weight"].shape[1]
-            if tuple(m) == (out_f,):
-                axes.add("out")
-            elif tuple(m) == (1, in_f):
-                axes.add("in")
-            else:
+            conv = g["lora_A.weight"].ndim == 4
+            axis = peft_axis(tuple(m), out_f, in_f, conv=conv)
+            if axis is None:
+                out_shape = f"(1, {out_f}, 1, 1)" if conv else f"({out_f},)"
                 raise ValueError(f"{source}: {component}.{module}.{MAGNITUDE} has shape {tuple(m)}; expected "
-                                 f"({out_f},) for axis 'out' or (1, {in_f}) for axis 'in'")
+                                 f"{out_shape} for axis 'out' or (1, {in_f}) for axis 'in'")
+            axes.add(axis)
         if len(axes) > 1:
             raise ValueError(f"{source}: {component} mixes magnitude axes 'out' and 'in'")
         axis = axes.pop()
@@ -372,9 +377,10 @@ def read_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], sou
                 raise ValueError(f"{source}: {module} has no {need.split('.')[0]} (down/up) weight; the file is "
                                  f"incomplete")
         a, b = g["lora_A.weight"], g["lora_B.weight"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{source}: {module}: down {tuple(a.shape)} and up {tuple(b.shape)} "
-                             f"are not (r, in) and (out, r) of one rank")
+        conv = a.ndim == 4 and b.ndim == 4 and tuple(b.shape[2:]) == (1, 1)
+        if not (conv or a.ndim == b.ndim == 2) or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{source}: {module}: down {tuple(a.shape)} and up {tuple(b.shape)} are not (r, in) "
+                             f"and (out, r), or a conv's (r, in, kh, kw) and (out, r, 1, 1), of one rank")
 
     ours = {k: v for k, v in meta.items() if k.startswith("dorabooth.")}
     version = ours.get("dorabooth.format_version")

@@ -7,6 +7,13 @@ Written (DESIGN §7)::
     lora_unet_<module>.alpha               ()         s = alpha / r
     lora_unet_<module>.dora_scale          (out, 1) for axis "out", (1, in) for axis "in"
 
+LoCon (Conv2d modules: ResNet ``conv1`` → sgm ``in_layers_2``, ``conv2`` → ``out_layers_3``,
+``conv_shortcut`` → ``skip_connection`` in SDXL names; SD 1.x ``…_resnets_0_conv1``, ``proj_in``)::
+
+    lora_unet_<module>.lora_down.weight    (r, in, kh, kw)
+    lora_unet_<module>.lora_up.weight      (out, r, 1, 1)
+    lora_unet_<module>.dora_scale          (out, 1, 1, 1) axis "out", (1, in, 1, 1) axis "in"
+
 ``<module>``: SD 1.x/2.x UNets with diffusers names (``down_blocks_0_attentions_0_…``), SDXL
 UNets in the sgm layout kohya and ComfyUI use (``input_blocks_4_1_transformer_blocks_0_attn2_to_q``);
 text encoders ``lora_te_`` (SD 1.x/2.x), ``lora_te1_`` / ``lora_te2_`` (SDXL), always with the
@@ -17,7 +24,8 @@ Read: the same, plus diffusers-style ``lora_unet_down_blocks_…`` names for SDX
 OneTrainer "legacy"), ``lycoris_…`` names, text-encoder names with or without
 ``text_model_``, OneTrainer's internal dotted names (``lora_unet.down_blocks.…``,
 ``lora_te1.text_model.…``) and its OMI names (``unet.input_blocks.…``, ``clip_l.…``,
-``clip_g.…``). The axis of ``dora_scale`` is detected from its shape and never changed.
+``clip_g.…``), and LyCORIS/kohya LoCon conv modules (4-D, 1×1 ``lora_up``; Tucker
+``lora_mid`` is refused). The axis of ``dora_scale`` is detected from its shape and never changed.
 """
 
 from __future__ import annotations
@@ -136,12 +144,13 @@ def read_state_dict(sd: Mapping[str, torch.Tensor], meta: Mapping[str, str], sou
             missing = "lora_up" if "down" in g else "lora_down"
             raise ValueError(f"{source}: {name} has no {missing}.weight; the file is incomplete or truncated")
         down, up = g["down"], g["up"]
-        if down.ndim != 2 or up.ndim != 2:
-            raise ValueError(f"{source}: {name} is a convolution adapter (down {tuple(down.shape)}); dorabooth "
-                             f"converts Linear-layer adapters only")
-        if down.shape[0] != up.shape[1]:
+        if down.ndim == 4 and (up.ndim != 4 or tuple(up.shape[2:]) != (1, 1)):
+            raise ValueError(f"{source}: {name}: a conv lora_up of shape {tuple(up.shape)}; dorabooth reads LoCon "
+                             f"with a 1×1 lora_up (r → out), as kohya and LyCORIS write it")
+        if down.ndim != up.ndim or down.ndim not in (2, 4) or down.shape[0] != up.shape[1]:
             raise ValueError(f"{source}: {name}: lora_down {tuple(down.shape)} and lora_up {tuple(up.shape)} "
-                             f"are not (r, in) and (out, r) of one rank")
+                             f"are not (r, in) and (out, r), or a conv's (r, in, kh, kw) and (out, r, 1, 1), "
+                             f"of one rank")
         try:
             key = module_key(name, family=family, layout=layout)
         except KeyError:
@@ -214,6 +223,8 @@ def to_state_dict(adapter: Adapter, family: str, layout: UNetLayout,
         sd[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
         if m.is_dora:
             shape = (m.out_features, 1) if m.axis == "out" else (1, m.in_features)
+            if m.is_conv:               # what ComfyUI's weight_decompose and LyCORIS broadcast over a conv
+                shape = (*shape, 1, 1)
             sd[f"{name}.dora_scale"] = m.magnitude.reshape(shape).to(dtype)
     return sd
 

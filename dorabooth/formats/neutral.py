@@ -15,6 +15,9 @@ Tensors (fp32)::
     scale     s = alpha / r  (alpha / sqrt(r) with rsLoRA; kohya files store alpha = s·r)
     magnitude m : (out,) for axis "out", (in,) for axis "in", None for plain LoRA
 
+A Conv2d module (LoCon) has ``down`` (r, in, kh, kw) and ``up`` (out, r, 1, 1); its magnitude
+is per output channel ("out") or per input channel ("in"), flat as for a Linear.
+
 What a file format stores per component rather than per module (PEFT's ``LoraConfig``: rank,
 alpha, use_dora, rsLoRA, targets) is derived from the modules by :meth:`Adapter.component_config`
 and :meth:`Adapter.component_targets`; :attr:`Adapter.tensors` gives the live layers' tensors.
@@ -40,8 +43,8 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 
 @dataclass
 class ModuleAdapter:
-    down: torch.Tensor                  # A : (r, in)
-    up: torch.Tensor                    # B : (out, r)
+    down: torch.Tensor                  # A : (r, in), a conv's (r, in, kh, kw)
+    up: torch.Tensor                    # B : (out, r), a conv's (out, r, 1, 1)
     scale: float                        # s
     magnitude: torch.Tensor | None = None   # (out,) or (in,), flat
     axis: str | None = None             # "out" | "in" for DoRA, None for LoRA
@@ -49,9 +52,10 @@ class ModuleAdapter:
     def __post_init__(self):
         self.down = self.down.detach().float()
         self.up = self.up.detach().float()
-        if self.down.ndim != 2 or self.up.ndim != 2 or self.down.shape[0] != self.up.shape[1]:
-            raise ValueError(f"down {tuple(self.down.shape)} and up {tuple(self.up.shape)} are not "
-                             f"(r, in) and (out, r) of one rank r")
+        conv = self.down.ndim == 4 and self.up.ndim == 4 and tuple(self.up.shape[2:]) == (1, 1)
+        if not (conv or self.down.ndim == self.up.ndim == 2) or self.down.shape[0] != self.up.shape[1]:
+            raise ValueError(f"down {tuple(self.down.shape)} and up {tuple(self.up.shape)} are not (r, in) and "
+                             f"(out, r), or a conv's (r, in, kh, kw) and (out, r, 1, 1), of one rank r")
         if (self.magnitude is None) != (self.axis is None):
             raise ValueError("a DoRA module needs both a magnitude and its axis; a LoRA module neither")
         if self.magnitude is not None:
@@ -75,6 +79,15 @@ class ModuleAdapter:
     @property
     def out_features(self) -> int:
         return int(self.up.shape[0])
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.ndim == 4
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The base weight's shape: (out, in), or a conv's (out, in, kh, kw)."""
+        return (self.out_features, self.in_features, *self.down.shape[2:])
 
     @property
     def alpha(self) -> float:
@@ -142,13 +155,14 @@ class Adapter:
     @property
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors under the live layers' (PEFT's) names, e.g. ``unet.<module>.lora_A.weight``,
-        ``….lora_B.weight`` and ``….lora_magnitude_vector`` ((out,) for axis "out", (1, in) for "in")."""
+        ``….lora_B.weight`` and ``….lora_magnitude_vector`` ((out,) for axis "out", (1, in) for "in";
+        a conv's (1, out, 1, 1), PEFT's shape, for "out")."""
         out = {}
         for key, m in self.modules.items():
             out[f"{key}.lora_A.weight"] = m.down
             out[f"{key}.lora_B.weight"] = m.up
             if m.is_dora:
-                out[f"{key}.lora_magnitude_vector"] = m.magnitude if m.axis == "out" else m.magnitude[None, :]
+                out[f"{key}.lora_magnitude_vector"] = magnitude_shaped(m)
         return out
 
     def component_config(self, component: str) -> dict:
@@ -193,6 +207,7 @@ class Adapter:
             "method": "dvora" if self.vera is not None else self.method, **extra,
             "magnitude_axis": self.axis, "rank": self.ranks(), "alpha": self.alphas(),
             "rslora": self.rslora, "modules": len(self.modules),
+            "conv_modules": sum(m.is_conv for m in self.modules.values()),
             "modules_per_component": {c: len(per[c]) for c in self.components},
             "base_model": self.base_model, "unknown_keys": list(self.unknown_keys),
             "trigger": self.subject.trigger if self.subject else None,
@@ -224,11 +239,19 @@ def group_by_component(keys: Iterable[str]) -> dict[str, list[str]]:
 def axis_from_shape(shape: tuple[int, ...], out_f: int, in_f: int, *, one_d: str = "out") -> str:
     """The magnitude axis a stored magnitude tensor's shape says.
 
+    4-D (a conv's kohya/LyCORIS ``dora_scale``): ``(out, 1, 1, 1)`` → "out", ``(1, in, 1, 1)``
+    → "in"; PEFT's conv ``(1, out, 1, 1)`` is read by the diffusers reader, not here.
+
     ``(out, 1)`` → "out", ``(1, in)`` → "in" (kohya ``dora_scale``; also square weights are
     unambiguous); 1-D ``(n,)`` → ``one_d`` if ``n`` fits it (PEFT's ``(out,)``), else the
     axis ``n`` fits. Raises if the shape fits neither.
     """
     shape = tuple(int(s) for s in shape)
+    if len(shape) == 4 and shape[2:] == (1, 1):
+        if shape[:2] == (out_f, 1) and shape[:2] != (1, in_f):
+            return "out"
+        if shape[:2] == (1, in_f) and shape[:2] != (out_f, 1):
+            return "in"
     if len(shape) == 2:
         if shape == (out_f, 1) and shape != (1, in_f):
             return "out"
@@ -246,6 +269,26 @@ def axis_from_shape(shape: tuple[int, ...], out_f: int, in_f: int, *, one_d: str
             return other
     raise ValueError(f"magnitude shape {shape} fits neither axis of a (out, in) = ({out_f}, {in_f}) weight: "
                      f"expected ({out_f}, 1) for axis 'out' or (1, {in_f}) for axis 'in'")
+
+
+def magnitude_shaped(m: ModuleAdapter) -> torch.Tensor:
+    """The magnitude as the live layer and diffusers/PEFT files hold it: (out,) or (1, in), a conv's
+    (1, out, 1, 1) or (1, in)."""
+    if m.axis == "in":
+        return m.magnitude[None, :]
+    return m.magnitude.view(1, -1, 1, 1) if m.is_conv else m.magnitude
+
+
+def peft_axis(shape: tuple[int, ...], out_f: int, in_f: int, *, conv: bool) -> str | None:
+    """The axis of a diffusers/PEFT ``lora_magnitude_vector`` shape: (out,) or, for a conv,
+    PEFT's (1, out, 1, 1) → "out"; (1, in) → "in" (dorabooth's, Linear and conv alike); None
+    if the shape fits neither."""
+    shape = tuple(int(s) for s in shape)
+    if shape == ((1, out_f, 1, 1) if conv else (out_f,)):
+        return "out"
+    if shape == (1, in_f):
+        return "in"
+    return None
 
 
 def scale_for(alpha: float | None, rank: int, rslora: bool = False) -> float:
