@@ -38,6 +38,9 @@ BASE = dict(images="imgs", class_noun="dog", out="run")
     (dict(class_image_steps=10**6), "class_image_steps 1000000: .*at most 1000"),
     (dict(seed=-1), "seed -1: use a whole number from 0 to 4294967295"),
     (dict(noise_offset=float("inf")), "noise_offset"),
+    # issue 14: DVoRA adapts Linear layers only; the conv presets say the way out
+    (dict(method="dvora", targets="attn+conv"), "DVoRA adapts Linear layers only; use --targets attn"),
+    (dict(method="dvora", targets="all"), "or --method dora for the convolutions"),
 ])
 def test_validation_says_what_to_change(change, message):
     with pytest.raises(ValueError, match=message):

@@ -91,6 +91,21 @@ def _frozen_ratio(pipe):
     return n, held / bf16, held / (bf16 / 2)
 
 
+def test_conv_targets_keep_their_conv_bases_dense(pipe):
+    """LoCon (attn+conv) with --quantize-base nf4: Linear bases go to NF4, conv bases stay as they are
+    and the conv layers still equal their base at init."""
+    from dorabooth.dora import DoRAConv2d
+    dorabooth.attach(pipe, method="dora", rank=4, text_encoders=False, unet_targets="attn+conv")
+    n = quantize_adapted([pipe.unet], "nf4")
+    layers = [m for m in pipe.unet.modules() if isinstance(m, DoRALinear)]
+    convs = [m for m in layers if isinstance(m, DoRAConv2d)]
+    assert convs and n == len(layers) - len(convs)
+    assert all(isinstance(m.base_layer, nn.Conv2d) and m.quantized_base is None for m in convs)
+    assert all(isinstance(m.base_layer, NF4Linear) for m in layers if m not in convs)
+    x = torch.randn(1, convs[0].in_features, 8, 8)
+    assert torch.allclose(convs[0](x), convs[0].base_layer(x), atol=1e-5)
+
+
 def test_frozen_weights_of_the_adapted_unet_layers_are_under_0_3_of_bf16(pipe):
     """Tiny SD 1.5 / SDXL test UNets (attn targets): NF4 codes + int8 scales + group factors."""
     n, ratio, per_weight = _frozen_ratio(pipe)
