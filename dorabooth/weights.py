@@ -142,7 +142,7 @@ def _checked(module: torch.nn.Module, where: str, why: str = "") -> torch.nn.Mod
     if left:
         raise ValueError(f"{where}: {len(left)} weights are not in its files (e.g. {', '.join(left[:3])})"
                          + (f"; {why}" if why else "") + "; the model's files are incomplete or for another "
-                         f"config: download or copy them again")
+                         "config: download or copy them again")
     return module
 
 

@@ -13,7 +13,6 @@ import gc
 import json
 import math
 import secrets
-import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace

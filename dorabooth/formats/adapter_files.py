@@ -19,7 +19,7 @@ from . import diffusers_lora, dvora_file, kohya
 from .files import check_adapter_tensors, read_json, read_metadata, read_safetensors, write_safetensors
 from .layout import UNetLayout
 from .. import rundir as rd
-from ..conventions import ADAPTER_FORMATS
+from ..conventions import ADAPTER_FORMATS  # noqa: F401 - export.py reads it from here
 from ..version import __version__
 from .neutral import Adapter, ModuleAdapter, axis_from_shape, peft_axis, scale_for
 
