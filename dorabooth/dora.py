@@ -120,7 +120,7 @@ class DoRALinear(nn.Module):
     def _dense_base(self) -> torch.Tensor:
         """W0 : (out, in) in its storage dtype; a quantised base (QDoRA) dequantised now."""
         base = self.base_layer
-        return base.weight if isinstance(base, nn.Linear) else base.dequantize()
+        return base.dequantize() if getattr(base, "quantized", None) else base.weight     # Linear or Conv2d
 
     @property
     def quantized_base(self) -> str | None:
@@ -147,7 +147,7 @@ class DoRALinear(nn.Module):
 
     def base_magnitude(self) -> torch.Tensor:
         """m0 = ‖W0‖ along the axis, fp32, flat: (out,) or (in,)."""
-        return self._w0_sq_on(self.lora_A.weight.device).sqrt()
+        return self._w0_sq_on(self.adapter_parameters()[0].device).sqrt()   # the adapter's device (DVoRA: d)
 
     @torch.no_grad()
     def init_magnitude(self) -> None:
@@ -356,13 +356,14 @@ class DoRAConv2d(DoRALinear):
         m = cast(self.lora_magnitude_vector, torch.float32).reshape(-1)
         return magnitude_at(m, self.base_magnitude(), t)
 
-    def weight_norm(self, strength: float | None = None) -> torch.Tensor:
-        """‖V(t)‖ per output or input channel (fp32, no grad), by the low-rank formula."""
+    def weight_norm(self, strength: float | None = None, factors=None) -> torch.Tensor:
+        """‖V(t)‖ per output or input channel (fp32, no grad), by the low-rank formula; ``factors`` = (A, B)."""
         t = self.strength if strength is None else strength
         W = self.base_layer.weight
+        A, B = (self.lora_A.weight, self.lora_B.weight) if factors is None else factors
         with torch.no_grad():
-            return low_rank_norm(W.reshape(self.out_features, -1), self.lora_A.weight.reshape(self.rank, -1),
-                                 self.lora_B.weight.reshape(self.out_features, self.rank), t * self.scale,
+            return low_rank_norm(W.reshape(self.out_features, -1), A.detach().reshape(self.rank, -1),
+                                 B.detach().reshape(self.out_features, self.rank), t * self.scale,
                                  self.magnitude_axis, w0_sq=self._w0_sq_on(W.device), group=self.kernel)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
