@@ -288,8 +288,7 @@ def _train_tab(ctx: h.Context, c) -> None:
 
 
 RANK_INFO = {"dora": "Adapter size: higher learns more detail, bigger file.",
-             "dvora": "DVoRA: the size of its frozen random matrices; only one number per rank trains, so a higher "
-                      "rank costs little. Its default is the model's own."}
+             "dvora": "DVoRA: its frozen random matrices' size; a higher rank trains hardly more."}
 
 
 def _adapter_fields(c) -> None:
