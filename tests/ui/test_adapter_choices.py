@@ -11,12 +11,12 @@ import time
 
 import pytest
 from safetensors import safe_open
+from ui_fixtures import make_photos
 
 from dorabooth import attach
 from ui import handlers as h
 from ui import runs, views
 from ui.workspace import UserError
-from ui_fixtures import make_photos
 
 DVORA = "DVoRA (fewest parameters)"
 REFUSAL = "DVoRA adapts Linear layers only"          # TrainConfig's own words (dorabooth/config.py)
@@ -122,7 +122,7 @@ def test_dvora_and_conv_runs_export_as_the_advice_says(ctx):
     """DVoRA runs have a magnitude axis like DoRA runs: a run for ComfyUI (axis "in") gets
     advice (no diffusers file tried), the diffusers file is refused in words, and a run for
     diffusers can be retrained for ComfyUI. A Conv DoRA run's kohya file holds 4-D conv keys."""
-    base = dict(steps=1, prior_preservation=False, preset="quick")
+    base = {"steps": 1, "prior_preservation": False, "preset": "quick"}
     for_diffusers = h.start_training(ctx, "rex", h.TrainSettings(method=DVORA, use="diffusers / Python", **base))
     conv = h.start_training(ctx, "rex", h.TrainSettings(targets="attn+conv", seed=1, **base))
     assert _wait(ctx, for_diffusers).finished and _wait(ctx, conv).finished
@@ -146,7 +146,7 @@ def test_dvora_and_conv_runs_export_as_the_advice_says(ctx):
     assert "layers: Attention + convolutions (Conv DoRA)" in views.run_details_html(h.run_status(ctx, conv))
     out = h.export_run(ctx, conv, "kohya")
     with safe_open(str(out.path), "pt") as f:
-        down = [k for k in f.keys() if k.endswith("lora_down.weight") and f.get_tensor(k).ndim == 4]
+        down = [k for k in f.keys() if k.endswith("lora_down.weight") and f.get_tensor(k).ndim == 4]  # noqa: SIM118
         assert down and all(k.startswith("lora_unet_") for k in down)       # the ResNet convolutions (LoCon)
         scale = f.get_tensor(down[0].replace("lora_down.weight", "dora_scale"))
         assert scale.shape[0] == 1 and scale.ndim == 4                    # (1, in, 1, 1): the app's axis "in"

@@ -8,9 +8,13 @@ Screenshots: ``test-artifacts/ui-adapter-*.png``.
 import json
 import re
 
-from test_browser import _no_traceback, _shot, _tab
-from test_browser import app  # noqa: F401  (the app on the tiny model)
-from test_browser import pytestmark  # noqa: F401  (the browser marker; skipped without chromium)
+from test_browser import (
+    _no_traceback,
+    _shot,
+    _tab,
+    app,  # noqa: F401  (the app on the tiny model)
+    pytestmark,  # noqa: F401  (the browser marker; skipped without chromium)
+)
 from test_browser_form import _no_error_badges
 
 NOTE = "#db-adapter-note .db-problem"
