@@ -199,7 +199,9 @@ def _train_tab(ctx: h.Context, c) -> None:
         c.method = gr.Radio(label="Method", choices=list(h.METHOD_LABELS), value="DoRA (recommended)",
                             elem_id="db-method",
                             info="DoRA learns each weight's size and direction separately and usually beats LoRA "
-                                 "at the same size. DoRA† uses half the rank: a smaller file.")
+                                 "at the same size. DoRA† uses half the rank: a smaller file. DVoRA trains only "
+                                 "scaling vectors on frozen random matrices: far fewer trained parameters; it "
+                                 "exports as an ordinary DoRA file.")
         with gr.Column():
             c.use = gr.Radio(label="Where will you use it?", choices=list(h.USES), value="Not sure", elem_id="db-use")
             c.use_note = gr.HTML(_use_note("Not sure", "DoRA (recommended)"), elem_id="db-use-note")
@@ -210,7 +212,7 @@ def _train_tab(ctx: h.Context, c) -> None:
             # own check says "steps 0: train at least 1 step" in the note instead
             c.steps = gr.Number(label="Steps", value=preset["steps"], precision=0, elem_id="db-steps")
             c.rank = gr.Number(label="Rank", value=preset["rank"], precision=0, elem_id="db-rank",
-                               info="Adapter size: higher learns more detail, bigger file.")
+                               info=RANK_INFO["dora"])
             c.lr = gr.Number(label="Learning rate", value=preset["lr"])
             c.seed = gr.Number(label="Seed", value=0, precision=0)
         with gr.Row():
@@ -220,6 +222,7 @@ def _train_tab(ctx: h.Context, c) -> None:
             c.class_images = gr.Number(label="Class images", value=preset["class_images"], precision=0)
             c.text_encoders = gr.Checkbox(label="Train the text encoders too", value=preset["train_text_encoders"],
                                           info="Can capture a likeness faster; more likely to overfit.")
+        _adapter_fields(c)
         c.instance_prompt = gr.Textbox(label="Training prompt", placeholder=f"(empty: {h.example_prompt(ctx, '<token>', '<class noun>')})",
                                        info="What each photo is captioned with while training; it must contain "
                                             "the token.")
@@ -277,9 +280,32 @@ def _train_tab(ctx: h.Context, c) -> None:
     c.form = dict(preset=c.preset, method=c.method, use=c.use, rank=c.rank, steps=c.steps, lr=c.lr,
                   prior_preservation=c.prior, class_images=c.class_images, train_text_encoders=c.text_encoders,
                   seed=c.seed, instance_prompt=c.instance_prompt, precision=c.precision,
-                  checkpointing=c.checkpointing, optimizer=c.optimizer, buckets=c.buckets)
+                  checkpointing=c.checkpointing, optimizer=c.optimizer, buckets=c.buckets, targets=c.targets,
+                  quantize_base=c.quantize)
+    c.method_was = gr.State(c.method.value)     # the method the rank box was filled for (h.rank_for_method)
     c.seen = gr.State(None)                     # what the timer last drew (redraw only on change)
     c.timer = gr.Timer(1.0)
+
+
+RANK_INFO = {"dora": "Adapter size: higher learns more detail, bigger file.",
+             "dvora": "DVoRA: its frozen random matrices' size; a higher rank trains hardly more."}
+
+
+def _adapter_fields(c) -> None:
+    """Advanced: which layers the adapter trains (Conv DoRA among them) and the frozen base in 4 bit
+    (QDoRA), with one note beside them for choices the trainer refuses (e.g. DVoRA on convolutions)."""
+    gr.HTML('<div class="db-section">Adapter</div>')
+    with gr.Row(elem_id="db-adapter-row"):
+        c.targets = gr.Radio(label="Layers to adapt", value="attn", elem_id="db-targets", scale=2,
+                             choices=[(views.TARGET_NAMES[t], t) for t in h.TARGETS],
+                             info="With convolutions (Conv DoRA, also called LoCon) the ResNet convolutions "
+                                  "train too: a larger file (at the same rank about 4× on SD 1.5, 1.2× on SDXL); "
+                                  "ComfyUI, A1111, Forge and diffusers load it.")
+        c.quantize = gr.Radio(label="Frozen base weights", value="none", elem_id="db-quantize", scale=1,
+                              choices=[(views.QUANTIZE_NAMES[q], q) for q in h.QUANTIZE],
+                              info="4-bit NF4 (QDoRA) holds the adapted layers' frozen weights in 4 bit: less "
+                                   "memory, slower steps. Needs dorabooth[qdora].")
+    c.adapter_note = gr.HTML(elem_id="db-adapter-note")     # the trainer's refusal of these choices, in words
 
 
 def _generate_tab(ctx: h.Context, c) -> None:
@@ -397,10 +423,12 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
                 gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx), **_value(values, "preset")),
                 h.default_prompt(ctx, newest) if newest else gr.skip(), fmt, hint,
                 gr.Tabs(selected="train") if live else gr.skip(), gr.update(open=True) if form else gr.skip(),
+                _value(values, "method").get("value", gr.skip()),
                 *(_value(values, name).get("value", gr.skip()) for name in restored))
 
     on(demo.load, on_load, None, [*outputs, c.run, c.gen_run, c.exp_run, c.preset, c.prompt, c.fmt, c.exp_hint,
-                                  c.tabs, c.advanced, *(c.form[name] for name in restored)], c.subject_note)
+                                  c.tabs, c.advanced, c.method_was, *(c.form[name] for name in restored)],
+       c.subject_note)
 
     def on_subject(name):
         safe = sanitize_name(name, "subject name") if (name or "").strip() else "my-subject"
@@ -449,26 +477,39 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
 
 
 def _wire_train(ctx: h.Context, c) -> None:
-    def on_preset(name):
+    def on_preset(name, method):
         v = h.preset_values(ctx, name)
-        return v["steps"], v["rank"], v["lr"]
+        return v["steps"], h.default_rank(ctx, name, method), v["lr"]
 
     # .input, not .change: the page load refreshes the preset's choices, and a .change fired by that
     # refresh would reset steps/rank/lr the user has already typed (seen in CI: 4 steps became 600).
-    on(c.preset.input, on_preset, c.preset, [c.steps, c.rank, c.lr], c.train_note)
+    on(c.preset.input, on_preset, [c.preset, c.method], [c.steps, c.rank, c.lr], c.train_note)
 
-    def on_device_choice(method, rank, prior, text_encoders, precision, checkpointing, optimizer):
+    def on_method(preset, before, method, rank):
+        """DVoRA's own default rank in the box, unless the user typed one (h.rank_for_method)."""
+        rank = h.rank_for_method(ctx, preset, before, method, _int(rank, "rank"))
+        kind = "dvora" if h.METHOD_LABELS.get(method, {}).get("method") == "dvora" else "dora"
+        return gr.update(value=rank, info=RANK_INFO[kind]), method
+
+    on(c.method.input, on_method, [c.preset, c.method_was, c.method, c.rank], [c.rank, c.method_was], c.train_note)
+
+    def on_device_choice(method, rank, prior, text_encoders, precision, checkpointing, optimizer, targets, quantize):
         settings = h.TrainSettings(method=method, rank=_int(rank, "rank"), prior_preservation=prior,
                                    train_text_encoders=text_encoders, precision=precision,
-                                   checkpointing=checkpointing, optimizer=optimizer)
-        return views.device_html(h.device_view(ctx, settings))
+                                   checkpointing=checkpointing, optimizer=optimizer, targets=targets,
+                                   quantize_base=quantize)
+        view = h.device_view(ctx, settings)
+        # a refusal (e.g. DVoRA with convolutions) is said beside the Advanced fields: open them
+        return views.device_html(view), views.adapter_note_html(view), gr.update(open=True) if view.refused else gr.skip()
 
     for box in (c.use, c.method):                  # the axis the answer trains, in words
         on(box.change, _use_note, [c.use, c.method], c.use_note, c.train_note, show_progress="hidden")
 
-    device_inputs = [c.method, c.rank, c.prior, c.text_encoders, c.precision, c.checkpointing, c.optimizer]
+    device_inputs = [c.method, c.rank, c.prior, c.text_encoders, c.precision, c.checkpointing, c.optimizer,
+                     c.targets, c.quantize]
     for box in device_inputs:                      # what the estimate depends on
-        on(box.change, on_device_choice, device_inputs, c.device, c.train_note, show_progress="hidden")
+        on(box.change, on_device_choice, device_inputs, [c.device, c.adapter_note, c.advanced], c.train_note,
+           show_progress="hidden")
 
     form = list(c.form.values())
 

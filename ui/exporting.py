@@ -42,6 +42,7 @@ EXPORT_DTYPES = {"fp32 (full precision)": "fp32", "fp16 (half the size)": "fp16"
 # "Where will you use it?" at export: the training answers, "Not sure" meaning "anywhere".
 EXPORT_USES = {USES["comfy"]: "comfy", USES["diffusers"]: "diffusers", "Not sure: anywhere": "unsure"}
 ADVICE_DIR = ".advice"
+MAGNITUDE_METHODS = ("dora", "dvora")       # trained with a magnitude axis; a DVoRA run exports as an ordinary DoRA
 
 
 def _finished(ctx, ref: str):
@@ -78,7 +79,8 @@ def run_advice(ctx, ref: str) -> Advice:
 
     run, status = _finished(ctx, ref)
     s = status.settings
-    method, axis = s.get("method", "dora"), (s.get("magnitude_axis") if s.get("method") == "dora" else None)
+    method = s.get("method", "dora")
+    axis = s.get("magnitude_axis") if method in MAGNITUDE_METHODS else None
     if method == "full":
         merged = [Pick(d, "merged-diffusers" if d == "diffusers" else "merged-single-file", True,
                        "A full fine-tune is a whole model: the merged checkpoint is exact.") for d in TOOL]
@@ -169,7 +171,7 @@ def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
     if fmt not in EXPORT_FORMATS:
         raise UserError(f"format {fmt!r}: choose one of {', '.join(EXPORT_FORMATS)}")
     s = status.settings
-    if fmt == "diffusers-lora" and s.get("method") == "dora" and s.get("magnitude_axis") == "in":
+    if fmt == "diffusers-lora" and s.get("method") in MAGNITUDE_METHODS and s.get("magnitude_axis") == "in":
         raise UserError("this run was trained for ComfyUI / A1111 / Forge (one magnitude per input), which the "
                         "diffusers format cannot hold; export it as 'ComfyUI / A1111 / Forge adapter' or as a "
                         "merged checkpoint")

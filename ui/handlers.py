@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from dorabooth import rundir as rd
-from dorabooth.config import MAX_SEED, TrainConfig, default_prompts
+from dorabooth.config import MAX_SEED, QUANTIZE_BASE, TARGET_PRESETS, TrainConfig, default_prompts
 from dorabooth.devices import DeviceInfo
 from dorabooth.specs import ModelSpec
 from dorabooth.models import asset_dir
@@ -32,6 +32,7 @@ from .exporting import (  # noqa: F401  (the Export tab's handlers live there)
     EXPORT_DTYPES,
     EXPORT_FORMATS,
     EXPORT_USES,
+    MAGNITUDE_METHODS,
     ExportOutcome,
     export_run,
     retrain_offer,
@@ -83,8 +84,8 @@ def describe_model(model: str | None, model_config: str | None = None, device: D
     gen = generate_defaults(spec.family, spec.view)
     return ModelInfo("toy" if model in (None, "toy", "toy-sdxl") else str(model), spec.family.name,
                      int(defaults["resolution"]),
-                     {k: defaults.get(k) for k in ("steps", "lr", "rank", "num_class_images", "train_text_encoders",
-                                                  "prompt_style")},
+                     {k: defaults.get(k) for k in ("steps", "lr", "rank", "dvora_rank", "num_class_images",
+                                                  "train_text_encoders", "prompt_style")},
                      {"steps": gen["steps"], "guidance": gen["guidance"]}, (device or detect_device()).name, spec)
 
 
@@ -270,6 +271,7 @@ METHOD_LABELS = {
     "DoRA (recommended)": dict(method="dora", half_rank=False),
     "LoRA": dict(method="lora", half_rank=False),
     "DoRA† (half rank)": dict(method="dora", half_rank=True),
+    "DVoRA (fewest parameters)": dict(method="dvora", half_rank=False),
 }
 # "Where will you use it?": answer → the magnitude axis that makes the small file exact there
 # (dorabooth.formats.destinations says why "Not sure" trains axis "in").
@@ -282,6 +284,10 @@ MAX_PROMPT = 2000                      # characters in a prompt or negative prom
 PRECISIONS = {"auto": None, "no": "no", "fp16": "fp16", "bf16": "bf16"}
 CHECKPOINTING = {"auto": None, "on": True, "off": False}
 OPTIMIZERS = {"auto": None, "adamw": "adamw", "adamw8bit": "adamw8bit"}
+# The Advanced adapter choices (their words: ui/views.py): which UNet layers train, and how the
+# frozen base of the adapted layers is held (QDoRA: 4-bit NF4).
+TARGETS = TARGET_PRESETS
+QUANTIZE = QUANTIZE_BASE
 
 
 @dataclass
@@ -303,6 +309,8 @@ class TrainSettings:
     checkpointing: str = "auto"            # auto | on | off
     optimizer: str = "auto"                # auto | adamw | adamw8bit
     buckets: bool = False                  # aspect-ratio buckets instead of a square centre crop
+    targets: str = "attn"                  # UNet layers that train (TARGETS)
+    quantize_base: str = "none"            # none | nf4: the adapted layers' frozen weights in 4 bit (QDoRA)
 
 
 def preset_values(ctx: Context, preset: str) -> dict:
@@ -312,6 +320,23 @@ def preset_values(ctx: Context, preset: str) -> dict:
     p, d = PRESETS[preset], ctx.info.defaults
     return {"steps": max(1, round(d["steps"] * p["steps"])), "rank": int(d["rank"] * p["rank"]), "lr": d["lr"],
             "class_images": d["num_class_images"], "train_text_encoders": bool(d.get("train_text_encoders"))}
+
+
+def default_rank(ctx: Context, preset: str, method: str) -> int:
+    """The rank the form shows for a preset and a method label: the preset's, except DVoRA's own
+    default (the family's ``dvora_rank``: VeRA's 256 capped at the UNet's narrowest width; the
+    same for every preset, since it is at that cap already)."""
+    if METHOD_LABELS.get(method, {}).get("method") == "dvora":
+        return int(ctx.info.defaults["dvora_rank"])
+    return preset_values(ctx, preset)["rank"]
+
+
+def rank_for_method(ctx: Context, preset: str, before: str, method: str, rank: int | None) -> int | None:
+    """The rank box after the method changes from ``before`` to ``method``: the new method's
+    default while the box still holds the old one's (or is empty), else what the user typed."""
+    if rank is None or rank == default_rank(ctx, preset, before):
+        return default_rank(ctx, preset, method)
+    return rank
 
 
 def measured_speed(ctx: Context) -> float | None:
@@ -391,7 +416,8 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
         raise UserError(f"choose where the adapter will be used: {', '.join(USES)}")
     for value, choices, what in ((settings.precision, PRECISIONS, "precision"),
                                  (settings.checkpointing, CHECKPOINTING, "gradient checkpointing"),
-                                 (settings.optimizer, OPTIMIZERS, "optimizer")):
+                                 (settings.optimizer, OPTIMIZERS, "optimizer"), (settings.targets, TARGETS, "layers"),
+                                 (settings.quantize_base, QUANTIZE, "frozen base weights")):
         if value not in choices:
             raise UserError(f"{what} {value!r}: choose one of {', '.join(choices)}")
     preset = preset_values(ctx, settings.preset)
@@ -402,7 +428,8 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
     steps = int(given(settings.steps, preset["steps"]))
     return dict(
         **METHOD_LABELS[settings.method], magnitude_axis=USES[settings.use],
-        rank=int(given(settings.rank, preset["rank"])), steps=steps, lr=float(given(settings.lr, preset["lr"])),
+        rank=int(given(settings.rank, default_rank(ctx, settings.preset, settings.method))), steps=steps,
+        lr=float(given(settings.lr, preset["lr"])), targets=settings.targets, quantize_base=settings.quantize_base,
         prior_preservation=bool(settings.prior_preservation),
         num_class_images=int(given(settings.class_images, preset["class_images"])),
         train_text_encoders=(preset["train_text_encoders"] if settings.train_text_encoders is None
@@ -414,27 +441,40 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
 
 def _plan(ctx: Context, config: TrainConfig):
     from dorabooth.memory import plan_run
+    from dorabooth.quantize import check_quantize_available
 
+    check_quantize_available(config.quantize_base)     # QDoRA without torchao: said now, not when the run fails
     return plan_run(config, ctx.info.spec, ctx.device)
 
 
 @dataclass
 class DeviceView:
     """What the Train tab shows about the device: the resolved settings (the same resolver the
-    trainer uses), what "auto" means for each override, the memory estimate, or why the
-    chosen settings cannot run."""
+    trainer uses), what "auto" means for each override, the memory estimate and the trained
+    parameter count, or why the chosen settings cannot run (``problem``: on this device;
+    ``refused``: the config itself, e.g. DVoRA on convolutions, shown beside the Advanced fields)."""
 
     device: str
     settings: object = None            # dorabooth.devices.DeviceSettings (None with a problem)
     estimate: object = None            # dorabooth.memory.MemoryEstimate
     auto: dict = field(default_factory=dict)      # field → the value "auto" resolves to
     problem: str = ""
+    refused: str = ""                  # TrainConfig's own message for these choices
+    trainable: int = 0                 # parameters that train (dorabooth.specs.trainable_parameters)
 
 
 def device_view(ctx: Context, settings: TrainSettings) -> DeviceView:
-    """The device settings and memory estimate for the Train tab's current choices."""
-    draft = TrainConfig(images="subject", class_noun="subject", out="run", model=ctx.model,
-                        model_config=ctx.model_config, **_recipe(ctx, settings))
+    """The device settings, memory estimate and trained parameters for the Train tab's current choices."""
+    from dorabooth.quantize import check_quantize_available
+    from dorabooth.specs import trainable_parameters
+
+    recipe = _recipe(ctx, settings)
+    try:
+        draft = TrainConfig(images="subject", class_noun="subject", out="run", model=ctx.model,
+                            model_config=ctx.model_config, **recipe)
+        check_quantize_available(draft.quantize_base)
+    except ValueError as e:                  # the config refuses the choices, e.g. DVoRA on convolutions
+        return DeviceView(ctx.device.label, refused=str(e))
     auto_values: dict = {}
     try:
         auto = _plan(ctx, replace(draft, mixed_precision=None, gradient_checkpointing=None, optimizer=None)).settings
@@ -443,7 +483,8 @@ def device_view(ctx: Context, settings: TrainSettings) -> DeviceView:
         plan = _plan(ctx, draft)
     except ValueError as e:                  # e.g. bf16 on a GPU without it, a rank too large for a layer
         return DeviceView(ctx.device.label, auto=auto_values, problem=str(e))
-    return DeviceView(ctx.device.label, plan.settings, plan.estimate, auto_values)
+    trainable = sum(trainable_parameters(ctx.info.spec, plan.config).values())
+    return DeviceView(ctx.device.label, plan.settings, plan.estimate, auto_values, trainable=trainable)
 
 
 def start_training(ctx: Context, subject_name: str, settings: TrainSettings) -> str:
@@ -666,7 +707,7 @@ def retrain_for(ctx: Context, ref: str, use: str = "comfy") -> str:
     from dorabooth.formats.destinations import USES as USE_LABELS
 
     run, status = _finished_run(ctx, ref)
-    if status.settings.get("method") != "dora":
+    if status.settings.get("method") not in MAGNITUDE_METHODS:
         raise UserError(f"{ref} is a {status.method_name} run: its files work the same everywhere; no need to retrain")
     for other in ctx.workspace.runs(run.parent.parent.name):
         request = runs.read_request(other)

@@ -57,9 +57,10 @@ class RunStatus:
 
     @property
     def method_name(self) -> str:
-        """"DoRA", "DoRA†" (half rank), "LoRA" or "full fine-tune", as the page names methods."""
+        """"DoRA", "DoRA†" (half rank), "LoRA", "DVoRA" or "full fine-tune", as the page names methods."""
         s = self.settings
-        names = {"dora": "DoRA†" if s.get("half_rank") else "DoRA", "lora": "LoRA", "full": "full fine-tune"}
+        names = {"dora": "DoRA†" if s.get("half_rank") else "DoRA", "lora": "LoRA", "dvora": "DVoRA",
+                 "full": "full fine-tune"}
         return names.get(s.get("method"), str(s.get("method", "?")))
 
     @property

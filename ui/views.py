@@ -71,10 +71,17 @@ def _bar(state: str, fraction: float | None, text: str) -> str:
 
 PRECISION_NAMES = {"no": "fp32", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}
 OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit": "8-bit AdamW"}
+TARGET_NAMES = {"attn": "Attention (recommended)", "cross-attn": "Cross-attention only",
+                "attn+ff": "Attention + feed-forward", "all-linear": "Every linear layer",
+                "attn+conv": "Attention + convolutions (Conv DoRA)", "all": "Every linear layer + convolutions"}
+QUANTIZE_NAMES = {"none": "Full precision", "nf4": "4-bit NF4 (QDoRA)"}
 
 
 def device_html(view) -> str:
     """The resolved device settings (``handlers.DeviceView``): one line, the reasons, warnings."""
+    if view.refused:                  # the message itself is in the note beside the Advanced fields
+        return ('<div class="db-warn" data-device-problem="refused">No estimate: these settings cannot train. The '
+                'note under <b>Advanced settings</b> says what to change.</div>')
     if view.problem:
         return (f'<div class="db-warn" data-device-problem="1">These settings cannot run on '
                 f'{escape(view.device)}: {escape(view.problem)}</div>')
@@ -84,9 +91,10 @@ def device_html(view) -> str:
     parts = [f"<b>{PRECISION_NAMES[s.mixed_precision]}</b>", f"VAE {s.vae_dtype}",
              f"gradient checkpointing <b>{'on' if s.gradient_checkpointing else 'off'}</b>",
              f"<b>{OPTIMIZER_NAMES[s.optimizer]}</b>", "latents cached" if s.cache_latents else "latents not cached",
-             f"estimated peak memory <b>{memory}</b>{of}"]
+             f"<b>{view.trainable:,}</b> trained parameters", f"estimated peak memory <b>{memory}</b>{of}"]
     attrs = (f'data-precision="{s.mixed_precision}" data-checkpointing="{str(s.gradient_checkpointing).lower()}" '
-             f'data-optimizer="{s.optimizer}" data-vae="{s.vae_dtype}"')
+             f'data-optimizer="{s.optimizer}" data-vae="{s.vae_dtype}" data-trainable="{view.trainable}" '
+             f'data-peak="{e.peak}"')
     reasons = "".join(f"<li>{escape(r)}</li>" for r in s.reasons)
     html = (f'<div class="db-details" {attrs}>Training on <b>{escape(view.device)}</b>: {" · ".join(parts)} '
             f'<details><summary>Why these settings</summary><ul>{reasons}</ul>'
@@ -97,6 +105,11 @@ def device_html(view) -> str:
     return html + "".join(f'<div class="db-warn">{escape(w)}</div>' for w in s.warnings)
 
 
+def adapter_note_html(view) -> str:
+    """The note beside the Advanced adapter fields: the config's refusal of the choices, else nothing."""
+    return note_html(view.refused) if view.refused else ""
+
+
 def run_details_html(status: RunStatus | None) -> str:
     """One line with the run's settings, and any photos the trainer skipped."""
     if status is None or not status.settings:
@@ -104,7 +117,10 @@ def run_details_html(status: RunStatus | None) -> str:
     s = status.settings
     method = status.method_name + (" (half rank)" if s.get("method") == "dora" and s.get("half_rank") else "")
     axis = {"out": "for diffusers", "in": "for ComfyUI/A1111"}.get(s.get("magnitude_axis"), "")
-    parts = [f"<b>{escape(method)}</b>" + (f" {axis}" if s.get("method") == "dora" else ""),
+    parts = [f"<b>{escape(method)}</b>" + (f" {axis}" if s.get("method") in ("dora", "dvora") else ""),
+             *([f"layers: {escape(TARGET_NAMES.get(s['targets'], s['targets']))}"] if s.get("targets", "attn") != "attn"
+               else []),
+             *(["frozen base in 4-bit NF4 (QDoRA)"] if s.get("quantize_base", "none") != "none" else []),
              f"rank {s.get('rank', '?')}", f"{s.get('steps', '?')} steps", f"learning rate {s.get('lr', '?')}",
              "prior preservation " + ("on" if s.get("prior_preservation") else "off"),
              "text encoders " + ("trained" if s.get("train_text_encoders") else "frozen"),
