@@ -44,7 +44,11 @@ METHODS = {  # name: TrainConfig fields
     "LoRA": dict(method="lora"),
     "DoRA": dict(method="dora"),
     "DoRA†": dict(method="dora", half_rank=True),
+    # the DoRA family (issue 14), run with --methods: the same recipe, one thing changed
+    "DoRA+conv": dict(method="dora", targets="attn+conv"),     # LoCon: the ResNet convolutions too
+    "DVoRA": dict(method="dvora"),                             # DoRA on VeRA at its default rank
 }
+DEFAULT_METHODS = ("FT", "LoRA", "DoRA", "DoRA†")
 SELECTION_SEEDS = (100, 101)          # image seeds for the lr choice
 REPORT_SEEDS = (0, 1, 2)              # image seeds for the reported numbers
 
@@ -179,24 +183,24 @@ def experiment(args) -> dict:
 
     first = args.seeds[0]
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [submit(pool, m, lr, first, {"selection": list(SELECTION_SEEDS)}) for m in METHODS for lr in args.lrs]
+        futures = [submit(pool, m, lr, first, {"selection": list(SELECTION_SEEDS)}) for m in args.methods for lr in args.lrs]
         for name, f in futures:
             results[name] = f.result()
             r = results[name]
             log(f"{name}: train {r['train_s']:.0f}s, " + (f"DIVERGED: {r['diverged'][:80]}" if r.get("diverged") else
                 f"selection {_fmt_metrics(r['evals']['selection']['metrics'])}"))
-        chosen = {m: choose_lr([(lr, results[run_name(m, lr, first)]) for lr in args.lrs]) for m in METHODS}
+        chosen = {m: choose_lr([(lr, results[run_name(m, lr, first)]) for lr in args.lrs]) for m in args.methods}
         log(f"chosen learning rates: {chosen}")
-        futures = [submit(pool, m, chosen[m], s, {"report": list(REPORT_SEEDS)}) for m in METHODS for s in args.seeds]
+        futures = [submit(pool, m, chosen[m], s, {"report": list(REPORT_SEEDS)}) for m in args.methods for s in args.seeds]
         for name, f in futures:                        # the first seed's chosen run is only evaluated again
             r = results[name] = f.result()
             log(f"{name}: train {r['train_s']:.0f}s, " + (f"DIVERGED: {r['diverged'][:80]}" if r.get("diverged") else
                 f"report {_fmt_metrics(r['evals']['report']['metrics'])}"))
 
-    report_runs = {m: [run_name(m, chosen[m], s) for s in args.seeds] for m in METHODS}
+    report_runs = {m: [run_name(m, chosen[m], s) for s in args.seeds] for m in args.methods}
     from dorabooth.analysis import analyze
 
-    finished = [n for m in METHODS for n in report_runs[m] if not results[n].get("diverged")]
+    finished = [n for m in args.methods for n in report_runs[m] if not results[n].get("diverged")]
     analysis = analyze([args.out / "runs" / n for n in finished], args.out / "analysis")
     slopes = {r["run"]: r["fit"] for r in analysis["runs"]}
     data = {"subject": info, "subject_folder": str(subject), "model": args.model or "toy", "lrs": args.lrs,
@@ -226,15 +230,15 @@ def replicate(args, data: dict) -> dict:
     chosen, per_subject = data["chosen_lr"], {}
     per_subject[data["subject"]["name"]] = {m: [data["runs"][n]["evals"]["report"]["metrics"]
                                                 for n in data["report_runs"][m] if not data["runs"][n].get("diverged")]
-                                            for m in METHODS}
+                                            for m in args.methods}
     for subject in subjects:
         info = json.loads((subject / "subject.json").read_text())
         root = args.out / "replicate" / subject.name
         prepare_class_images(args, subject, info, root / "class-images")
-        runs: dict[str, list] = {m: [] for m in METHODS}
+        runs: dict[str, list] = {m: [] for m in args.methods}
         with ThreadPoolExecutor(args.jobs) as pool:
             futures = []
-            for m in METHODS:
+            for m in args.methods:
                 for seed in args.seeds:
                     name = run_name(m, chosen[m], seed)
                     cfg = config_for(args, subject, info, m, chosen[m], seed, root / "runs" / name,
@@ -249,7 +253,7 @@ def replicate(args, data: dict) -> dict:
                     runs[m].append(r["evals"]["report"]["metrics"])
         per_subject[subject.name] = runs
     table = {}
-    for m in METHODS:
+    for m in args.methods:
         row = {}
         for key in ("subject_fidelity", "prompt_fidelity", "class_leak"):
             row[key] = {name: mean_std([r[key] for r in runs[m]]) for name, runs in per_subject.items()}
@@ -420,6 +424,9 @@ def main(argv=None) -> int:
                    help="the lr grid, the same for every method (default 1e-4 3e-4 1e-3 3e-3: half-decade "
                         "steps across the full fine-tuning and adapter regimes; each value costs 4 runs)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(DEFAULT_METHODS),
+                   help=f"which methods (default {' '.join(DEFAULT_METHODS)}; also {' '.join(m for m in METHODS if m not in DEFAULT_METHODS)}); "
+                        "finished runs in --out are reused, so a later call can add methods")
     p.add_argument("--steps", type=int, default=None, help="default: the trainer's default for the model")
     p.add_argument("--rank", type=int, default=None, help="r (default: the trainer's default); DoRA† uses r/2")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=50,

@@ -45,3 +45,19 @@ def test_replication_report_has_a_row_per_method_and_a_column_per_subject(bench)
     assert "| method | a | b | all runs | mean of subjects |" in text
     assert text.count("| LoRA | 0.900 ± 0.050 | 0.900 ± 0.050 |") == 1
     assert "Replication wall time: 1.0 min" in text
+
+
+def test_every_method_is_a_valid_config_and_unknown_methods_are_refused(bench, tmp_path):
+    """--methods: each entry (the DoRA family's too) makes a TrainConfig the trainer accepts."""
+    import argparse
+
+    from dorabooth.config import TrainConfig
+
+    args = argparse.Namespace(model=None, out=tmp_path, checkpoint_every=50, steps=None, rank=None)
+    info = dict(class_noun="square", token="sks", instance_prompt="a sks square", class_prompt="a square")
+    configs = {m: TrainConfig.from_dict(bench.config_for(args, tmp_path, info, m, 1e-3, 0, tmp_path / m))
+               for m in bench.METHODS}
+    assert set(bench.DEFAULT_METHODS) < set(configs)
+    assert configs["DoRA+conv"].targets == "attn+conv" and configs["DVoRA"].method == "dvora"
+    with pytest.raises(SystemExit):
+        bench.main(["--methods", "nope", "--out", str(tmp_path)])
