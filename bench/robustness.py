@@ -185,7 +185,8 @@ def child(spec: dict) -> dict:
     return {"train_s": t1 - t0, "eval_s": time.monotonic() - t1, "metrics": res["metrics"],
             "reader_accuracy": {k: v for k, v in res["reader_accuracy"].items() if k != "per_shape"},
             "scored_as": res["subject"], "per_prompt": [{k: p[k] for k in ("prompt", "kind", "subject")}
-                                                      for p in res["per_prompt"]]}
+                                                      for p in res["per_prompt"]],
+            "images": [{k: x[k] for k in ("prompt_index", "seed", "subject", "reading")} for x in res["images"]]}
 
 
 def in_child(spec: dict, log: Path) -> dict:
@@ -209,12 +210,16 @@ def do_run(out: Path, subject: Subject, token: str, seed: int, extra: list[str],
     """Train and score one run, or return its cached result."""
     name = run_name(subject, token, seed)
     result_file = out / "results" / f"{name}.json"
-    if result_file.is_file():
-        return json.loads(result_file.read_text())
     run = out / "runs" / name
-    shutil.rmtree(run, ignore_errors=True)                     # an unfinished run: start it again
     argv = train_argv(out / "subjects" / subject.name, subject, token, seed, run,
                       out / "class-images" / subject.shape, extra)
+    if result_file.is_file():
+        done = json.loads(result_file.read_text())
+        if done["argv"][1:] != argv:
+            raise SystemExit(f"{result_file}: made by `{' '.join(done['argv'])}`, not by this recipe; give "
+                             f"each recipe its own --out")
+        return done
+    shutil.rmtree(run, ignore_errors=True)                     # an unfinished run: start it again
     res = in_child({"run": str(run), "train_argv": argv, "eval_seeds": list(eval_seeds)}, out / "logs" / f"{name}.log")
     res.update(name=name, subject=subject.name, shape=subject.shape, pattern=subject.pattern, token=token,
                seed=seed, learned=learned(res["metrics"]), argv=["dorabooth", *argv])
@@ -240,7 +245,7 @@ def prepare_class_images(out: Path, subject: Subject, extra: list[str]) -> None:
 
 
 def bench(out: Path, subjects: list[Subject], tokens, seeds, jobs: int = 2, extra=(), eval_seeds=(0, 1, 2),
-          log=print) -> list[dict]:
+          log=print, only=()) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     extra = list(extra)
     for s in subjects:
@@ -251,7 +256,8 @@ def bench(out: Path, subjects: list[Subject], tokens, seeds, jobs: int = 2, extr
     with ThreadPoolExecutor(jobs) as pool:
         list(pool.map(lambda s: prepare_class_images(out, s, extra), first_of_noun))
         log(f"[{time.monotonic() - started:6.0f}s] class images ready for {[s.shape for s in first_of_noun]}")
-        todo = [(s, t, seed) for seed in seeds for s in subjects for t in tokens]
+        todo = [(s, t, seed) for seed in seeds for s in subjects for t in tokens
+                if not only or any(o in run_name(s, t, seed) for o in only)]
         futures = [pool.submit(do_run, out, s, t, seed, extra, eval_seeds) for s, t, seed in todo]
         results = []
         for (s, t, seed), f in zip(todo, futures):
@@ -344,6 +350,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="NOT the default recipe: for experiments only")
     p.add_argument("--train-flag", dest="train_flags", action="append", default=[], metavar="FLAG",
                    help="an extra `dorabooth train` flag (NOT the default recipe), e.g. --train-flag=--lr=3e-4")
+    p.add_argument("--only", nargs="+", default=(), metavar="TEXT",
+                   help="only the runs whose name (SUBJECT__TOKEN__sSEED) contains one of these")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     p.add_argument("--doc", type=Path, default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
@@ -352,7 +360,7 @@ def main(argv=None) -> int:
     seeds = args.seeds or (QUICK["seeds"] if args.quick else SEEDS)
     extra = [*(["--steps", str(args.steps)] if args.steps else []), *args.train_flags]
     t0 = time.monotonic()
-    results = bench(args.out, make_subjects(n), tokens, seeds, args.jobs, extra)
+    results = bench(args.out, make_subjects(n), tokens, seeds, args.jobs, extra, only=args.only)
     recipe = "the default recipe" if not extra else f"NOT the default recipe: {' '.join(extra)}"
     title = (f"**{'Quick set' if args.quick else 'Robustness bench'}**: {n} subjects × {len(tokens)} tokens × "
              f"{len(seeds)} seed(s), {recipe}. {machine_note(time.monotonic() - t0, args.jobs)}.")
