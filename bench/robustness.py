@@ -1,0 +1,376 @@
+"""Does the default recipe learn subjects we did not ship, with any identifier token? (issue 16)
+
+    python bench/robustness.py [--quick] [--jobs 2] [--out runs/robustness] [--doc docs/robustness.md]
+                               [--subjects N] [--tokens T ...] [--seeds S ...] [--steps N]
+
+1. Subjects: ``SUBJECTS`` two-colour objects, one per (shape, pattern) of the toy world
+   (5 shapes × 3 patterns = 15), each with its own colour pair (never one of the three shipped
+   sample subjects, ``world.HELD_OUT``). Each subject's photos arrive as a user's would
+   (``write_photos``): 5–8 JPEGs of 128–1024 px (some 4:3), the object rendered by the toy
+   world's renderer, then moved (±6 %), rotated (±10°), rescaled (0.85–1.1×), with a camera's
+   colour cast (gain, offset) and noise, on a plain background that differs per photo.
+2. Runs: every subject × token (``TOKENS``: sks, ohwx, zwx and a made-up word the toy tokenizer
+   does not know) × training seed, trained with the default recipe exactly as a user types it:
+   ``dorabooth train --images DIR --token T --class-noun SHAPE --out RUN --seed S`` plus
+   ``--class-images`` so that runs of one class noun share the 40 class images (drawn once per
+   noun, before the runs start, by the same base model and sampler a run would use).
+3. Score: ``dorabooth eval RUN`` (toy reader, the toy-eval prompt set, image seeds 0 1 2). A run
+   *learns its subject* when subject fidelity ≥ 0.75 and class leak ≤ 0.1. Reported beside: the
+   reader's measured shape accuracy on the toy model's own generations (``reader_accuracy``).
+
+Each run trains and evaluates in its own process (``--jobs`` at a time, one torch thread each);
+its result is cached in ``OUT/results/<run>.json``, so an interrupted bench resumes and re-runs
+only the missing runs. ``--quick``: 4 subjects × 4 tokens × 1 seed, still the default recipe.
+``--steps N`` changes the recipe and is printed in the table's title (for experiments only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dorabooth.toyworld import world  # after the path: the checkout's package
+
+TOKENS = ("sks", "ohwx", "zwx", "brelk")   # brelk: a made-up word, several byte tokens in the toy tokenizer
+SEEDS = (0, 1)
+N_SUBJECTS = 12                             # every shape and every pattern; 15 = every (shape, pattern) pair
+QUICK = {"subjects": 4, "tokens": TOKENS, "seeds": (0,)}
+FIDELITY_BAR = 0.75
+LEAK_BAR = 0.1
+SUBJECT_SEED = 16                           # the issue's number: fixes the colour pairs and the photos
+
+
+# =============================================================================================
+# Subjects and their photos
+# =============================================================================================
+@dataclass(frozen=True)
+class Subject:
+    shape: str
+    pattern: str
+    colour: str
+    colour2: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.colour}-{self.colour2}-{self.shape}-{self.pattern}"
+
+    @property
+    def combination(self) -> tuple:
+        return (self.shape, self.pattern, self.colour, self.colour2)
+
+
+def make_subjects(n: int = N_SUBJECTS, seed: int = SUBJECT_SEED) -> list[Subject]:
+    """``n`` subjects, the (shape, pattern) pairs in an order that covers every shape and every
+    pattern within the first 5, each with a colour pair no other subject uses; never a shipped
+    subject's combination."""
+    rng = random.Random(seed)
+    kinds = [(world.SHAPES[i % 5], world.PATTERNS[(i % 5 + i // 5) % 3]) for i in range(15)]
+    pairs = [(a, b) for a in world.COLOURS for b in world.COLOURS if a != b]
+    rng.shuffle(pairs)
+    if not 1 <= n <= len(kinds):
+        raise ValueError(f"{n} subjects: the toy world has {len(kinds)} (shape, pattern) pairs; use 1 to {len(kinds)}")
+    out = []
+    for shape, pattern in kinds[:n]:
+        for k, (a, b) in enumerate(pairs):
+            if (shape, pattern, a, b) not in world.HELD_OUT:
+                out.append(Subject(shape, pattern, a, b))
+                del pairs[k]
+                break
+    return out
+
+
+def photo(subject: Subject, background: str, side: int, rng: random.Random):
+    """One photo as a user would take it: the toy world's rendering, moved, turned, rescaled,
+    with a colour cast and noise, ``side`` px high (4:3 landscape one time in four)."""
+    import numpy as np
+    from PIL import Image
+
+    scene = world.Scene(subject.shape, subject.colour, background, pattern=subject.pattern,
+                        colour2=subject.colour2)
+    base = world.render(scene, min(side, 256))
+    if base.size[0] != side:
+        base = base.resize((side, side), Image.Resampling.BICUBIC)
+    angle = rng.uniform(-10, 10)
+    scale = rng.uniform(0.85, 1.1)
+    dx, dy = (rng.uniform(-0.06, 0.06) * side for _ in range(2))
+    fill = world.COLOURS[background]
+    # inverse affine map (output -> input): rotate by `angle`, scale, shift, about the centre
+    c, s = math.cos(math.radians(angle)) / scale, math.sin(math.radians(angle)) / scale
+    cx = cy = side / 2
+    a, b, d, e = c, s, -s, c
+    coeffs = (a, b, cx - a * (cx + dx) - b * (cy + dy), d, e, cy - d * (cx + dx) - e * (cy + dy))
+    img = base.transform((side, side), Image.Transform.AFFINE, coeffs, Image.Resampling.BICUBIC, fillcolor=fill)
+    if rng.random() < 0.25:                                  # landscape: more background at the sides
+        wide = Image.new("RGB", (side * 4 // 3, side), fill)
+        wide.paste(img, (side // 6, 0))
+        img = wide
+    arr = np.asarray(img, dtype=np.float32)
+    gain = np.array([rng.uniform(0.92, 1.05) for _ in range(3)], dtype=np.float32)
+    offset = np.array([rng.uniform(-8, 8) for _ in range(3)], dtype=np.float32)
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0, 3, arr.shape).astype(np.float32)
+    arr = np.clip(arr * gain + offset + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def write_photos(subject: Subject, folder: Path, seed: int = SUBJECT_SEED) -> list[Path]:
+    """5–8 JPEG photos of ``subject`` in ``folder`` and ``subject.json`` (its combination, which
+    ``dorabooth eval``'s toy scorer compares readings with). Deterministic in ``seed``."""
+    rng = random.Random(f"{seed}-{subject.name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    backgrounds = [c for c in world.COLOURS if c not in (subject.colour, subject.colour2)]
+    rng.shuffle(backgrounds)
+    paths = []
+    for k in range(rng.randint(5, 8)):
+        side = rng.choice((128, 192, 256, 384, 512, 768, 1024))
+        img = photo(subject, backgrounds[k % len(backgrounds)], side, rng)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=rng.randint(60, 92))
+        path = folder / f"IMG_{k + 1:04d}.jpg"
+        path.write_bytes(buf.getvalue())
+        paths.append(path)
+    info = {"name": subject.name, "class_noun": subject.shape,
+            "combination": {"shape": subject.shape, "pattern": subject.pattern, "colour": subject.colour,
+                            "colour2": subject.colour2},
+            "images": [p.name for p in paths], "made_by": "bench/robustness.py"}
+    (folder / "subject.json").write_text(json.dumps(info, indent=2) + "\n")
+    return paths
+
+
+# =============================================================================================
+# Runs
+# =============================================================================================
+def run_name(subject: Subject, token: str, seed: int) -> str:
+    return f"{subject.name}__{token}__s{seed}"
+
+
+def train_argv(subject_dir: Path, subject: Subject, token: str, seed: int, run: Path, class_dir: Path,
+               extra: list[str]) -> list[str]:
+    """What the user types (plus the shared class-image folder and any experiment flags)."""
+    return ["train", "--images", str(subject_dir), "--token", token, "--class-noun", subject.shape,
+            "--out", str(run), "--seed", str(seed), "--class-images", str(class_dir), "--quiet", *extra]
+
+
+def child(spec: dict) -> dict:
+    """In the child process: train with the command line, then ``dorabooth eval``."""
+    import torch
+
+    torch.set_num_threads(1)
+    from dorabooth.cli import main as cli
+    from dorabooth.evaluate import evaluate_run
+
+    t0 = time.monotonic()
+    if spec.get("train_argv"):
+        rc = cli(spec["train_argv"])
+        if rc:
+            raise SystemExit(f"dorabooth {' '.join(spec['train_argv'])} exited {rc}")
+    t1 = time.monotonic()
+    if not spec.get("eval", True):
+        return {"train_s": t1 - t0}
+    res = evaluate_run(spec["run"], seeds=spec.get("eval_seeds", (0, 1, 2)), scorer="toy")
+    return {"train_s": t1 - t0, "eval_s": time.monotonic() - t1, "metrics": res["metrics"],
+            "reader_accuracy": {k: v for k, v in res["reader_accuracy"].items() if k != "per_shape"},
+            "scored_as": res["subject"], "per_prompt": [{k: p[k] for k in ("prompt", "kind", "subject")}
+                                                      for p in res["per_prompt"]],
+            "images": [{k: x[k] for k in ("prompt_index", "seed", "subject", "reading")} for x in res["images"]]}
+
+
+def in_child(spec: dict, log: Path) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as err:
+        proc = subprocess.run([sys.executable, __file__, "_child", json.dumps(spec)], cwd=REPO, env=env, check=False,
+                              stdout=subprocess.PIPE, stderr=err, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{spec['run']}: the run failed (exit {proc.returncode}); its log: {log}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def learned(metrics: dict) -> bool:
+    f, leak = metrics.get("subject_fidelity"), metrics.get("class_leak")
+    return f is not None and f >= FIDELITY_BAR and (leak or 0.0) <= LEAK_BAR
+
+
+def do_run(out: Path, subject: Subject, token: str, seed: int, extra: list[str], eval_seeds) -> dict:
+    """Train and score one run, or return its cached result."""
+    name = run_name(subject, token, seed)
+    result_file = out / "results" / f"{name}.json"
+    run = out / "runs" / name
+    argv = train_argv(out / "subjects" / subject.name, subject, token, seed, run,
+                      out / "class-images" / subject.shape, extra)
+    if result_file.is_file():
+        done = json.loads(result_file.read_text())
+        if done["argv"][1:] != argv:
+            raise SystemExit(f"{result_file}: made by `{' '.join(done['argv'])}`, not by this recipe; give "
+                             f"each recipe its own --out")
+        return done
+    shutil.rmtree(run, ignore_errors=True)                     # an unfinished run: start it again
+    res = in_child({"run": str(run), "train_argv": argv, "eval_seeds": list(eval_seeds)}, out / "logs" / f"{name}.log")
+    res.update(name=name, subject=subject.name, shape=subject.shape, pattern=subject.pattern, token=token,
+               seed=seed, learned=learned(res["metrics"]), argv=["dorabooth", *argv])
+    result_file.parent.mkdir(parents=True, exist_ok=True)
+    result_file.write_text(json.dumps(res, indent=1))
+    for ckpt in (run / "checkpoints",):                        # the final adapter is enough to look again
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return res
+
+
+def prepare_class_images(out: Path, subject: Subject, extra: list[str]) -> None:
+    """Draw the class images of ``subject.shape`` once (a 1-step run with the default recipe's
+    class-image settings), so that parallel runs of the noun only read them."""
+    folder = out / "class-images" / subject.shape
+    if folder.is_dir() and any(folder.glob("*.png")):
+        return
+    warm = out / "class-images" / f".{subject.shape}-run"
+    shutil.rmtree(warm, ignore_errors=True)
+    argv = train_argv(out / "subjects" / subject.name, subject, "sks", 0, warm, folder,
+                      [*extra, "--steps", "1", "--checkpoint-every", "0"])
+    in_child({"run": str(warm), "train_argv": argv, "eval": False}, out / "logs" / f"class-{subject.shape}.log")
+    shutil.rmtree(warm, ignore_errors=True)
+
+
+def bench(out: Path, subjects: list[Subject], tokens, seeds, jobs: int = 2, extra=(), eval_seeds=(0, 1, 2),
+          log=print, only=()) -> list[dict]:
+    out.mkdir(parents=True, exist_ok=True)
+    extra = list(extra)
+    for s in subjects:
+        if not (out / "subjects" / s.name / "subject.json").is_file():
+            write_photos(s, out / "subjects" / s.name)
+    started = time.monotonic()
+    first_of_noun = list({s.shape: s for s in reversed(subjects)}.values())
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(lambda s: prepare_class_images(out, s, extra), first_of_noun))
+        log(f"[{time.monotonic() - started:6.0f}s] class images ready for {[s.shape for s in first_of_noun]}")
+        todo = [(s, t, seed) for seed in seeds for s in subjects for t in tokens
+                if not only or any(o in run_name(s, t, seed) for o in only)]
+        futures = [pool.submit(do_run, out, s, t, seed, extra, eval_seeds) for s, t, seed in todo]
+        results = []
+        for (s, t, seed), f in zip(todo, futures):
+            r = f.result()
+            results.append(r)
+            m = r["metrics"]
+            log(f"[{time.monotonic() - started:6.0f}s] {r['name']}: fidelity {m['subject_fidelity']:.2f}, "
+                f"leak {m['class_leak']:.2f}, {'learned' if r['learned'] else 'NOT learned'} "
+                f"(train {r['train_s']:.0f}s, eval {r['eval_s']:.0f}s)")
+    return results
+
+
+# =============================================================================================
+# The table
+# =============================================================================================
+def _share(rows) -> str:
+    k = sum(r["learned"] for r in rows)
+    return f"{k}/{len(rows)} ({100 * k / len(rows):.0f} %)" if rows else "–"
+
+
+def _median(xs) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2) if n else float("nan")
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def table(results: list[dict], title: str) -> str:
+    """Markdown: the share of runs that learn their subject per token, per subject, and the
+    subject × token grid (learned runs / seeds)."""
+    tokens = list(dict.fromkeys(r["token"] for r in results))
+    subjects = list(dict.fromkeys(r["subject"] for r in results))
+    fid = lambda rows: _median(r["metrics"]["subject_fidelity"] for r in rows)
+    leak = lambda rows: _mean(r["metrics"]["class_leak"] for r in rows)
+    lines = [title, "",
+             (f"Learned = subject fidelity ≥ {FIDELITY_BAR} and class leak ≤ {LEAK_BAR}. "
+              f"All runs: **{_share(results)}**, median fidelity {fid(results):.2f}, mean class leak "
+              f"{leak(results):.3f}."), "",
+             "| token | runs learned | median subject fidelity | mean class leak |", "|---|---:|---:|---:|"]
+    for t in tokens:
+        rows = [r for r in results if r["token"] == t]
+        lines.append(f"| `{t}` | {_share(rows)} | {fid(rows):.2f} | {leak(rows):.3f} |")
+    lines += ["", ("| subject | runs learned | median subject fidelity | mean class leak "
+                   "| reader's shape accuracy on generations |"), "|---|---:|---:|---:|---:|"]
+    for s in subjects:
+        rows = [r for r in results if r["subject"] == s]
+        acc = rows[0].get("reader_accuracy", {})
+        acc_cell = f"{acc['subject_shape']} {acc['correct']}/{acc['n']}" if {"correct", "n"} <= set(acc) else "–"
+        lines.append(f"| {s} | {_share(rows)} "
+                     f"| {fid(rows):.2f} | {leak(rows):.3f} | {acc_cell} |")
+    lines += ["", "Subject fidelity per run (subject × token; seeds separated by /, * = learned):", "",
+              "| subject | " + " | ".join(f"`{t}`" for t in tokens) + " |", "|---|" + "---:|" * len(tokens)]
+    for s in subjects:
+        cells = []
+        for t in tokens:
+            rows = sorted((r for r in results if r["subject"] == s and r["token"] == t), key=lambda r: r["seed"])
+            cells.append(" / ".join(f"{r['metrics']['subject_fidelity']:.2f}{'*' if r['learned'] else ''}"
+                                    for r in rows) or "–")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def machine_note(wall_s: float, jobs: int) -> str:
+    try:
+        load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip() or "n/a"
+    return (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {commit}, {os.cpu_count()} CPUs, "
+            f"{jobs} runs at a time with 1 torch thread each, load average at the end {load}, "
+            f"wall time {wall_s / 60:.1f} min")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_child"]:
+        print(json.dumps(child(json.loads(argv[1]))))
+        return 0
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "robustness")
+    p.add_argument("--quick", action="store_true", help="4 subjects × 4 tokens × 1 seed (default recipe)")
+    p.add_argument("--subjects", type=int, default=None, help=f"how many subjects (default {N_SUBJECTS})")
+    p.add_argument("--tokens", nargs="+", default=None, help=f"default {' '.join(TOKENS)}")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1)")
+    p.add_argument("--steps", type=int, default=None, help="NOT the default recipe: for experiments only")
+    p.add_argument("--train-flag", dest="train_flags", action="append", default=[], metavar="FLAG",
+                   help="an extra `dorabooth train` flag (NOT the default recipe), e.g. --train-flag=--lr=3e-4")
+    p.add_argument("--only", nargs="+", default=(), metavar="TEXT",
+                   help="only the runs whose name (SUBJECT__TOKEN__sSEED) contains one of these")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--doc", type=Path, default=None, help="also write the table to this markdown file")
+    args = p.parse_args(argv)
+    n = args.subjects or (QUICK["subjects"] if args.quick else N_SUBJECTS)
+    tokens = args.tokens or (QUICK["tokens"] if args.quick else TOKENS)
+    seeds = args.seeds or (QUICK["seeds"] if args.quick else SEEDS)
+    extra = [*(["--steps", str(args.steps)] if args.steps else []), *args.train_flags]
+    t0 = time.monotonic()
+    results = bench(args.out, make_subjects(n), tokens, seeds, args.jobs, extra, only=args.only)
+    recipe = "the default recipe" if not extra else f"NOT the default recipe: {' '.join(extra)}"
+    title = (f"**{'Quick set' if args.quick else 'Robustness bench'}**: {n} subjects × {len(tokens)} tokens × "
+             f"{len(seeds)} seed(s), {recipe}. {machine_note(time.monotonic() - t0, args.jobs)}.")
+    text = table(results, title)
+    (args.out / "table.md").write_text(text)
+    if args.doc:
+        args.doc.write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

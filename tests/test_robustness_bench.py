@@ -1,0 +1,115 @@
+"""bench/robustness.py's plumbing: the unseen subjects, their photos, one micro run end to end
+(CLI train + eval, cached result), and the tables. Not the real recipe (2 steps)."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dorabooth.data import fit
+from dorabooth.toyworld import read, world
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "robustness.py"
+
+
+@pytest.fixture(scope="module")
+def rb():
+    spec = importlib.util.spec_from_file_location("robustness_bench", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["robustness_bench"] = module             # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_subjects_cover_every_shape_and_pattern_with_own_colours_never_a_shipped_one(rb):
+    subjects = rb.make_subjects()
+    assert len(subjects) >= 12
+    assert {s.shape for s in subjects} == set(world.SHAPES)
+    assert {s.pattern for s in subjects} == set(world.PATTERNS)
+    assert {s.shape for s in subjects[:5]} == set(world.SHAPES)      # the quick set's first subjects vary too
+    every = rb.make_subjects(15)
+    assert len({(s.shape, s.pattern) for s in every}) == 15
+    assert len({(s.colour, s.colour2) for s in every}) == 15
+    assert not {s.combination for s in every} & set(world.HELD_OUT)
+    assert all(s.colour != s.colour2 for s in every)
+    with pytest.raises(ValueError, match="use 1 to 15"):
+        rb.make_subjects(16)
+
+
+def _reading(image) -> tuple:
+    r = read(image)
+    return (r["shape"], r["pattern"], *(r["colours"] or (r["colour"], None)))
+
+
+@pytest.mark.parametrize("index", [3, 10])                       # a split star, a banded circle
+def test_photos_arrive_as_a_users_would_and_still_show_the_subject(rb, tmp_path, index):
+    subject = rb.make_subjects(15)[index]
+    paths = rb.write_photos(subject, tmp_path / "a")
+    assert 5 <= len(paths) <= 8
+    sizes = set()
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.format == "JPEG"
+            assert 128 <= im.height <= 1024
+            sizes.add(im.size)
+            small, _ = fit(im.convert("RGB"), (32, 32))           # what the trainer makes of it
+        assert _reading(small) == subject.combination, p.name
+    assert len(sizes) > 1
+    info = json.loads((tmp_path / "a" / "subject.json").read_text())
+    assert tuple(info["combination"].values()) == subject.combination
+    again = rb.write_photos(subject, tmp_path / "b")             # deterministic: the bench reproduces
+    assert [p.read_bytes() for p in paths] == [p.read_bytes() for p in again]
+
+
+def test_learned_needs_fidelity_and_no_leak(rb):
+    assert rb.learned({"subject_fidelity": 0.75, "class_leak": 0.1})
+    assert not rb.learned({"subject_fidelity": 0.74, "class_leak": 0.0})
+    assert not rb.learned({"subject_fidelity": 1.0, "class_leak": 0.2})
+    assert not rb.learned({"subject_fidelity": None, "class_leak": 0.0})
+
+
+def test_a_micro_run_trains_with_the_cli_is_scored_and_cached(rb, tmp_path):
+    subject = rb.make_subjects(1)[0]
+    classes = tmp_path / "class-images" / subject.shape             # given class images: no drawing step
+    classes.mkdir(parents=True)
+    for i, bg in enumerate(("white", "black")):
+        world.render(world.Scene(subject.shape, "red", bg), 32).save(classes / f"{i}.png")
+    extra = ["--steps", "2", "--num-class-images", "2"]
+    lines = []
+    results = rb.bench(tmp_path, [subject], ["zwx"], [0], jobs=1, extra=extra, eval_seeds=(0,), log=lines.append)
+    (r,) = results
+    assert r["argv"][:8] == ["dorabooth", "train", "--images", str(tmp_path / "subjects" / subject.name),
+                             "--token", "zwx", "--class-noun", subject.shape]
+    assert r["learned"] == rb.learned(r["metrics"])
+    assert 0.0 <= r["metrics"]["subject_fidelity"] <= 1.0 and r["metrics"]["class_leak"] is not None
+    assert r["scored_as"] == list(subject.combination)                # eval read subject.json
+    assert r["reader_accuracy"]["subject_shape"] == subject.shape
+    config = json.loads((tmp_path / "runs" / r["name"] / "config.json").read_text())["config"]
+    assert config["token"] == "zwx" and config["seed"] == 0 and config["steps"] == 2
+    cached = tmp_path / "results" / f"{r['name']}.json"
+    cached.write_text(json.dumps({**r, "train_s": -1.0}))           # a second bench reads it, trains nothing
+    assert rb.bench(tmp_path, [subject], ["zwx"], [0], jobs=1, extra=extra, log=lines.append)[0]["train_s"] == -1.0
+    assert sum(r["name"] in x for x in lines) == 2                   # one progress line per bench call
+
+
+def _row(subject, token, seed, fidelity, leak=0.0):
+    m = {"subject_fidelity": fidelity, "class_leak": leak}
+    return {"subject": subject, "shape": subject.split("-")[2], "pattern": "band", "token": token, "seed": seed,
+            "metrics": m, "learned": fidelity >= 0.75 and leak <= 0.1,
+            "reader_accuracy": {"subject_shape": subject.split("-")[2], "correct": 70, "n": 71}}
+
+
+def test_table_counts_learned_runs_per_token_and_subject(rb):
+    rows = [_row("red-blue-star-band", "sks", 0, 0.2), _row("red-blue-star-band", "sks", 1, 0.9),
+            _row("red-blue-star-band", "zwx", 0, 1.0), _row("red-blue-star-band", "zwx", 1, 0.8, leak=0.3),
+            _row("white-black-cross-band", "sks", 0, 0.9), _row("white-black-cross-band", "sks", 1, 0.9),
+            _row("white-black-cross-band", "zwx", 0, 0.0), _row("white-black-cross-band", "zwx", 1, 0.75)]
+    text = rb.table(rows, "T")
+    assert "All runs: **5/8 (62 %)**" in text
+    assert "| `sks` | 3/4 (75 %) | 0.90 | 0.000 |" in text
+    assert "| `zwx` | 2/4 (50 %) | 0.78 | 0.075 |" in text
+    assert "| red-blue-star-band | 2/4 (50 %) | 0.85 | 0.075 | star 70/71 |" in text
+    assert "| white-black-cross-band | 0.90* / 0.90* | 0.00 / 0.75* |" in text
