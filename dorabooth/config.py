@@ -228,6 +228,9 @@ class TrainConfig:
         if self.pivotal_tokens and self.validation_prompts:
             values["validation_prompts"] = tuple(self.with_identifier(p) for p in self.validation_prompts)
         cfg = replace(self, **values)
+        _check(not cfg.pivotal_tokens or cfg.identifier in cfg.resolved_instance_prompt,
+               f"instance_prompt {cfg.instance_prompt!r}: with --pivotal the new tokens {cfg.identifier} take the place "
+               f"of the token {cfg.token!r}; write {cfg.token!r} (or {cfg.identifier}) in the instance prompt")
         missing = cfg.unresolved
         if missing:
             raise ValueError(f"no default for {', '.join(missing)}; set them explicitly")

@@ -195,7 +195,7 @@ def current_rows(pipe) -> dict[str, torch.Tensor]:
     for key, tok_name, te_name in _encoders(pipe, family):
         embedding = getattr(pipe, te_name).get_input_embeddings()
         if ROWS in embedding._parameters:
-            out[key] = getattr(embedding, ROWS).detach().float().cpu()
+            out[key] = getattr(embedding, ROWS).detach().float().cpu().clone()
         else:
             ids = getattr(pipe, tok_name).convert_tokens_to_ids(tokens)
             out[key] = embedding.weight.detach()[ids].float().cpu()
