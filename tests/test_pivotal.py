@@ -4,19 +4,18 @@ checkpoints as an A1111/ComfyUI embeddings file that stock diffusers' ``load_tex
 loads to the same vectors and text-encoder outputs; generate/adapter-info/export use it."""
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import MAKERS, make_subject, quick, save_model
 
 import dorabooth
 from dorabooth import pivotal
 from dorabooth.config import TrainConfig
 from dorabooth.families import detect_family, encode_prompts
-from dorabooth.optim import make_lr_schedule, make_optimizer
+from dorabooth.optim import make_optimizer
 from dorabooth.train import train
-from tiny_runs import MAKERS, make_subject, quick, save_model
 
 KEYS = {"sd15": ["clip_l"], "sdxl": ["clip_l", "clip_g"]}
 
@@ -138,7 +137,7 @@ def test_stock_load_textual_inversion_gives_our_vectors_and_outputs(root, runs, 
 
     run = runs[kind]
     rows = load_file(str(run / "embeddings.safetensors"))
-    assert sorted(rows) == KEYS[kind] and all(v.shape == (2, 32) for v in rows.values())
+    assert sorted(rows) == sorted(KEYS[kind]) and all(v.shape == (2, 32) for v in rows.values())
     assert all(v.shape[1] == 32 for v in load_file(str(run / "checkpoints" / "step-2" / "embeddings.safetensors")).values())
     tokens = ["<s0>", "<s1>"]
     stock = DiffusionPipeline.from_pretrained(str(root / kind))
@@ -168,7 +167,7 @@ def test_generate_uses_the_tokens_and_a_missing_file_is_named(root, runs, tmp_pa
     session.use_adapter(runs["sd15"])
     assert session.pipe.tokenizer.tokenize("a <s0><s1> dog") == ["a</w>", "<s0>", "<s1>", "dog</w>"]
     images = session.generate("a <s0><s1> dog", steps=2, seed=1)
-    assert images[0].size == (32, 32)
+    assert len(images) == 1 and images[0].info["dorabooth"]
     session.use_adapter(None)
     assert len(session.pipe.tokenizer) == vocab
     assert session.pipe.text_encoder.get_input_embeddings().num_embeddings == vocab
