@@ -112,7 +112,7 @@ def test_pivotal_stop_freezes_the_rows_after_the_fraction(root, tmp_path):
     assert "pivotal_stop" in TrainConfig.from_dict(cfg.to_dict()).to_dict()
 
 
-@pytest.mark.parametrize("method, te", [("dora", False), ("lora", True), ("dvora", False)])
+@pytest.mark.parametrize("method, te", [("dora", False), ("lora", True), ("dvora", True)])
 def test_resume_gives_bit_identical_embeddings_and_adapter(root, tmp_path, method, te):
     kw = {"method": method, "train_text_encoders": te, "pivotal_init": "random", "pivotal_stop": 0.8}
     if method == "dvora":
