@@ -81,7 +81,8 @@ def _add_train(sub) -> None:
           help="pivotal tuning: N new tokens <s0>…<sN-1> (1–16; 2 is usual) per text encoder take the token's "
                "place in the prompts and train beside the adapter (default 0: off)")
     _flag(g, "--pivotal-init", dest="pivotal_init", choices=("class", "random"),
-          help="start the new tokens from the class noun's embedding (class, default) or std-scaled noise (random)")
+          help="start the new tokens as std-scaled noise (random, default: as diffusers' advanced script) or as the "
+               "class noun's embedding (class)")
     _flag(g, "--pivotal-lr", dest="pivotal_lr", type=float, metavar="LR",
           help="learning rate of the new token embeddings (default: --text-encoder-lr)")
     _flag(g, "--pivotal-stop", dest="pivotal_stop", type=float, metavar="F",

@@ -74,7 +74,7 @@ class TrainConfig:
     train_text_encoders: bool | None = None    # every text encoder trains too (adapters, or the whole encoder for full)
     text_encoder_lr: float | None = None       # default = lr
     pivotal_tokens: int = 0                    # pivotal tuning: N new tokens <s0>…<sN-1> per text encoder replace the token; 0 = off
-    pivotal_init: str = "class"                # class (the class noun's token embedding) | random (std-scaled noise)
+    pivotal_init: str = "random"               # random (std-scaled noise, diffusers' advanced script) | class (the class noun's embedding)
     pivotal_lr: float | None = None            # lr of the new token embeddings; default = text_encoder_lr
     pivotal_stop: float | None = None          # train the new embeddings only for this first fraction of steps; None = all
 
