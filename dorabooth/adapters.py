@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from . import inject
+from . import inject, pivotal
 from .conventions import ADAPTER_METHODS, MAGNITUDE_AXES
 from .dora import DoRALinear, axis_norm, max_rank
 from .dvora import DVoRALinear
@@ -92,9 +92,11 @@ def attach(
 
 def detach(pipe) -> list[str]:
     """Remove all adapters: the original ``nn.Linear`` / ``nn.Conv2d`` modules (holding W0) come back, and
-    ``requires_grad`` flags are restored to what they were before ``attach``."""
+    ``requires_grad`` flags are restored to what they were before ``attach``; pivotal tokens
+    (:mod:`dorabooth.pivotal`) are removed from the tokenizers and embeddings."""
 
     names = []
+    pivotal.remove(pipe)                       # pivotal tokens of a loaded adapter go with it
     for component, model in inject.pipeline_components(pipe).items():
         names += [f"{component}.{n}" for n in inject.detach(model)]
     for name, component in getattr(pipe, "components", {}).items():
@@ -233,6 +235,9 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
     configs = {component: adapter.component_config(component) for component in per}
     _check_fits(adapter, components, configs, family.name)
     _check_complete(adapter, components)
+    embeddings = pivotal.embeddings_for(source, adapter.subject.token if adapter.subject else None)
+    if embeddings is not None:
+        pivotal.read_embeddings(embeddings, family.name)         # checked before the pipeline changes
 
     names = []
     for component, model in components.items():
@@ -252,6 +257,9 @@ def load_adapter(pipe, path: str | os.PathLike) -> list[str]:
         names += [f"{component}.{n}" for n, _ in inject.dora_modules(model)]
     inject.load_adapter_state_dict(pipe, adapter.tensors, source=source)
     _frozen_others(pipe, set(per))
+    pivotal.remove(pipe)
+    if embeddings is not None:                 # pivotal tuning: its tokens (<s0><s1>…) and their embeddings
+        pivotal.load_embeddings(pipe, embeddings)
     return names
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, faults, inject
+from . import adapters, faults, inject, pivotal
 from . import rundir as rd
 from .config import TrainConfig
 from .diskfull import DiskFull
@@ -166,6 +166,8 @@ def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Trai
             with state.ema.applied():
                 adapters.save_adapter(pipe, tmp / rd.ADAPTER, base_model=config.model,
                                       subject=rd.subject_of(config, run))
+                if config.pivotal_tokens:               # the token rows, beside the adapter they trained with
+                    pivotal.save_embeddings(pipe, tmp / pivotal.EMBEDDINGS)
         replaced = final.with_name(f".old-{final.name}")
         shutil.rmtree(replaced, ignore_errors=True)
         if final.exists():                              # re-saving a step: renamed away, deleted once replaced
@@ -256,6 +258,8 @@ def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerato
     else:
         target = run / rd.ADAPTER
         if accelerator.is_main_process:
+            if config.pivotal_tokens:                  # first: adapter.safetensors marks the run finished
+                pivotal.save_embeddings(pipe, run / pivotal.EMBEDDINGS)
             adapters.save_adapter(pipe, target, base_model=base.id, subject=rd.subject_of(config, run), base_hash=base.hash)
     accelerator.wait_for_everyone()
     return target

@@ -24,7 +24,7 @@ have it, else fp16; checkpointing on for SDXL; 8-bit AdamW where bitsandbytes wo
 resolved values are written to RUN_DIR/config.json; `--dry-run` prints them with a peak
 memory estimate without loading a weight or writing a file. `--resume` continues RUN_DIR
 from its newest checkpoint (other flags may be left out; they come from RUN_DIR/config.json;
---steps, --lr, --text-encoder-lr and --max-grad-norm may change, the changes are recorded there).
+--steps, --lr, --text-encoder-lr, --pivotal-lr and --max-grad-norm may change, the changes are recorded there).
 Mistakes (folders, numbers, model, run folder) are reported before the model loads, and
 nothing is written for them; a run that stopped or failed before its first checkpoint is
 started again in place by the corrected command, with or without --resume.
@@ -77,6 +77,16 @@ def _add_train(sub) -> None:
                                        "--method full the whole encoders; family default: "
                                        "on for the toy model, off for SD/SDXL")
     _flag(g, "--text-encoder-lr", dest="text_encoder_lr", type=float, metavar="LR", help="default: --lr")
+    _flag(g, "--pivotal", dest="pivotal_tokens", type=int, metavar="N",
+          help="pivotal tuning: N new tokens <s0>…<sN-1> (1–16; 2 is usual) per text encoder take the token's "
+               "place in the prompts and train beside the adapter (default 0: off)")
+    _flag(g, "--pivotal-init", dest="pivotal_init", choices=("class", "random"),
+          help="start the new tokens as std-scaled noise (random, default: as diffusers' advanced script) or as the "
+               "class noun's embedding (class)")
+    _flag(g, "--pivotal-lr", dest="pivotal_lr", type=float, metavar="LR",
+          help="learning rate of the new token embeddings (default: --text-encoder-lr)")
+    _flag(g, "--pivotal-stop", dest="pivotal_stop", type=float, metavar="F",
+          help="train the new token embeddings only for the first fraction F of the steps (default: all)")
     g = p.add_argument_group("data")
     _flag(g, "--resolution", type=int, metavar="PX", help="training side in pixels (family default)")
     _bool(g, "--buckets", "aspect-ratio buckets instead of a centre crop")

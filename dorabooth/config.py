@@ -12,6 +12,7 @@ resolved values, so a run can be read, resumed and repeated from it alone.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,15 @@ MAX_RESOLUTION = 4096
 MAX_SAMPLER_STEPS = 1000
 MAX_SEED = 2**32 - 1
 MAX_LORAPLUS_RATIO = 1000.0            # LoRA+ paper: 16 suggested; B's lr = ratio · lr
+MAX_PIVOTAL_TOKENS = 16                # new tokens per text encoder (diffusers' advanced script: 2 by default)
+PIVOTAL_INITS = ("class", "random")    # dorabooth.pivotal: the class noun's embedding, or std-scaled noise
 
 # Fields that may change between a run and its --resume without changing what is learned.
 RUN_MECHANICS = frozenset({"out", "resume", "checkpoint_every", "keep_checkpoints", "sample_every",
                            "mixed_precision", "steps", "validation_prompts", "gradient_checkpointing"})
 # Fields a --resume may change although they change what is learned from there on: the ways out
 # of a diverged run (lower the learning rate, clip harder); config.json records each change.
-RESUME_OVERRIDES = frozenset({"lr", "text_encoder_lr", "max_grad_norm"})
+RESUME_OVERRIDES = frozenset({"lr", "text_encoder_lr", "pivotal_lr", "max_grad_norm"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,10 @@ class TrainConfig:
     quantize_base: str = "none"                # none | nf4: adapted layers' frozen W0 held in NF4 (QDoRA; torchao)
     train_text_encoders: bool | None = None    # every text encoder trains too (adapters, or the whole encoder for full)
     text_encoder_lr: float | None = None       # default = lr
+    pivotal_tokens: int = 0                    # pivotal tuning: N new tokens <s0>…<sN-1> per text encoder replace the token; 0 = off
+    pivotal_init: str = "random"               # random (std-scaled noise, diffusers' advanced script) | class (the class noun's embedding)
+    pivotal_lr: float | None = None            # lr of the new token embeddings; default = text_encoder_lr
+    pivotal_stop: float | None = None          # train the new embeddings only for this first fraction of steps; None = all
 
     # ---- data ------------------------------------------------------------------------------
     resolution: int | None = None              # square side in px (buckets keep about this area)
@@ -157,6 +164,7 @@ class TrainConfig:
             value = getattr(self, name)
             _check(value is None or value >= 0, f"{name} {value}: use 0 (off) or a number of steps")
         _check_optimizer_extras(self)
+        _check_pivotal(self)
         _check(self.keep_checkpoints >= 1, "keep_checkpoints: keep at least 1")
         _check(all(p.strip() for p in self.validation_prompts), "validation_prompts: empty prompt given")
 
@@ -174,15 +182,27 @@ class TrainConfig:
         return self.alpha if self.alpha is not None else (None if self.rank is None else float(self.effective_rank))
 
     @property
+    def identifier(self) -> str:
+        """What names the subject in prompts: ``token``, or with pivotal tuning the new tokens
+        ``<s0><s1>…`` in its place (as diffusers' advanced script replaces its TOK)."""
+        return "".join(f"<s{i}>" for i in range(self.pivotal_tokens)) if self.pivotal_tokens else self.token.strip()
+
+    def with_identifier(self, text: str) -> str:
+        """``text`` with the token word replaced by :attr:`identifier` (unchanged without pivotal tuning)."""
+        if not self.pivotal_tokens:
+            return text
+        return re.sub(rf"(?<![\w<]){re.escape(self.token.strip())}(?![\w>])", lambda _: self.identifier, text)
+
+    @property
     def resolved_instance_prompt(self) -> str:
         """The instance prompt. ``with_defaults`` writes the family's default into the config;
         a config without one (runs made before it did) was trained with the "photo" phrasing."""
-        return self.instance_prompt or default_prompts(self.token, self.class_noun)[0]
+        return self.instance_prompt or default_prompts(self.identifier, self.class_noun)[0]
 
     @property
     def resolved_class_prompt(self) -> str:
         """The class prompt (as ``resolved_instance_prompt``)."""
-        return self.class_prompt or default_prompts(self.token, self.class_noun)[1]
+        return self.class_prompt or default_prompts(self.identifier, self.class_noun)[1]
 
     @property
     def class_dir(self) -> Path:
@@ -200,16 +220,25 @@ class TrainConfig:
             values["lr"] = PRODIGY_LR                  # Prodigy's own default, not the family's AdamW rate
         if self.method == "dvora" and self.rank is None and "dvora_rank" in defaults:
             values["rank"] = defaults["dvora_rank"]
-        instance, class_prompt = default_prompts(self.token, self.class_noun, defaults.get("prompt_style", "photo"))
+        instance, class_prompt = default_prompts(self.identifier, self.class_noun, defaults.get("prompt_style", "photo"))
         values.update({k: v for k, v in (("instance_prompt", instance), ("class_prompt", class_prompt))
                        if getattr(self, k) is None})
+        if self.pivotal_tokens and self.instance_prompt is not None:          # "a photo of sks dog" → "<s0><s1>"
+            values["instance_prompt"] = self.with_identifier(self.instance_prompt)
+        if self.pivotal_tokens and self.validation_prompts:
+            values["validation_prompts"] = tuple(self.with_identifier(p) for p in self.validation_prompts)
         cfg = replace(self, **values)
+        _check(not cfg.pivotal_tokens or cfg.identifier in cfg.resolved_instance_prompt,
+               f"instance_prompt {cfg.instance_prompt!r}: with --pivotal the new tokens {cfg.identifier} take the place "
+               f"of the token {cfg.token!r}; write {cfg.token!r} (or {cfg.identifier}) in the instance prompt")
         missing = cfg.unresolved
         if missing:
             raise ValueError(f"no default for {', '.join(missing)}; set them explicitly")
         derived: dict[str, Any] = {}
         if cfg.text_encoder_lr is None:
             derived["text_encoder_lr"] = cfg.lr
+        if cfg.pivotal_tokens and cfg.pivotal_lr is None:
+            derived["pivotal_lr"] = derived.get("text_encoder_lr", cfg.text_encoder_lr)
         if cfg.sample_every is None:
             derived["sample_every"] = 0
         if cfg.checkpoint_every is None:
@@ -337,6 +366,27 @@ def _check_optimizer_extras(c: TrainConfig) -> None:
         _check(c.text_encoder_lr is None or c.text_encoder_lr == c.lr,
                f"text_encoder_lr {c.text_encoder_lr}: Prodigy takes one learning rate for all parameters; drop "
                f"--text-encoder-lr or use --optimizer adamw")
+
+
+def _check_pivotal(c: TrainConfig) -> None:
+    """Pivotal tuning: a number of tokens in range, a known init, and the adapter methods only."""
+    _check(isinstance(c.pivotal_tokens, int) and 0 <= c.pivotal_tokens <= MAX_PIVOTAL_TOKENS,
+           f"pivotal_tokens {c.pivotal_tokens}: use 0 (off) or 1–{MAX_PIVOTAL_TOKENS} new tokens per text encoder "
+           f"(2 is diffusers' advanced script's default)")
+    _one_of("pivotal_init", c.pivotal_init, PIVOTAL_INITS)
+    _learning_rate("pivotal_lr", c.pivotal_lr)
+    if c.pivotal_stop is not None:
+        _check(math.isfinite(c.pivotal_stop) and 0 < c.pivotal_stop <= 1,
+               f"pivotal_stop {c.pivotal_stop}: use a fraction of the steps in (0, 1] (0.5 is diffusers' advanced "
+               f"script's --train_text_encoder_ti_frac), or leave it off")
+    if not c.pivotal_tokens:
+        return
+    _check(c.method != "full", "pivotal_tokens: pivotal tuning trains new token embeddings beside an adapter; use "
+                               "--method dora, lora or dvora with --pivotal, or drop --pivotal")
+    if c.optimizer == "prodigy":
+        _check(c.pivotal_lr is None or c.pivotal_lr == c.lr,
+               f"pivotal_lr {c.pivotal_lr}: Prodigy takes one learning rate for all parameters; drop --pivotal-lr "
+               f"or use --optimizer adamw")
 
 
 def _learning_rate(name: str, value: float | None) -> None:

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from . import pivotal
 from . import rundir as rd
 from .families import detect_family
 from .formats import adapter_files
@@ -200,6 +201,7 @@ def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str
     :func:`report_base` picks, as ``export`` does)."""
     adapter, recorded = read_source(path)
     info = adapter.summary()
+    info["pivotal"] = pivotal_info(adapter)
     if not consumers:
         return info
     if adapter.vera is not None:
@@ -223,6 +225,19 @@ def adapter_info(path: str | os.PathLike, *, consumers: bool = False, model: str
         if base is not None:
             base.weights.close()
     return info
+
+
+def pivotal_info(adapter: Adapter) -> dict | None:
+    """Pivotal tuning's tokens and their embeddings file (None for an adapter trained without it)."""
+    identifier = adapter.subject.token if adapter.subject else None
+    if not pivotal.is_identifier(identifier):
+        return None
+    try:
+        file = pivotal.embeddings_for(adapter.source, identifier)
+        tokens, rows = pivotal.read_embeddings(file, adapter.family)
+        return {"tokens": tokens, "embeddings": str(file), "rows": {k: list(v.shape) for k, v in rows.items()}}
+    except (FileNotFoundError, ValueError) as e:
+        return {"tokens": pivotal.tokens_of(identifier), "embeddings": None, "problem": str(e)}
 
 
 def _unet_config_guess(adapter: Adapter, layout: UNetLayout) -> dict:

@@ -136,7 +136,7 @@ def read_eval_run(run: str | os.PathLike) -> EvalRun:
     r = rd.read_run(run)
     info, config = run_info(r), r.config
     return EvalRun(path=info.path, method=info.method, label=info.label, base=info.base,
-                   base_id=r.base_id, token=config.token, class_noun=config.class_noun,
+                   base_id=r.base_id, token=config.identifier, class_noun=config.class_noun,
                    instance_prompt=config.resolved_instance_prompt, class_prompt=config.resolved_class_prompt,
                    images=config.images or "", seed=info.seed, lr=info.lr)
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from . import pivotal
 from . import rundir as rd
 from .conventions import EXPORT_DTYPES, EXPORT_FORMATS, MERGED_FORMATS
 from .describe import (
@@ -47,7 +48,8 @@ from .events import EventLog
 from .finetune import FineTunedSource
 from .formats import adapter_files
 from .formats.consumers import Verdict
-from .formats.files import SafetensorsReader, atomic_folder, write_json, write_safetensors_streaming
+from .formats.files import (SafetensorsReader, atomic_folder, read_metadata, write_json, write_safetensors,
+                            write_safetensors_streaming)
 from .formats.neutral import Adapter
 from .formats.single_file import COMPONENTS, Mapper, image_spec, modelspec
 from .merging import MERGE_DEFINITION, MergedWeights, bake_strength
@@ -103,8 +105,9 @@ def export(adapters: Sequence[tuple[object, float]] | object, *, format: str, ou
         return _export_full(full[0], pairs, target, spec, emit)
     loaded = [(*read_source(src), t) for src, t in pairs]          # (adapter, recorded base, strength)
     emit("adapters_read", count=len(loaded))
+    embeddings = _pivotal_embeddings(loaded)
     if format not in MERGED_FORMATS:
-        return _export_adapter(loaded, target, spec, emit)
+        return _with_embeddings(_export_adapter(loaded, target, spec, emit), embeddings, emit)
     base = spec.open(next((b for _, b, _ in loaded if b), None))
     try:
         for a, _, _ in loaded:
@@ -119,7 +122,8 @@ def export(adapters: Sequence[tuple[object, float]] | object, *, format: str, ou
         path = _write_merged(base, merged, target, meta, emit)
     finally:
         base.weights.close()
-    return ExportResult(path, format, notes=[f"merged {len(keys)} modules"], metadata=meta)
+    return _with_embeddings(ExportResult(path, format, notes=[f"merged {len(keys)} modules"], metadata=meta),
+                            embeddings, emit)
 
 
 def convert(source, *, to: str, out: str | os.PathLike, model: str | None = None,
@@ -129,6 +133,35 @@ def convert(source, *, to: str, out: str | os.PathLike, model: str | None = None
         raise ValueError(f"--to {to!r}: choose one of {', '.join(adapter_files.ADAPTER_FORMATS)}")
     return export([(source, 1.0)], format=to, out=out, model=model, model_config=model_config, pipe=pipe,
                   overwrite=overwrite)
+
+
+# ---- pivotal tuning's embeddings ----------------------------------------------------------------
+def _pivotal_embeddings(loaded) -> Path | None:
+    """The embeddings file of the (at most one) adapter trained with pivotal tuning, or None."""
+    found = [f for f in (pivotal.embeddings_for(a.source, a.subject.token if a.subject else None)
+                         for a, _, _ in loaded) if f is not None]
+    if len(found) > 1:
+        raise ValueError(f"{len(found)} of these adapters were trained with pivotal tuning and all name their "
+                         f"subject <s0>…: export or merge at most one of them")
+    return found[0] if found else None
+
+
+def _with_embeddings(result: ExportResult, embeddings: Path | None, emit) -> ExportResult:
+    """A pivotal adapter's embeddings file copied beside what was written (``<name>_emb.safetensors``;
+    inside a diffusers folder), and the note that says it must be used with it: no checkpoint or
+    adapter file carries new tokens for A1111/ComfyUI, and our merged diffusers folder neither."""
+    if embeddings is None:
+        return result
+    written = Path(result.path)
+    out = (written / f"{written.name}{pivotal.EXPORT_SUFFIX}" if written.is_dir()
+           else written.with_name(written.stem + pivotal.EXPORT_SUFFIX))
+    tokens, rows = pivotal.read_embeddings(embeddings)
+    write_safetensors(out, rows, read_metadata(embeddings, "embeddings file")[1])
+    emit("written", path=str(out))
+    result.notes.append(f"pivotal tuning: prompts name the subject with {''.join(tokens)}, whose embeddings are in "
+                        f"{out}; use that file beside this one (A1111/ComfyUI: put it in models/embeddings and write "
+                        f"'{out.stem}' in their place; diffusers: pipe.load_textual_inversion, docs/export.md)")
+    return result
 
 
 def _pairs(adapters) -> list[tuple[object, float]]:

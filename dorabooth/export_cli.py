@@ -134,6 +134,11 @@ def _run_info(args) -> int:
           f"\n  base model     {info['base_model'] or '-'}"
           f"\n  trigger        {info['trigger'] or '-'}" + (f" (trained as \"{info['instance_prompt']}\")"
                                                          if info['instance_prompt'] else ""))
+    if info.get("pivotal"):
+        piv = info["pivotal"]
+        where = (f"{piv['embeddings']} ({', '.join(f'{k} {r[0]}×{r[1]}' for k, r in piv['rows'].items())})"
+                 if piv.get("embeddings") else f"MISSING: {piv.get('problem')}")
+        print(f"  pivotal tokens {''.join(piv['tokens'])}; embeddings {where}")
     if "vera_seed" in info:
         print(f"  DVoRA          seed {info['vera_seed']}, {info['trainable']:,} trained numbers (d, b, m; A and B "
               f"rebuilt from the seed)")

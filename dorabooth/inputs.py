@@ -30,7 +30,8 @@ def prepare_instance(config: TrainConfig, run: Path, pipe, accelerator, emit) ->
         prompt = config.resolved_instance_prompt
         prepare_images(config.images, folder, resolution=config.resolution, multiple=fam.size_multiple(pipe),
                        buckets=config.buckets,
-                       prompt_for=lambda caption: instance_caption(caption, config.token.strip(), prompt),
+                       prompt_for=lambda caption: instance_caption(caption and config.with_identifier(caption),
+                                                                   config.identifier, prompt),
                        on_skip=lambda s: emit("skip", path=s.path, reason=s.reason))
     accelerator.wait_for_everyone()
     examples, _ = read_manifest(folder)
@@ -70,7 +71,7 @@ def size_groups(examples: list[Example]) -> dict[tuple[int, int], list[int]]:
 def make_text_encoder(pipe, family: Family, config: TrainConfig, instance, class_pool):
     """``encode(prompts, live_encoders) -> (embeds, pooled)``: live when the text encoders train,
     else every prompt of the run encoded once and looked up."""
-    if config.train_text_encoders:
+    if config.train_text_encoders or config.pivotal_tokens:          # pivotal rows train: encoded every step
         def encode_live(prompts, live):
             return fam.encode_prompts(family, pipe, prompts, live)
         return encode_live

@@ -85,14 +85,24 @@ def _is_up(name: str) -> bool:
     return ".lora_B." in name
 
 
+PIVOTAL_ROWS = ".pivotal_rows"         # dorabooth.pivotal's trainable token embedding rows
+
+
+def _is_pivotal(name: str) -> bool:
+    return name.endswith(PIVOTAL_ROWS)
+
+
 def param_groups(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> list[dict]:
     """Parameter groups by (component lr, decay, LoRA+ up matrix), in a fixed order so that a
     checkpoint's optimizer state maps back onto them: UNet before text encoders, decayed before
-    not, A before B. With ``loraplus_ratio`` λ the B matrices get λ · lr (LoRA+, arXiv:2402.12354 §4)."""
+    not, A before B. With ``loraplus_ratio`` λ the B matrices get λ · lr (LoRA+, arXiv:2402.12354 §4).
+    Pivotal tuning's token rows come last, in a group of their own (``pivotal_lr``, no weight
+    decay: decay would pull the embeddings towards 0, away from the vocabulary's scale)."""
     ratio = config.loraplus_ratio or 1.0
     groups = []
     for component_lr, in_component in ((config.lr, lambda n: n.startswith("unet.")),
-                                       (config.text_encoder_lr, lambda n: not n.startswith("unet."))):
+                                       (config.text_encoder_lr, lambda n: not n.startswith("unet.")
+                                        and not _is_pivotal(n))):
         for decay in (True, False):
             for up in (False, True):
                 chosen = [p for n, p in params.items() if in_component(n) and _no_decay(n, p) != decay
@@ -100,6 +110,10 @@ def param_groups(params: dict[str, torch.nn.Parameter], config: TrainConfig) -> 
                 if chosen:
                     groups.append({"params": chosen, "lr": component_lr * (ratio if up else 1.0),
                                    "weight_decay": config.weight_decay if decay else 0.0})
+    rows = [p for n, p in params.items() if _is_pivotal(n)]
+    if rows:
+        groups.append({"params": rows, "lr": config.pivotal_lr or config.text_encoder_lr, "weight_decay": 0.0,
+                       "pivotal": True})
     return groups
 
 
@@ -131,5 +145,15 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return 1.0 - progress
 
 
+def pivotal_factor(step: int, config: TrainConfig) -> float:
+    """The pivotal rows' multiplier: :func:`lr_factor`, and 0 from ``pivotal_stop`` × steps on
+    (lr 0: AdamW and Prodigy leave the rows exactly as they are)."""
+    if config.pivotal_stop is not None and step >= math.ceil(config.pivotal_stop * config.steps):
+        return 0.0
+    return lr_factor(step, config)
+
+
 def make_lr_schedule(optimizer, config: TrainConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, config))
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [(lambda step: pivotal_factor(step, config)) if group.get("pivotal")
+                    else (lambda step: lr_factor(step, config)) for group in optimizer.param_groups])

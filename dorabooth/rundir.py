@@ -144,7 +144,7 @@ def subject_of(config: TrainConfig, run: str | os.PathLike | None = None) -> Sub
             images = len(json.loads(manifest.read_text()).get("examples", []))
         except (OSError, json.JSONDecodeError, AttributeError):
             images = None
-    return Subject(config.token, config.class_noun, config.resolved_instance_prompt, config.resolved_class_prompt,
+    return Subject(config.identifier, config.class_noun, config.resolved_instance_prompt, config.resolved_class_prompt,
                    images)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, faults, losses
+from . import adapters, faults, losses, pivotal
 from . import families as fam
 from . import rundir as rd
 from .checkpoints import (TrainingDiverged, TrainState, check_finite_weights, diverged, restore_checkpoint,
@@ -371,7 +371,7 @@ def run_metadata(base: BaseModel, family: Family, pipe, accelerator) -> dict:
 # =============================================================================================
 def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
     """Attach adapters (dora/lora/dvora; DVoRA's projections drawn from ``config.seed``) or unfreeze the UNet, and with ``train_text_encoders`` the
-    text encoders (full); returns the trainable parameters by pipeline-qualified name
+    text encoders (full); with ``pivotal_tokens`` the new token rows (:mod:`dorabooth.pivotal`); returns the trainable parameters by pipeline-qualified name
     (``unet.…``, ``text_encoder.…``)."""
     if config.method == "full":
         for name, component in pipe.components.items():
@@ -382,6 +382,8 @@ def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
         adapters.attach(pipe, method=config.method, rank=config.effective_rank, alpha=config.effective_alpha,
                          unet_targets=config.targets, text_encoders=config.train_text_encoders,
                          magnitude_axis=config.magnitude_axis, rslora=config.rslora, vera_seed=config.seed)
+    if config.pivotal_tokens:                          # after attach, which freezes what it does not adapt
+        pivotal.attach_trainable(pipe, config.pivotal_tokens, config.pivotal_init, config.class_noun, config.seed)
     params = {}
     for name, component in pipe.components.items():
         if isinstance(component, torch.nn.Module):

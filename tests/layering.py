@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                 "families",
                 "data", "config", "dora", "dvora", "dora_autograd", "optim", "ema", "formats.files", "formats.layout",
                 "formats.single_file"}),
-    ("model access", {"inject", "quantize", "models", "weights", "rundir", "devices", "specs", "memory", "preflight",
+    ("model access", {"inject", "quantize", "pivotal", "models", "weights", "rundir", "devices", "specs", "memory", "preflight",
                       "formats",
                       "formats.*", "toyworld", "toyworld.*", "testing", "testing.*"}),
     ("pipeline API", {"adapters", "finetune", "merging", "describe"}),

@@ -1,0 +1,199 @@
+"""Pivotal tuning (issue 14 #2): new tokens <s0>… per text encoder, their embedding rows trained
+beside the adapter; only those rows change; resumed bit-identically; saved in the run and its
+checkpoints as an A1111/ComfyUI embeddings file that stock diffusers' ``load_textual_inversion``
+loads to the same vectors and text-encoder outputs; generate/adapter-info/export use it."""
+
+import threading
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_runs import MAKERS, make_subject, quick, save_model
+
+import dorabooth
+from dorabooth import pivotal
+from dorabooth.config import TrainConfig
+from dorabooth.families import detect_family, encode_prompts
+from dorabooth.optim import make_optimizer
+from dorabooth.train import train
+
+KEYS = {"sd15": ["clip_l"], "sdxl": ["clip_l", "clip_g"]}
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pivotal")
+    make_subject(root / "subject")
+    for kind in ("sd15", "sdxl"):
+        save_model(kind, root / kind)
+    return root
+
+
+def config(root, out, kind="sd15", **kw):
+    return TrainConfig(images=str(root / "subject"), out=str(out), model=str(root / kind),
+                       **quick(**{"prior_preservation": False, "steps": 5, "checkpoint_every": 2,
+                                  "keep_checkpoints": 5, "pivotal_tokens": 2, **kw}))
+
+
+@pytest.fixture(scope="module")
+def runs(root):
+    """A finished 5-step pivotal run per tiny model (frozen text encoders: the rows alone train there);
+    SD 1.5 starts its rows from the class noun, SDXL from noise."""
+    return {kind: train(config(root, root / f"run-{kind}", kind, pivotal_init="class" if kind == "sd15" else "random")).run_dir
+            for kind in ("sd15", "sdxl")}
+
+
+# ---- the config -----------------------------------------------------------------------------------
+def test_config_names_the_subject_with_the_new_tokens(tmp_path):
+    c = TrainConfig(images="x", class_noun="dog", out="o", pivotal_tokens=3, instance_prompt="a photo of sks dog",
+                    validation_prompts=("sks dog on a beach",))
+    assert c.identifier == "<s0><s1><s2>"
+    filled = c.with_defaults({"rank": 4, "resolution": 64, "steps": 2, "lr": 1e-3, "num_class_images": 1,
+                              "class_image_steps": 1, "train_text_encoders": False})
+    assert filled.instance_prompt == "a photo of <s0><s1><s2> dog"
+    assert filled.validation_prompts == ("<s0><s1><s2> dog on a beach",)
+    assert filled.pivotal_lr == filled.text_encoder_lr == 1e-3
+    assert TrainConfig(images="x", class_noun="dog", out="o").identifier == "sks"
+    lacking = TrainConfig(images="x", class_noun="dog", out="o", pivotal_tokens=2, instance_prompt="a photo of a dog")
+    with pytest.raises(ValueError, match="write 'sks'"):
+        lacking.with_defaults({"rank": 4, "resolution": 64, "steps": 2, "lr": 1e-3, "num_class_images": 1,
+                               "class_image_steps": 1, "train_text_encoders": False})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"pivotal_tokens": 17}, "1–16"), ({"pivotal_tokens": -1}, "1–16"),
+    ({"pivotal_tokens": 2, "method": "full"}, "--method dora, lora or dvora"),
+    ({"pivotal_tokens": 2, "pivotal_init": "zeros"}, "class, random"),
+    ({"pivotal_tokens": 2, "pivotal_stop": 0.0}, "(0, 1]"), ({"pivotal_tokens": 2, "pivotal_lr": 2.0}, "pivotal_lr"),
+    ({"pivotal_tokens": 2, "optimizer": "prodigy", "lr": 1.0, "pivotal_lr": 0.5}, "one learning rate"),
+])
+def test_config_refuses_what_cannot_run(fields, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("]", r"\]")):
+        TrainConfig(images="x", class_noun="dog", out="o", **fields)
+
+
+# ---- training: only the new rows change -------------------------------------------------------------
+@pytest.mark.parametrize("init", ["class", "random"])
+def test_only_the_new_rows_train(init):
+    pipe = MAKERS["sdxl"]()
+    dorabooth.attach(pipe, method="dora", rank=2, text_encoders=True)
+    before = {n: getattr(pipe, n).get_input_embeddings().weight.detach().clone() for n in ("text_encoder", "text_encoder_2")}
+    tokens = pivotal.attach_trainable(pipe, 2, init, "dog", seed=0)
+    start = pivotal.current_rows(pipe)
+    if init == "class":                     # every row the mean of "dog"'s token embeddings
+        ids = pipe.tokenizer("dog", add_special_tokens=False).input_ids
+        assert torch.equal(start["clip_l"][1], before["text_encoder"][ids].float().mean(0))
+    params = {f"{c}.{n}": p for c in ("unet", "text_encoder", "text_encoder_2")
+              for n, p in getattr(pipe, c).named_parameters() if p.requires_grad}
+    rows = [n for n in params if n.endswith(".pivotal_rows")]
+    assert len(rows) == 2 and all(not n.endswith("token_embedding.weight") for n in params)
+    cfg = TrainConfig(images="x", class_noun="dog", out="o", lr=1e-2, text_encoder_lr=1e-2, steps=3, pivotal_tokens=2)
+    optimizer = make_optimizer(params, cfg)
+    for _ in range(3):
+        embeds, pooled = encode_prompts(detect_family(pipe), pipe, [f"a {''.join(tokens)} dog"])
+        (embeds.square().mean() + pooled.square().mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for name, weight in before.items():     # the whole matrix as it was: old rows and the placeholders' values
+        now = getattr(pipe, name).get_input_embeddings().weight
+        assert torch.equal(now[: weight.shape[0]], weight)
+    after = pivotal.current_rows(pipe)
+    assert all(not torch.equal(after[k], start[k]) for k in ("clip_l", "clip_g"))
+    dorabooth.detach(pipe)                   # the tokenizers and matrices as they were
+    assert "<s0>" not in pipe.tokenizer.get_vocab()
+    assert all(torch.equal(getattr(pipe, n).get_input_embeddings().weight, w) for n, w in before.items())
+
+
+def test_pivotal_stop_freezes_the_rows_after_the_fraction(root, tmp_path):
+    cfg = config(root, tmp_path / "stop", pivotal_stop=0.4)          # rows train for ceil(0.4 · 5) = 2 steps
+    train(cfg)
+    rows = {s: load_file(str(tmp_path / "stop" / "checkpoints" / f"step-{s}" / "embeddings.safetensors"))
+            for s in (2, 4)}
+    final = load_file(str(tmp_path / "stop" / "embeddings.safetensors"))
+    assert torch.equal(rows[2]["clip_l"], final["clip_l"]) and torch.equal(rows[4]["clip_l"], final["clip_l"])
+    assert "pivotal_stop" in TrainConfig.from_dict(cfg.to_dict()).to_dict()
+
+
+@pytest.mark.parametrize("method, te", [("dora", False), ("lora", True), ("dvora", True)])
+def test_resume_gives_bit_identical_embeddings_and_adapter(root, tmp_path, method, te):
+    kw = {"method": method, "train_text_encoders": te, "pivotal_init": "random", "pivotal_stop": 0.8}
+    if method == "dvora":
+        kw["rank"] = 4
+    train(config(root, tmp_path / "a", **kw))
+    stop = threading.Event()
+    halted = config(root, tmp_path / "b", **kw)
+    first = train(halted, on_event=lambda e: e["type"] == "step" and e["step"] == 2 and stop.set(), stop=stop)
+    assert first.stopped and first.step == 2
+    assert train(TrainConfig(**{**halted.to_dict(), "resume": True})).step == 5
+    for name in ("adapter.safetensors", "embeddings.safetensors"):
+        a, b = (load_file(str(tmp_path / r / name)) for r in ("a", "b"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    init = load_file(str(tmp_path / "a" / "checkpoints" / "step-2" / "embeddings.safetensors"))
+    assert not torch.equal(init["clip_l"], load_file(str(tmp_path / "a" / "embeddings.safetensors"))["clip_l"])
+
+
+# ---- the files: A1111/ComfyUI layout, stock diffusers loads them --------------------------------------
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_stock_load_textual_inversion_gives_our_vectors_and_outputs(root, runs, kind):
+    from diffusers import DiffusionPipeline
+
+    run = runs[kind]
+    rows = load_file(str(run / "embeddings.safetensors"))
+    assert sorted(rows) == sorted(KEYS[kind]) and all(v.shape == (2, 32) for v in rows.values())
+    assert all(v.shape[1] == 32 for v in load_file(str(run / "checkpoints" / "step-2" / "embeddings.safetensors")).values())
+    tokens = ["<s0>", "<s1>"]
+    stock = DiffusionPipeline.from_pretrained(str(root / kind))
+    for key, tok, te in zip(KEYS[kind], ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2")):
+        stock.load_textual_inversion(rows[key], token=tokens, text_encoder=getattr(stock, te),
+                                     tokenizer=getattr(stock, tok))
+    ours = DiffusionPipeline.from_pretrained(str(root / kind))
+    dorabooth.load_adapter(ours, run / "adapter.safetensors")
+    prompt = TrainConfig.from_dict(__import__("json").loads((run / "config.json").read_text())["config"]).instance_prompt
+    assert "<s0><s1>" in prompt
+    family = detect_family(ours)
+    for key, tok, te in zip(KEYS[kind], ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2")):
+        ids = getattr(stock, tok).convert_tokens_to_ids(tokens)
+        assert ids == getattr(ours, tok).convert_tokens_to_ids(tokens)
+        assert torch.equal(getattr(stock, te).get_input_embeddings().weight[ids], rows[key])
+        assert torch.equal(getattr(ours, te).get_input_embeddings().weight[ids], rows[key])
+    with torch.no_grad():
+        a, b = (encode_prompts(family, p, [prompt]) for p in (stock, ours))
+    assert torch.equal(a[0], b[0]) and (a[1] is None or torch.equal(a[1], b[1]))
+
+
+def test_generate_uses_the_tokens_and_a_missing_file_is_named(root, runs, tmp_path):
+    from dorabooth.generate import Session
+
+    session = Session(str(root / "sd15"), device="cpu", dtype=torch.float32)
+    vocab = len(session.pipe.tokenizer)
+    session.use_adapter(runs["sd15"])
+    assert session.pipe.tokenizer.tokenize("a <s0><s1> dog") == ["a</w>", "<s0>", "<s1>", "dog</w>"]
+    images = session.generate("a <s0><s1> dog", steps=2, seed=1)
+    assert len(images) == 1 and images[0].info["dorabooth"]
+    session.use_adapter(None)
+    assert len(session.pipe.tokenizer) == vocab
+    assert session.pipe.text_encoder.get_input_embeddings().num_embeddings == vocab
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "adapter.safetensors").write_bytes((runs["sd15"] / "adapter.safetensors").read_bytes())
+    with pytest.raises(FileNotFoundError, match="trained with pivotal tuning.*embeddings file is not beside"):
+        session.use_adapter(lone / "adapter.safetensors")
+    assert len(session.pipe.tokenizer) == vocab
+
+
+def test_adapter_info_and_export_carry_the_embeddings(root, runs, tmp_path):
+    from dorabooth.describe import adapter_info
+    from dorabooth.export import export
+
+    info = adapter_info(runs["sdxl"])
+    assert info["pivotal"]["tokens"] == ["<s0>", "<s1>"] and info["pivotal"]["rows"] == {"clip_l": [2, 32],
+                                                                                        "clip_g": [2, 32]}
+    for fmt, out in (("kohya", tmp_path / "dog.safetensors"), ("merged-single-file", tmp_path / "merged.safetensors")):
+        result = export(runs["sdxl"], format=fmt, out=out, model=str(root / "sdxl"))
+        emb = out.with_name(out.stem + "_emb.safetensors")
+        assert any("pivotal tuning" in n and str(emb) in n for n in result.notes)
+        copied, original = load_file(str(emb)), load_file(str(runs["sdxl"] / "embeddings.safetensors"))
+        assert all(torch.equal(copied[k], original[k]) for k in original)
+    pipe = MAKERS["sdxl"]()                   # the exported kohya file finds its _emb file beside it
+    dorabooth.load_adapter(pipe, tmp_path / "dog.safetensors")
+    assert pipe.tokenizer_2.convert_tokens_to_ids("<s1>") == len(pipe.tokenizer_2) - 1
