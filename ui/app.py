@@ -281,7 +281,7 @@ def _train_tab(ctx: h.Context, c) -> None:
                   prior_preservation=c.prior, class_images=c.class_images, train_text_encoders=c.text_encoders,
                   seed=c.seed, instance_prompt=c.instance_prompt, precision=c.precision,
                   checkpointing=c.checkpointing, optimizer=c.optimizer, buckets=c.buckets, targets=c.targets,
-                  quantize_base=c.quantize)
+                  quantize_base=c.quantize, pivotal=c.pivotal)
     c.method_was = gr.State(c.method.value)     # the method the rank box was filled for (h.rank_for_method)
     c.seen = gr.State(None)                     # what the timer last drew (redraw only on change)
     c.timer = gr.Timer(1.0)
@@ -305,6 +305,9 @@ def _adapter_fields(c) -> None:
                               choices=[(views.QUANTIZE_NAMES[q], q) for q in h.QUANTIZE],
                               info="4-bit NF4 (QDoRA) holds the adapted layers' frozen weights in 4 bit: less "
                                    "memory, slower steps. Needs dorabooth[qdora].")
+        c.pivotal = gr.Checkbox(label="Pivotal tuning", value=False, elem_id="db-pivotal", scale=1,
+                                info="Trains two new words for the subject (they replace the token in prompts) "
+                                     "beside the adapter; exports add a small embeddings file to use with it.")
     c.adapter_note = gr.HTML(elem_id="db-adapter-note")     # the trainer's refusal of these choices, in words
 
 
@@ -493,11 +496,12 @@ def _wire_train(ctx: h.Context, c) -> None:
 
     on(c.method.input, on_method, [c.preset, c.method_was, c.method, c.rank], [c.rank, c.method_was], c.train_note)
 
-    def on_device_choice(method, rank, prior, text_encoders, precision, checkpointing, optimizer, targets, quantize):
+    def on_device_choice(method, rank, prior, text_encoders, precision, checkpointing, optimizer, targets, quantize,
+                         pivotal):
         settings = h.TrainSettings(method=method, rank=_int(rank, "rank"), prior_preservation=prior,
                                    train_text_encoders=text_encoders, precision=precision,
                                    checkpointing=checkpointing, optimizer=optimizer, targets=targets,
-                                   quantize_base=quantize)
+                                   quantize_base=quantize, pivotal=bool(pivotal))
         view = h.device_view(ctx, settings)
         # a refusal (e.g. DVoRA with convolutions) is said beside the Advanced fields: open them
         return views.device_html(view), views.adapter_note_html(view), gr.update(open=True) if view.refused else gr.skip()
@@ -506,7 +510,7 @@ def _wire_train(ctx: h.Context, c) -> None:
         on(box.change, _use_note, [c.use, c.method], c.use_note, c.train_note, show_progress="hidden")
 
     device_inputs = [c.method, c.rank, c.prior, c.text_encoders, c.precision, c.checkpointing, c.optimizer,
-                     c.targets, c.quantize]
+                     c.targets, c.quantize, c.pivotal]
     for box in device_inputs:                      # what the estimate depends on
         on(box.change, on_device_choice, device_inputs, [c.device, c.adapter_note, c.advanced], c.train_note,
            show_progress="hidden")
@@ -614,6 +618,7 @@ def _settings(c, values) -> h.TrainSettings:
                               "class_images": _int(v["class_images"], "class images"),
                               "seed": _int(v["seed"], "seed") or 0, "prior_preservation": bool(v["prior_preservation"]),
                               "train_text_encoders": bool(v["train_text_encoders"]), "buckets": bool(v["buckets"]),
+                              "pivotal": bool(v["pivotal"]),
                               "instance_prompt": v["instance_prompt"] or ""})
 
 

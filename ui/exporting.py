@@ -162,6 +162,21 @@ class ExportOutcome:
     picks: list[Pick] = field(default_factory=list)      # what to pick per destination, with this report in
 
 
+EMBEDDINGS_SUFFIX = "_emb.safetensors"      # dorabooth.pivotal.EXPORT_SUFFIX: what export writes beside a pivotal file
+
+
+def _zip(folder: Path, stem: str, files: list[Path]) -> Path:
+    """``folder/<stem>.zip`` holding ``files`` side by side (written whole, then renamed)."""
+    import zipfile
+
+    tmp, path = folder / f".{stem}.zip.tmp", folder / f"{stem}.zip"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as z:      # safetensors do not compress
+        for f in files:
+            z.write(f, f.name)
+    tmp.replace(path)
+    return path
+
+
 def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
     """Write ``<run>/exports/<format>-<dtype>/<name>`` with dorabooth's exporter; returns the download."""
     from dorabooth import export
@@ -183,7 +198,10 @@ def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
     result = export(run, format=fmt, out=out, model=_base_model(run), model_config=s.get("model_config"),
                     dtype=dtype, overwrite=True)
     path = Path(result.path)
-    if path.is_dir():                                  # a folder downloads as one zip
+    embeddings = path.with_name(path.stem + EMBEDDINGS_SUFFIX)
+    if path.is_file() and embeddings.is_file():        # pivotal tuning: the file and its embeddings, one download
+        path = _zip(folder, stem, [path, embeddings])
+    elif path.is_dir():                                # a folder downloads as one zip
         archive = shutil.make_archive(str(folder / f".{stem}.zip.tmp"), "zip", root_dir=path.parent, base_dir=path.name)
         path = folder / f"{stem}.zip"
         Path(archive).replace(path)

@@ -290,6 +290,9 @@ TARGETS = TARGET_PRESETS
 QUANTIZE = QUANTIZE_BASE
 
 
+PIVOTAL_TOKENS = 2      # new tokens per text encoder when the app's "Pivotal tuning" is on (diffusers' advanced script's 2)
+
+
 @dataclass
 class TrainSettings:
     """What the Train tab asks for; ``None`` = the preset's value."""
@@ -311,6 +314,7 @@ class TrainSettings:
     buckets: bool = False                  # aspect-ratio buckets instead of a square centre crop
     targets: str = "attn"                  # UNet layers that train (TARGETS)
     quantize_base: str = "none"            # none | nf4: the adapted layers' frozen weights in 4 bit (QDoRA)
+    pivotal: bool = False                  # pivotal tuning: PIVOTAL_TOKENS new tokens trained in the token's place
 
 
 def preset_values(ctx: Context, preset: str) -> dict:
@@ -436,7 +440,7 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
                              else bool(settings.train_text_encoders)), seed=int(settings.seed),
         sample_every=max(1, steps // 4), mixed_precision=PRECISIONS[settings.precision],
         gradient_checkpointing=CHECKPOINTING[settings.checkpointing], optimizer=OPTIMIZERS[settings.optimizer],
-        buckets=bool(settings.buckets))
+        buckets=bool(settings.buckets), pivotal_tokens=PIVOTAL_TOKENS if settings.pivotal else 0)
 
 
 def _plan(ctx: Context, config: TrainConfig):

@@ -104,7 +104,7 @@ def test_a_reload_restores_the_adapter_choices(tmp_path, tiny_model):
     ctx = h.make_context(tmp_path / "ws", tiny_model, train=trainer)
     try:
         h.upload_photos(ctx, "rex", make_photos(tmp_path / "up"), "sks", "dog")
-        asked = h.TrainSettings(method=DVORA, targets="all-linear", quantize_base="nf4", steps=3,
+        asked = h.TrainSettings(method=DVORA, targets="all-linear", quantize_base="nf4", steps=3, pivotal=True,
                                 prior_preservation=False)
         ref = h.start_training(ctx, "rex", asked)
         assert h.live_run(ctx) == ref and h.run_form(ctx, ref) == asked
@@ -151,3 +151,31 @@ def test_dvora_and_conv_runs_export_as_the_advice_says(ctx):
         scale = f.get_tensor(down[0].replace("lora_down.weight", "dora_scale"))
         assert scale.shape[0] == 1 and scale.ndim == 4                    # (1, in, 1, 1): the app's axis "in"
     assert runs.read_status(ctx.workspace.run(conv)).settings["targets"] == "attn+conv"
+
+
+def test_pivotal_tuning_trains_new_words_that_generate_and_export_uses(ctx):
+    """The "Pivotal tuning" box: two new tokens replace the token in the run's prompts; the
+    default generation prompt names them and generates; an adapter export downloads the file and
+    its embeddings file together (a single-file tool needs both)."""
+    import zipfile
+
+    from dorabooth import pivotal
+    from ui import exporting
+
+    assert exporting.EMBEDDINGS_SUFFIX == pivotal.EXPORT_SUFFIX
+    run = ctx.workspace.new_run("rex", "check")
+    config = h.build_config(ctx, "rex", h.TrainSettings(pivotal=True), run)
+    assert config.pivotal_tokens == h.PIVOTAL_TOKENS == 2 and config.identifier == "<s0><s1>"
+    assert h.build_config(ctx, "rex", h.TrainSettings(), run).pivotal_tokens == 0
+
+    ref = h.start_training(ctx, "rex", h.TrainSettings(pivotal=True, steps=1, prior_preservation=False,
+                                                       preset="quick"))
+    assert _wait(ctx, ref).finished
+    prompt = h.default_prompt(ctx, ref)
+    assert "<s0><s1>" in prompt and "sks" not in prompt.split()
+    assert len(h.generate_images(ctx, ref, prompt, steps=2).images) == 1
+    out = exporting.export_run(ctx, ref, "kohya", "fp16")
+    assert out.path.suffix == ".zip" and any("pivotal tuning" in n for n in out.notes)
+    with zipfile.ZipFile(out.path) as z:
+        names = sorted(z.namelist())
+    assert len(names) == 2 and names[1] == names[0].replace(".safetensors", pivotal.EXPORT_SUFFIX)

@@ -222,7 +222,7 @@ def test_genuine_uploads_work_and_the_apps_own_files_cannot_be_resubmitted(serve
 FORM = {"preset": "balanced", "method": "DoRA (recommended)", "use": "Not sure", "rank": 4, "steps": 10,
         "lr": 1e-3, "prior_preservation": True, "class_images": 10, "train_text_encoders": True, "seed": 0,
         "instance_prompt": "", "precision": "auto", "checkpointing": "auto", "optimizer": "auto", "buckets": False,
-        "targets": "attn", "quantize_base": "none"}                  # ui/app.py's c.form, in its order
+        "targets": "attn", "quantize_base": "none", "pivotal": False}                  # ui/app.py's c.form, in its order
 
 
 @pytest.mark.parametrize("change, message", [
