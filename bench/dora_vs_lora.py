@@ -47,6 +47,7 @@ METHODS = {  # name: TrainConfig fields
     # the DoRA family (issue 14), run with --methods: the same recipe, one thing changed
     "DoRA+conv": dict(method="dora", targets="attn+conv"),     # LoCon: the ResNet convolutions too
     "DVoRA": dict(method="dvora"),                             # DoRA on VeRA at its default rank
+    "DoRA+pivotal": dict(method="dora", pivotal_tokens=2),     # pivotal tuning: 2 new tokens in the token's place
 }
 DEFAULT_METHODS = ("FT", "LoRA", "DoRA", "DoRA†")
 SELECTION_SEEDS = (100, 101)          # image seeds for the lr choice

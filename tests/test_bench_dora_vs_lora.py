@@ -59,5 +59,6 @@ def test_every_method_is_a_valid_config_and_unknown_methods_are_refused(bench, t
                for m in bench.METHODS}
     assert set(bench.DEFAULT_METHODS) < set(configs)
     assert configs["DoRA+conv"].targets == "attn+conv" and configs["DVoRA"].method == "dvora"
+    assert configs["DoRA+pivotal"].pivotal_tokens == 2
     with pytest.raises(SystemExit):
         bench.main(["--methods", "nope", "--out", str(tmp_path)])
