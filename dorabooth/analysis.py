@@ -59,13 +59,17 @@ METHOD_NAMES = {"full": "FT", "lora": "LoRA", "dora": "DoRA", "dvora": "DVoRA"}
 # =============================================================================================
 @torch.no_grad()
 def magnitude_direction(W0: torch.Tensor, W: torch.Tensor, axis: str = "out") -> tuple[float, float]:
-    """(ΔM, ΔD) of ``W`` against ``W0`` (both (out, in)) along ``axis`` (module docstring)."""
+    """(ΔM, ΔD) of ``W`` against ``W0`` (both (out, in), or a conv's (out, in, kh, kw)) along ``axis``
+    (module docstring). A conv's vectors are those of its DoRA norm (:func:`dorabooth.dora.axis_norm`):
+    per output channel over in×kh×kw ("out"), per input channel over out×kh×kw ("in")."""
     if axis not in MAGNITUDE_AXES:
         raise ValueError(f"axis must be 'out' (per output row) or 'in' (per input column), got {axis!r}")
-    if W0.shape != W.shape or W0.ndim != 2:
-        raise ValueError(f"need two (out, in) weights of one shape, got {tuple(W0.shape)} and {tuple(W.shape)}")
-    W0, W = W0.double(), W.double()
-    dim = 1 if axis == "out" else 0                         # reduce over `in` for rows, over `out` for columns
+    if W0.shape != W.shape or W0.ndim not in (2, 4):
+        raise ValueError(f"need two (out, in) or (out, in, kh, kw) weights of one shape, got {tuple(W0.shape)} "
+                         f"and {tuple(W.shape)}")
+    W0, W = (w.double().movedim(0 if axis == "out" else 1, 0).reshape(w.shape[0 if axis == "out" else 1], -1)
+             for w in (W0, W))                              # one row per magnitude entry
+    dim = 1
     m0 = torch.linalg.vector_norm(W0, dim=dim)              # (out,) or (in,)
     m = torch.linalg.vector_norm(W, dim=dim)
     # 1 − cos(u, v) = ½‖u/‖u‖ − v/‖v‖‖²: no cancellation when the direction barely moves.

@@ -194,3 +194,15 @@ def test_analyze_refuses_a_changed_base_model(tmp_path_factory, tmp_path):
     (base / "unet" / "config.json").write_text((base / "unet" / "config.json").read_text() + " ")
     with pytest.raises(ValueError, match="has changed since the run was trained"):
         analyze([copy], tmp_path / "changed")
+
+
+def test_magnitude_direction_of_a_conv_uses_its_dora_norm_vectors():
+    """LoCon weights (out, in, kh, kw): per output channel over in×kh×kw, per input channel over out×kh×kw."""
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(6, 4, 3, 3, generator=g)
+    W = W0 * torch.linspace(0.5, 1.5, 6).view(-1, 1, 1, 1) + 0.1 * torch.randn(6, 4, 3, 3, generator=g)
+    assert magnitude_direction(W0, W, "out") == magnitude_direction(W0.reshape(6, -1), W.reshape(6, -1), "out")
+    cols = [w.transpose(0, 1).reshape(4, -1).T for w in (W0, W)]            # (out·kh·kw, in): one column per input
+    assert magnitude_direction(W0, W, "in") == pytest.approx(magnitude_direction(*cols, "in"), rel=1e-12)
+    dM, dD = magnitude_direction(W0, W0 * 2.0, "out")
+    assert dD < 1e-12 and dM > 0                                               # scaling moves only the magnitude
