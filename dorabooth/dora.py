@@ -62,14 +62,12 @@ class DoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, *, use_dora: bool = True,
                  magnitude_axis: str = "out", rslora: bool = False, dropout: float = 0.0):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"DoRALinear wraps nn.Linear, got {type(base).__name__}")
+        self._check_base(base)
         if magnitude_axis not in MAGNITUDE_AXES:
             raise ValueError(f"magnitude_axis must be 'out' or 'in', got {magnitude_axis!r}")
-        out_f, in_f = base.weight.shape
-        if not 1 <= rank <= min(in_f, out_f):
-            raise ValueError(f"rank {rank} must be between 1 and min(in, out) = {min(in_f, out_f)} "
-                             f"for a Linear({in_f}, {out_f}); lower --rank")
+        out_f, in_f = base.weight.shape[:2]
+        if not 1 <= rank <= max_rank(base):
+            raise ValueError(f"rank {rank} must be between 1 and {self._rank_bound(base)}; lower --rank")
         if alpha <= 0:
             raise ValueError(f"alpha must be positive, got {alpha}")
         if not 0.0 <= dropout < 1.0:
@@ -90,11 +88,24 @@ class DoRALinear(nn.Module):
         self._w0_backup = None
         self._g_cache = None
         if self.use_dora:
-            shape = (out_f,) if magnitude_axis == "out" else (1, in_f)
-            self.lora_magnitude_vector = nn.Parameter(torch.empty(shape, **factory))
+            self.lora_magnitude_vector = nn.Parameter(torch.empty(self._magnitude_shape(), **factory))
             self.init_magnitude()
         else:
             self.lora_magnitude_vector = None
+
+    @staticmethod
+    def _check_base(base: nn.Module) -> None:
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"DoRALinear wraps nn.Linear, got {type(base).__name__}")
+
+    @staticmethod
+    def _rank_bound(base: nn.Module) -> str:
+        out_f, in_f = base.weight.shape
+        return f"min(in, out) = {min(in_f, out_f)} for a Linear({in_f}, {out_f})"
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        """PEFT's shape of m: (out,) for axis "out", (1, in) for "in"."""
+        return (self.out_features,) if self.magnitude_axis == "out" else (1, self.in_features)
 
     def _init_factors(self, factory: dict) -> None:
         """The trainable low-rank factors: A Kaiming-uniform, B zeros (as PEFT)."""
@@ -304,48 +315,37 @@ class DoRAConv2d(DoRALinear):
     Grouped convolutions and padding modes other than zeros are refused (SD UNets have none).
     """
 
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float, *, use_dora: bool = True,
-                 magnitude_axis: str = "out", rslora: bool = False, dropout: float = 0.0):
-        nn.Module.__init__(self)
+    @staticmethod
+    def _check_base(base: nn.Module) -> None:
         if not isinstance(base, nn.Conv2d):
             raise TypeError(f"DoRAConv2d wraps nn.Conv2d, got {type(base).__name__}")
         if base.groups != 1 or base.padding_mode != "zeros":
             raise ValueError(f"DoRAConv2d needs groups=1 and zero padding, got groups={base.groups}, "
                              f"padding_mode={base.padding_mode!r}; leave this conv out of --targets")
-        if magnitude_axis not in MAGNITUDE_AXES:
-            raise ValueError(f"magnitude_axis must be 'out' or 'in', got {magnitude_axis!r}")
-        out_f, in_f, kh, kw = base.weight.shape
-        if not 1 <= rank <= conv_max_rank(base):
-            raise ValueError(f"rank {rank} must be between 1 and min(out, in·kh·kw) = {conv_max_rank(base)} "
-                             f"for a Conv2d({in_f}, {out_f}, {(kh, kw)}); lower --rank")
-        if alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {alpha}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        self.base_layer = base
-        base.requires_grad_(False)
-        self.in_features, self.out_features, self.kernel = in_f, out_f, kh * kw
-        self.rank, self.alpha = int(rank), float(alpha)
-        self.use_dora, self.magnitude_axis, self.rslora = bool(use_dora), magnitude_axis, bool(rslora)
-        self.scale = self.alpha / (math.sqrt(rank) if rslora else rank)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.strength = 1.0
-        self.merged = False
 
-        factory = {"device": base.weight.device, "dtype": torch.float32}
-        self.lora_A = nn.Conv2d(in_f, rank, (kh, kw), base.stride, base.padding, base.dilation, bias=False, **factory)
-        self.lora_B = nn.Conv2d(rank, out_f, 1, bias=False, **factory)
+    @staticmethod
+    def _rank_bound(base: nn.Module) -> str:
+        out_f, in_f, kh, kw = base.weight.shape
+        return f"min(out, in·kh·kw) = {conv_max_rank(base)} for a Conv2d({in_f}, {out_f}, {(kh, kw)})"
+
+    def _magnitude_shape(self) -> tuple[int, ...]:
+        """PEFT's conv shape (1, out, 1, 1) for axis "out"; (1, in) for "in" (kohya/ComfyUI reshape it)."""
+        return (1, self.out_features, 1, 1) if self.magnitude_axis == "out" else (1, self.in_features)
+
+    def _init_factors(self, factory: dict) -> None:
+        """A : Conv2d(in, r, k×k, the base's stride/padding/dilation) Kaiming-uniform, B : 1×1 zeros (as PEFT)."""
+        base = self.base_layer
+        self.lora_A = nn.Conv2d(self.in_features, self.rank, base.kernel_size, base.stride, base.padding,
+                                base.dilation, bias=False, **factory)
+        self.lora_B = nn.Conv2d(self.rank, self.out_features, 1, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))   # as PEFT
         nn.init.zeros_(self.lora_B.weight)
-        self._w0_sq = self._base_sq_norm()
-        self._w0_backup = None
-        self._g_cache = None
-        if self.use_dora:
-            shape = (1, out_f, 1, 1) if magnitude_axis == "out" else (1, in_f)
-            self.lora_magnitude_vector = nn.Parameter(torch.empty(shape, **factory))
-            self.init_magnitude()
-        else:
-            self.lora_magnitude_vector = None
+
+    @property
+    def kernel(self) -> int:
+        """kh·kw: the group size of the low-rank norm's flattened columns."""
+        kh, kw = self.base_layer.kernel_size
+        return kh * kw
 
     def _base_sq_norm(self) -> torch.Tensor:
         W = self.base_layer.weight.detach().float()
