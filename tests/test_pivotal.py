@@ -3,12 +3,11 @@ beside the adapter; only those rows change; resumed bit-identically; saved in th
 checkpoints as an A1111/ComfyUI embeddings file that stock diffusers' ``load_textual_inversion``
 loads to the same vectors and text-encoder outputs; generate/adapter-info/export use it."""
 
-import threading
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_runs import MAKERS, make_subject, quick, save_model
+from tiny_runs import MAKERS, make_subject, quick, save_model, straight_and_resumed
 
 import dorabooth
 from dorabooth import pivotal
@@ -119,12 +118,7 @@ def test_resume_gives_bit_identical_embeddings_and_adapter(root, tmp_path, metho
     kw = {"method": method, "train_text_encoders": te, "pivotal_init": "random", "pivotal_stop": 0.8}
     if method == "dvora":
         kw["rank"] = 4
-    train(config(root, tmp_path / "a", **kw))
-    stop = threading.Event()
-    halted = config(root, tmp_path / "b", **kw)
-    first = train(halted, on_event=lambda e: e["type"] == "step" and e["step"] == 2 and stop.set(), stop=stop)
-    assert first.stopped and first.step == 2
-    assert train(TrainConfig(**{**halted.to_dict(), "resume": True})).step == 5
+    straight_and_resumed(lambda out: config(root, out, **kw), tmp_path / "a", tmp_path / "b")
     for name in ("adapter.safetensors", "embeddings.safetensors"):
         a, b = (load_file(str(tmp_path / r / name)) for r in ("a", "b"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name

@@ -4,18 +4,18 @@ trajectory recomputed here."""
 
 import importlib
 import json
-import threading
 from pathlib import Path
 
 import pytest
+import tiny_runs
 import torch
 from safetensors.torch import load_file
+from tiny_runs import MAKERS, make_subject, quick, save_model
 
 import dorabooth
 from dorabooth.config import TrainConfig
 from dorabooth.optim import optimizer_problem
 from dorabooth.train import train
-from tiny_runs import MAKERS, make_subject, quick, save_model
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +40,7 @@ def result_tensors(run: Path, method: str) -> dict[str, torch.Tensor]:
 
 def straight_and_resumed(root, tmp_path, **kw):
     """5 steps straight, and 2 steps + stop + --resume 3 more (checkpoints at 2 and 4): both run folders."""
-    train(config(root, tmp_path / "a", **kw))
-    stop = threading.Event()
-    halted = config(root, tmp_path / "b", **kw)
-    first = train(halted, on_event=lambda e: e["type"] == "step" and e["step"] == 2 and stop.set(), stop=stop)
-    assert first.stopped and first.step == 2
-    assert train(TrainConfig(**{**halted.to_dict(), "resume": True})).step == 5
-    return tmp_path / "a", tmp_path / "b"
+    return tiny_runs.straight_and_resumed(lambda out: config(root, out, **kw), tmp_path / "a", tmp_path / "b")
 
 
 def _8bit_problem():

@@ -47,6 +47,23 @@ def make_subject(folder: Path, n: int = 3, seed: int = 0) -> Path:
     return folder
 
 
+def straight_and_resumed(config, a: Path, b: Path) -> tuple[Path, Path]:
+    """Train ``config(a)`` straight through, and ``config(b)`` stopped after step 2 then ``--resume``d
+    to the end (a 5-step config with checkpoints at 2 and 4); returns both run folders."""
+    import threading
+
+    from dorabooth.config import TrainConfig
+    from dorabooth.train import train
+
+    train(config(a))
+    stop = threading.Event()
+    halted = config(b)
+    first = train(halted, on_event=lambda e: e["type"] == "step" and e["step"] == 2 and stop.set(), stop=stop)
+    assert first.stopped and first.step == 2
+    assert train(TrainConfig(**{**halted.to_dict(), "resume": True})).step == 5
+    return a, b
+
+
 def quick(**overrides) -> dict:
     """TrainConfig keyword arguments for a 2-step run (model/images/out must be added)."""
     return {"class_noun": "dog", "steps": 2, "rank": 4, "lr": 1e-3, "num_class_images": 2,
