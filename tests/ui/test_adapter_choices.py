@@ -7,11 +7,10 @@ runs on the tiny model check that DVoRA and conv runs export as the advice says.
 """
 
 import json
-import time
 
 import pytest
 from safetensors import safe_open
-from ui_fixtures import make_photos
+from ui_fixtures import make_photos, wait_for_run
 
 from dorabooth import attach
 from ui import handlers as h
@@ -28,14 +27,6 @@ def ctx(tmp_path, tiny_model):
     h.upload_photos(ctx, "rex", make_photos(tmp_path / "up"), "sks", "dog")
     yield ctx
     ctx.close()
-
-
-def _wait(ctx, ref, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while h.run_status(ctx, ref).active:
-        assert time.monotonic() < deadline, f"{ref} still {h.run_status(ctx, ref).state}"
-        time.sleep(0.2)
-    return h.run_status(ctx, ref)
 
 
 def test_each_choice_reaches_the_train_config(ctx):
@@ -112,7 +103,7 @@ def test_a_reload_restores_the_adapter_choices(tmp_path, tiny_model):
         assert (config["method"], config["targets"], config["quantize_base"], config["rank"]) == \
             ("dvora", "all-linear", "nf4", 16)
         trainer.release.set()
-        _wait(ctx, ref)
+        wait_for_run(ctx, ref)
     finally:
         trainer.release.set()
         ctx.close()
@@ -125,7 +116,7 @@ def test_dvora_and_conv_runs_export_as_the_advice_says(ctx):
     base = {"steps": 1, "prior_preservation": False, "preset": "quick"}
     for_diffusers = h.start_training(ctx, "rex", h.TrainSettings(method=DVORA, use="diffusers / Python", **base))
     conv = h.start_training(ctx, "rex", h.TrainSettings(targets="attn+conv", seed=1, **base))
-    assert _wait(ctx, for_diffusers).finished and _wait(ctx, conv).finished
+    assert wait_for_run(ctx, for_diffusers).finished and wait_for_run(ctx, conv).finished
     assert h.run_status(ctx, for_diffusers).method_name == "DVoRA"
     assert "DVoRA</b> for diffusers" in views.run_details_html(h.run_status(ctx, for_diffusers))
 
@@ -135,7 +126,7 @@ def test_dvora_and_conv_runs_export_as_the_advice_says(ctx):
     for_comfy = h.retrain_for(ctx, for_diffusers, "comfy")                 # DVoRA, axis "in"
     request = json.loads((ctx.workspace.run(for_comfy) / "ui-request.json").read_text())["config"]
     assert (request["method"], request["magnitude_axis"]) == ("dvora", "in")
-    assert _wait(ctx, for_comfy).finished
+    assert wait_for_run(ctx, for_comfy).finished
     for use in ("comfy", "diffusers", "unsure"):       # (ComfyUI cannot load the tiny base: the advice says so)
         fmt, line, advice = h.suggested_export(ctx, for_comfy, use)
         assert line and set(advice.reports) == {"kohya"}                 # no diffusers file is tried
@@ -170,7 +161,7 @@ def test_pivotal_tuning_trains_new_words_that_generate_and_export_uses(ctx):
 
     ref = h.start_training(ctx, "rex", h.TrainSettings(pivotal=True, steps=1, prior_preservation=False,
                                                        preset="quick"))
-    assert _wait(ctx, ref).finished
+    assert wait_for_run(ctx, ref).finished
     prompt = h.default_prompt(ctx, ref)
     assert "<s0><s1>" in prompt and "sks" not in prompt.split()
     assert len(h.generate_images(ctx, ref, prompt, steps=2).images) == 1

@@ -13,7 +13,6 @@
 
 import json
 import re
-import time
 
 import pytest
 
@@ -21,17 +20,9 @@ from dorabooth import TrainConfig, rundir, train
 from ui import handlers as h
 from ui import views
 from ui.workspace import UserError
-from ui_fixtures import make_photos, save_comfy_loadable_model
+from ui_fixtures import make_photos, save_comfy_loadable_model, wait_for_run
 
 JARGON = re.compile(r"PR #|‖|--[a-z]|_row|_col|dora_scale|lora_magnitude|wd_on")
-
-
-def _wait(ctx, ref, timeout=300.0):
-    deadline = time.monotonic() + timeout
-    while h.run_status(ctx, ref).active:
-        assert time.monotonic() < deadline, f"{ref} still {h.run_status(ctx, ref).state}"
-        time.sleep(0.2)
-    return h.run_status(ctx, ref)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +93,7 @@ def test_retrain_for_comfyui_reuses_the_photos_and_settings(comfy):
     assert request["retrain_of"] == ref and request["use"] == "ComfyUI / A1111 / Forge"
     differ = {k for k in old_config if old_config[k] != request["config"][k]}
     assert differ == {"out", "magnitude_axis"} and request["config"]["magnitude_axis"] == "in"
-    assert _wait(ctx, new).finished
+    assert wait_for_run(ctx, new, timeout=300.0).finished
     with pytest.raises(UserError, match="trained for ComfyUI / A1111 / Forge already"):
         h.retrain_for(ctx, new)
     fmt, line, advice = h.suggested_export(ctx, new)                 # asked for ComfyUI: its small file is exact
@@ -114,7 +105,7 @@ def test_analyze_says_whether_the_subject_was_learned_on_the_toy_model(tmp_path)
     try:
         view = h.use_sample(ctx, h.sample_subjects(ctx)[0])
         ref = h.start_training(ctx, view.name, h.TrainSettings(steps=2, prior_preservation=False))
-        assert _wait(ctx, ref).finished
+        assert wait_for_run(ctx, ref, timeout=300.0).finished
         check = h.check_run(ctx, ref, steps=2)
         assert check.scorer == "toy" and len(check.subject_images) == len(check.class_images) == 4
         assert 0 <= check.learned <= 1 and check.class_kept is not None and 0 <= check.leak <= 1

@@ -19,17 +19,7 @@ from dorabooth.rundir import LOCK
 from ui import handlers as h
 from ui import runs, views
 from ui.workspace import UserError, Workspace, sanitize_name
-from ui_fixtures import make_photos
-
-
-def _wait(ctx, ref, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = h.run_status(ctx, ref)
-        if not status.active:
-            return status
-        time.sleep(0.2)
-    raise AssertionError(f"{ref} still {h.run_status(ctx, ref).state} after {timeout} s")
+from ui_fixtures import make_photos, wait_for_run
 
 
 def _wait_for_state(ctx, ref, state, timeout=30.0):
@@ -158,12 +148,12 @@ def test_one_run_at_a_time_the_next_waits_with_its_position(fake):
     assert "Taken out of the queue" in h.stop_training(ctx, second)
     assert h.run_status(ctx, second).state == runs.STOPPED
     assert "Stopping" in h.stop_training(ctx, first)
-    assert _wait(ctx, first).state == runs.STOPPED
+    assert wait_for_run(ctx, first).state == runs.STOPPED
     assert trainer.started == ["001-dora-balanced"]
 
     h.resume_training(ctx, second)                                 # never started: starts as requested
     trainer.release.set()
-    status = _wait(ctx, second)
+    status = wait_for_run(ctx, second)
     assert status.finished and status.losses == [(1, 1.0), (2, 0.5)]
     with pytest.raises(UserError, match="only stopped, failed or interrupted"):
         h.resume_training(ctx, second)
@@ -205,7 +195,7 @@ def test_a_waiting_run_is_queued_again_after_a_restart(fake, tmp_path, tiny_mode
     try:
         assert h.recover_queue(restarted) == [waiting]
         trainer.release.set()
-        assert _wait(restarted, waiting).finished
+        assert wait_for_run(restarted, waiting).finished
     finally:
         restarted.close()
 
@@ -229,9 +219,9 @@ def test_start_is_idempotent_while_the_same_run_is_live(fake):
     assert other != first and h.start_training(ctx, "rex", replace(settings, seed=1)) == other   # queued: same
     assert [ref for _, ref in h.list_runs(ctx, "rex")] == [other, first]
     trainer.release.set()
-    assert _wait(ctx, first).finished and _wait(ctx, other).finished
+    assert wait_for_run(ctx, first).finished and wait_for_run(ctx, other).finished
     again = h.start_training(ctx, "rex", settings)                 # ended: a new run with the same settings
-    assert again not in (first, other) and _wait(ctx, again).finished
+    assert again not in (first, other) and wait_for_run(ctx, again).finished
 
 
 def test_a_reload_finds_the_live_run_and_the_settings_it_was_started_with(fake):
@@ -248,7 +238,7 @@ def test_a_reload_finds_the_live_run_and_the_settings_it_was_started_with(fake):
     assert (config["buckets"], config["method"], config["magnitude_axis"], config["gradient_checkpointing"]) == \
         (True, "lora", "in", True)
     trainer.release.set()
-    _wait(ctx, waiting)
+    wait_for_run(ctx, waiting)
     assert h.live_run(ctx) is None
 
 
@@ -260,18 +250,18 @@ def test_runs_are_renamed_and_deleted_but_never_while_live(fake):
         with pytest.raises(UserError, match="is training; press Stop"):
             action()
     assert "Stopping" in h.stop_training(ctx, ref)
-    assert _wait(ctx, ref).state == runs.STOPPED
+    assert wait_for_run(ctx, ref).state == runs.STOPPED
 
     renamed = h.rename_run(ctx, ref, "First try!")
     assert renamed == "rex/001-first-try" and not (ctx.workspace.root / "rex" / "runs" / "001-dora-balanced").exists()
     assert h.rename_run(ctx, renamed, "002-first-try") == renamed                   # a typed number is not doubled
     h.resume_training(ctx, renamed)                                # the trainer is pointed at the new folder
     trainer.release.set()
-    done = _wait(ctx, renamed)
+    done = wait_for_run(ctx, renamed)
     assert done.finished and trainer.started[-1] == "001-first-try"
 
     other = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False, seed=1))
-    _wait(ctx, other)
+    wait_for_run(ctx, other)
     other = h.rename_run(ctx, other, "first try")                  # the numbers keep two names apart
     assert other == "rex/002-first-try"
     assert h.delete_run(ctx, renamed) == "Deleted rex/001-first-try."
@@ -329,7 +319,7 @@ def test_the_queue_and_generation_are_bounded(fake, monkeypatch):
         h.start_training(ctx, "rex", h.TrainSettings(steps=1, seed=3, prior_preservation=False))
     assert len(h.list_runs(ctx, "rex")) == 2                                  # no folder for the refused one
     trainer.release.set()
-    assert all(_wait(ctx, ref).finished for ref in refs)
+    assert all(wait_for_run(ctx, ref).finished for ref in refs)
     for kwargs, message in [({"steps": 10**6}, "steps 1000000: use 1 to 1000"), ({"seed": -1}, "seed -1"),
                             ({"seed": 2**40}, "from 0 to 4294967295"), ({"guidance": float("inf")}, "guidance inf"),
                             ({"strength": 1e9}, "strength"), ({"negative": "x" * 5000}, "at most 2000 characters")]:
@@ -344,7 +334,7 @@ def test_a_custom_training_prompt_must_name_the_token(fake):
     ref = h.start_training(ctx, "rex", h.TrainSettings(steps=1, prior_preservation=False,
                                                        instance_prompt="  a sks  dog "))
     trainer.release.set()
-    assert _wait(ctx, ref).finished
+    assert wait_for_run(ctx, ref).finished
     assert h.default_prompt(ctx, ref) == "a sks dog"               # Generate starts from the training prompt
 
 
@@ -448,7 +438,7 @@ def trained(tmp_path_factory, tiny_model):
     assert view.name == "rex" and view.ready and len(view.previews) == 3
     assert Image.open(view.previews[0][0]).size == (256, 256)      # 32 px crop, enlarged for display
     ref = h.start_training(ctx, "rex", h.TrainSettings(preset="quick", steps=2, class_images=2, checkpointing="on"))
-    yield ctx, ref, _wait(ctx, ref)
+    yield ctx, ref, wait_for_run(ctx, ref)
     ctx.close()
 
 
@@ -515,7 +505,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, tiny_model):
     try:
         h.upload_photos(ctx, "rex", make_photos(tmp_path / "up"), "sks", "dog")
         ref = h.start_training(ctx, "rex", h.TrainSettings(steps=4, prior_preservation=False))
-        stopped = _wait(ctx, ref)
+        stopped = wait_for_run(ctx, ref)
         assert stopped.state == runs.STOPPED and stopped.step == 2 and stopped.checkpoint == 2
         assert "Resume</b> continues from the checkpoint at step 2" in views.progress_html(stopped)
         busy = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # "another trainer"
@@ -527,7 +517,7 @@ def test_a_stopped_run_resumes_from_its_checkpoint(tmp_path, tiny_model):
             busy.kill()
             busy.wait()
         h.resume_training(ctx, ref)                     # its lock is stale now: taken over
-        done = _wait(ctx, ref)
+        done = wait_for_run(ctx, ref)
         assert done.finished, done.message
         assert [s for s, _ in done.losses] == [1, 2, 3, 4]
     finally:

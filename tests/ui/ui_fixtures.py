@@ -104,3 +104,16 @@ def serve_app(tmp_path: Path, model: str, *args: str, timeout: float = 120):
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def wait_for_run(ctx, ref, timeout=120.0):
+    """The run's status once it is no longer queued or training; an assertion after ``timeout`` s."""
+    from ui import handlers as h
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = h.run_status(ctx, ref)
+        if not status.active:
+            return status
+        time.sleep(0.2)
+    raise AssertionError(f"{ref} still {h.run_status(ctx, ref).state} after {timeout} s")
