@@ -162,9 +162,6 @@ class ExportOutcome:
     picks: list[Pick] = field(default_factory=list)      # what to pick per destination, with this report in
 
 
-EMBEDDINGS_SUFFIX = "_emb.safetensors"      # dorabooth.pivotal.EXPORT_SUFFIX: what export writes beside a pivotal file
-
-
 def _zip(folder: Path, stem: str, files: list[Path]) -> Path:
     """``folder/<stem>.zip`` holding ``files`` side by side (written whole, then renamed)."""
     import zipfile
@@ -181,6 +178,7 @@ def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
     """Write ``<run>/exports/<format>-<dtype>/<name>`` with dorabooth's exporter; returns the download."""
     from dorabooth import export
     from dorabooth.formats.consumers import Verdict
+    from dorabooth.pivotal import EXPORT_SUFFIX
 
     run, status = _finished(ctx, ref)
     if fmt not in EXPORT_FORMATS:
@@ -198,7 +196,7 @@ def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
     result = export(run, format=fmt, out=out, model=_base_model(run), model_config=s.get("model_config"),
                     dtype=dtype, overwrite=True)
     path = Path(result.path)
-    embeddings = path.with_name(path.stem + EMBEDDINGS_SUFFIX)
+    embeddings = path.with_name(path.stem + EXPORT_SUFFIX)     # pivotal tuning's embeddings
     if path.is_file() and embeddings.is_file():        # pivotal tuning: the file and its embeddings, one download
         path = _zip(folder, stem, [path, embeddings])
     elif path.is_dir():                                # a folder downloads as one zip

@@ -153,7 +153,6 @@ def test_pivotal_tuning_trains_new_words_that_generate_and_export_uses(ctx):
     from dorabooth import pivotal
     from ui import exporting
 
-    assert exporting.EMBEDDINGS_SUFFIX == pivotal.EXPORT_SUFFIX
     run = ctx.workspace.new_run("rex", "check")
     config = h.build_config(ctx, "rex", h.TrainSettings(pivotal=True), run)
     assert config.pivotal_tokens == h.PIVOTAL_TOKENS == 2 and config.identifier == "<s0><s1>"
