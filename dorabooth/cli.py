@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from .conventions import MAGNITUDE_AXES
@@ -220,10 +223,55 @@ def _run_train(args) -> int:
         print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
         return 0
     warnings.simplefilter("ignore", EmulatedPrecisionWarning)       # the progress output prints it
-    result = train(config, on_event=_reporter(args))
+    with _stop_on_signal() as stop:
+        result = train(config, on_event=_reporter(args), stop=stop)
     if result.main_process:
-        print(result.adapter if result.adapter is not None else f"stopped at step {result.step}: {result.run_dir}")
-    return 0
+        if result.adapter is not None:
+            print(result.adapter)
+        else:
+            print(f"stopped at step {result.step}: {result.run_dir}")
+            print(f"stopped after step {result.step} with a checkpoint; continue with --resume" if result.step
+                  else "stopped before the first step (class images drawn so far are kept); run the command "
+                       "again to start", file=sys.stderr)
+    return 128 + stop.signum if result.stopped and stop is not None else 0
+
+
+class _StopRequest:
+    """Set by the first Ctrl-C / SIGTERM: the trainer finishes its step, writes a checkpoint and
+    returns (``train(stop=)``); ``signum`` is the signal that asked."""
+
+    def __init__(self):
+        self.signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+
+@contextmanager
+def _stop_on_signal():
+    """While training in the foreground of one process: the first Ctrl-C or SIGTERM (a kill, a
+    scheduler's preemption, systemd) asks for a stop after the current step with a checkpoint, so
+    nothing since the last one is lost; a second one stops at once (KeyboardInterrupt). Several
+    processes (accelerate launch) keep the immediate stop: a checkpoint needs all of them."""
+    stop = _StopRequest()
+    if (threading.current_thread() is not threading.main_thread()
+            or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        yield None
+        return
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.signum = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+              "(again to stop at once)", file=sys.stderr, flush=True)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def _add_generate(sub) -> None:

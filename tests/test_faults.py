@@ -9,6 +9,7 @@ from this process (no second torch import: a second each instead of ten) except 
 case, a real ``python -m dorabooth`` subprocess; the resumes run in this process.
 """
 
+import json
 import os
 import re
 import signal
@@ -144,3 +145,35 @@ def test_a_checkpoint_rotated_away_no_longer_exists(reference, tmp_path, capsys)
         rd.checkpoint_adapter(reference, 9)
     assert rd.resolve_adapter(reference / "checkpoints" / "step-4").path == reference / "checkpoints" / "step-4" / \
         rd.ADAPTER
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_after_the_step_with_a_checkpoint_and_resume_finishes_it(root, reference, tmp_path, capsys,
+                                                                                signum):
+    """A kill (SIGTERM) or Ctrl-C (SIGINT) to ``python -m dorabooth train`` in the middle of a run:
+    it finishes the step, writes a checkpoint there (not only at the last --checkpoint-every), says
+    so with the way on, exits 128 + the signal; --resume then ends bit-identical to the reference."""
+    run = tmp_path / "run"
+    argv = [a if a != "--quiet" else "--json" for a in train_argv(root, run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dorabooth", *argv], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        for line in proc.stdout:                       # step 3 is done: between the checkpoints at 2 and 4
+            if line.startswith("{") and json.loads(line).get("step") == 3:
+                proc.send_signal(signum)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and "continue with --resume" in err, err
+    events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    stopped = [e["step"] for e in events if e["type"] == "stopped"]
+    assert stopped and stopped[0] >= 3 and stopped[0] in rd.checkpoint_steps(run), (out[-2000:], err)
+    assert leftovers(run) == [] and not (run / rd.ADAPTER).exists()
+
+    assert cli.main([*train_argv(root, run), "--resume"]) == 0
+    capsys.readouterr()
+    got, want = adapter_tensors(run), adapter_tensors(reference)
+    assert all(torch.equal(got[k], want[k]) for k in want), [k for k in want if not torch.equal(got[k], want[k])]
