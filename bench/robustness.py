@@ -14,7 +14,7 @@
    ``dorabooth train --images DIR --token T --class-noun SHAPE --out RUN --seed S`` plus
    ``--class-images`` so that runs of one class noun share the 40 class images (drawn once per
    noun, before the runs start, by the same base model and sampler a run would use).
-3. Score: ``dorabooth eval RUN`` (toy reader, the toy-eval prompt set, image seeds 0 1 2). A run
+3. Score: ``dorabooth eval RUN`` (toy reader, the toy-eval prompt set, image seeds 0…5). A run
    *learns its subject* when subject fidelity ≥ 0.75 and class leak ≤ 0.1. Reported beside: the
    reader's measured shape accuracy on the toy model's own generations (``reader_accuracy``).
 
@@ -51,6 +51,7 @@ SEEDS = (0, 1)
 N_SUBJECTS = 12                             # every shape and every pattern; 15 = every (shape, pattern) pair
 QUICK = {"subjects": 4, "tokens": TOKENS, "seeds": (0,)}
 FIDELITY_BAR = 0.75
+EVAL_SEEDS = tuple(range(6))                # image seeds per prompt: 6 × 7 = 42 subject images per run
 LEAK_BAR = 0.1
 SUBJECT_SEED = 16                           # the number: fixes the colour pairs and the photos
 
@@ -213,14 +214,23 @@ def do_run(out: Path, subject: Subject, token: str, seed: int, extra: list[str],
     run = out / "runs" / name
     argv = train_argv(out / "subjects" / subject.name, subject, token, seed, run,
                       out / "class-images" / subject.shape, extra)
+    train_s = None
     if result_file.is_file():
         done = json.loads(result_file.read_text())
         if done["argv"][1:] != argv:
             raise SystemExit(f"{result_file}: made by `{' '.join(done['argv'])}`, not by this recipe; give "
                              f"each recipe its own --out")
-        return done
-    shutil.rmtree(run, ignore_errors=True)                     # an unfinished run: start it again
-    res = in_child({"run": str(run), "train_argv": argv, "eval_seeds": list(eval_seeds)}, out / "logs" / f"{name}.log")
+        if done.get("eval_seeds", [0, 1, 2]) == list(eval_seeds):
+            return done
+        if (run / "adapter.safetensors").is_file():            # scored with other image seeds: score again only
+            train_s = done["train_s"]
+    if train_s is None:
+        shutil.rmtree(run, ignore_errors=True)                 # an unfinished run: start it again
+    spec = {"run": str(run), "train_argv": argv if train_s is None else None, "eval_seeds": list(eval_seeds)}
+    res = in_child(spec, out / "logs" / f"{name}.log")
+    if train_s is not None:
+        res["train_s"] = train_s
+    res["eval_seeds"] = list(eval_seeds)
     res.update(name=name, subject=subject.name, shape=subject.shape, pattern=subject.pattern, token=token,
                seed=seed, learned=learned(res["metrics"]), argv=["dorabooth", *argv])
     result_file.parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +254,7 @@ def prepare_class_images(out: Path, subject: Subject, extra: list[str]) -> None:
     shutil.rmtree(warm, ignore_errors=True)
 
 
-def bench(out: Path, subjects: list[Subject], tokens, seeds, jobs: int = 2, extra=(), eval_seeds=(0, 1, 2),
+def bench(out: Path, subjects: list[Subject], tokens, seeds, jobs: int = 2, extra=(), eval_seeds=EVAL_SEEDS,
           log=print, only=()) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     extra = list(extra)
@@ -353,6 +363,9 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", default=(), metavar="TEXT",
                    help="only the runs whose name (SUBJECT__TOKEN__sSEED) contains one of these")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
+    p.add_argument("--eval-seeds", type=int, default=len(EVAL_SEEDS), metavar="N",
+                   help=f"image seeds 0…N-1 per eval prompt (default {len(EVAL_SEEDS)}); finished runs are "
+                        f"scored again, not trained again")
     p.add_argument("--doc", type=Path, default=None, help="also write the table to this markdown file")
     args = p.parse_args(argv)
     n = args.subjects or (QUICK["subjects"] if args.quick else N_SUBJECTS)
@@ -360,10 +373,12 @@ def main(argv=None) -> int:
     seeds = args.seeds or (QUICK["seeds"] if args.quick else SEEDS)
     extra = [*(["--steps", str(args.steps)] if args.steps else []), *args.train_flags]
     t0 = time.monotonic()
-    results = bench(args.out, make_subjects(n), tokens, seeds, args.jobs, extra, only=args.only)
+    results = bench(args.out, make_subjects(n), tokens, seeds, args.jobs, extra, only=args.only,
+                    eval_seeds=tuple(range(args.eval_seeds)))
     recipe = "the default recipe" if not extra else f"NOT the default recipe: {' '.join(extra)}"
     title = (f"**{'Quick set' if args.quick else 'Robustness bench'}**: {n} subjects × {len(tokens)} tokens × "
-             f"{len(seeds)} seed(s), {recipe}. {machine_note(time.monotonic() - t0, args.jobs)}.")
+             f"{len(seeds)} seed(s), {recipe}, scored on {args.eval_seeds} image seeds per prompt. "
+             f"{machine_note(time.monotonic() - t0, args.jobs)}.")
     text = table(results, title)
     (args.out / "table.md").write_text(text)
     if args.doc:

@@ -91,8 +91,13 @@ def test_a_micro_run_trains_with_the_cli_is_scored_and_cached(rb, tmp_path):
     assert config["token"] == "zwx" and config["seed"] == 0 and config["steps"] == 2
     cached = tmp_path / "results" / f"{r['name']}.json"
     cached.write_text(json.dumps({**r, "train_s": -1.0}))           # a second bench reads it, trains nothing
-    assert rb.bench(tmp_path, [subject], ["zwx"], [0], jobs=1, extra=extra, log=lines.append)[0]["train_s"] == -1.0
-    assert sum(r["name"] in x for x in lines) == 2                   # one progress line per bench call
+    again = rb.bench(tmp_path, [subject], ["zwx"], [0], jobs=1, extra=extra, eval_seeds=(0,), log=lines.append)
+    assert again[0]["train_s"] == -1.0 and again[0]["eval_seeds"] == [0]
+    more = rb.bench(tmp_path, [subject], ["zwx"], [0], jobs=1, extra=extra, eval_seeds=(0, 1), log=lines.append)
+    assert more[0]["train_s"] == -1.0                               # other image seeds: scored again, not trained
+    assert more[0]["eval_seeds"] == [0, 1] and len(more[0]["images"]) == 2 * len(r["images"])
+    assert json.loads(cached.read_text())["eval_seeds"] == [0, 1]
+    assert sum(r["name"] in x for x in lines) == 3                   # one progress line per bench call
 
 
 def _row(subject, token, seed, fidelity, leak=0.0):
