@@ -75,7 +75,8 @@ def _add_train(sub) -> None:
     _flag(g, "--quantize-base", dest="quantize_base", choices=("none", "nf4"),
           help="nf4: QDoRA, the adapted layers' frozen weights held in 4-bit NF4 (about 1/4 of bf16; "
                "dora/lora; needs dorabooth[qdora])")
-    _flag(g, "--targets", help="UNet targets: attn (default), cross-attn, attn+ff, all-linear, attn+conv, all (with ResNet convs: LoCon), or module names")
+    _flag(g, "--targets", help="UNet targets: attn, cross-attn, attn+ff, all-linear, attn+conv, all (with ResNet convs: LoCon), or "
+                          "module names (family default: attn on SD/SDXL, all-linear on the toy model)")
     _bool(g, "--train-text-encoders", "train the text encoder(s) too (both on SDXL): adapters on them, or with "
                                        "--method full the whole encoders; family default: "
                                        "on for the toy model, off for SD/SDXL")

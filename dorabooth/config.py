@@ -69,7 +69,7 @@ class TrainConfig:
     half_rank: bool = False                    # DoRA†: the paper's half-rank setting, rank → rank // 2
     magnitude_axis: str = "out"                # out (PEFT/diffusers) | in (kohya (1, in), A1111/ComfyUI)
     rslora: bool = False                       # scale alpha / sqrt(rank) instead of alpha / rank
-    targets: str = "attn"                      # UNet preset: attn | cross-attn | attn+ff | all-linear | attn+conv | all
+    targets: str | None = None                 # UNet preset: attn | cross-attn | attn+ff | all-linear | attn+conv | all; None = family default
     quantize_base: str = "none"                # none | nf4: adapted layers' frozen W0 held in NF4 (QDoRA; torchao)
     train_text_encoders: bool | None = None    # every text encoder trains too (adapters, or the whole encoder for full)
     text_encoder_lr: float | None = None       # default = lr
@@ -144,7 +144,7 @@ class TrainConfig:
             _one_of("optimizer", self.optimizer, OPTIMIZERS)
         if self.mixed_precision is not None:
             _one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
-        _check(bool(self.targets.strip()), f"targets: use one of {', '.join(TARGET_PRESETS)} or module names")
+        _check(self.targets is None or bool(self.targets.strip()), f"targets: use one of {', '.join(TARGET_PRESETS)} or module names")
         _check_bounds(self)
         _check(math.isfinite(self.prior_loss_weight) and self.prior_loss_weight >= 0,
                "prior_loss_weight: use a weight >= 0")
@@ -218,6 +218,8 @@ class TrainConfig:
         values = {k: v for k, v in defaults.items() if k in _FAMILY_FIELDS and getattr(self, k) is None}
         if self.optimizer == "prodigy" and self.lr is None:
             values["lr"] = PRODIGY_LR                  # Prodigy's own default, not the family's AdamW rate
+        if self.targets is None and "targets" not in defaults:
+            values["targets"] = "attn"                 # a family without its own choice: attention, as diffusers
         if self.method == "dvora" and self.rank is None and "dvora_rank" in defaults:
             values["rank"] = defaults["dvora_rank"]
         instance, class_prompt = default_prompts(self.identifier, self.class_noun, defaults.get("prompt_style", "photo"))
@@ -276,7 +278,7 @@ DEVICE_FIELDS = ("mixed_precision", "gradient_checkpointing", "optimizer")
 
 # Fields whose defaults depend on the model family and size (families.train_defaults).
 _FAMILY_FIELDS = frozenset({"rank", "resolution", "steps", "lr", "num_class_images", "class_image_steps",
-                            "train_text_encoders"})
+                            "train_text_encoders", "targets"})
 
 
 # How the default prompts are phrased; ``families.TRAIN_PRESETS`` picks the style per family.

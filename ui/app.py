@@ -296,9 +296,12 @@ def _adapter_fields(c) -> None:
     (QDoRA), with one note beside them for choices the trainer refuses (e.g. DVoRA on convolutions)."""
     gr.HTML('<div class="db-section">Adapter</div>')
     with gr.Row(elem_id="db-adapter-row"):
-        c.targets = gr.Radio(label="Layers to adapt", value="attn", elem_id="db-targets", scale=2,
+        c.targets = gr.Radio(label="Layers to adapt", value=h.preset_values(ctx, "balanced")["targets"],
+                             elem_id="db-targets", scale=2,
                              choices=[(views.TARGET_NAMES[t], t) for t in h.TARGETS],
-                             info="With convolutions (Conv DoRA, also called LoCon) the ResNet convolutions "
+                             info="Preselected: this model's default (attention on SD/SDXL, every linear layer "
+                                  "on the toy model). With convolutions (Conv DoRA, also called LoCon) the ResNet "
+                                  "convolutions "
                                   "train too: a larger file (at the same rank about 4× on SD 1.5, 1.2× on SDXL); "
                                   "ComfyUI, A1111, Forge and diffusers load it.")
         c.quantize = gr.Radio(label="Frozen base weights", value="none", elem_id="db-quantize", scale=1,

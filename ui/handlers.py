@@ -312,7 +312,7 @@ class TrainSettings:
     checkpointing: str = "auto"            # auto | on | off
     optimizer: str = "auto"                # auto | adamw | adamw8bit
     buckets: bool = False                  # aspect-ratio buckets instead of a square centre crop
-    targets: str = "attn"                  # UNet layers that train (TARGETS)
+    targets: str | None = None             # UNet layers that train (TARGETS); None: the family default
     quantize_base: str = "none"            # none | nf4: the adapted layers' frozen weights in 4 bit (QDoRA)
     pivotal: bool = False                  # pivotal tuning: PIVOTAL_TOKENS new tokens trained in the token's place
 
@@ -323,7 +323,8 @@ def preset_values(ctx: Context, preset: str) -> dict:
         raise UserError(f"preset {preset!r}: choose one of {', '.join(PRESETS)}")
     p, d = PRESETS[preset], ctx.info.defaults
     return {"steps": max(1, round(d["steps"] * p["steps"])), "rank": int(d["rank"] * p["rank"]), "lr": d["lr"],
-            "class_images": d["num_class_images"], "train_text_encoders": bool(d.get("train_text_encoders"))}
+            "class_images": d["num_class_images"], "train_text_encoders": bool(d.get("train_text_encoders")),
+            "targets": d.get("targets", "attn")}
 
 
 def default_rank(ctx: Context, preset: str, method: str) -> int:
@@ -418,22 +419,24 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
         raise UserError(f"method {settings.method!r}: choose one of {', '.join(METHOD_LABELS)}")
     if settings.use not in USES:
         raise UserError(f"choose where the adapter will be used: {', '.join(USES)}")
-    for value, choices, what in ((settings.precision, PRECISIONS, "precision"),
-                                 (settings.checkpointing, CHECKPOINTING, "gradient checkpointing"),
-                                 (settings.optimizer, OPTIMIZERS, "optimizer"), (settings.targets, TARGETS, "layers"),
-                                 (settings.quantize_base, QUANTIZE, "frozen base weights")):
-        if value not in choices:
-            raise UserError(f"{what} {value!r}: choose one of {', '.join(choices)}")
     preset = preset_values(ctx, settings.preset)
 
     def given(value, default):                    # an empty box means the preset's value; a 0 is checked
         return default if value is None else value
 
+    for value, choices, what in ((settings.precision, PRECISIONS, "precision"),
+                                 (settings.checkpointing, CHECKPOINTING, "gradient checkpointing"),
+                                 (settings.optimizer, OPTIMIZERS, "optimizer"),
+                                 (given(settings.targets, preset["targets"]), TARGETS, "layers"),
+                                 (settings.quantize_base, QUANTIZE, "frozen base weights")):
+        if value not in choices:
+            raise UserError(f"{what} {value!r}: choose one of {', '.join(choices)}")
+
     steps = int(given(settings.steps, preset["steps"]))
     return dict(
         **METHOD_LABELS[settings.method], magnitude_axis=USES[settings.use],
         rank=int(given(settings.rank, default_rank(ctx, settings.preset, settings.method))), steps=steps,
-        lr=float(given(settings.lr, preset["lr"])), targets=settings.targets, quantize_base=settings.quantize_base,
+        lr=float(given(settings.lr, preset["lr"])), targets=given(settings.targets, preset["targets"]), quantize_base=settings.quantize_base,
         prior_preservation=bool(settings.prior_preservation),
         num_class_images=int(given(settings.class_images, preset["class_images"])),
         train_text_encoders=(preset["train_text_encoders"] if settings.train_text_encoders is None

@@ -71,7 +71,7 @@ def _bar(state: str, fraction: float | None, text: str) -> str:
 
 PRECISION_NAMES = {"no": "fp32", "fp16": "fp16 mixed precision", "bf16": "bf16 mixed precision"}
 OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw8bit": "8-bit AdamW"}
-TARGET_NAMES = {"attn": "Attention (recommended)", "cross-attn": "Cross-attention only",
+TARGET_NAMES = {"attn": "Attention", "cross-attn": "Cross-attention only",
                 "attn+ff": "Attention + feed-forward", "all-linear": "Every linear layer",
                 "attn+conv": "Attention + convolutions (Conv DoRA)", "all": "Every linear layer + convolutions"}
 QUANTIZE_NAMES = {"none": "Full precision", "nf4": "4-bit NF4 (QDoRA)"}
