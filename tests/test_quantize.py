@@ -159,7 +159,7 @@ def test_qdora_run_trains_generates_and_exports_like_dora(tmp_path, capsys):
     run = tmp_path / "run"
     assert cli.main(["train", "--images", str(subject), "--class-noun", "dog", "--out", str(run), "--steps", "2",
                      "--quantize-base", "nf4", "--rank", "4", "--num-class-images", "2",
-                     "--class-image-steps", "2"]) == 0
+                     "--class-image-steps", "2", "--targets", "attn"]) == 0
     assert json.loads((run / "config.json").read_text())["config"]["quantize_base"] == "nf4"
     tensors, meta = _read(run / "adapter.safetensors")
     assert meta["dorabooth.quantized_base"] == "nf4" and meta["dorabooth.method"] == "dora"

@@ -85,7 +85,7 @@ def describe_model(model: str | None, model_config: str | None = None, device: D
     return ModelInfo("toy" if model in (None, "toy", "toy-sdxl") else str(model), spec.family.name,
                      int(defaults["resolution"]),
                      {k: defaults.get(k) for k in ("steps", "lr", "rank", "dvora_rank", "num_class_images",
-                                                  "train_text_encoders", "prompt_style")},
+                                                  "train_text_encoders", "targets", "prompt_style")},
                      {"steps": gen["steps"], "guidance": gen["guidance"]}, (device or detect_device()).name, spec)
 
 
@@ -324,7 +324,7 @@ def preset_values(ctx: Context, preset: str) -> dict:
     p, d = PRESETS[preset], ctx.info.defaults
     return {"steps": max(1, round(d["steps"] * p["steps"])), "rank": int(d["rank"] * p["rank"]), "lr": d["lr"],
             "class_images": d["num_class_images"], "train_text_encoders": bool(d.get("train_text_encoders")),
-            "targets": d.get("targets", "attn")}
+            "targets": d.get("targets") or "attn"}
 
 
 def default_rank(ctx: Context, preset: str, method: str) -> int:

@@ -38,6 +38,7 @@ def test_each_choice_reaches_the_train_config(ctx):
     assert (dvora.method, dvora.rank) == ("dvora", ctx.info.defaults["dvora_rank"]) == ("dvora", 16)
     assert h.build_config(ctx, "rex", h.TrainSettings(method=DVORA, rank=4), run).rank == 4      # typed: kept
     assert h.build_config(ctx, "rex", h.TrainSettings(), run).rank == 8                        # DoRA's preset
+    assert h.build_config(ctx, "rex", h.TrainSettings(), run).targets == "all-linear"          # the toy family's
     with pytest.raises(UserError, match="layers 'convs'"):
         h.build_config(ctx, "rex", h.TrainSettings(targets="convs"), run)
     with pytest.raises(UserError, match="frozen base weights 'int8'"):
@@ -74,8 +75,9 @@ def test_the_settings_preview_counts_what_trains_and_its_memory(ctx, tiny_model)
     from diffusers import StableDiffusionXLPipeline
 
     views_ = {name: h.device_view(ctx, settings) for name, settings in {
-        "dora": h.TrainSettings(), "conv": h.TrainSettings(targets="attn+conv"),
-        "dvora": h.TrainSettings(method=DVORA), "nf4": h.TrainSettings(quantize_base="nf4")}.items()}
+        "dora": h.TrainSettings(targets="attn"), "conv": h.TrainSettings(targets="attn+conv"),
+        "dvora": h.TrainSettings(method=DVORA, targets="attn"),
+        "nf4": h.TrainSettings(quantize_base="nf4", targets="attn")}.items()}
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model)
     attach(pipe, method="dora", rank=8, unet_targets="attn+conv", magnitude_axis="in", text_encoders=True)
     attached = sum(p.numel() for c in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2)
