@@ -222,7 +222,7 @@ def _train_tab(ctx: h.Context, c) -> None:
             c.class_images = gr.Number(label="Class images", value=preset["class_images"], precision=0)
             c.text_encoders = gr.Checkbox(label="Train the text encoders too", value=preset["train_text_encoders"],
                                           info="Can capture a likeness faster; more likely to overfit.")
-        _adapter_fields(ctx, c)
+        _adapter_fields(c, preset["targets"])
         c.instance_prompt = gr.Textbox(label="Training prompt", placeholder=f"(empty: {h.example_prompt(ctx, '<token>', '<class noun>')})",
                                        info="What each photo is captioned with while training; it must contain "
                                             "the token.")
@@ -291,13 +291,13 @@ RANK_INFO = {"dora": "Adapter size: higher learns more detail, bigger file.",
              "dvora": "DVoRA: its frozen random matrices' size; a higher rank trains hardly more."}
 
 
-def _adapter_fields(ctx, c) -> None:
-    """Advanced: which layers the adapter trains (Conv DoRA among them) and the frozen base in 4 bit
-    (QDoRA), with one note beside them for choices the trainer refuses (e.g. DVoRA on convolutions)."""
+def _adapter_fields(c, targets: str) -> None:
+    """Advanced: which layers the adapter trains (Conv DoRA among them; ``targets``, the model's
+    default, preselected) and the frozen base in 4 bit (QDoRA), with one note beside them for
+    choices the trainer refuses (e.g. DVoRA on convolutions)."""
     gr.HTML('<div class="db-section">Adapter</div>')
     with gr.Row(elem_id="db-adapter-row"):
-        c.targets = gr.Radio(label="Layers to adapt", value=h.preset_values(ctx, "balanced")["targets"],
-                             elem_id="db-targets", scale=2,
+        c.targets = gr.Radio(label="Layers to adapt", value=targets, elem_id="db-targets", scale=2,
                              choices=[(views.TARGET_NAMES[t], t) for t in h.TARGETS],
                              info="Preselected: this model's default (attention on SD/SDXL, every linear layer "
                                   "on the toy model). With convolutions (Conv DoRA, also called LoCon) the ResNet "

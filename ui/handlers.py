@@ -324,7 +324,7 @@ def preset_values(ctx: Context, preset: str) -> dict:
     p, d = PRESETS[preset], ctx.info.defaults
     return {"steps": max(1, round(d["steps"] * p["steps"])), "rank": int(d["rank"] * p["rank"]), "lr": d["lr"],
             "class_images": d["num_class_images"], "train_text_encoders": bool(d.get("train_text_encoders")),
-            "targets": d.get("targets") or "attn"}
+            "targets": d["targets"]}
 
 
 def default_rank(ctx: Context, preset: str, method: str) -> int:
@@ -424,10 +424,10 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
     def given(value, default):                    # an empty box means the preset's value; a 0 is checked
         return default if value is None else value
 
+    targets = given(settings.targets, preset["targets"])
     for value, choices, what in ((settings.precision, PRECISIONS, "precision"),
                                  (settings.checkpointing, CHECKPOINTING, "gradient checkpointing"),
-                                 (settings.optimizer, OPTIMIZERS, "optimizer"),
-                                 (given(settings.targets, preset["targets"]), TARGETS, "layers"),
+                                 (settings.optimizer, OPTIMIZERS, "optimizer"), (targets, TARGETS, "layers"),
                                  (settings.quantize_base, QUANTIZE, "frozen base weights")):
         if value not in choices:
             raise UserError(f"{what} {value!r}: choose one of {', '.join(choices)}")
@@ -436,7 +436,7 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
     return dict(
         **METHOD_LABELS[settings.method], magnitude_axis=USES[settings.use],
         rank=int(given(settings.rank, default_rank(ctx, settings.preset, settings.method))), steps=steps,
-        lr=float(given(settings.lr, preset["lr"])), targets=given(settings.targets, preset["targets"]), quantize_base=settings.quantize_base,
+        lr=float(given(settings.lr, preset["lr"])), targets=targets, quantize_base=settings.quantize_base,
         prior_preservation=bool(settings.prior_preservation),
         num_class_images=int(given(settings.class_images, preset["class_images"])),
         train_text_encoders=(preset["train_text_encoders"] if settings.train_text_encoders is None
