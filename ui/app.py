@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from dorabooth.quiet import quiet_libraries
+
 from . import handlers as h
 from . import views
 from .security import check_exposure, is_loopback, private_upload_folder, read_auth, received_uploads
@@ -810,6 +812,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    with quiet_libraries(not args.verbose):          # as the command line: the libraries say only errors
+        return _serve(args, logins)
+
+
+def _serve(args, logins) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)             # gradio's own requests, each logged
     if not logins and not is_loopback(args.host):
@@ -866,6 +873,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--insecure", action="store_true",
                         help="allow a --host other computers can reach without a login (anyone reaching it can "
                              "read and change the workspace)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show the libraries' own log messages and warnings (hidden by default)")
     return parser
 
 

@@ -169,6 +169,16 @@ def cache_file(served, client):
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def test_the_app_starts_without_the_libraries_chatter(served):
+    """Like the command line, dorabooth-ui shows the libraries' errors only (--verbose: all); a
+    new user's terminal showed 7 lines of bitsandbytes/torchao/torch warnings before the URL."""
+    log = (served[2] / "app.log").read_text()
+    assert "Running on local URL" in log
+    noise = [line for line in log.splitlines()
+             if any(w in line for w in ("bitsandbytes", "torchao", "_pytree", "FutureWarning", "DeprecationWarning"))]
+    assert not noise, noise
+
+
 def test_the_app_keeps_uploads_in_a_folder_of_its_own(served, client):
     """gradio's default upload folder, <tmp>/gradio, is shared by every gradio app on the computer
     (and each serves any file in it); the app uses a private one, removed when it stops."""
