@@ -22,6 +22,14 @@ Each run trains and evaluates in its own process (``--jobs`` at a time, one torc
 its result is cached in ``OUT/results/<run>.json``, so an interrupted bench resumes and re-runs
 only the missing runs. ``--quick``: 4 subjects × 4 tokens × 1 seed, still the default recipe.
 ``--steps N`` changes the recipe and is printed in the table's title (for experiments only).
+
+Two recipes, paired (``--versus FLAG …``): the bench runs recipe A (the default, plus any
+``--train-flag``) into ``--out`` and recipe B (A plus the ``--versus`` flags) into
+``--versus-out``, then compares them run by run on the same subject × token × seed cells: the
+share learned by each, B − A subject fidelity with a 95 % interval from resampling *subjects*
+(runs of one subject are not independent), wins/losses, an exact sign test and McNemar's exact
+test on learned/not learned. ``python bench/robustness.py --versus=--method=lora`` is the
+DoRA-vs-LoRA comparison of docs/dora-vs-lora.md on this set.
 """
 
 from __future__ import annotations
@@ -334,6 +342,62 @@ def table(results: list[dict], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _binomial_two_sided(k: int, n: int) -> float:
+    """Exact two-sided p of ``k`` successes in ``n`` fair coin flips (sign test, McNemar)."""
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired(a: list[dict], b: list[dict], label_a: str, label_b: str, title: str,
+           boot: int = 10_000, seed: int = 0) -> str:
+    """Markdown: recipe B against recipe A on the cells both ran (paired by run name)."""
+    by_name = {r["name"]: r for r in b}
+    pairs = [(r, by_name[r["name"]]) for r in a if r["name"] in by_name]
+    if not pairs:
+        raise ValueError("the two recipes share no run (subject × token × seed)")
+    fa = lambda r: r["metrics"]["subject_fidelity"]
+    diffs = [fa(y) - fa(x) for x, y in pairs]
+    subjects = list(dict.fromkeys(x["subject"] for x, _ in pairs))
+    per_subject = {s: [d for (x, _), d in zip(pairs, diffs) if x["subject"] == s] for s in subjects}
+    rng = random.Random(seed)
+    means = []
+    for _ in range(boot):                                      # resample subjects, keep their runs together
+        drawn = [d for _ in subjects for d in per_subject[rng.choice(subjects)]]
+        means.append(sum(drawn) / len(drawn))
+    means.sort()
+    lo, hi = means[int(0.025 * boot)], means[int(0.975 * boot) - 1]
+    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
+    only_a = sum(x["learned"] and not y["learned"] for x, y in pairs)
+    only_b = sum(y["learned"] and not x["learned"] for x, y in pairs)
+    xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
+    med = lambda rows: _median(fa(r) for r in rows)
+    leak = lambda rows: _mean(r["metrics"]["class_leak"] for r in rows)
+    train = lambda rows: _median(r["train_s"] for r in rows if r.get("train_s") is not None)
+    lines = [title, "",
+             f"| | {label_a} | {label_b} |", "|---|---:|---:|",
+             f"| runs learned | {_share(xs)} | {_share(ys)} |",
+             f"| median subject fidelity | {med(xs):.2f} | {med(ys):.2f} |",
+             f"| mean subject fidelity | {_mean(map(fa, xs)):.3f} | {_mean(map(fa, ys)):.3f} |",
+             f"| mean class leak | {leak(xs):.3f} | {leak(ys):.3f} |",
+             f"| median training time per run | {train(xs):.0f} s | {train(ys):.0f} s |", "",
+             (f"Paired over {len(pairs)} runs ({len(subjects)} subjects): {label_b} − {label_a} subject fidelity "
+              f"**{_mean(diffs):+.3f}** (95 % interval {lo:+.3f} … {hi:+.3f}, subjects resampled {boot} times); "
+              f"{label_b} higher in {wins}, lower in {losses}, equal in {len(diffs) - wins - losses} runs "
+              f"(sign test p = {_binomial_two_sided(wins, wins + losses):.2g}); learned by only {label_a}: "
+              f"{only_a}, by only {label_b}: {only_b} (McNemar exact p = "
+              f"{_binomial_two_sided(only_a, only_a + only_b):.2g})."), "",
+             f"| | {label_a} learned | {label_b} learned | mean fidelity {label_a} → {label_b} |", "|---|---:|---:|---:|"]
+    for key, name in (("token", "`{}`"), ("subject", "{}")):
+        for v in dict.fromkeys(x[key] for x in xs):
+            rx = [x for x in xs if x[key] == v]
+            ry = [y for _, y in pairs if y[key] == v]
+            lines.append(f"| {name.format(v)} | {_share(rx)} | {_share(ry)} "
+                         f"| {_mean(map(fa, rx)):.2f} → {_mean(map(fa, ry)):.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 def machine_note(wall_s: float, jobs: int) -> str:
     try:
         load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -367,20 +431,42 @@ def main(argv=None) -> int:
                    help=f"image seeds 0…N-1 per eval prompt (default {len(EVAL_SEEDS)}); finished runs are "
                         f"scored again, not trained again")
     p.add_argument("--doc", type=Path, default=None, help="also write the table to this markdown file")
+    p.add_argument("--versus", dest="versus_flags", action="append", default=[], metavar="FLAG",
+                   help="also run recipe B = this recipe plus FLAG (repeatable; e.g. --versus=--method=lora) "
+                        "and compare the two run by run")
+    p.add_argument("--versus-out", type=Path, default=None,
+                   help="recipe B's runs (default: OUT-versus-<flags>)")
     args = p.parse_args(argv)
     n = args.subjects or (QUICK["subjects"] if args.quick else N_SUBJECTS)
     tokens = args.tokens or (QUICK["tokens"] if args.quick else TOKENS)
     seeds = args.seeds or (QUICK["seeds"] if args.quick else SEEDS)
     extra = [*(["--steps", str(args.steps)] if args.steps else []), *args.train_flags]
-    t0 = time.monotonic()
-    results = bench(args.out, make_subjects(n), tokens, seeds, args.jobs, extra, only=args.only,
-                    eval_seeds=tuple(range(args.eval_seeds)))
-    recipe = "the default recipe" if not extra else f"NOT the default recipe: {' '.join(extra)}"
-    title = (f"**{'Quick set' if args.quick else 'Robustness bench'}**: {n} subjects × {len(tokens)} tokens × "
-             f"{len(seeds)} seed(s), {recipe}, scored on {args.eval_seeds} image seeds per prompt. "
-             f"{machine_note(time.monotonic() - t0, args.jobs)}.")
-    text = table(results, title)
-    (args.out / "table.md").write_text(text)
+    subjects = make_subjects(n)
+    size = f"{n} subjects × {len(tokens)} tokens × {len(seeds)} seed(s)"
+
+    def run_recipe(out: Path, flags: list[str]) -> tuple[list[dict], str]:
+        t0 = time.monotonic()
+        results = bench(out, subjects, tokens, seeds, args.jobs, flags, only=args.only,
+                        eval_seeds=tuple(range(args.eval_seeds)))
+        recipe = "the default recipe" if not flags else f"NOT the default recipe: {' '.join(flags)}"
+        title = (f"**{'Quick set' if args.quick else 'Robustness bench'}**: {size}, {recipe}, scored on "
+                 f"{args.eval_seeds} image seeds per prompt. {machine_note(time.monotonic() - t0, args.jobs)}.")
+        text = table(results, title)
+        (out / "table.md").write_text(text)
+        return results, text
+
+    results, text = run_recipe(args.out, extra)
+    if args.versus_flags:
+        flags_b = [*extra, *args.versus_flags]
+        slug = "".join(c if c.isalnum() or c in ".-" else "-" for c in "".join(args.versus_flags)).strip("-")
+        results_b, text_b = run_recipe(args.versus_out or args.out.with_name(f"{args.out.name}-versus-{slug}"),
+                                       flags_b)
+        label_a = " ".join(extra) or "default recipe"
+        label_b = " ".join(args.versus_flags)                  # what B adds to A
+        text = "\n".join([paired(results, results_b, label_a, label_b,
+                                  f"**`{label_b}` against `{label_a}`** (B = A plus `{label_b}`), run by run "
+                                  f"({size}, {args.eval_seeds} image seeds per prompt)."),
+                          f"### {label_a}", "", text, f"### {label_b}", "", text_b])
     if args.doc:
         args.doc.write_text(text)
     print(text)

@@ -118,3 +118,27 @@ def test_table_counts_learned_runs_per_token_and_subject(rb):
     assert "| `zwx` | 2/4 (50 %) | 0.78 | 0.075 |" in text
     assert "| red-blue-star-band | 2/4 (50 %) | 0.85 | 0.075 | star 70/71 |" in text
     assert "| white-black-cross-band | 0.90* / 0.90* | 0.00 / 0.75* |" in text
+
+
+def test_two_recipes_are_compared_run_by_run(rb):
+    names = [("red-blue-star-band", t, s) for t in ("sks", "zwx") for s in (0, 1)]
+    names += [("white-black-cross-band", t, s) for t in ("sks", "zwx") for s in (0, 1)]
+    a = [{**_row(sub, t, s, f), "name": f"{sub}__{t}__s{s}", "train_s": 60.0}
+         for (sub, t, s), f in zip(names, (0.2, 0.9, 1.0, 0.8, 0.9, 0.9, 0.0, 0.75))]
+    b = [{**_row(sub, t, s, f), "name": f"{sub}__{t}__s{s}", "train_s": 50.0}
+         for (sub, t, s), f in zip(names, (0.8, 0.9, 1.0, 0.7, 1.0, 0.9, 0.5, 0.8))]
+    text = rb.paired(a, b[::-1] + [{**b[0], "name": "only-in-b"}], "A", "B", "T", boot=200)
+    assert "| runs learned | 6/8 (75 %) | 6/8 (75 %) |" in text
+    assert "| median training time per run | 60 s | 50 s |" in text
+    # differences: +0.6, 0, 0, -0.1, +0.1, 0, +0.5, +0.05 -> mean +0.14375; 4 higher, 1 lower, 3 equal
+    assert "Paired over 8 runs (2 subjects): B − A subject fidelity **+0.144**" in text
+    assert "B higher in 4, lower in 1, equal in 3 runs (sign test p = 0.38)" in text
+    # learned only by A: red-blue zwx s1 (0.8 -> 0.7); only by B: red-blue sks s0 (0.2 -> 0.8)
+    assert "learned by only A: 1, by only B: 1 (McNemar exact p = 1)" in text
+    assert "| `sks` | 3/4 (75 %) | 4/4 (100 %) | 0.72 → 0.90 |" in text
+    lo, hi = (float(x) for x in text.split("95 % interval ")[1].split(",")[0].split(" … "))
+    assert lo <= 0.144 <= hi
+    assert rb._binomial_two_sided(0, 5) == pytest.approx(2 / 32)
+    assert rb._binomial_two_sided(3, 6) == 1.0
+    with pytest.raises(ValueError, match="share no run"):
+        rb.paired(a, [{**b[0], "name": "x"}], "A", "B", "T")
