@@ -225,11 +225,14 @@ class RayQueue:
         ray.get(self.keeper.cancel.remote(job_id))
         return self.store.get(job_id)
 
-    def resume(self, job_id: str) -> Job:
-        """A cancelled or failed job queued again; it continues from its run's last checkpoint."""
+    def resume(self, job_id: str, config: dict | None = None) -> Job:
+        """A job that ended queued again; it continues from its run's last checkpoint (``config``:
+        new training fields for the same run folder, e.g. more steps)."""
         job = self.get(job_id)
-        if job.state not in ("cancelled", "failed"):
-            raise ValueError(f"job {job_id} is {job.state}; only a cancelled or failed job can be resumed")
+        if job.state not in FINAL:
+            raise ValueError(f"job {job_id} is {job.state}; only a job that ended can be resumed")
+        if config is not None:
+            job.config = {**config, "out": job.config["out"]}
         self.store.clear_cancel(job_id)
         job.state, job.message = "queued", "queued again; continues from its last checkpoint"
         self.store.save(job)
