@@ -108,12 +108,13 @@ def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit) -> Path:
+def save_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit,
+                    batches: int) -> Path:
     """:func:`write_checkpoint`; when it fails (disk full, a NaN) its temporary folder goes, and
     running out of space says what a checkpoint of this run needs."""
     tmp = _tmp_dir(run, step)
     try:
-        return write_checkpoint(run, step, state, pipe, config, accelerator, emit)
+        return write_checkpoint(run, step, state, pipe, config, accelerator, emit, batches)
     except BaseException as e:
         if not accelerator.is_main_process:
             raise
@@ -136,9 +137,11 @@ def _checkpoint_bytes(state: TrainState, config: TrainConfig) -> int:
     return trainable * (1 if config.method == "full" else 2) + moments
 
 
-def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit) -> Path:
+def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: TrainConfig, accelerator, emit,
+                     batches: int) -> Path:
     """``checkpoints/step-N/``: trainable tensors, optimizer (safetensors + JSON), LR schedule,
-    data position and every process's RNG, plus ``adapter.safetensors`` (usable with generate);
+    data position (``batches``: micro-batches of the shared batch stream used so far, all processes
+    together) and every process's RNG, plus ``adapter.safetensors`` (usable with generate);
     written under a temporary name and renamed, then older checkpoints beyond
     ``keep_checkpoints`` are removed (renamed away, then deleted). Weights that are not finite
     stop the run (:func:`diverged`) before anything is written."""
@@ -159,7 +162,7 @@ def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Trai
         if state.ema.tensors:
             write_safetensors(tmp / EMA_FILE, state.ema.tensors)
         faults.reach("checkpoint", step)
-        meta = {"step": step, "processes": accelerator.num_processes, "optimizer": opt_meta,
+        meta = {"step": step, "processes": accelerator.num_processes, "batches": batches, "optimizer": opt_meta,
                 "lr_schedule": state.schedule.state_dict(), "dorabooth_version": __version__}
         write_json(tmp / rd.STATE, meta, default=_json_default)
         if config.method != "full":                     # the same adapter (its EMA when on) as a user-facing file
@@ -189,16 +192,29 @@ def _json_default(value):
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint's state.json")
 
 
-def restore_checkpoint(run: Path, state: TrainState, accelerator, emit) -> int:
-    """Load the newest checkpoint into the live objects; returns its step (0 if none)."""
+@dataclass(frozen=True)
+class Resumed:
+    """Where a restored run continues: its optimizer step and its position in the shared batch
+    stream (micro-batches used, all processes together)."""
+
+    step: int
+    batches: int
+
+
+def restore_checkpoint(run: Path, state: TrainState, accelerator, emit, grad_accum: int = 1) -> Resumed:
+    """Load the newest checkpoint into the live objects (step 0 if none).
+
+    The number of processes may differ from the checkpoint's (DDP keeps the same weights and
+    optimizer state on every process): the data order continues where the checkpoint's processes
+    left it, and each process's noise generator starts a new stream seeded by (seed, step,
+    process) instead of the saved one, which only the same process count can continue exactly."""
     ckpt = rd.latest_checkpoint(run)
     if ckpt is None:
         emit("resume", step=0, message=f"no checkpoint in {run / rd.CHECKPOINTS}; starting from step 0")
-        return 0
+        return Resumed(0, 0)
     meta = json.loads((ckpt / rd.STATE).read_text())
-    if meta["processes"] != accelerator.num_processes:
-        raise ValueError(f"{ckpt} was written by {meta['processes']} process(es) and this run has "
-                         f"{accelerator.num_processes}; resume with the same number of processes")
+    before, now = meta["processes"], accelerator.num_processes
+    batches = meta.get("batches", meta["step"] * grad_accum * before)   # checkpoints before 0.x kept no position
     tensors, _ = read_safetensors(ckpt / rd.TRAINABLE, "checkpoint")
     params = state.params
     missing = sorted(set(params) - set(tensors))
@@ -216,13 +232,20 @@ def restore_checkpoint(run: Path, state: TrainState, accelerator, emit) -> int:
     _load_optimizer_state(state.optimizer, read_safetensors(ckpt / rd.OPTIMIZER, "checkpoint")[0], meta["optimizer"])
     state.schedule.load_state_dict(meta["lr_schedule"])
     _use_learning_rates(state.optimizer, state.schedule, wanted)
-    rng, _ = read_safetensors(ckpt / f"rng-{accelerator.process_index}.safetensors", "checkpoint")
-    state.gen.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch"])
-    if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))])
-    emit("resume", step=meta["step"], path=str(ckpt))
-    return meta["step"]
+    if before == now:
+        rng, _ = read_safetensors(ckpt / f"rng-{accelerator.process_index}.safetensors", "checkpoint")
+        state.gen.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))])
+        emit("resume", step=meta["step"], path=str(ckpt))
+    else:
+        state.gen.manual_seed(state.gen.initial_seed() + 1_000_003 * meta["step"])
+        emit("resume", step=meta["step"], path=str(ckpt), processes_before=before, processes=now,
+             message=f"{ckpt} was written by {before} process(es) and this run has {now}: each step now "
+                     f"trains on {now / before:g}× as many images as before (the lr schedule counts steps); "
+                     f"the data order continues, the noise draws start a new seeded stream")
+    return Resumed(meta["step"], batches)
 
 
 def _use_learning_rates(optimizer, schedule, base_lrs: list[float]) -> None:

@@ -347,7 +347,7 @@ def _add_export(sub) -> None:
 # name → parser builder; each builder registers its handler with set_defaults(handler=…).
 COMMANDS = {"train": _add_train, "generate": _add_generate, "export": _add_export, "toy": _add_toy}
 # Modules whose own COMMANDS dict is merged in (skipped only if the module does not exist).
-COMMAND_MODULES = ("analysis_cli",)
+COMMAND_MODULES = ("analysis_cli", "queue_cli")
 
 
 def _extension_commands() -> dict:

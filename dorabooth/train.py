@@ -24,7 +24,7 @@ import torch
 from . import adapters, faults, losses, pivotal
 from . import families as fam
 from . import rundir as rd
-from .checkpoints import (TrainingDiverged, TrainState, check_finite_weights, diverged, restore_checkpoint,
+from .checkpoints import (Resumed, TrainingDiverged, TrainState, check_finite_weights, diverged, restore_checkpoint,
                           save_checkpoint, save_final)
 from .config import RESUME_OVERRIDES, TrainConfig
 from .data import batch_stream, check_images
@@ -162,14 +162,14 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     unet = wrapped[0]                                  # the UNet always trains (adapter or full)
     live_text_encoders = wrapped[1:] or None
 
-    step = 0
     gen = torch.Generator().manual_seed(config.seed * 7919 + accelerator.process_index)
     state = TrainState(params, optimizer, schedule, gen, ema)
-    if config.resume:
-        step = restore_checkpoint(run, state, accelerator, emit)
+    resumed = restore_checkpoint(run, state, accelerator, emit, config.grad_accum) if config.resume else Resumed(0, 0)
+    step = resumed.step
     world = accelerator.num_processes
-    per_step = config.grad_accum * world
-    batches = islice(batch_stream(size_groups(instance), config.batch_size, config.seed, start=step * per_step),
+    per_step = config.grad_accum * world                # micro-batches of the shared stream per optimizer step
+    used = lambda: resumed.batches + (step - resumed.step) * per_step                            # noqa: E731
+    batches = islice(batch_stream(size_groups(instance), config.batch_size, config.seed, start=resumed.batches),
                      accelerator.process_index, None, world)
     scheduler = pipe.scheduler
     total = config.steps
@@ -222,7 +222,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
              it_s=round(it_s, 3), eta_s=round((total - step) / it_s, 1), **{k: round(v, 6) for k, v in parts.items()})
         stopping = stop_requested(stop)
         if _due(step, config.checkpoint_every, total) or stopping:
-            last_good = save_checkpoint(run, step, state, pipe, config, accelerator, emit)
+            last_good = save_checkpoint(run, step, state, pipe, config, accelerator, emit, used())
         if _due(step, config.sample_every, total) or step == total:
             check_finite_weights(params, step, last_good)
             with ema.applied():

@@ -28,7 +28,8 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("the trainer's rooms", {"checkpoints", "sampling", "inputs"}),
     ("operations", {"train", "generate", "export"}),
     ("studies of runs", {"analysis", "evaluate"}),
-    ("entry points", {"cli", "analysis_cli", "export_cli", "__main__"}),
+    ("many runs", {"queue", "queue.*"}),
+    ("entry points", {"cli", "analysis_cli", "export_cli", "queue_cli", "__main__"}),
 ]
 SIBLINGS = {"train", "generate", "export"}       # none of them imports another
 

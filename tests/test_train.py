@@ -438,6 +438,43 @@ def test_resume_of_a_run_written_before_auto_defaults(root, subject, tmp_path):
     assert (saved["mixed_precision"], saved["gradient_checkpointing"], saved["optimizer"]) == ("no", True, "adamw")
 
 
+def _launch(root, subject, out, tmp_path, processes: int, *extra: str) -> list[dict]:
+    """``accelerate launch -m dorabooth train`` on ``processes`` CPU processes (gloo); its events."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes), "--num_machines",
+           "1", *(["--multi_gpu"] if processes > 1 else ["--cpu"]), "--mixed_precision", "no", "--dynamo_backend",
+           "no", "-m", "dorabooth", "train", "--images", str(subject), "--class-noun", "dog", "--out", str(out),
+           "--model", model(root, "sd15"), "--rank", "4", "--num-class-images", "2", "--class-image-steps", "2",
+           "--class-images", shared_class_dir(root, "sd15"), "--json", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_CONFIG_FILE": str(tmp_path / "none.yaml")}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def test_resume_with_another_number_of_processes(root, subject, tmp_path):
+    """2 processes → --resume on 1 → --resume on 2 again: each resume continues the shared data
+    order where the checkpoint left it (``batches`` in state.json: 2 per step with 2 processes,
+    1 with one) and says that the process count changed; the run finishes with a loadable adapter."""
+    out = tmp_path / "run"
+    every = ("--checkpoint-every", "1", "--keep-checkpoints", "10")
+    _launch(root, subject, out, tmp_path, 2, "--steps", "3", *every)       # checkpoints at 1, 2; 3 = the end
+    one = TrainConfig.from_dict({**json.loads((out / "config.json").read_text())["config"], "resume": True,
+                                 "steps": 4})
+    events = []
+    train(one, on_event=events.append)
+    resume = next(e for e in events if e["type"] == "resume")
+    assert (resume["step"], resume["processes_before"], resume["processes"]) == (2, 2, 1)
+    assert "written by 2 process(es) and this run has 1" in resume["message"]
+    events = _launch(root, subject, out, tmp_path, 2, "--steps", "6", "--resume", *every)
+    resume = next(e for e in events if e["type"] == "resume")
+    assert (resume["step"], resume["processes_before"], resume["processes"]) == (3, 1, 2)
+    assert events[-1]["type"] == "done" and events[-1]["steps"] == 6
+    state = lambda step: json.loads((out / "checkpoints" / f"step-{step}" / "state.json").read_text())  # noqa: E731
+    assert [(state(s)["processes"], state(s)["batches"]) for s in (1, 2, 3, 4, 5)] == [
+        (2, 2), (2, 4), (1, 5), (2, 7), (2, 9)]
+    assert dorabooth.load_adapter(MAKERS["sd15"](), out / "adapter.safetensors")
+
+
 def test_two_processes_with_accelerate_launch(root, subject, tmp_path):
     """`accelerate launch -m dorabooth train` on 2 CPU processes (gloo) writes a valid adapter.
     (`--multi_gpu` is accelerate's multi-process launcher; without CUDA it runs on CPU with gloo,

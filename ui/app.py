@@ -822,7 +822,8 @@ def _serve(args, logins) -> int:
     if not logins and not is_loopback(args.host):
         log.warning("--insecure: serving on %s without a login; anyone who reaches it can use the app", args.host)
     try:
-        ctx = h.make_context(args.workspace, args.model, model_config=args.model_config, samples=args.samples)
+        ctx = h.make_context(args.workspace, args.model, model_config=args.model_config, samples=args.samples,
+                             cluster=args.cluster)
         ctx.info                                          # a missing or unreadable model fails here, readably
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"dorabooth-ui: {e}", file=sys.stderr)
@@ -870,6 +871,11 @@ def _parser() -> argparse.ArgumentParser:
                                                             "--auth-file)")
     parser.add_argument("--auth-file", dest="auth_file", metavar="FILE",
                         help="require a login from this file: one USER:PASS a line")
+    parser.add_argument("--cluster", metavar="ADDR", default=None,
+                        help="train on a Ray cluster, several runs at once: auto (one started on this machine with "
+                             "`ray start --head`), ray://HOST:PORT or HOST:PORT; the workspace must be a folder "
+                             "every worker reaches at the same path (docs/scaling.md). Default: in this process, "
+                             "one run at a time")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a --host other computers can reach without a login (anyone reaching it can "
                              "read and change the workspace)")

@@ -160,11 +160,17 @@ class Context:
 
 
 def make_context(workspace: str | Path, model: str | None = None, *, model_config: str | None = None,
-                 samples: str | Path | None = None, train=None, device: DeviceInfo | None = None) -> Context:
+                 samples: str | Path | None = None, train=None, device: DeviceInfo | None = None,
+                 cluster: str | None = None) -> Context:
     """The app's state. ``train`` replaces ``dorabooth.train`` (tests); ``device`` describes the
-    training device instead of detecting it (tests)."""
+    training device instead of detecting it (tests); ``cluster``: train on that Ray cluster
+    (``ui.cluster``) instead of in this process, one run at a time."""
     ctx = Context(Workspace(workspace), model, model_config, Path(samples) if samples else None, _device=device)
-    ctx.worker = TrainingWorker(train=train, before_train=ctx.sessions.release)
+    if cluster:
+        from .cluster import ClusterWorker
+        ctx.worker = ClusterWorker(ctx.workspace.root, cluster)
+    else:
+        ctx.worker = TrainingWorker(train=train, before_train=ctx.sessions.release)
     return ctx
 
 

@@ -1,0 +1,158 @@
+"""The queue's state: one JSON record per job in ``WORKSPACE/queue/``, beside the run folders in
+``WORKSPACE/runs/``. Every worker, the app and the command line reach the same folder (a file
+system they all mount), so the queue survives any of them restarting: nothing lives only in
+a process's memory.
+
+A record is written whole (temporary file, then rename). Writers take turns by construction:
+the submitter writes a record once (``queued``), then only the attempt that trains it
+(``running``, ``done``, ``failed``, ``cancelled``), one attempt at a time; a cancel request is
+a file of its own (``JOB.cancel``) that the running attempt watches, so a cancel never races a
+status write.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import secrets
+import socket
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from ..formats.files import write_json
+
+STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL = ("done", "failed", "cancelled")
+WAITING = ("queued", "running")
+QUEUE_DIR, RUNS_DIR = "queue", "runs"
+
+
+class QuotaExceeded(ValueError):
+    """A user has as many jobs waiting or training as the deployment allows."""
+
+
+class NotYours(PermissionError):
+    """A job that belongs to another user."""
+
+
+@dataclass
+class Job:
+    id: str
+    owner: str
+    config: dict                       # a TrainConfig's fields; config["out"] is the run folder
+    state: str = "queued"
+    submitted: float = 0.0
+    retries: int = 2                   # attempts more after a worker dies (a training error is not retried)
+    cpus: float = 1.0                  # what each attempt asks the cluster for
+    gpus: float = 0.0
+    attempts: list[dict] = field(default_factory=list)   # {started, host, pid[, ended, outcome]}
+    message: str = ""
+    result: str | None = None          # the adapter (or unet/ folder) of a finished job
+    step: int = 0                      # the last step an attempt reported
+    total: int | None = None
+
+    @property
+    def run(self) -> Path:
+        return Path(self.config["out"])
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Job:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def current_user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return "local"
+
+
+class JobStore:
+    """The records of one workspace."""
+
+    def __init__(self, workspace: str | os.PathLike):
+        self.root = Path(workspace).resolve()
+        self.dir = self.root / QUEUE_DIR
+        self.runs = self.root / RUNS_DIR
+
+    # ---- records -----------------------------------------------------------------------------
+    def path(self, job_id: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}", job_id or ""):
+            raise ValueError(f"{job_id!r} is not a job id; `dorabooth queue list` shows them")
+        return self.dir / f"{job_id}.json"
+
+    def get(self, job_id: str) -> Job:
+        path = self.path(job_id)
+        try:
+            return Job.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no job {job_id} in {self.dir}; `dorabooth queue list --workspace "
+                                    f"{self.root}` shows the jobs there") from None
+
+    def save(self, job: Job) -> Job:
+        write_json(self.path(job.id), job.to_dict())
+        return job
+
+    def jobs(self, owner: str | None = None) -> list[Job]:
+        """Every job (or ``owner``'s), oldest first; a record being written is skipped."""
+        out = []
+        for path in self.dir.glob("*.json") if self.dir.is_dir() else ():
+            try:
+                job = Job.from_dict(json.loads(path.read_text()))
+            except (OSError, ValueError, TypeError):
+                continue
+            if owner is None or job.owner == owner:
+                out.append(job)
+        return sorted(out, key=lambda j: (j.submitted, j.id))
+
+    def add(self, config: dict, owner: str, *, job_id: str | None = None, retries: int = 2, cpus: float = 1.0,
+            gpus: float = 0.0, max_queued: int | None = None) -> Job:
+        """A new ``queued`` record; ``config["out"]`` defaults to ``runs/<id>``. With ``max_queued``,
+        refused when ``owner`` already has that many jobs waiting or training."""
+        if max_queued is not None:
+            waiting = [j for j in self.jobs(owner) if j.state in WAITING]
+            if len(waiting) >= max_queued:
+                raise QuotaExceeded(f"{owner} has {len(waiting)} job(s) waiting or training, the most this queue "
+                                    f"allows ({max_queued}); wait for one to finish or cancel one")
+        job_id = job_id or self.new_id(config)
+        if self.path(job_id).exists():
+            raise FileExistsError(f"a job {job_id} exists already in {self.dir}; choose another id")
+        config = {**config, "out": str(Path(config.get("out") or self.runs / job_id).resolve())}
+        mine = [j for j in self.jobs() if j.run == Path(config["out"]) and j.state in WAITING]
+        if mine:
+            raise FileExistsError(f"{config['out']} is the run folder of job {mine[0].id}, which is "
+                                  f"{mine[0].state}; give this one another --out")
+        return self.save(Job(job_id, owner, config, submitted=time.time(), retries=int(retries), cpus=float(cpus),
+                             gpus=float(gpus)))
+
+    def new_id(self, config: dict) -> str:
+        words = f"{config.get('token') or 'sks'}-{config.get('class_noun') or 'run'}"
+        words = re.sub(r"[^A-Za-z0-9]+", "-", words).strip("-")[:40] or "run"
+        return f"{words}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+    def owned(self, job_id: str, user: str | None) -> Job:
+        """The job, when ``user`` may touch it (None: an operator, any job)."""
+        job = self.get(job_id)
+        if user is not None and job.owner != user:
+            raise NotYours(f"job {job_id} belongs to another user; you can see and change only your own")
+        return job
+
+    # ---- cancel requests ---------------------------------------------------------------------
+    def cancel_file(self, job_id: str) -> Path:
+        return self.path(job_id).with_suffix(".cancel")
+
+    def request_cancel(self, job_id: str) -> None:
+        self.cancel_file(job_id).write_text(f"{socket.gethostname()}:{os.getpid()} {time.time():.3f}\n")
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self.cancel_file(job_id).exists()
+
+    def clear_cancel(self, job_id: str) -> None:
+        self.cancel_file(job_id).unlink(missing_ok=True)
