@@ -20,14 +20,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 LIBRARIES = ("diffusers", "transformers", "huggingface_hub", "accelerate", "peft", "torch", "safetensors",
-             "tqdm", "PIL", "bitsandbytes", "torchao")
+             "tqdm", "PIL", "bitsandbytes", "torchao", "ray")
 ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "DIFFUSERS_VERBOSITY": "error", "HF_HUB_VERBOSITY": "error",
                "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                "TQDM_DISABLE": "1"}       # diffusers' bars are tqdm's; dorabooth draws none with tqdm
 _OWN_LOGGING = ("diffusers.utils.logging", "transformers.utils.logging", "huggingface_hub.utils.logging")
 # bitsandbytes and torchao (diffusers imports them when installed) log their missing CPU kernels; torchao's
 # import makes torch's pytree log a deprecation under its own logger.
-_PLAIN_LOGGERS = ("accelerate", "peft", "torch", "bitsandbytes", "torchao", "torch.utils._pytree")
+_PLAIN_LOGGERS = ("accelerate", "peft", "torch", "bitsandbytes", "torchao", "torch.utils._pytree", "ray")
 
 
 @contextmanager
