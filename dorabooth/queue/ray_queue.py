@@ -19,12 +19,16 @@ record says so. When retries run out, the keeper fails the job with that message
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import threading
 import time
 from collections import deque
 from collections.abc import Iterator
 
+# quiet.quiet_libraries (the command line and the app without --verbose) set Ray's logger to
+# errors before this import; Ray's import sets it back to INFO, so the wish is read first.
+_QUIET = logging.getLogger("ray").level >= logging.ERROR
 try:
     import ray
 except ImportError:                      # the queue needs it; the rest of dorabooth does not
@@ -51,12 +55,15 @@ def connect(cluster: str | None = "auto", *, num_cpus: int | None = None) -> Non
     if r.is_initialized():
         return
     env = {"env_vars": {k: v for k, v in os.environ.items() if k in ("PYTHONPATH", "OMP_NUM_THREADS")}}
+    level = logging.ERROR if _QUIET else logging.INFO
+    if _QUIET:
+        logging.getLogger("ray").setLevel(logging.ERROR)
     try:
         if cluster in (None, "local"):
             r.init(namespace=NAMESPACE, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                   runtime_env=env)
+                   runtime_env=env, logging_level=level)
         else:
-            r.init(address=cluster, namespace=NAMESPACE, log_to_driver=False, runtime_env=env)
+            r.init(address=cluster, namespace=NAMESPACE, log_to_driver=False, runtime_env=env, logging_level=level)
     except ConnectionError as e:
         raise ConnectionError(f"no Ray cluster at {cluster} ({e}); start one with `ray start --head` or give "
                               f"--cluster ray://HOST:10001") from None
