@@ -60,6 +60,7 @@ def connect(cluster: str | None = "auto", *, num_cpus: int | None = None) -> Non
         logging.getLogger("ray").setLevel(logging.ERROR)
     try:
         if cluster in (None, "local"):
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")      # a cluster of our own reports nothing
             r.init(namespace=NAMESPACE, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                    runtime_env=env, logging_level=level)
         else:
