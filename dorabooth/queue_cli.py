@@ -98,7 +98,8 @@ def _run(args) -> int:
             events = queue.follow(args.job)
         else:
             from .events import read_events
-            events = read_events(queue.get(args.job).run / "events.jsonl")
+            from .rundir import EVENTS
+            events = read_events(queue.get(args.job).run / EVENTS)
         for e in events:
             print(json.dumps(e) if args.json else _line(e), flush=True)
         return 0

@@ -3,7 +3,6 @@ Ray cluster (2 CPUs, loopback): two trainings at once, a killed worker retried f
 checkpoint (same adapter as an uninterrupted run), cancel and resume, two users kept apart,
 a restarted keeper picking the queue up again, and the command line."""
 
-import json
 import os
 import signal
 import time
@@ -13,6 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from dorabooth.cli import main as cli
+from dorabooth.events import read_events
 from dorabooth.queue import JobStore, NotYours, QuotaExceeded
 from dorabooth.queue.attempt import run_attempt
 from tiny_runs import make_subject, quick, save_model
@@ -115,8 +115,7 @@ def test_two_jobs_train_at_once_and_a_killed_worker_is_retried_from_its_checkpoi
     assert len(a.attempts) == 1 and len(b.attempts) == 2
     assert b.attempts[0]["outcome"] == "its worker died" and b.attempts[1]["pid"] != pid
     assert a.attempts[0]["started"] < b.attempts[0]["ended"] and b.attempts[0]["started"] < a.attempts[0]["ended"]
-    resumed = [e for e in json.loads("[" + ",".join((b.run / "events.jsonl").read_text().split("\n")[:-1]) + "]")
-               if e["type"] == "resume"]
+    resumed = [e for e in read_events(b.run / "events.jsonl") if e["type"] == "resume"]
     assert resumed and resumed[0]["step"] >= 4                              # continued, not started over
     x, y = load_file(a.result), load_file(b.result)
     assert x.keys() == y.keys()
