@@ -27,6 +27,7 @@ from dorabooth.quiet import quiet_libraries
 
 from . import handlers as h
 from . import views
+from .users import MAX_QUEUED, Limits, check_logins
 from .security import check_exposure, is_loopback, private_upload_folder, read_auth, received_uploads
 from .workspace import MAX_IMAGES, MAX_UPLOAD_BYTES, MIN_IMAGES, UserError, sanitize_name
 
@@ -80,6 +81,16 @@ def on(event, fn, inputs, outputs, note, **kwargs):
     else:
         kwargs.setdefault("show_progress", "hidden")
     return event(handler, inputs, outputs if writes_note else [*outputs, note], **kwargs)
+
+
+def per_user(app: h.Context, fn):
+    """``fn(ctx, *inputs)`` as an event function: ``ctx`` is the context of the user who sent the
+    event (``app.for_user``: their own workspace when users are kept apart, ``ui.users``)."""
+    def event(request: gr.Request, *inputs):
+        return fn(app.for_user(request.username if request is not None else None), *inputs)
+
+    event.__name__ = event.__qualname__ = fn.__name__       # gradio names the event's API route after it
+    return event
 
 
 CSS = """
@@ -393,11 +404,12 @@ def _newest_or(ctx: h.Context, keep: str | None) -> tuple[list, str | None]:
     return choices, (keep if keep in refs else (refs[0] if refs else None))
 
 
-def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
+def _wire_subject(app: h.Context, c, demo: gr.Blocks) -> None:
+    u = functools.partial(per_user, app)
     outputs = [c.subject, c.token, c.class_noun, c.subject_summary, c.crops, c.photo, c.train_intro,
                c.instance_prompt]
 
-    def show(view: h.SubjectView, *, keep_typing: bool = False):
+    def show(ctx: h.Context, view: h.SubjectView, *, keep_typing: bool = False):
         """Values for ``outputs``. Token, class noun and prompt boxes are the user's: a reply to
         an upload or a save leaves them alone, so it cannot overwrite newer typing."""
         kept = gr.skip() if keep_typing else None
@@ -406,7 +418,7 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
                 gr.update(choices=[p.name for p in view.photos], value=None), _train_intro(ctx, view),
                 kept or view.instance_prompt)
 
-    def runs_of(name: str, select: bool | str = True):
+    def runs_of(ctx: h.Context, name: str, select: bool | str = True):
         """The run list of a subject: the newest run selected, or the run ``select`` names."""
         choices = h.list_runs(ctx, name) if name in h.subject_names(ctx) else []
         chosen = select if isinstance(select, str) else (choices[0][1] if choices and select else None)
@@ -415,7 +427,7 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
     # the form boxes a reload restores; the preset and the prompt have their own places in on_load's outputs
     restored = [name for name in c.form if name not in ("preset", "instance_prompt")]
 
-    def on_load():
+    def on_load(ctx):
         """The newest subject, or, while a run trains or waits, that run: its subject, its
         settings in the form and the Train tab (so a reload shows what is going on)."""
         live = h.live_run(ctx)
@@ -426,7 +438,7 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
         finished, newest = _newest_or(ctx, None)             # one scan of the workspace for both lists
         fmt, hint = gr.skip(), ""                          # worked out when the Export tab opens
         values = asdict(form) if form else {}
-        return (*show(view), runs_of(view.name, live or True), gr.update(choices=finished, value=newest),
+        return (*show(ctx, view), runs_of(ctx, view.name, live or True), gr.update(choices=finished, value=newest),
                 gr.update(choices=finished, value=newest),
                 gr.update(choices=h.preset_choices(ctx), info=_preset_info(ctx), **_value(values, "preset")),
                 h.default_prompt(ctx, newest) if newest else gr.skip(), fmt, hint,
@@ -434,48 +446,48 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
                 _value(values, "method").get("value", gr.skip()),
                 *(_value(values, name).get("value", gr.skip()) for name in restored))
 
-    on(demo.load, on_load, None, [*outputs, c.run, c.gen_run, c.exp_run, c.preset, c.prompt, c.fmt, c.exp_hint,
+    on(demo.load, u(on_load), None, [*outputs, c.run, c.gen_run, c.exp_run, c.preset, c.prompt, c.fmt, c.exp_hint,
                                   c.tabs, c.advanced, c.method_was, *(c.form[name] for name in restored)],
        c.subject_note)
 
-    def on_subject(name):
+    def on_subject(ctx, name):
         safe = sanitize_name(name, "subject name") if (name or "").strip() else "my-subject"
         if safe not in h.subject_names(ctx):           # a new name: keep what is typed in the other boxes
-            return (*show(_empty_view(safe), keep_typing=True), runs_of(safe))
-        return (*show(h.open_subject(ctx, safe)), runs_of(safe))
+            return (*show(ctx, _empty_view(safe), keep_typing=True), runs_of(ctx, safe))
+        return (*show(ctx, h.open_subject(ctx, safe)), runs_of(ctx, safe))
 
-    on(c.subject.input, on_subject, c.subject, [*outputs, c.run], c.subject_note)
-    on(c.subject.select, on_subject, c.subject, [*outputs, c.run], c.subject_note)
+    on(c.subject.input, u(on_subject), c.subject, [*outputs, c.run], c.subject_note)
+    on(c.subject.select, u(on_subject), c.subject, [*outputs, c.run], c.subject_note)
 
-    def on_upload(name, files, token, class_noun):
+    def on_upload(ctx, name, files, token, class_noun):
         files = received_uploads(demo, files or [])
-        return (*show(h.upload_photos(ctx, name or "my-subject", files, token, class_noun),
+        return (*show(ctx, h.upload_photos(ctx, name or "my-subject", files, token, class_noun),
                       keep_typing=True), None)
 
-    on(c.upload.upload, on_upload, [c.subject, c.upload, c.token, c.class_noun], [*outputs, c.upload],
+    on(c.upload.upload, u(on_upload), [c.subject, c.upload, c.token, c.class_noun], [*outputs, c.upload],
        c.subject_note)
 
-    def on_use_sample(name):
+    def on_use_sample(ctx, name):
         view = h.use_sample(ctx, name)
-        return (*show(view), runs_of(view.name, select=False))
+        return (*show(ctx, view), runs_of(ctx, view.name, select=False))
 
-    on(c.use_sample.click, on_use_sample, c.sample, [*outputs, c.run], c.subject_note)
+    on(c.use_sample.click, u(on_use_sample), c.sample, [*outputs, c.run], c.subject_note)
 
-    def on_save(name, token, class_noun):
+    def on_save(ctx, name, token, class_noun):
         if not (name or "").strip():
             raise UserError("give the subject a name first")
-        return show(h.save_subject(ctx, name, token, class_noun), keep_typing=True)
+        return show(ctx, h.save_subject(ctx, name, token, class_noun), keep_typing=True)
 
     for box in (c.token, c.class_noun):
-        on(box.blur, on_save, [c.subject, c.token, c.class_noun], outputs, c.subject_note)
-        on(box.submit, on_save, [c.subject, c.token, c.class_noun], outputs, c.subject_note)
+        on(box.blur, u(on_save), [c.subject, c.token, c.class_noun], outputs, c.subject_note)
+        on(box.submit, u(on_save), [c.subject, c.token, c.class_noun], outputs, c.subject_note)
 
-    def on_remove(name, photo):
+    def on_remove(ctx, name, photo):
         if not photo:
             raise UserError("choose a photo to remove (click a crop, or pick it in the list)")
-        return show(h.remove_photo(ctx, name, photo), keep_typing=True)
+        return show(ctx, h.remove_photo(ctx, name, photo), keep_typing=True)
 
-    on(c.remove.click, on_remove, [c.subject, c.photo], outputs, c.photo_note)
+    on(c.remove.click, u(on_remove), [c.subject, c.photo], outputs, c.photo_note)
 
     def on_crop_select(evt: gr.SelectData):
         caption = (evt.value or {}).get("caption") or ""
@@ -484,25 +496,27 @@ def _wire_subject(ctx: h.Context, c, demo: gr.Blocks) -> None:
     c.crops.select(on_crop_select, None, c.photo)
 
 
-def _wire_train(ctx: h.Context, c) -> None:
-    def on_preset(name, method):
+def _wire_train(app: h.Context, c) -> None:
+    u = functools.partial(per_user, app)
+
+    def on_preset(ctx, name, method):
         v = h.preset_values(ctx, name)
         return v["steps"], h.default_rank(ctx, name, method), v["lr"]
 
     # .input, not .change: the page load refreshes the preset's choices, and a .change fired by that
     # refresh would reset steps/rank/lr the user has already typed (seen in CI: 4 steps became 600).
-    on(c.preset.input, on_preset, [c.preset, c.method], [c.steps, c.rank, c.lr], c.train_note)
+    on(c.preset.input, u(on_preset), [c.preset, c.method], [c.steps, c.rank, c.lr], c.train_note)
 
-    def on_method(preset, before, method, rank):
+    def on_method(ctx, preset, before, method, rank):
         """DVoRA's own default rank in the box, unless the user typed one (h.rank_for_method)."""
         rank = h.rank_for_method(ctx, preset, before, method, _int(rank, "rank"))
         kind = "dvora" if h.METHOD_LABELS.get(method, {}).get("method") == "dvora" else "dora"
         return gr.update(value=rank, info=RANK_INFO[kind]), method
 
-    on(c.method.input, on_method, [c.preset, c.method_was, c.method, c.rank], [c.rank, c.method_was], c.train_note)
+    on(c.method.input, u(on_method), [c.preset, c.method_was, c.method, c.rank], [c.rank, c.method_was], c.train_note)
 
-    def on_device_choice(method, rank, prior, text_encoders, precision, checkpointing, optimizer, targets, quantize,
-                         pivotal):
+    def on_device_choice(ctx, method, rank, prior, text_encoders, precision, checkpointing, optimizer, targets,
+                         quantize, pivotal):
         settings = h.TrainSettings(method=method, rank=_int(rank, "rank"), prior_preservation=prior,
                                    train_text_encoders=text_encoders, precision=precision,
                                    checkpointing=checkpointing, optimizer=optimizer, targets=targets,
@@ -517,12 +531,12 @@ def _wire_train(ctx: h.Context, c) -> None:
     device_inputs = [c.method, c.rank, c.prior, c.text_encoders, c.precision, c.checkpointing, c.optimizer,
                      c.targets, c.quantize, c.pivotal]
     for box in device_inputs:                      # what the estimate depends on
-        on(box.change, on_device_choice, device_inputs, [c.device, c.adapter_note, c.advanced], c.train_note,
+        on(box.change, u(on_device_choice), device_inputs, [c.device, c.adapter_note, c.advanced], c.train_note,
            show_progress="hidden")
 
     form = list(c.form.values())
 
-    def on_start(name, token, class_noun, *values):
+    def on_start(ctx, name, token, class_noun, *values):
         if not (name or "").strip():
             raise UserError("name the subject and upload photos on the Subject tab first")
         subject = h.save_subject(ctx, name, token, class_noun, dict(zip(c.form, values))["instance_prompt"] or "")
@@ -533,16 +547,16 @@ def _wire_train(ctx: h.Context, c) -> None:
         return gr.update(choices=h.list_runs(ctx, subject.name), value=ref), None, note
 
     # one Start at a time, and no clicks while one is handled: a double click queues one run
-    on(c.start.click, on_start, [c.subject, c.token, c.class_noun, *form], [c.run, c.seen, c.train_note],
+    on(c.start.click, u(on_start), [c.subject, c.token, c.class_noun, *form], [c.run, c.seen, c.train_note],
        c.train_note, concurrency_limit=1, trigger_mode="once")
 
-    on(c.stop.click, lambda ref: views.note_html(h.stop_training(ctx, ref), problem=False), c.run, [c.train_note],
-       c.train_note)
-    on(c.resume.click, lambda ref: (None, views.note_html(h.resume_training(ctx, ref), problem=False)), c.run,
-       [c.seen, c.train_note], c.train_note)
+    on(c.stop.click, u(lambda ctx, ref: views.note_html(h.stop_training(ctx, ref), problem=False)), c.run,
+       [c.train_note], c.train_note)
+    on(c.resume.click, u(lambda ctx, ref: (None, views.note_html(h.resume_training(ctx, ref), problem=False))),
+       c.run, [c.seen, c.train_note], c.train_note)
 
     # ---- rename and delete the selected run (not while it trains or waits) -----------------------
-    def on_rename(ref, name):
+    def on_rename(ctx, ref, name):
         if not (name or "").strip():
             raise UserError("type the run's new name first")
         renamed = h.rename_run(ctx, ref, name)
@@ -550,28 +564,28 @@ def _wire_train(ctx: h.Context, c) -> None:
                 views.note_html(f"Renamed to {renamed}.", problem=False))
 
     for event in (c.rename.click, c.new_name.submit):
-        on(event, on_rename, [c.run, c.new_name], [c.run, c.new_name, c.run_note], c.run_note)
+        on(event, u(on_rename), [c.run, c.new_name], [c.run, c.new_name, c.run_note], c.run_note)
 
-    def on_delete_asked(ref):
+    def on_delete_asked(ctx, ref):
         h.check_idle(ctx, ref, "delete")
         question = (f'<div class="db-warn">Delete <b>{escape(ref)}</b> with its checkpoints, previews, generated '
                     f'images and exports? This cannot be undone.</div>')
         return gr.update(visible=True), question
 
-    on(c.delete.click, on_delete_asked, c.run, [c.confirm, c.confirm_text], c.run_note)
+    on(c.delete.click, u(on_delete_asked), c.run, [c.confirm, c.confirm_text], c.run_note)
 
-    def on_delete(ref):
+    def on_delete(ctx, ref):
         message = h.delete_run(ctx, ref)
         remaining = h.list_runs(ctx, ref.split("/")[0])
         return (gr.update(choices=remaining, value=remaining[0][1] if remaining else None), gr.update(visible=False),
                 views.note_html(message, problem=False))
 
-    on(c.confirm_delete.click, on_delete, c.run, [c.run, c.confirm, c.run_note], c.run_note)
+    on(c.confirm_delete.click, u(on_delete), c.run, [c.run, c.confirm, c.run_note], c.run_note)
     c.cancel_delete.click(lambda: gr.update(visible=False), None, c.confirm)
     c.run.input(lambda: (gr.update(visible=False), "", ""), None, [c.confirm, c.run_note, c.train_note])
 
     # ---- the selected run, redrawn from its folder ---------------------------------------------
-    def on_tick(ref, last, subject, *values):
+    def on_tick(ctx, ref, last, subject, *values):
         """Redraw the selected run from its folder; parts that did not change are skipped (no
         flicker). Start is "Training…" and not clickable while the selected run is queued or
         training and the form asks for exactly that run."""
@@ -594,8 +608,8 @@ def _wire_train(ctx: h.Context, c) -> None:
 
     tick_inputs = [c.run, c.seen, c.subject, *form]
     tick_outputs = [c.progress, c.details, c.loss, c.previews, c.previews_title, c.stop, c.resume, c.start, c.seen]
-    c.timer.tick(on_tick, tick_inputs, tick_outputs, show_progress="hidden", queue=False)
-    c.run.change(on_tick, tick_inputs, tick_outputs, show_progress="hidden")
+    c.timer.tick(u(on_tick), tick_inputs, tick_outputs, show_progress="hidden", queue=False)
+    c.run.change(u(on_tick), tick_inputs, tick_outputs, show_progress="hidden")
 
 
 def _start_button(status, running_this: bool):
@@ -635,37 +649,40 @@ def _value(values: dict, name: str) -> dict:
     return {"value": "" if value is None and name == "instance_prompt" else value}
 
 
-def _wire_results(ctx: h.Context, c) -> None:
+def _wire_results(app: h.Context, c) -> None:
     """Generate, Export and Analyze: each lists the finished runs when its tab is opened, keeping
     the run the user picked (and their prompt, format and dtype) while it is still listed.
     Prompt and format follow the run on a user's pick (.input) or when the tab's refresh
     changes the run — never on a refresh alone, which would overwrite what the user typed.
     Problems (e.g. no trained run yet) go to each tab's note, under its main button."""
-    def on_generate_tab(current, prompt):
+    u = functools.partial(per_user, app)
+
+    def on_generate_tab(ctx, current, prompt):
         choices, chosen = _newest_or(ctx, current)
         refill = chosen and (chosen != current or not (prompt or "").strip())
         return gr.update(choices=choices, value=chosen), h.default_prompt(ctx, chosen) if refill else gr.skip()
 
-    on(c.generate_tab.select, on_generate_tab, [c.gen_run, c.prompt], [c.gen_run, c.prompt], c.gen_note)
-    on(c.gen_run.input, lambda ref: h.default_prompt(ctx, ref) if ref else "", c.gen_run, [c.prompt], c.gen_note)
+    on(c.generate_tab.select, u(on_generate_tab), [c.gen_run, c.prompt], [c.gen_run, c.prompt], c.gen_note)
+    on(c.gen_run.input, u(lambda ctx, ref: h.default_prompt(ctx, ref) if ref else ""), c.gen_run, [c.prompt],
+       c.gen_note)
 
-    def on_export_tab(current, hint):
+    def on_export_tab(ctx, current, hint):
         choices, chosen = _newest_or(ctx, current)
         again = chosen != current or not hint
         return (gr.update(choices=choices, value=chosen),
                 *(_export_suggestion(ctx, chosen) if again else (gr.skip(),) * 4))
 
-    on(c.export_tab.select, on_export_tab, [c.exp_run, c.exp_hint], [c.exp_run, *c.suggestion], c.exp_note)
+    on(c.export_tab.select, u(on_export_tab), [c.exp_run, c.exp_hint], [c.exp_run, *c.suggestion], c.exp_note)
 
-    def on_analyze_tab(current, more):
+    def on_analyze_tab(ctx, current, more):
         choices, chosen = _newest_or(ctx, current)
         refs = {ref for _, ref in choices}
         return (gr.update(choices=choices, value=chosen),
                 gr.update(choices=choices, value=[r for r in (more or []) if r in refs]))
 
-    on(c.analyze_tab.select, on_analyze_tab, [c.ana_run, c.ana_more], [c.ana_run, c.ana_more], c.ana_note)
+    on(c.analyze_tab.select, u(on_analyze_tab), [c.ana_run, c.ana_more], [c.ana_run, c.ana_more], c.ana_note)
 
-    def on_generate(ref, prompt, negative, n, steps, guidance, strength, seed, random_seed):
+    def on_generate(ctx, ref, prompt, negative, n, steps, guidance, strength, seed, random_seed):
         if not ref:
             raise UserError("no trained subject yet: train one on the Train tab first")
         result = h.generate_images(ctx, ref, prompt, negative=negative, n=int(n), steps=int(steps),
@@ -677,7 +694,7 @@ def _wire_results(ctx: h.Context, c) -> None:
                 f'<code>{escape(str(result.images[0].parent))}</code>.</div>')
         return [(str(p), f"seed {result.seed + i}") for i, p in enumerate(result.images)], note, result.seed
 
-    on(c.generate.click, on_generate, [c.gen_run, c.prompt, c.negative, c.n, c.gen_steps, c.guidance, c.strength,
+    on(c.generate.click, u(on_generate), [c.gen_run, c.prompt, c.negative, c.n, c.gen_steps, c.guidance, c.strength,
                                        c.gen_seed, c.random_seed], [c.gallery, c.gen_note, c.gen_seed], c.gen_note)
 
     def on_format(fmt):
@@ -685,15 +702,15 @@ def _wire_results(ctx: h.Context, c) -> None:
 
     c.fmt.change(on_format, c.fmt, [c.fmt_help, c.dtype])
 
-    def on_export(ref, fmt, dtype):
+    def on_export(ctx, ref, fmt, dtype):
         if not ref:
             raise UserError("no trained subject yet: train one on the Train tab first")
         outcome = h.export_run(ctx, ref, fmt, dtype)
         return views.export_report_html(outcome), str(outcome.path)
 
-    on(c.export.click, on_export, [c.exp_run, c.fmt, c.dtype], [c.exp_report, c.download], c.exp_note)
+    on(c.export.click, u(on_export), [c.exp_run, c.fmt, c.dtype], [c.exp_report, c.download], c.exp_note)
 
-    def on_analyze(ref, more, axis):
+    def on_analyze(ctx, ref, more, axis):
         if not ref:
             raise UserError("no trained subject yet: train one on the Train tab first")
         check = h.check_run(ctx, ref)
@@ -701,19 +718,20 @@ def _wire_results(ctx: h.Context, c) -> None:
         return (views.check_html(check), check.subject_images, check.class_images, str(outcome.plot),
                 views.analysis_html(outcome))
 
-    on(c.analyze.click, on_analyze, [c.ana_run, c.ana_more, c.ana_axis],
+    on(c.analyze.click, u(on_analyze), [c.ana_run, c.ana_more, c.ana_axis],
        [c.check_text, c.check_subject, c.check_class, c.ana_plot, c.ana_text], c.ana_note)
 
 
-def _wire_export_choice(ctx: h.Context, c) -> None:
+def _wire_export_choice(app: h.Context, c) -> None:
     """The Export tab's "Where will you use it?": the run's answer when it is picked, the format
     and advice for the answer, and for a run trained for diffusers exported for ComfyUI / A1111 /
     Forge the choice between the merged checkpoint and a retrain (one click, same photos and settings)."""
-    on(c.exp_run.input, lambda ref: _export_suggestion(ctx, ref), c.exp_run, c.suggestion, c.exp_note)
-    on(c.exp_use.input, lambda ref, use: _export_suggestion(ctx, ref, h.EXPORT_USES.get(use)),
+    u = functools.partial(per_user, app)
+    on(c.exp_run.input, u(lambda ctx, ref: _export_suggestion(ctx, ref)), c.exp_run, c.suggestion, c.exp_note)
+    on(c.exp_use.input, u(lambda ctx, ref, use: _export_suggestion(ctx, ref, h.EXPORT_USES.get(use))),
        [c.exp_run, c.exp_use], c.suggestion, c.exp_note)
 
-    def on_retrain(ref):
+    def on_retrain(ctx, ref):
         new = h.retrain_for(ctx, ref, "comfy")
         subject = new.split("/")[0]
         note = (f'<div class="db-ok">Started <b>{escape(new)}</b>: the same photos and settings, trained for '
@@ -721,7 +739,7 @@ def _wire_export_choice(ctx: h.Context, c) -> None:
                 f'ComfyUI / A1111 / Forge adapter here.</div>')
         return note, gr.update(choices=h.list_runs(ctx, subject), value=new)
 
-    on(c.retrain.click, on_retrain, c.exp_run, [c.exp_report, c.run], c.exp_note)
+    on(c.retrain.click, u(on_retrain), c.exp_run, [c.exp_report, c.run], c.exp_note)
 
 
 def _export_suggestion(ctx: h.Context, ref: str | None, use: str | None = None):
@@ -793,10 +811,17 @@ def _float(value, what: str) -> float | None:
 
 def launch(demo: gr.Blocks, ctx: h.Context, *, host: str = "127.0.0.1", port: int = 7860, block: bool = True,
            auth: list[tuple[str, str]] | None = None):
-    """Serve the page; files are served from the workspace only; ``auth``: the (user, password)
-    pairs that may log in (None: no login, for a loopback address or ``--insecure``)."""
+    """Serve the page; files are served from the workspace only (with separate users, each user's
+    from their own folder only); ``auth``: the (user, password) pairs that may log in (None: no
+    login, for a loopback address or ``--insecure``)."""
+    from starlette.middleware import Middleware
+
+    from .users import OwnFilesOnly
+
     demo.queue(default_concurrency_limit=1)
+    guard = [Middleware(OwnFilesOnly, workspace=ctx.workspace.root)] if ctx.separate_users else []
     demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True,
+                app_kwargs={"middleware": guard},
                 allowed_paths=[str(ctx.workspace.root)], max_file_size=MAX_UPLOAD_BYTES, quiet=False,
                 theme=gr.themes.Soft(), css=CSS, footer_links=[], ssr_mode=False, run_history=False,
                 inbrowser=False, auth=auth or None, auth_message="dorabooth: log in with the user and password "
@@ -809,25 +834,40 @@ def main(argv: list[str] | None = None) -> int:
     try:                                               # before anything is loaded, made or served
         logins = read_auth(args.auth, args.auth_file)
         check_exposure(args.host, logins, args.insecure)
+        check_logins(logins)
+        limits = Limits(max_queued=args.max_queued, disk_bytes=_quota(args.disk_quota))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     with quiet_libraries(not args.verbose):          # as the command line: the libraries say only errors
-        return _serve(args, logins)
+        return _serve(args, logins, limits)
 
 
-def _serve(args, logins) -> int:
+def _quota(gigabytes: float | None) -> int | None:
+    if gigabytes is None:
+        return None
+    if not gigabytes > 0:
+        raise ValueError(f"--disk-quota {gigabytes}: give the gigabytes each workspace may hold, e.g. 20")
+    return int(gigabytes * 1e9)
+
+
+def _serve(args, logins, limits) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)             # gradio's own requests, each logged
     if not logins and not is_loopback(args.host):
         log.warning("--insecure: serving on %s without a login; anyone who reaches it can use the app", args.host)
     try:
         ctx = h.make_context(args.workspace, args.model, model_config=args.model_config, samples=args.samples,
-                             cluster=args.cluster)
+                             cluster=args.cluster, separate_users=bool(logins) and not args.shared_workspace,
+                             limits=limits)
         ctx.info                                          # a missing or unreadable model fails here, readably
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"dorabooth-ui: {e}", file=sys.stderr)
         return 2
+    if ctx.separate_users and ctx.workspace.subjects():
+        log.warning("the subjects in %s are not shown: with logins each user has a folder of their own under %s/users "
+                    "(move a subject's folder into one, or start with --shared-workspace)", ctx.workspace.root,
+                    ctx.workspace.root)
     waiting = h.recover_queue(ctx)
     if waiting:
         log.info("queued again after a restart: %s", ", ".join(waiting))
@@ -876,6 +916,14 @@ def _parser() -> argparse.ArgumentParser:
                              "`ray start --head`), ray://HOST:PORT or HOST:PORT; the workspace must be a folder "
                              "every worker reaches at the same path (docs/scaling.md). Default: in this process, "
                              "one run at a time")
+    parser.add_argument("--shared-workspace", dest="shared_workspace", action="store_true",
+                        help="with logins: every user sees and changes the same subjects and runs (default: each "
+                             "login has a workspace of its own, WORKSPACE/users/<user>)")
+    parser.add_argument("--max-queued", dest="max_queued", type=int, default=MAX_QUEUED, metavar="N",
+                        help=f"runs training or waiting at once, per user (default: {MAX_QUEUED})")
+    parser.add_argument("--disk-quota", dest="disk_quota", type=float, default=None, metavar="GB",
+                        help="gigabytes each user's workspace may hold (photos, runs, images, exports); checked "
+                             "before each upload, run, generation and export (default: no quota)")
     parser.add_argument("--insecure", action="store_true",
                         help="allow a --host other computers can reach without a login (anyone reaching it can "
                              "read and change the workspace)")

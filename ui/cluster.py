@@ -22,11 +22,17 @@ from dorabooth.queue import FINAL
 class ClusterWorker:
     """Runs as jobs of ``RayQueue(workspace, cluster)``."""
 
-    def __init__(self, workspace: str | Path, cluster: str, *, cpus: float = 1.0, user: str | None = None):
+    def __init__(self, workspace: str | Path, cluster: str, *, cpus: float = 1.0, user: str | None = None,
+                 max_queued: int | None = None):
         from dorabooth.queue.ray_queue import RayQueue
 
-        self.queue = RayQueue(workspace, cluster, user=user)
-        self.cpus = cpus
+        self.queue = RayQueue(workspace, cluster, user=user, max_queued=max_queued)
+        self.workspace, self.cluster, self.cpus = workspace, cluster, cpus
+
+    def as_user(self, user: str) -> ClusterWorker:
+        """The same queue as ``user``: their jobs only, owned by them (``ui.users``)."""
+        return ClusterWorker(self.workspace, self.cluster, cpus=self.cpus, user=user,
+                             max_queued=self.queue.max_queued)
 
     @staticmethod
     def job_id(run: Path) -> str:

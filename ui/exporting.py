@@ -21,6 +21,7 @@ from dorabooth.formats.destinations import COMFY_LIKE, TOOL, USES, Pick, hint, p
 from dorabooth.formats.subject import file_stem
 
 from .runs import read_status
+from .users import check_disk
 from .workspace import UserError
 
 EXPORT_FORMATS = {
@@ -189,6 +190,7 @@ def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
                         "diffusers format cannot hold; export it as 'ComfyUI / A1111 / Forge adapter' or as a "
                         "merged checkpoint")
     dtype = "fp32" if fmt == "diffusers-lora" else dtype          # that format is always written in fp32
+    check_disk(ctx.workspace.root, ctx.limits, what="an export")
     stem = file_stem(rd.read_run(run).subject if rd.is_run(run) else None, s.get("method", "dora"), fmt, dtype)
     folder = run / "exports" / f"{fmt}-{dtype}"
     out = folder / (stem if fmt == "merged-diffusers" else f"{stem}.safetensors")

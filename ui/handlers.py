@@ -42,6 +42,7 @@ from .exporting import (  # noqa: F401  (the Export tab's handlers live there)
     use_advice,
 )
 from .runs import RunStatus, read_status
+from .users import Limits, UserLine, check_disk, user_folder_name, user_root
 from .worker import TrainingWorker
 from .workspace import (
     MIN_IMAGES,
@@ -138,8 +139,12 @@ class Context:
     worker: TrainingWorker = None      # type: ignore[assignment]
     sessions: SessionCache = field(default_factory=SessionCache)
     starting: threading.Lock = field(default_factory=threading.Lock)   # one Start at a time (double clicks)
+    limits: Limits = field(default_factory=Limits)   # of this workspace (each user's, with separate users)
+    separate_users: bool = False       # each login its own workspace under WORKSPACE/users (ui.users)
+    user: str | None = None            # whose context this is (None: the app's, or no logins)
     _info: ModelInfo | None = None
     _device: DeviceInfo | None = None  # the training device (detected once; tests describe one)
+    _users: dict = field(default_factory=dict)      # user → their Context (with separate users)
 
     @property
     def device(self) -> DeviceInfo:
@@ -154,6 +159,33 @@ class Context:
             self._info = describe_model(self.model, self.model_config, self.device)
         return self._info
 
+    def for_user(self, user: str | None) -> Context:
+        """The context a request of ``user`` (the login's name; None without logins) works in: with
+        separate users, their own workspace ``WORKSPACE/users/<user>`` and their view of the
+        training line; otherwise this one."""
+        if not self.separate_users:
+            return self
+        if not user:
+            raise UserError("log in first: this app keeps each user's subjects and runs apart")
+        with self.starting:
+            if user not in self._users:
+                self._users[user] = self._context_at(user_root(self.workspace.root, user), user)
+            return self._users[user]
+
+    def users(self) -> list[Context]:
+        """With separate users, a context per user folder in the workspace (after a restart)."""
+        folder = self.workspace.root / "users"
+        if not self.separate_users or not folder.is_dir():
+            return []
+        return [self.for_user(p.name) for p in sorted(folder.iterdir())
+                if p.is_dir() and user_folder_name(p.name) == p.name]
+
+    def _context_at(self, root: Path, user: str) -> Context:
+        as_user = getattr(self.worker, "as_user", None)
+        worker = as_user(user) if as_user else UserLine(self.worker, root)
+        self.device, self.info                       # detected once, shared
+        return replace(self, workspace=Workspace(root), worker=worker, user=user, separate_users=False, _users={})
+
     def close(self) -> None:
         self.worker.close()
         self.sessions.release()
@@ -161,14 +193,16 @@ class Context:
 
 def make_context(workspace: str | Path, model: str | None = None, *, model_config: str | None = None,
                  samples: str | Path | None = None, train=None, device: DeviceInfo | None = None,
-                 cluster: str | None = None) -> Context:
+                 cluster: str | None = None, separate_users: bool = False, limits: Limits | None = None) -> Context:
     """The app's state. ``train`` replaces ``dorabooth.train`` (tests); ``device`` describes the
     training device instead of detecting it (tests); ``cluster``: train on that Ray cluster
-    (``ui.cluster``) instead of in this process, one run at a time."""
-    ctx = Context(Workspace(workspace), model, model_config, Path(samples) if samples else None, _device=device)
+    (``ui.cluster``) instead of in this process, one run at a time; ``separate_users``: each login
+    gets a workspace of its own (:meth:`Context.for_user`), ``limits`` on each."""
+    ctx = Context(Workspace(workspace), model, model_config, Path(samples) if samples else None, _device=device,
+                  limits=limits or Limits(), separate_users=separate_users)
     if cluster:
         from .cluster import ClusterWorker
-        ctx.worker = ClusterWorker(ctx.workspace.root, cluster)
+        ctx.worker = ClusterWorker(ctx.workspace.root, cluster, max_queued=ctx.limits.max_queued)
     else:
         ctx.worker = TrainingWorker(train=train, before_train=ctx.sessions.release)
     return ctx
@@ -218,6 +252,7 @@ def upload_photos(ctx: Context, name: str, files: list[str], token: str | None =
     """Add uploaded files to a subject (created if new); refused files come back with the reason."""
     if not files:
         raise UserError("no files were uploaded; drop 3–20 photos (JPG, PNG or WebP) on the box")
+    check_disk(ctx.workspace.root, ctx.limits, sum(Path(f).stat().st_size for f in files), what="this upload")
     subject = ctx.workspace.subject(name, create=True)
     if token is not None or class_noun is not None:
         ctx.workspace.save_subject(subject.name, token=token or subject.token,
@@ -283,7 +318,6 @@ METHOD_LABELS = {
 # (dorabooth.formats.destinations says why "Not sure" trains axis "in").
 USES = {_USE_LABELS[k]: _AXIS_FOR_USE[k] for k in ("comfy", "diffusers", "unsure")}
 NEW_RUN = "(new run)"                  # a config's ``out`` before its run folder is made
-MAX_QUEUED = 10                        # runs training or waiting at once
 MAX_GENERATE_STEPS = 1000              # sampler steps per image the Generate tab may ask for
 MAX_PROMPT = 2000                      # characters in a prompt or negative prompt
 # The Advanced overrides of the device settings: "auto" = what dorabooth.devices resolves.
@@ -527,10 +561,15 @@ def start_training(ctx: Context, subject_name: str, settings: TrainSettings) -> 
 
 
 def check_queue_room(ctx: Context) -> None:
-    """At most MAX_QUEUED runs train or wait at once (a script cannot queue thousands)."""
-    if len(ctx.worker.line()) >= MAX_QUEUED:
-        raise UserError(f"{MAX_QUEUED} runs are training or waiting already (the most the queue holds): wait for "
-                        f"one to finish, or stop one, then start this one")
+    """At most ``ctx.limits.max_queued`` runs of a workspace train or wait at once (a script cannot
+    queue thousands; with separate users, per user), and the workspace is within its disk quota."""
+    limit = ctx.limits.max_queued
+    if len(ctx.worker.line()) >= limit:
+        whose = "of yours " if ctx.user else ""
+        raise UserError(f"{limit} runs {whose}are training or waiting already (the most the queue holds"
+                        f"{' for one user' if ctx.user else ''}): wait for one to finish, or stop one, then start "
+                        f"this one")
+    check_disk(ctx.workspace.root, ctx.limits, what="a new run")
 
 
 def live_twin(ctx: Context, config: TrainConfig) -> str | None:
@@ -613,6 +652,7 @@ def resume_training(ctx: Context, ref: str) -> str:
         config = replace(rd.read_config(run)[0], resume=True, out=str(run))
     else:                                              # it never started: start it as requested
         config = _request_config(run)
+    check_queue_room(ctx)
     position = ctx.worker.submit(run, config)
     return "Resuming." if position == 0 else f"Queued to resume: {_place(position)}."
 
@@ -651,7 +691,10 @@ def run_label(ctx: Context, run: Path, status: RunStatus) -> str:
 
 
 def recover_queue(ctx: Context) -> list[str]:
-    """After a restart: queue again the runs that were waiting (request written, never started)."""
+    """After a restart: queue again the runs that were waiting (request written, never started);
+    with separate users, every user's."""
+    if ctx.separate_users:
+        return [f"{user.user}: {ref}" for user in ctx.users() for ref in recover_queue(user)]
     waiting = []
     for run in ctx.workspace.runs():
         if (run / REQUEST_FILE).is_file() and not (run / rd.EVENTS).exists() and ctx.worker.position(run) is None:
@@ -701,6 +744,7 @@ def generate_images(ctx: Context, ref: str, prompt: str, *, negative: str = "", 
     if seed is not None and not 0 <= int(seed) <= MAX_SEED:
         raise UserError(f"seed {seed}: use a whole number from 0 to {MAX_SEED}")
     seed = secrets.randbelow(2**31) if seed is None else int(seed)
+    check_disk(ctx.workspace.root, ctx.limits, what="generating")
     settings = status.settings                       # the base model the run was trained on
     paths = ctx.sessions.use(settings.get("model"), lambda session: generate(
         prompt.strip(), out=run / "generated", adapter=run, negative=(negative or "").strip() or None, n=int(n),

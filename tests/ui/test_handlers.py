@@ -18,6 +18,7 @@ from dorabooth.rundir import LOCK
 
 from ui import handlers as h
 from ui import runs, views
+from ui.users import Limits
 from ui.workspace import UserError, Workspace, sanitize_name
 from ui_fixtures import make_photos, wait_for_run
 
@@ -312,7 +313,7 @@ def test_the_queue_and_generation_are_bounded(fake, monkeypatch):
     """issue 13 #2: a script could queue runs without end, and ask Generate for any number of
     steps or any seed; each is refused with the limit."""
     ctx, trainer = fake
-    monkeypatch.setattr(h, "MAX_QUEUED", 2)
+    monkeypatch.setattr(ctx, "limits", Limits(max_queued=2))
     refs = [h.start_training(ctx, "rex", h.TrainSettings(steps=1, seed=seed, prior_preservation=False))
             for seed in (1, 2)]
     with pytest.raises(UserError, match="2 runs are training or waiting already"):

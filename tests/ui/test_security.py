@@ -102,7 +102,7 @@ def served(tmp_path_factory):
     """``dorabooth-ui --host 127.0.0.1 --auth alice:…`` with the toy model (starts in ~10 s)."""
     tmp = tmp_path_factory.mktemp("secure-app")
     with serve_app(tmp, "toy", "--auth", ":".join(LOGIN)) as (url, workspace):
-        yield url, workspace, tmp
+        yield url, workspace / "users" / LOGIN[0], tmp            # a login's subjects and runs: tests/ui/test_users.py
     folders = list(Path(tempfile.gettempdir()).glob("dorabooth-ui-uploads-*"))
     assert not [f for f in folders if f in UPLOAD_FOLDERS], "the app's upload folder outlived it"
 
