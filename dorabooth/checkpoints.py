@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, faults, inject, pivotal
+from . import adapters, faults, inject, pivotal, sharding
 from . import rundir as rd
 from .config import TrainConfig
 from .diskfull import DiskFull
@@ -43,10 +43,12 @@ def diverged(what: str, step: int, last_good: Path | None) -> TrainingDiverged:
 
 
 def check_finite_weights(params: dict[str, torch.nn.Parameter], step: int, last_good: Path | None) -> None:
-    """Stop a run whose trainable weights hold NaN/inf before anything is written from them."""
-    for name, p in params.items():
-        if not bool(torch.isfinite(p.detach()).all()):
-            raise diverged(f"the weights became NaN/inf ({name})", step, last_good)
+    """Stop a run whose trainable weights hold NaN/inf before anything is written from them (every
+    process stops together when the weights are sharded)."""
+    bad = next((name for name, p in params.items() if not bool(torch.isfinite(sharding.local(p).detach()).all())),
+               None)
+    if sharding.anyone(bad is not None, params):
+        raise diverged(f"the weights became NaN/inf ({bad or 'in another process'})", step, last_good)
 
 
 @dataclass(frozen=True)
@@ -63,11 +65,10 @@ class TrainState:
 EMA_FILE = "ema.safetensors"                  # a checkpoint's EMA of the trainable tensors (--ema-decay)
 
 
-def _optimizer_state(optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+def _optimizer_state(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """An optimizer state_dict split into tensors (safetensors) and the rest (JSON). A state
     entry that is itself a dict (bitsandbytes' ``__bnb_optimizer_quant_state__``: 8-bit moments,
     quantisation maps, absmax) is stored entry by entry as ``name/entry``."""
-    sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for idx, state in sd["state"].items():
         for name, value in _flat(state):
@@ -86,7 +87,8 @@ def _flat(state: dict):
             yield name, value
 
 
-def _load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+def _optimizer_state_dict(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    """:func:`_optimizer_state`'s parts as an optimizer state_dict again."""
     state: dict[int, dict] = {}
     entries = [(*key.split(".", 2)[1:], value) for key, value in tensors.items()]
     entries += [(*key.split(".", 1), value) for key, value in meta["scalars"].items()]
@@ -97,7 +99,7 @@ def _load_optimizer_state(optimizer, tensors: dict[str, torch.Tensor], meta: dic
             into = into.setdefault(name, {})
             name = entry
         into[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def _rng_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -153,11 +155,12 @@ def write_checkpoint(run: Path, step: int, state: TrainState, pipe, config: Trai
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     write_safetensors(tmp / f"rng-{accelerator.process_index}.safetensors", _rng_state(state.gen))
+    trainable = sharding.full_tensors(state.params)            # gathered by every process when sharded
+    optimizer = sharding.optimizer_state_dict(state.optimizer, state.params, pipe)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_safetensors(tmp / rd.TRAINABLE, {n: p.detach().float() for n, p in state.params.items()},
-                          {"method": config.method})
-        opt_tensors, opt_meta = _optimizer_state(state.optimizer)
+        write_safetensors(tmp / rd.TRAINABLE, trainable, {"method": config.method})
+        opt_tensors, opt_meta = _optimizer_state(optimizer)
         write_safetensors(tmp / rd.OPTIMIZER, opt_tensors)
         if state.ema.tensors:
             write_safetensors(tmp / EMA_FILE, state.ema.tensors)
@@ -201,13 +204,15 @@ class Resumed:
     batches: int
 
 
-def restore_checkpoint(run: Path, state: TrainState, accelerator, emit, grad_accum: int = 1) -> Resumed:
+def restore_checkpoint(run: Path, state: TrainState, accelerator, emit, grad_accum: int = 1, pipe=None) -> Resumed:
     """Load the newest checkpoint into the live objects (step 0 if none).
 
     The number of processes may differ from the checkpoint's (DDP keeps the same weights and
     optimizer state on every process): the data order continues where the checkpoint's processes
     left it, and each process's noise generator starts a new stream seeded by (seed, step,
-    process) instead of the saved one, which only the same process count can continue exactly."""
+    process) instead of the saved one, which only the same process count can continue exactly.
+    Checkpoints hold whole tensors and the unsharded optimizer state, so a sharded run (FSDP,
+    ``pipe`` needed) takes its part of each (``dorabooth.sharding``)."""
     ckpt = rd.latest_checkpoint(run)
     if ckpt is None:
         emit("resume", step=0, message=f"no checkpoint in {run / rd.CHECKPOINTS}; starting from step 0")
@@ -220,16 +225,15 @@ def restore_checkpoint(run: Path, state: TrainState, accelerator, emit, grad_acc
     missing = sorted(set(params) - set(tensors))
     if missing or len(tensors) != len(params):
         raise ValueError(f"{ckpt}: trainable tensors do not match this run (missing e.g. {missing[:3]})")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(tensors[name].to(p.device, p.dtype))
+    sharding.load_tensors(params, tensors)
     if isinstance(state.ema, EMA):
         if not (ckpt / EMA_FILE).is_file():
             raise ValueError(f"{ckpt} has no {EMA_FILE} although this run keeps an EMA (--ema-decay); resume "
                              f"without --ema-decay, as the run was started")
         state.ema.load(read_safetensors(ckpt / EMA_FILE, "checkpoint")[0])
     wanted = [group["initial_lr"] for group in state.optimizer.param_groups]      # this run's, before loading
-    _load_optimizer_state(state.optimizer, read_safetensors(ckpt / rd.OPTIMIZER, "checkpoint")[0], meta["optimizer"])
+    saved = _optimizer_state_dict(read_safetensors(ckpt / rd.OPTIMIZER, "checkpoint")[0], meta["optimizer"])
+    sharding.load_optimizer_state_dict(state.optimizer, saved, params, pipe)
     state.schedule.load_state_dict(meta["lr_schedule"])
     _use_learning_rates(state.optimizer, state.schedule, wanted)
     if before == now:
@@ -268,16 +272,22 @@ def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerato
     accelerator.wait_for_everyone()
     if config.method == "full":
         target = run / rd.FULL_UNET
+        trained = [n for n, c in pipe.components.items()
+                   if isinstance(c, torch.nn.Module) and (n == rd.FULL_UNET or n.startswith("text_encoder"))
+                   and inject.has_trainable(c)]
+        sharded = sharding.is_sharded(accelerator)
+        whole = {n: sharding.full_component_state(getattr(pipe, n)) for n in trained} if sharded else {}
         if accelerator.is_main_process:
-            trained = [n for n, c in pipe.components.items()
-                       if isinstance(c, torch.nn.Module) and (n == rd.FULL_UNET or n.startswith("text_encoder"))
-                       and inject.has_trainable(c)]
             for name in trained:                       # check all before writing any
-                if not all(torch.isfinite(p).all() for p in getattr(pipe, name).parameters()):
+                weights = whole[name].values() if sharded else getattr(pipe, name).parameters()
+                if not all(torch.isfinite(p).all() for p in weights):
                     raise TrainingDiverged(f"the fine-tuned {name} has NaN/inf weights; not writing it")
             for name in sorted(trained, key=lambda n: n == rd.FULL_UNET):   # unet/ last: it marks the run finished
                 with atomic_folder(run / name, overwrite=True) as tmp:
-                    getattr(pipe, name).save_pretrained(tmp, safe_serialization=True)
+                    if sharded:
+                        _save_whole(getattr(pipe, name), whole[name], tmp)
+                    else:
+                        getattr(pipe, name).save_pretrained(tmp, safe_serialization=True)
     else:
         target = run / rd.ADAPTER
         if accelerator.is_main_process:
@@ -286,3 +296,13 @@ def save_final(pipe, config: TrainConfig, run: Path, base: BaseModel, accelerato
             adapters.save_adapter(pipe, target, base_model=base.id, subject=rd.subject_of(config, run), base_hash=base.hash)
     accelerator.wait_for_everyone()
     return target
+
+
+def _save_whole(module, state: dict[str, torch.Tensor], folder: Path) -> None:
+    """A sharded component's gathered weights as its ``save_pretrained`` folder: the config and one
+    safetensors file (diffusers' and transformers' single-file names)."""
+    if hasattr(module, "save_config"):                 # diffusers (the UNet)
+        module.save_config(folder)
+        write_safetensors(folder / "diffusion_pytorch_model.safetensors", state, {"format": "pt"})
+    else:                                              # transformers (a text encoder)
+        module.save_pretrained(folder, state_dict=state, safe_serialization=True)

@@ -59,8 +59,13 @@ def generate_class_images(pipe, family, config: TrainConfig, base: BaseModel, fo
 
 @torch.no_grad()
 def save_samples(pipe, family, config: TrainConfig, run: Path, step: int, accelerator, emit) -> None:
-    """``samples/step-N/NN.png`` for the validation prompts, seeded, with the live adapter."""
-    if not accelerator.is_main_process or not config.validation_prompts:
+    """``samples/step-N/NN.png`` for the validation prompts, seeded, with the live adapter. The
+    main process draws and writes them; with a sharded UNet (FSDP) every process draws, since each
+    forward pass gathers the weights from all of them."""
+    from . import sharding
+
+    writes = accelerator.is_main_process
+    if not config.validation_prompts or not (writes or sharding.is_sharded(accelerator)):
         accelerator.wait_for_everyone()
         return
     defaults = fam.generate_defaults(family, pipe)
@@ -73,6 +78,8 @@ def save_samples(pipe, family, config: TrainConfig, run: Path, step: int, accele
     for i, prompt in enumerate(config.validation_prompts):
         image = sample_images(pipe, [prompt], [config.seed + i], defaults["steps"], defaults["guidance"],
                               config.resolution, accelerator)[0]
+        if not writes:
+            continue
         path = folder / f"{i:02d}.png"
         info = PngInfo()
         info.add_text("dorabooth", json.dumps({"prompt": prompt, "step": step, "seed": config.seed + i}))

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import adapters, faults, losses, pivotal
+from . import adapters, faults, losses, pivotal, sharding
 from . import families as fam
 from . import rundir as rd
 from .checkpoints import (Resumed, TrainingDiverged, TrainState, check_finite_weights, diverged, restore_checkpoint,
@@ -78,6 +78,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
     if done is not None:
         return done
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_cpu_processes())
+    sharding.enable_on_cpu(accelerator)                # tests only: FSDP2 over gloo (dorabooth.sharding)
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -121,6 +122,10 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     pipe, base, weights = open_pipeline(config.model, single_file_config=config.model_config, dtype=weight_dtype)
     family = detect_family(pipe)                       # configs only so far: no weight is read yet
     config = resolve_config(config, pipe, family, run)
+    sharding.check_supported(config, accelerator)
+    if sharding.fsdp_asked() and not sharding.is_sharded(accelerator):
+        emit("warning", message="the launcher asked for FSDP, which accelerate runs on GPUs only: these CPU "
+                                "processes train with plain DDP (each holds the whole model)")
     accelerator.wait_for_everyone()                    # every process has checked the folder first
     if accelerator.is_main_process:
         rd.write_config(run, config, {**run_metadata(base, family, pipe, accelerator),
@@ -157,14 +162,17 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     optimizer = make_optimizer(params, config)
     schedule = make_lr_schedule(optimizer, config)
     ema = make_ema(params, config.ema_decay)          # --ema-decay: previews and the result use its weights
-    prepared = accelerator.prepare(*trainable_modules, optimizer)
+    prepared = sharding.prepare(accelerator, *trainable_modules, optimizer)
     wrapped, optimizer = list(prepared[:-1]), prepared[-1]
     unet = wrapped[0]                                  # the UNet always trains (adapter or full)
+    if sharding.is_sharded(accelerator):               # FSDP2 put sharded parameters in their place
+        params = sharding.live_params(pipe, list(params))
     live_text_encoders = wrapped[1:] or None
 
     gen = torch.Generator().manual_seed(config.seed * 7919 + accelerator.process_index)
     state = TrainState(params, optimizer, schedule, gen, ema)
-    resumed = restore_checkpoint(run, state, accelerator, emit, config.grad_accum) if config.resume else Resumed(0, 0)
+    resumed = (restore_checkpoint(run, state, accelerator, emit, config.grad_accum, pipe) if config.resume
+               else Resumed(0, 0))
     step = resumed.step
     world = accelerator.num_processes
     per_step = config.grad_accum * world                # micro-batches of the shared stream per optimizer step
@@ -174,7 +182,8 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     scheduler = pipe.scheduler
     total = config.steps
     emit("start", family=family.name, model=base.id, method=config.method, step=step, total=total,
-         processes=world, device=str(device), trainable=sum(p.numel() for p in params.values()))
+         processes=world, device=str(device), trainable=sum(p.numel() for p in params.values()),
+         sharded=sharding.is_sharded(accelerator))
 
     def training_loss(idx: list[int]):
         """DreamBooth loss of one micro-batch: subject images ``idx`` + as many class images."""
@@ -201,7 +210,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         step_loss = 0.0
         for micro in range(config.grad_accum):
             last_micro = micro + 1 == config.grad_accum
-            with nullcontext() if last_micro else accelerator.no_sync(unet):   # sync grads once per step
+            with nullcontext() if last_micro else sharding.no_sync(accelerator, unet):   # sync once per step
                 loss, parts = training_loss(next(batches))
                 check_finite(loss, step + 1, last_good, accelerator)
                 accelerator.backward(loss / config.grad_accum)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, set[str]]] = [
                       "formats",
                       "formats.*", "toyworld", "toyworld.*", "testing", "testing.*"}),
     ("pipeline API", {"adapters", "finetune", "merging", "describe"}),
-    ("the trainer's rooms", {"checkpoints", "sampling", "inputs"}),
+    ("the trainer's rooms", {"checkpoints", "sampling", "inputs", "sharding"}),
     ("operations", {"train", "generate", "export"}),
     ("studies of runs", {"analysis", "evaluate"}),
     ("many runs", {"queue", "queue.*"}),
