@@ -836,6 +836,10 @@ def main(argv: list[str] | None = None) -> int:
         check_exposure(args.host, logins, args.insecure)
         check_logins(logins)
         limits = Limits(max_queued=args.max_queued, disk_bytes=_quota(args.disk_quota))
+        if "://" in args.workspace:
+            raise ValueError(f"--workspace {args.workspace}: the app reads its runs from a folder (a local or shared "
+                             f"file system); a workspace on an object store is for `dorabooth queue` "
+                             f"(docs/scaling.md)")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

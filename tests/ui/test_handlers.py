@@ -20,7 +20,7 @@ from ui import handlers as h
 from ui import runs, views
 from ui.users import Limits
 from ui.workspace import UserError, Workspace, sanitize_name
-from ui_fixtures import make_photos, wait_for_run
+from ui_fixtures import FakeTrainer, make_photos, wait_for_run
 
 
 def _wait_for_state(ctx, ref, state, timeout=30.0):
@@ -101,31 +101,6 @@ def test_paths_from_the_page_cannot_leave_the_workspace(tmp_path):
 
 
 # ---- the queue, with a stand-in trainer ----------------------------------------------------
-class FakeTrainer:
-    """Writes the trainer's events; holds each run until released or stopped."""
-
-    def __init__(self):
-        self.release = threading.Event()
-        self.started = []
-
-    def __call__(self, config, on_event=None, stop=None):
-        from dorabooth.events import EventLog
-
-        emit = EventLog(Path(config.out) / "events.jsonl")
-        self.started.append(Path(config.out).name)
-        emit("start", step=0, total=config.steps, family="sdxl", model="fake", method=config.method)
-        for step in range(1, config.steps + 1):
-            while not self.release.is_set():
-                if stop is not None and stop.is_set():
-                    emit("checkpoint", step=step - 1, path="x")
-                    emit("stopped", step=step - 1)
-                    return
-                time.sleep(0.02)
-            emit("step", step=step, total=config.steps, loss=1.0 / step, lr=1e-3, it_s=5.0, eta_s=0.1)
-        Path(config.out, "adapter.safetensors").write_bytes(b"")
-        emit("done", adapter="x", steps=config.steps, seconds=0.5)
-
-
 @pytest.fixture
 def fake(tmp_path, tiny_model):
     trainer = FakeTrainer()

@@ -2,7 +2,6 @@
 this server's own upload endpoint, and the bounds on what a request can set, checked against a
 live ``dorabooth-ui`` on loopback through ``gradio_client`` (docs/security.md)."""
 
-import json
 import os
 import shutil
 import tempfile
@@ -10,7 +9,9 @@ import uuid
 from pathlib import Path
 
 import pytest
+from ui_fixtures import call_event as _call
 from ui_fixtures import make_photos, serve_app
+from ui_fixtures import upload_files as _upload
 
 from ui import app
 from ui.security import is_loopback, read_auth
@@ -30,6 +31,11 @@ def test_an_open_address_without_a_login_is_refused(tmp_path, capsys, host):
     assert err.count("\n") == 1 and err.startswith(f"error: --host {host} lets other computers reach the app")
     assert "--auth USER:PASS (or --auth-file FILE)" in err and "--insecure" in err
     assert not workspace.exists()                                   # no context, no server
+
+
+def test_an_object_store_workspace_is_refused_by_the_app(capsys):
+    assert app.main(["--workspace", "s3://bucket/ws"]) == 2
+    assert "a workspace on an object store is for `dorabooth queue`" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.9.8.7", True), ("::1", True),
@@ -113,25 +119,6 @@ UPLOAD_FOLDERS: list[Path] = []             # the app's private upload folder, o
 @pytest.fixture(scope="module")
 def client(served):
     return gradio_client.Client(served[0], auth=LOGIN, verbose=False)
-
-
-def _call(client, api: str, data: list):
-    """One event as a browser would send it, with the client's login cookie: the data go as
-    given (``Client.predict`` would upload a local path itself, which is a real upload)."""
-    base = client.src.rstrip("/") + "/gradio_api/call/" + api.lstrip("/")
-    event = httpx.post(base, json={"data": data}, cookies=client.cookies, timeout=30).json()["event_id"]
-    reply = httpx.get(f"{base}/{event}", cookies=client.cookies, timeout=60).text
-    kind = reply.split("\n", 1)[0].removeprefix("event: ")
-    payload = reply.split("data: ", 1)[1].split("\n", 1)[0]
-    return kind, json.loads(payload)
-
-
-def _upload(client, photos) -> list[dict]:
-    """Upload ``photos`` as the browser does; FileData of the server's copies, for ``_call``."""
-    files = [("files", (p.name, p.read_bytes())) for p in photos]
-    paths = httpx.post(client.src.rstrip("/") + "/gradio_api/upload", files=files, cookies=client.cookies,
-                       timeout=30).json()
-    return [{"path": path, "orig_name": p.name, "meta": {"_type": "gradio.FileData"}} for path, p in zip(paths, photos)]
 
 
 def _previews(outputs) -> list[str]:

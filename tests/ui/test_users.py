@@ -4,44 +4,19 @@ with per-user limits on runs queued and on disk. Handlers with a stand-in traine
 live ``dorabooth-ui --auth-file`` with two logins through gradio's own client."""
 
 import json
-import threading
-import time
-from pathlib import Path
 
 import pytest
-from ui_fixtures import make_photos, serve_app, wait_for_run
+from ui_fixtures import FakeTrainer, call_event, make_photos, serve_app, upload_files, wait_for_run
 
 from ui import handlers as h
 from ui.users import Limits, check_logins, user_folder_name, used_bytes
 from ui.workspace import UserError
 
 
-class HeldTrainer:
-    """Writes the trainer's events; each run waits until ``release`` is set (or it is stopped)."""
-
-    def __init__(self):
-        self.release = threading.Event()
-
-    def __call__(self, config, on_event=None, stop=None):
-        from dorabooth.events import EventLog
-
-        emit = EventLog(Path(config.out) / "events.jsonl")
-        emit("start", step=0, total=config.steps, family="sdxl", model="fake", method=config.method)
-        while not self.release.is_set():
-            if stop is not None and stop.is_set():
-                emit("stopped", step=0)
-                return
-            time.sleep(0.02)
-        for step in range(1, config.steps + 1):
-            emit("step", step=step, total=config.steps, loss=1.0 / step, lr=1e-3, it_s=5.0, eta_s=0.1)
-        Path(config.out, "adapter.safetensors").write_bytes(b"")
-        emit("done", adapter="x", steps=config.steps, seconds=0.1)
-
-
 @pytest.fixture
 def shared(tmp_path, tiny_model):
     """The app's context with separate users, alice's and bob's, and alice's subject "rex"."""
-    trainer = HeldTrainer()
+    trainer = FakeTrainer()
     app = h.make_context(tmp_path / "ws", tiny_model, train=trainer, separate_users=True,
                          limits=Limits(max_queued=2))
     alice, bob = app.for_user("alice"), app.for_user("bob")
@@ -100,7 +75,7 @@ def test_runs_queued_are_limited_per_user(shared, tmp_path):
 
 
 def test_a_disk_quota_refuses_uploads_and_runs_and_says_what_to_delete(tmp_path, tiny_model):
-    trainer = HeldTrainer()
+    trainer = FakeTrainer()
     trainer.release.set()
     app = h.make_context(tmp_path / "ws", tiny_model, train=trainer, separate_users=True)
     try:
@@ -162,38 +137,24 @@ httpx = pytest.importorskip("httpx")
 ALICE, BOB = ("alice", "alice's long password"), ("bob", "bob's long password")
 
 
-def _call(client, api: str, data: list):
-    base = client.src.rstrip("/") + "/gradio_api/call/" + api.lstrip("/")
-    event = httpx.post(base, json={"data": data}, cookies=client.cookies, timeout=30).json()["event_id"]
-    reply = httpx.get(f"{base}/{event}", cookies=client.cookies, timeout=60).text
-    return reply.split("\n", 1)[0].removeprefix("event: "), json.loads(reply.split("data: ", 1)[1].split("\n", 1)[0])
-
-
-def _upload(client, photos) -> list[dict]:
-    files = [("files", (p.name, p.read_bytes())) for p in photos]
-    paths = httpx.post(client.src.rstrip("/") + "/gradio_api/upload", files=files, cookies=client.cookies,
-                       timeout=30).json()
-    return [{"path": path, "orig_name": p.name, "meta": {"_type": "gradio.FileData"}} for path, p in zip(paths, photos)]
-
-
 def test_two_logins_on_a_live_app_see_only_their_own(tmp_path):
     logins = tmp_path / "logins"
     logins.write_text(f"{':'.join(ALICE)}\n{':'.join(BOB)}\n")
     with serve_app(tmp_path, "toy", "--auth-file", str(logins)) as (url, workspace):
         alice = gradio_client.Client(url, auth=ALICE, verbose=False)
         bob = gradio_client.Client(url, auth=BOB, verbose=False)
-        kind, out = _call(alice, "/on_upload", ["rex", _upload(alice, make_photos(tmp_path / "a", n=3)), "sks", "dog"])
+        kind, out = call_event(alice, "/on_upload", ["rex", upload_files(alice, make_photos(tmp_path / "a", n=3)), "sks", "dog"])
         assert kind == "complete" and "Added 3 photos" in out[3]
         photo = workspace / "users" / "alice" / "rex" / "images" / "photo-0.png"
         assert photo.is_file() and not (workspace / "rex").exists()
-        kind, out = _call(bob, "/on_subject", ["rex"])                     # bob's page knows no "rex"
+        kind, out = call_event(bob, "/on_subject", ["rex"])                     # bob's page knows no "rex"
         assert kind == "complete" and out[4] == [] and "3 photo" not in out[3]
         # the workspace's files: each user's only to them (gradio alone serves allowed_paths to any login)
         mine = httpx.get(url + f"gradio_api/file={photo}", cookies=alice.cookies, timeout=30)
         theirs = httpx.get(url + f"gradio_api/file={photo}", cookies=bob.cookies, timeout=30)
         assert mine.status_code == 200 and mine.content == photo.read_bytes()
         assert theirs.status_code == 403
-        kind, out = _call(bob, "/on_upload", ["rex", _upload(bob, make_photos(tmp_path / "b", n=3, seed=9)), "zwx",
+        kind, out = call_event(bob, "/on_upload", ["rex", upload_files(bob, make_photos(tmp_path / "b", n=3, seed=9)), "zwx",
                                               "dog"])
         assert kind == "complete" and (workspace / "users" / "bob" / "rex" / "images").is_dir()
         assert json.loads((workspace / "users" / "alice" / "rex" / "subject.json").read_text())["token"] == "sks"

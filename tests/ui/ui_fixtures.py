@@ -2,10 +2,12 @@
 the app served on a free port for the browser tests."""
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -117,3 +119,51 @@ def wait_for_run(ctx, ref, timeout=120.0):
             return status
         time.sleep(0.2)
     raise AssertionError(f"{ref} still {h.run_status(ctx, ref).state} after {timeout} s")
+
+
+class FakeTrainer:
+    """Writes the trainer's events; holds each run until released or stopped."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.started = []
+
+    def __call__(self, config, on_event=None, stop=None):
+        from dorabooth.events import EventLog
+
+        emit = EventLog(Path(config.out) / "events.jsonl")
+        self.started.append(Path(config.out).name)
+        emit("start", step=0, total=config.steps, family="sdxl", model="fake", method=config.method)
+        for step in range(1, config.steps + 1):
+            while not self.release.is_set():
+                if stop is not None and stop.is_set():
+                    emit("checkpoint", step=step - 1, path="x")
+                    emit("stopped", step=step - 1)
+                    return
+                time.sleep(0.02)
+            emit("step", step=step, total=config.steps, loss=1.0 / step, lr=1e-3, it_s=5.0, eta_s=0.1)
+        Path(config.out, "adapter.safetensors").write_bytes(b"")
+        emit("done", adapter="x", steps=config.steps, seconds=0.5)
+
+
+def call_event(client, api: str, data: list):
+    """One event as a browser would send it, with the client's login cookie: the data go as
+    given (``Client.predict`` would upload a local path itself, which is a real upload)."""
+    import httpx
+
+    base = client.src.rstrip("/") + "/gradio_api/call/" + api.lstrip("/")
+    event = httpx.post(base, json={"data": data}, cookies=client.cookies, timeout=30).json()["event_id"]
+    reply = httpx.get(f"{base}/{event}", cookies=client.cookies, timeout=60).text
+    kind = reply.split("\n", 1)[0].removeprefix("event: ")
+    payload = reply.split("data: ", 1)[1].split("\n", 1)[0]
+    return kind, json.loads(payload)
+
+
+def upload_files(client, photos) -> list[dict]:
+    """Upload ``photos`` as the browser does; FileData of the server's copies, for ``call_event``."""
+    import httpx
+
+    files = [("files", (p.name, p.read_bytes())) for p in photos]
+    paths = httpx.post(client.src.rstrip("/") + "/gradio_api/upload", files=files, cookies=client.cookies,
+                       timeout=30).json()
+    return [{"path": path, "orig_name": p.name, "meta": {"_type": "gradio.FileData"}} for path, p in zip(paths, photos)]
