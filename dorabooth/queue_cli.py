@@ -6,8 +6,10 @@
     dorabooth queue cancel JOB …   /   dorabooth queue resume JOB …   /   dorabooth queue wait JOB … [--timeout S]
 
 Everything after ``--`` in ``submit`` is what ``dorabooth train`` takes (``--out`` defaults to
-``WORKSPACE/runs/<job id>``). The workspace must be a folder every worker of the cluster
-reaches at the same path (docs/scaling.md).
+``WORKSPACE/runs/<job id>``). The workspace is a folder every worker of the cluster reaches at
+the same path, or an object store (``s3://bucket/ws``, ``gs://…``: any fsspec URL), where the
+photos are uploaded at submit and each worker trains in a scratch folder mirrored into
+``WORKSPACE/runs/<job id>`` (``queue.remote``; docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ def _add_queue(sub) -> None:
     q = p.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     def common(sp):
-        sp.add_argument("--workspace", default="dorabooth-workspace", metavar="DIR",
-                        help="the queue's folder, the same path on every worker (default ./dorabooth-workspace)")
+        sp.add_argument("--workspace", default="dorabooth-workspace", metavar="DIR|URL",
+                        help="the queue's folder, the same path on every worker, or an object store URL such as "
+                             "s3://bucket/ws (needs s3fs / gcsfs on every machine) (default ./dorabooth-workspace)")
         sp.add_argument("--cluster", default=DEFAULT_CLUSTER, metavar="ADDR",
                         help="auto (a cluster started on this machine with `ray start --head`), ray://HOST:PORT, "
                              "HOST:PORT, or local (start one in this process; it ends with it). Default: "
@@ -97,9 +100,7 @@ def _run(args) -> int:
         if args.follow:
             events = queue.follow(args.job)
         else:
-            from .events import read_events
-            from .rundir import EVENTS
-            events = read_events(queue.get(args.job).run / EVENTS)
+            events = _logged_events(queue.get(args.job).run)
         for e in events:
             print(json.dumps(e) if args.json else _line(e), flush=True)
         return 0
@@ -124,11 +125,23 @@ def _train_config(args, store) -> dict:
     if not getattr(train_args, "out", None):
         probe = {k: getattr(train_args, k, None) for k in ("token", "class_noun")}
         args.job_id = args.job_id or store.new_id(probe)
-        train_args.out = str(store.runs / args.job_id)
+        train_args.out = f"{store.runs}/{args.job_id}" if store.remote else str(store.runs / args.job_id)
     config = train_config_from_args(train_args)
     from .preflight import check_request
     check_request(config)                       # a wrong photo folder is said here, not on a worker later
     return config.to_dict()
+
+
+def _logged_events(run) -> list[dict]:
+    """The events a run folder holds (a folder, or a run in an object-store workspace)."""
+    from .events import read_events
+    from .rundir import EVENTS
+
+    if isinstance(run, str):
+        from .queue.remote import read_text
+        text = read_text(f"{run}/{EVENTS}") or ""
+        return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+    return read_events(run / EVENTS)
 
 
 def _line(e: dict) -> str:

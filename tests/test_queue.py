@@ -3,6 +3,7 @@ Ray cluster (2 CPUs, loopback): two trainings at once, a killed worker retried f
 checkpoint (same adapter as an uninterrupted run), cancel and resume, two users kept apart,
 a restarted keeper picking the queue up again, and the command line."""
 
+import json
 import os
 import signal
 import time
@@ -75,6 +76,64 @@ def test_an_attempt_trains_cancels_and_fails_in_this_process(base, tmp_path):
     assert bad["state"] == "failed" and "missing" in bad["message"]
 
 
+# ---- a workspace on an object store (fsspec), in this process -----------------------------------
+def _objects(url: str) -> tuple:
+    from dorabooth.queue.remote import filesystem
+
+    return filesystem(url)
+
+
+def _adapter(url: str) -> dict:
+    from safetensors.torch import load
+
+    fs, path = _objects(url)
+    return load(fs.cat_file(path))
+
+
+def test_an_object_store_workspace_trains_elsewhere_and_resumes_on_another_machine(base, tmp_path, monkeypatch):
+    """``memory://`` stands for s3:// or gs://: no path of it is a local file. Each attempt trains in
+    its machine's scratch folder and mirrors the run into WORKSPACE/runs/<job>; a cancelled job
+    resumes on another machine (an empty scratch) from the mirrored checkpoints, skipping one
+    whose upload was cut short, and ends with the adapter of an uninterrupted job."""
+    url = f"memory://ws-{os.getpid()}-{time.time_ns()}"
+    store = JobStore(url)
+    recipe = {k: v for k, v in config(base, steps=8, checkpoint_every=1, keep_checkpoints=10).items()
+              if k != "class_images"}
+    with pytest.raises(ValueError, match="leave --class-images out"):
+        store.add(config(base), "alice")
+    store.add(recipe, "alice", job_id="straight")
+    job = store.add(recipe, "alice", job_id="moved")
+    assert job.run == f"{url}/runs/moved" and job.config["images"] == f"{url}/inputs/moved/images"
+    monkeypatch.setenv("DORABOOTH_SCRATCH", str(tmp_path / "machine-a"))
+    assert run_attempt(url, "straight")["state"] == "done"
+
+    def cancel_at_3(job_id, event):
+        if event["type"] == "checkpoint" and event["step"] == 3:
+            store.request_cancel(job_id)
+            time.sleep(1.5)                            # the attempt sees it (every 0.5 s): stops after step 4
+    first = run_attempt(url, "moved", report=cancel_at_3)
+    assert first["state"] == "cancelled" and first["step"] == 4
+    fs, root = _objects(url)
+    mirrored = {p.split("/runs/moved/", 1)[1] for p in fs.find(f"{root}/runs/moved")}
+    assert {"config.json", "events.jsonl", "checkpoints/step-4/state.json", "checkpoints/step-3/state.json"} <= mirrored
+    assert not any(".tmp" in p or p.endswith(".lock") for p in mirrored)
+    fs.rm_file(f"{root}/runs/moved/checkpoints/step-4/state.json")       # as if its upload had been cut short
+
+    monkeypatch.setenv("DORABOOTH_SCRATCH", str(tmp_path / "machine-b"))  # another machine: nothing local
+    store.clear_cancel("moved")
+    record = store.get("moved")
+    record.state = "queued"
+    store.save(record)
+    second = run_attempt(url, "moved")
+    assert second["state"] == "done", second["message"]
+    assert second["result"] == f"{url}/runs/moved/adapter.safetensors"
+    events = [json.loads(line) for line in fs.cat_file(f"{root}/runs/moved/events.jsonl").decode().splitlines()]
+    assert [e["step"] for e in events if e["type"] == "resume"] == [3]   # not 4: its checkpoint was incomplete
+    straight, moved = _adapter(f"{url}/runs/straight/adapter.safetensors"), _adapter(second["result"])
+    assert straight.keys() == moved.keys()
+    assert max((straight[k] - moved[k]).abs().max().item() for k in straight) <= 1e-6
+
+
 # ---- on a local Ray cluster -----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def cluster(root):
@@ -117,6 +176,8 @@ def test_two_jobs_train_at_once_and_a_killed_worker_is_retried_from_its_checkpoi
     assert a.attempts[0]["started"] < b.attempts[0]["ended"] and b.attempts[0]["started"] < a.attempts[0]["ended"]
     resumed = [e for e in read_events(b.run / "events.jsonl") if e["type"] == "resume"]
     assert resumed and resumed[0]["step"] >= 4                              # continued, not started over
+    from ui.runs import read_status                                          # and the app's page says why
+    assert "attempt 2 of 3: its worker died, continuing from the last checkpoint" in read_status(b.run).warnings
     x, y = load_file(a.result), load_file(b.result)
     assert x.keys() == y.keys()
     assert max((x[k] - y[k]).abs().max().item() for k in x) <= 1e-6
@@ -186,3 +247,20 @@ def test_the_command_line(cluster, base, capsys):
     assert cli(["queue", "cancel", *flags, "cli"]) == 0 and "cli: done" in capsys.readouterr().out
     assert cli(["queue", "submit", *flags, "--", "--images", "nowhere", "--class-noun", "dog"]) == 1
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_the_command_line_with_a_workspace_url(cluster, base, capsys, tmp_path):
+    """``--workspace file:///…`` goes through fsspec like s3://: the photos are uploaded at submit,
+    a worker trains in its scratch folder and mirrors the run; logs read it from the workspace."""
+    url = f"file://{tmp_path}/objects"
+    flags = ["--workspace", url, "--cluster", "local", "--user", "carol"]
+    train = ["--images", base["images"], "--model", base["model"], "--class-noun", "dog", "--steps", "2",
+             "--rank", "4", "--targets", "attn", "--num-class-images", "2", "--class-image-steps", "2",
+             "--sample-every", "0", "--no-train-text-encoders"]
+    assert cli(["queue", "submit", *flags, "--id", "far", "--gpus", "0", "--", *train]) == 0
+    assert f"far queued (run folder {url}/runs/far)" in capsys.readouterr().out
+    assert cli(["queue", "wait", *flags, "far", "--timeout", "600"]) == 0, capsys.readouterr()
+    assert (tmp_path / "objects" / "runs" / "far" / "adapter.safetensors").is_file()
+    assert (tmp_path / "objects" / "inputs" / "far" / "images").is_dir()
+    assert cli(["queue", "logs", *flags, "far"]) == 0
+    assert " done: adapter=" in capsys.readouterr().out

@@ -131,8 +131,8 @@ def read_status(run: str | Path, position: int | None = None) -> RunStatus:
             status.checkpoint = e.get("step")
         elif kind == "skip":
             status.skipped.append((e.get("path", "?"), e.get("reason", "")))
-        elif kind == "warning" and e.get("message") not in status.warnings:
-            status.warnings.append(e.get("message", ""))
+        elif kind in ("warning", "retry") and e.get("message") not in status.warnings:
+            status.warnings.append(e.get("message", ""))          # a retry: its worker died (a cluster)
         elif kind == "done":
             phase, status.seconds = FINISHED, e.get("seconds")
             status.step = e.get("steps", status.step)

@@ -16,11 +16,16 @@ import threading
 import time
 from collections.abc import Callable
 
+from pathlib import Path
+
 from .. import rundir as rd
+from ..events import EventLog
+from .remote import RunMirror, local_inputs, relocate, scratch_dir
 from .store import FINAL, Job, JobStore
 
 CANCEL_POLL_S = 0.5
 PROGRESS_EVERY_S = 0.5               # step events passed on at most this often (the others, all)
+MIRROR_AFTER = ("checkpoint", "sample", "prepared", "start")     # object-store workspaces: push the run then
 
 
 def run_attempt(workspace: str | os.PathLike, job_id: str, report: Callable[[str, dict], None] | None = None) -> dict:
@@ -51,17 +56,31 @@ def run_attempt(workspace: str | os.PathLike, job_id: str, report: Callable[[str
     ended = threading.Event()
     watcher = threading.Thread(target=_watch_cancel, args=(store, job_id, stop, ended), daemon=True)
     watcher.start()
+    mirror = None
     try:
-        config = TrainConfig.from_dict({**job.config, "resume": rd.is_run(job.run)})
+        fields = job.config
+        if store.remote:                                 # train here, keep WORKSPACE/runs/<job> a copy
+            scratch = scratch_dir(job_id)
+            fields = local_inputs(job.config, scratch)
+            mirror = RunMirror(str(job.run), Path(fields["out"]))
+            if mirror.download():
+                relocate(Path(fields["out"]), fields)
+            forward = _mirrored(forward, mirror)
+        if job.message:                                  # the run's own history says so too (the app shows it)
+            EventLog(Path(fields["out"]) / rd.EVENTS)("retry", attempt=len(job.attempts), message=job.message)
+        config = TrainConfig.from_dict({**fields, "resume": rd.is_run(fields["out"])})
         result = _train(config, on_event=forward, stop=stop)
     except Exception as e:                               # the run's events.jsonl has the trainer's own error
+        _push(mirror)
         return _end(store, job, "failed", f"{type(e).__name__}: {e}", report)
     finally:
         ended.set()
+    _push(mirror)
     if result.stopped:
         return _end(store, job, "cancelled", f"cancelled after step {result.step}"
                     + (" with a checkpoint; `dorabooth queue resume` continues it" if result.step else ""), report)
-    job.result = str(result.adapter) if result.adapter is not None else None
+    job.result = (None if result.adapter is None else
+                  f"{job.run}/{Path(result.adapter).name}" if mirror else str(result.adapter))
     return _end(store, job, "done", "", report)
 
 
@@ -69,6 +88,20 @@ def _train(config, on_event=None, stop=None):
     from ..train import train
 
     return train(config, on_event=on_event, stop=stop)
+
+
+def _mirrored(forward, mirror) -> Callable[[dict], None]:
+    """``forward``, and after each checkpoint and preview the run's copy brought up to date."""
+    def both(event: dict) -> None:
+        if event.get("type") in MIRROR_AFTER:
+            mirror.push()
+        forward(event)
+    return both
+
+
+def _push(mirror) -> None:
+    if mirror is not None:
+        mirror.push()
 
 
 def _forwarder(job: Job, report) -> Callable[[dict], None]:

@@ -204,7 +204,7 @@ class RayQueue:
                  max_queued: int | None = None, num_cpus: int | None = None):
         connect(cluster, num_cpus=num_cpus)
         self.store = JobStore(workspace)
-        self.store.dir.mkdir(parents=True, exist_ok=True)
+        self.store.mkdir()
         self.user, self.max_queued = user, max_queued
         self.keeper = keeper(self.store.root)
         ray.get(self.keeper.ping.remote())

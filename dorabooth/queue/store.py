@@ -3,8 +3,12 @@
 system they all mount), so the queue survives any of them restarting: nothing lives only in
 a process's memory.
 
-A record is written whole (temporary file, then rename). Writers take turns by construction:
-the submitter writes a record once (``queued``), then only the attempt that trains it
+The workspace may also be an fsspec URL (``s3://bucket/ws``: ``queue.remote``): then records
+and cancel requests are objects, and attempts train in a local scratch folder mirrored to
+``WORKSPACE/runs/<job>/``.
+
+A record is written whole (temporary file, then rename; on an object store, one PUT). Writers
+take turns by construction: the submitter writes a record once (``queued``), then only the attempt that trains it
 (``running``, ``done``, ``failed``, ``cancelled``), one attempt at a time; a cancel request is
 a file of its own (``JOB.cancel``) that the running attempt watches, so a cancel never races a
 status write.
@@ -23,6 +27,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..formats.files import write_json
+from .remote import filesystem, is_url, join, upload_inputs
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL = ("done", "failed", "cancelled")
@@ -55,8 +60,10 @@ class Job:
     total: int | None = None
 
     @property
-    def run(self) -> Path:
-        return Path(self.config["out"])
+    def run(self) -> Path | str:
+        """The run folder: a path, or a URL in an object-store workspace."""
+        out = self.config["out"]
+        return out if "://" in out else Path(out)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -78,34 +85,77 @@ class JobStore:
     """The records of one workspace."""
 
     def __init__(self, workspace: str | os.PathLike):
-        self.root = Path(workspace).resolve()
-        self.dir = self.root / QUEUE_DIR
-        self.runs = self.root / RUNS_DIR
+        self.remote = is_url(workspace)
+        if self.remote:                                 # an fsspec URL: records are objects
+            self.root = str(workspace).rstrip("/")
+            self.fs, base = filesystem(self.root)
+            protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else self.fs.protocol
+            self.on_disk = "file" in protocols               # file:// (tests): a disk behind fsspec
+            self.dir, self.runs = join(self.root, QUEUE_DIR), join(self.root, RUNS_DIR)
+            self._dir = join(base, QUEUE_DIR)
+        else:
+            self.root = Path(workspace).resolve()
+            self.dir = self.root / QUEUE_DIR
+            self.runs = self.root / RUNS_DIR
 
     # ---- records -----------------------------------------------------------------------------
-    def path(self, job_id: str) -> Path:
+    def path(self, job_id: str) -> Path | str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,120}", job_id or ""):
             raise ValueError(f"{job_id!r} is not a job id; `dorabooth queue list` shows them")
-        return self.dir / f"{job_id}.json"
+        return join(self._dir, f"{job_id}.json") if self.remote else self.dir / f"{job_id}.json"
+
+    def _read(self, path) -> str:
+        if self.remote:
+            return self.fs.cat_file(path).decode()
+        return path.read_text()
+
+    def _write(self, path, text: str) -> None:
+        """The whole file at once: one PUT on an object store, a renamed temporary file on a disk
+        (also a ``file://`` workspace, where a plain write could be read half done)."""
+        if self.remote and not self.on_disk:
+            self.fs.pipe_file(path, text.encode())
+            return
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+
+    def _exists(self, path) -> bool:
+        return self.fs.exists(path) if self.remote else path.exists()
+
+    def mkdir(self) -> None:
+        if self.remote:
+            self.fs.makedirs(self._dir, exist_ok=True)
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
 
     def get(self, job_id: str) -> Job:
         path = self.path(job_id)
         try:
-            return Job.from_dict(json.loads(path.read_text()))
+            return Job.from_dict(json.loads(self._read(path)))
         except FileNotFoundError:
             raise FileNotFoundError(f"no job {job_id} in {self.dir}; `dorabooth queue list --workspace "
                                     f"{self.root}` shows the jobs there") from None
 
     def save(self, job: Job) -> Job:
-        write_json(self.path(job.id), job.to_dict())
+        if self.remote:
+            self._write(self.path(job.id), json.dumps(job.to_dict(), indent=2) + "\n")
+        else:
+            write_json(self.path(job.id), job.to_dict())
         return job
+
+    def _records(self) -> list:
+        if self.remote:
+            return [p for p in self.fs.glob(join(self._dir, "*.json"))] if self.fs.exists(self._dir) else []
+        return list(self.dir.glob("*.json")) if self.dir.is_dir() else []
 
     def jobs(self, owner: str | None = None) -> list[Job]:
         """Every job (or ``owner``'s), oldest first; a record being written is skipped."""
         out = []
-        for path in self.dir.glob("*.json") if self.dir.is_dir() else ():
+        for path in self._records():
             try:
-                job = Job.from_dict(json.loads(path.read_text()))
+                job = Job.from_dict(json.loads(self._read(path)))
             except (OSError, ValueError, TypeError):
                 continue
             if owner is None or job.owner == owner:
@@ -122,10 +172,18 @@ class JobStore:
                 raise QuotaExceeded(f"{owner} has {len(waiting)} job(s) waiting or training, the most this queue "
                                     f"allows ({max_queued}); wait for one to finish or cancel one")
         job_id = job_id or self.new_id(config)
-        if self.path(job_id).exists():
+        if self._exists(self.path(job_id)):
             raise FileExistsError(f"a job {job_id} exists already in {self.dir}; choose another id")
-        config = {**config, "out": str(Path(config.get("out") or self.runs / job_id).resolve())}
-        mine = [j for j in self.jobs() if j.run == Path(config["out"]) and j.state in WAITING]
+        if self.remote:                                 # runs live in the workspace: trained elsewhere, mirrored
+            out = join(self.runs, job_id)
+            if config.get("out") and str(config["out"]).rstrip("/") != out:
+                raise ValueError(f"in a workspace on an object store ({self.root}) each run's folder is "
+                                 f"{join(self.runs, '<job id>')}: leave --out out")
+            config = upload_inputs(self.root, job_id, config)
+        else:
+            out = str(Path(config.get("out") or self.runs / job_id).resolve())
+        config = {**config, "out": out}
+        mine = [j for j in self.jobs() if str(j.run) == out and j.state in WAITING]
         if mine:
             raise FileExistsError(f"{config['out']} is the run folder of job {mine[0].id}, which is "
                                   f"{mine[0].state}; give this one another --out")
@@ -145,14 +203,19 @@ class JobStore:
         return job
 
     # ---- cancel requests ---------------------------------------------------------------------
-    def cancel_file(self, job_id: str) -> Path:
-        return self.path(job_id).with_suffix(".cancel")
+    def cancel_file(self, job_id: str) -> Path | str:
+        path = self.path(job_id)
+        return path.removesuffix(".json") + ".cancel" if self.remote else path.with_suffix(".cancel")
 
     def request_cancel(self, job_id: str) -> None:
-        self.cancel_file(job_id).write_text(f"{socket.gethostname()}:{os.getpid()} {time.time():.3f}\n")
+        self._write(self.cancel_file(job_id), f"{socket.gethostname()}:{os.getpid()} {time.time():.3f}\n")
 
     def cancel_requested(self, job_id: str) -> bool:
-        return self.cancel_file(job_id).exists()
+        return self._exists(self.cancel_file(job_id))
 
     def clear_cancel(self, job_id: str) -> None:
-        self.cancel_file(job_id).unlink(missing_ok=True)
+        path = self.cancel_file(job_id)
+        if not self.remote:
+            path.unlink(missing_ok=True)
+        elif self.fs.exists(path):
+            self.fs.rm_file(path)
