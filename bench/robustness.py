@@ -443,6 +443,8 @@ def main(argv=None) -> int:
     extra = [*(["--steps", str(args.steps)] if args.steps else []), *args.train_flags]
     subjects = make_subjects(n)
     size = f"{n} subjects × {len(tokens)} tokens × {len(seeds)} seed(s)"
+    if args.only:                                      # the runs whose name holds one of the texts
+        size += f", only the runs named with {' / '.join(args.only)}"
 
     def run_recipe(out: Path, flags: list[str]) -> tuple[list[dict], str]:
         t0 = time.monotonic()
