@@ -1,7 +1,7 @@
 """Sharded training: FSDP (PyTorch's FSDP2, through accelerate) for ``--method full`` (issue 15).
 
-``accelerate launch --config_file configs/accelerate/fsdp-full.yaml -m dorabooth train --method
-full …`` shards every trained weight, its gradient and its AdamW moments across the processes
+``accelerate launch --config_file configs/accelerate/fsdp-full-shard.yaml -m dorabooth train
+--method full …`` shards every trained weight, its gradient and its AdamW moments across the processes
 (DTensors: each process holds 1/N), where DDP keeps all of them on every process. Adapters
 (dora/lora/dvora) are small enough for DDP on one GPU each and are refused under FSDP.
 
@@ -92,8 +92,8 @@ def check_supported(config, accelerator) -> None:
 
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         raise ValueError("DeepSpeed: dorabooth's trainer does not drive a DeepSpeed engine; for a sharded full "
-                         "fine-tune launch with configs/accelerate/fsdp-full.yaml (FSDP), for adapters with "
-                         "configs/accelerate/ddp.yaml")
+                         "fine-tune launch with configs/accelerate/fsdp-full-shard.yaml (ZeRO-3's sharding) or "
+                         "fsdp-shard-grad-op.yaml (ZeRO-2's), for adapters with configs/accelerate/ddp.yaml")
     if is_sharded(accelerator) and config.method != "full":
         raise ValueError(f"FSDP shards full fine-tunes (--method full); a {config.method} adapter is small enough "
                          f"for plain DDP: launch with configs/accelerate/ddp.yaml")
