@@ -250,6 +250,16 @@ def has_trainable(model: nn.Module) -> bool:
     return any(p.requires_grad for p in model.parameters())
 
 
+def trainable_parameters(pipe) -> dict[str, nn.Parameter]:
+    """The parameters of ``pipe`` that train, by pipeline-qualified name (``unet.…``,
+    ``text_encoder.…``), over every module component."""
+    params = {}
+    for name, component in pipe.components.items():
+        if isinstance(component, nn.Module):
+            params.update({f"{name}.{n}": p for n, p in component.named_parameters() if p.requires_grad})
+    return params
+
+
 def component_config(model: nn.Module, component: str = "model") -> dict:
     """rank, alpha, use_dora, magnitude_axis, rslora and vera_seed (DVoRA's, else None) shared by all
     adapter layers of ``model``.

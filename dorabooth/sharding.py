@@ -26,6 +26,8 @@ from contextlib import contextmanager
 
 import torch
 
+from .inject import trainable_parameters
+
 CPU_FLAG = "DORABOOTH_FSDP_ON_CPU"
 
 
@@ -116,10 +118,7 @@ def local(t: torch.Tensor) -> torch.Tensor:
 def live_params(pipe, names) -> dict[str, torch.nn.Parameter]:
     """The trainable parameters by the same names, looked up again: FSDP2 replaces a module's
     parameters with sharded ones when accelerate prepares it."""
-    found = {}
-    for component, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module):
-            found.update({f"{component}.{n}": p for n, p in module.named_parameters() if p.requires_grad})
+    found = trainable_parameters(pipe)
     missing = [n for n in names if n not in found]
     if missing or len(found) != len(names):
         raise RuntimeError(f"the trainable parameters changed while the model was sharded (e.g. {missing[:3]})")

@@ -33,7 +33,7 @@ from .diskfull import DiskFull
 from .ema import make_ema
 from .events import EventLog, stop_requested
 from .families import Family, detect_family
-from .inject import has_trainable
+from .inject import has_trainable, trainable_parameters
 from .inputs import (draw_flips, make_class_sampler, make_latent_source, make_text_encoder, prepare_class_images,
                      prepare_instance, size_groups, time_ids)
 from .memory import RunPlan, fill_from_run, plan_run
@@ -393,11 +393,7 @@ def setup_method(pipe, config: TrainConfig) -> dict[str, torch.nn.Parameter]:
                          magnitude_axis=config.magnitude_axis, rslora=config.rslora, vera_seed=config.seed)
     if config.pivotal_tokens:                          # after attach, which freezes what it does not adapt
         pivotal.attach_trainable(pipe, config.pivotal_tokens, config.pivotal_init, config.class_noun, config.seed)
-    params = {}
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            params.update({f"{name}.{n}": p for n, p in component.named_parameters() if p.requires_grad})
-    return params
+    return trainable_parameters(pipe)
 
 
 def fp32_components(config: TrainConfig, family: Family) -> tuple[str, ...]:
