@@ -61,17 +61,23 @@ def read_events(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         return []
-    events = []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                break
-            try:
-                event = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(event, dict):
-                events.append(event)
+        return parse_events(f)
+
+
+def parse_events(lines) -> list[dict]:
+    """:func:`read_events` of the lines of an ``events.jsonl`` (a file, or its text split with
+    ``splitlines(keepends=True)``): a last line without its newline and damaged lines left out."""
+    events = []
+    for line in lines:
+        if not line.endswith("\n"):
+            break
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
     return events
 
 

@@ -134,13 +134,12 @@ def _train_config(args, store) -> dict:
 
 def _logged_events(run) -> list[dict]:
     """The events a run folder holds (a folder, or a run in an object-store workspace)."""
-    from .events import read_events
+    from .events import parse_events, read_events
     from .rundir import EVENTS
 
     if isinstance(run, str):
         from .queue.remote import read_text
-        text = read_text(f"{run}/{EVENTS}") or ""
-        return [json.loads(line) for line in text.splitlines() if line.strip().startswith("{")]
+        return parse_events((read_text(f"{run}/{EVENTS}") or "").splitlines(keepends=True))
     return read_events(run / EVENTS)
 
 
