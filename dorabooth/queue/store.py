@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from ..formats.files import write_json
+from ..formats.files import write_bytes
 from .remote import filesystem, is_url, join, upload_inputs
 
 STATES = ("queued", "running", "done", "failed", "cancelled")
@@ -94,6 +94,7 @@ class JobStore:
             self.dir, self.runs = join(self.root, QUEUE_DIR), join(self.root, RUNS_DIR)
             self._dir = join(base, QUEUE_DIR)
         else:
+            self.on_disk = True
             self.root = Path(workspace).resolve()
             self.dir = self.root / QUEUE_DIR
             self.runs = self.root / RUNS_DIR
@@ -112,14 +113,10 @@ class JobStore:
     def _write(self, path, text: str) -> None:
         """The whole file at once: one PUT on an object store, a renamed temporary file on a disk
         (also a ``file://`` workspace, where a plain write could be read half done)."""
-        if self.remote and not self.on_disk:
+        if self.on_disk:
+            write_bytes(path, text.encode())
+        else:
             self.fs.pipe_file(path, text.encode())
-            return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
 
     def _exists(self, path) -> bool:
         return self.fs.exists(path) if self.remote else path.exists()
@@ -139,15 +136,12 @@ class JobStore:
                                     f"{self.root}` shows the jobs there") from None
 
     def save(self, job: Job) -> Job:
-        if self.remote:
-            self._write(self.path(job.id), json.dumps(job.to_dict(), indent=2) + "\n")
-        else:
-            write_json(self.path(job.id), job.to_dict())
+        self._write(self.path(job.id), json.dumps(job.to_dict(), indent=1) + "\n")     # as write_json writes it
         return job
 
     def _records(self) -> list:
         if self.remote:
-            return [p for p in self.fs.glob(join(self._dir, "*.json"))] if self.fs.exists(self._dir) else []
+            return self.fs.glob(join(self._dir, "*.json")) if self.fs.exists(self._dir) else []
         return list(self.dir.glob("*.json")) if self.dir.is_dir() else []
 
     def jobs(self, owner: str | None = None) -> list[Job]:
