@@ -42,7 +42,7 @@ from .exporting import (  # noqa: F401  (the Export tab's handlers live there)
     use_advice,
 )
 from .runs import RunStatus, read_status
-from .users import Limits, UserLine, check_disk, user_folder_name, user_root
+from .users import USERS_DIR, Limits, UserLine, check_disk, user_folder_name, user_root
 from .worker import TrainingWorker
 from .workspace import (
     MIN_IMAGES,
@@ -174,7 +174,7 @@ class Context:
 
     def users(self) -> list[Context]:
         """With separate users, a context per user folder in the workspace (after a restart)."""
-        folder = self.workspace.root / "users"
+        folder = self.workspace.root / USERS_DIR
         if not self.separate_users or not folder.is_dir():
             return []
         return [self.for_user(p.name) for p in sorted(folder.iterdir())

@@ -15,7 +15,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-
 from pathlib import Path
 
 from .. import rundir as rd
