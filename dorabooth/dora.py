@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .conventions import MAGNITUDE_AXES, NORM_EPS
-from .dora_autograd import cast, dora_forward, low_rank_norm
+from .dora_autograd import cast, conv_dora_forward, dora_forward, low_rank_norm
 
 
 class DoRALinear(nn.Module):
@@ -308,8 +308,10 @@ class DoRAConv2d(DoRALinear):
     y = g ⊙ (conv(x, W0) + s·B(A(x))) + bias. Axis ``"in"`` (LyCORIS ``wd_on_out=False``,
     ComfyUI's ``weight_decompose`` with a (1, in, 1, 1) ``dora_scale``): g per input channel
     over out×kh×kw, y = conv(x̃, W0) + s·B(A(x̃)) + bias with x̃ = x ⊙ g per channel (zero
-    padding commutes with the channel scale). The norm is detached and computed by the
-    low-rank formula on the flattened matrices (never forming V); backward is autograd's.
+    padding commutes with the channel scale). The norm is detached. Axis "out" without dropout
+    runs fused (:func:`dorabooth.dora_autograd.conv_dora_forward`: V formed once per call, one
+    base-sized convolution with g ⊙ V, the backward's formulas there); axis "in", dropout and
+    plain LoRA use the low-rank norm (never forming V) and autograd.
 
     ``lora_magnitude_vector``: (1, out, 1, 1) for axis "out" (PEFT's shape), (1, in) for "in".
     Grouped convolutions and padding modes other than zeros are refused (SD UNets have none).
@@ -384,6 +386,9 @@ class DoRAConv2d(DoRALinear):
         if not self.use_dora:
             x_d = self.dropout(x) if drop else x
             return self._conv(x, W, bias).add_(F.conv2d(self._conv(x_d, A), B), alpha=s)
+        if self.magnitude_axis == "out" and not drop and not isinstance(self.base_layer.padding, str):
+            b = self.base_layer
+            return conv_dora_forward(x, W, bias, A, B, self.magnitude(), s, (b.stride, b.padding, b.dilation))
         g = self._scale_vector(dtype).view(-1, 1, 1)          # (C, 1, 1): broadcasts over channels
         if self.magnitude_axis == "out":
             x_d = self.dropout(x) if drop else x

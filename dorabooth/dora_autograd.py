@@ -203,3 +203,94 @@ def naive_norm(weight, lora_A, lora_B, scale, axis, eps=NORM_EPS):
     """Reference for ``low_rank_norm``: forms V = W0 + s·B·A explicitly (fp32)."""
     V = weight.float() + scale * (lora_B.float() @ lora_A.float())
     return torch.linalg.vector_norm(V, dim=1 if axis == "out" else 0).clamp_min(eps)
+
+
+# ---- Conv2d, axis "out" -------------------------------------------------------------------------
+# A LoCon layer (A : Conv2d(in, r, kh×kw), B : 1×1 Conv2d(r, out)) is a conv whose weight is
+# V = W0 + s·B·A (the (out, r)·(r, in·kh·kw) product): one weight-sized matmul, small beside an
+# activation-sized convolution, and its row norms come with it. So the forward convolves once
+# with W' = g ⊙ V, g = m / ‖V‖ (bias in the call), and the backward takes ∂L/∂x from that one
+# weight (formed again rather than kept: a conv weight per adapted layer would otherwise live from
+# forward to backward); only u = A(x) is convolved besides, for the adapter's gradients. With
+# P = the output pixels, G = ∂L/∂y : (N, out, P), u : (N, r, P)::
+#
+#     ∂L/∂x = conv_backward_input(G, W')       ∂L/∂B = s·g ⊙ Σ_n G·uᵀ          : (out, r)
+#     ∂L/∂A = conv_backward_weight(s·(g ⊙ B)ᵀ·G, x)
+#     ∂L/∂m = Σ G ⊙ h / ‖V‖ = Σ G ⊙ (y − bias) / m   (g·‖V‖ = m; from the saved output)
+#
+# The small matrices absorb g and s, so no activation-sized tensor is scaled. The layer passes
+# m(t) and s·t (strength t); dropout on the low-rank input takes the layer's own path.
+
+def conv_direction(weight, lora_A, lora_B, scale, m, eps=NORM_EPS):
+    """(W', g): W' = g ⊙ V per output channel in ``weight``'s dtype and shape, V = W0 + s·B·A and
+    g = m / ‖V‖ (clamped at ``eps``; fp32, no grad) formed in fp32."""
+    out = weight.shape[0]
+    V = torch.addmm(cast(weight, torch.float32).reshape(out, -1), cast(lora_B, torch.float32).reshape(out, -1),
+                    cast(lora_A, torch.float32).reshape(lora_A.shape[0], -1), alpha=scale)
+    g = cast(m.detach(), torch.float32) / torch.linalg.vector_norm(V, dim=1).clamp_min_(eps)
+    return cast(V.mul_(g.view(-1, 1)), weight.dtype).view_as(weight), g
+
+
+def conv_dora_forward(x, weight, bias, lora_A, lora_B, m, scale, conv):
+    """y = g ⊙ (conv(x, W0) + s·B(A(x))) + bias, g = m / ‖W0 + s·B·A‖ per output channel, for
+    x : (N, in, H, W) in the dtype of ``weight``, ``lora_A``, ``lora_B`` and ``bias``; m : (out,)
+    fp32; ``conv`` = the base's (stride, padding, dilation). An unbatched x : (in, H, W) gives
+    (out, H', W')."""
+    if x.dim() == 3:
+        return conv_dora_forward(x.unsqueeze(0), weight, bias, lora_A, lora_B, m, scale, conv).squeeze(0)
+    if not (torch.is_grad_enabled() and (x.requires_grad or m.requires_grad or lora_A.requires_grad)):
+        return F.conv2d(x, conv_direction(weight, lora_A, lora_B, scale, m)[0], bias, *conv)
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return _ConvDoRAOutAxis.apply(x, weight, bias, lora_A, lora_B, m, scale, conv)
+    return _ConvDoRAOutAxis.apply(x, weight, bias, lora_A, lora_B, m, scale, conv)
+
+
+class _ConvDoRAOutAxis(torch.autograd.Function):
+    """Saves x, u = A(x) and the output; the frozen weight and the small tensors ride on ``ctx``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, m, scale, conv):
+        Wg, g = conv_direction(weight, lora_A, lora_B, scale, m)
+        y = F.conv2d(x, Wg, bias, *conv)
+        u = F.conv2d(x, lora_A, None, *conv)
+        ctx.scale, ctx.conv = scale, conv
+        ctx.weight, ctx.bias, ctx.lora_A, ctx.lora_B, ctx.m, ctx.g = weight, bias, lora_A, lora_B, m.detach(), g
+        ctx.save_for_backward(x, u, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, u, y = ctx.saved_tensors
+        s, conv, bias, lora_A, lora_B, g = ctx.scale, ctx.conv, ctx.bias, ctx.lora_A, ctx.lora_B, ctx.g
+        need_x, _, _, need_A, need_B, need_m, _, _ = ctx.needs_input_grad
+        grad_x = grad_A = grad_B = grad_m = None
+        n, out = grad_y.shape[:2]
+        G = grad_y.reshape(n, out, -1)                                       # (N, out, P)
+        sg = cast(g * s, grad_y.dtype).view(-1, 1)                           # (out, 1)
+        if need_B:
+            grad_B = torch.matmul(G, u.reshape(n, u.shape[1], -1).transpose(1, 2)).sum(0)     # (out, r)
+            grad_B = grad_B.mul_(sg).view_as(lora_B)
+        if need_A:
+            Gu = torch.matmul((lora_B.reshape(out, -1) * sg).t(), G).view_as(u)   # ∂L/∂u : (N, r, H', W')
+            grad_A = torch.ops.aten.convolution_backward(Gu, x, lora_A, None, *conv, False, [0, 0], 1,
+                                                         [False, True, False])[1]
+        if need_m:
+            Gy = (grad_y * y).sum((0, 2, 3)).float()                          # Σ G ⊙ (g ⊙ h + bias)
+            if bias is not None:
+                Gy.sub_(grad_y.sum((0, 2, 3)).float().mul_(bias.float()))
+            m = ctx.m                                                         # g·‖V‖ = m: Σ G ⊙ h / ‖V‖ = Gy / m
+            if bool(m.all()):
+                grad_m = Gy.div_(m)
+            else:                                                             # m = 0 hides h: recompute those channels
+                rows = (m == 0).nonzero().squeeze(1)
+                ones = torch.ones(len(rows), dtype=torch.float32, device=m.device)
+                V = conv_direction(ctx.weight[rows], lora_A, lora_B[rows], s, ones)[0]   # V / ‖V‖, those rows
+                grad_m = Gy.div_(torch.where(m == 0, 1.0, m))
+                grad_m[rows] = (grad_y[:, rows] * F.conv2d(x, V, None, *conv)).sum((0, 2, 3)).float()
+        if need_x:
+            Wg = conv_direction(ctx.weight, lora_A, lora_B, s, ctx.m)[0]
+            grad_x = torch.ops.aten.convolution_backward(grad_y, x, Wg, None, *conv, False, [0, 0], 1,
+                                                         [True, False, False])[0]
+        return grad_x, None, None, grad_A, grad_B, grad_m, None, None

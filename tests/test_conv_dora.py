@@ -90,6 +90,61 @@ def test_forward_and_grads_match_reference(axis, use_dora, strength, stride):
     assert layer.base_layer.weight.grad is None
 
 
+def grads_against_reference(layer, x, w=None):
+    """Backward through the layer and through ``reference_forward`` on a copy; their gradients
+    (input, A, B, magnitude) as pairs."""
+    ref = copy.deepcopy(layer)
+    x, xr = x.detach().clone().requires_grad_(True), x.detach().clone().requires_grad_(True)
+    y, yr = layer(x), reference_forward(ref, xr)
+    w = torch.randn_like(yr) if w is None else w
+    (y * w).sum().backward()
+    (yr * w).sum().backward()
+    pairs = [(x.grad, xr.grad)] + [(getattr(layer, n).weight.grad, getattr(ref, n).weight.grad)
+                                   for n in ("lora_A", "lora_B")]
+    return y, yr, pairs + [(layer.lora_magnitude_vector.grad, ref.lora_magnitude_vector.grad)]
+
+
+def test_fused_backward_with_zero_magnitude_channels_and_unbatched_input():
+    """Axis "out" trains through one fused function that recovers h = (y − bias)/g from its output;
+    a channel with m = 0 (so g = 0) hides h and is recomputed; an unbatched (in, H, W) input works."""
+    layer = randomise(make_conv("out", stride=2))
+    with torch.no_grad():
+        layer.lora_magnitude_vector[0, [1, 4]] = 0.0
+    y, yr, pairs = grads_against_reference(layer, torch.randn(2, 6, 9, 9))
+    assert rel_err(y, yr) < TOL and torch.equal(y[:, 1], layer.base_layer.bias[1].expand_as(y[:, 1]))
+    for got, want in pairs:
+        assert rel_err(got, want) < TOL
+    assert layer.lora_magnitude_vector.grad[0, 1] != 0        # the recomputed channels still learn
+    layer.zero_grad()
+    y, yr, pairs = grads_against_reference(randomise(make_conv("out")), torch.randn(6, 9, 9))
+    assert y.shape == (10, 9, 9) and rel_err(y, yr) < TOL
+    assert all(rel_err(got, want) < TOL for got, want in pairs)
+
+
+def test_conv_dora_half_precision_autocast_dropout_and_frozen_input():
+    layer = randomise(make_conv("out", in_c=16, out_c=24, rank=4))
+    x = torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().mean().backward()
+    assert layer.lora_magnitude_vector.grad.dtype == torch.float32 and torch.isfinite(layer.lora_A.weight.grad).all()
+    assert rel_err(y.float(), reference_forward(layer, x).detach()) < 3e-2
+    half = copy.deepcopy(layer)
+    half.base_layer.to(torch.bfloat16)
+    xh = x.to(torch.bfloat16).requires_grad_(True)
+    yh = half(xh)
+    yh.float().square().mean().backward()
+    assert yh.dtype == torch.bfloat16 and torch.isfinite(xh.grad).all() and torch.isfinite(half.lora_B.weight.grad).all()
+    drop = randomise(make_conv("out", dropout=0.5))             # dropout: the layer's unfused path
+    drop.train()
+    drop(torch.randn(2, 6, 7, 7)).sum().backward()
+    assert drop.lora_A.weight.grad is not None and drop.lora_magnitude_vector.grad is not None
+    drop.eval()
+    x = torch.randn(2, 6, 7, 7)
+    assert rel_err(drop(x), reference_forward(drop, x)) < TOL
+
+
 @pytest.mark.parametrize("axis", AXES)
 def test_low_rank_norm_equals_formed_norm(axis):
     layer = randomise(make_conv(axis, in_c=5, out_c=7, rank=3))
