@@ -4,6 +4,12 @@ checkpoints as an A1111/ComfyUI embeddings file that stock diffusers' ``load_tex
 loads to the same vectors and text-encoder outputs; generate/adapter-info/export use it."""
 
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -142,7 +148,7 @@ def test_stock_load_textual_inversion_gives_our_vectors_and_outputs(root, runs, 
                                      tokenizer=getattr(stock, tok))
     ours = DiffusionPipeline.from_pretrained(str(root / kind))
     dorabooth.load_adapter(ours, run / "adapter.safetensors")
-    prompt = TrainConfig.from_dict(__import__("json").loads((run / "config.json").read_text())["config"]).instance_prompt
+    prompt = TrainConfig.from_dict(json.loads((run / "config.json").read_text())["config"]).instance_prompt
     assert "<s0><s1>" in prompt
     family = detect_family(ours)
     for key, tok, te in zip(KEYS[kind], ("tokenizer", "tokenizer_2"), ("text_encoder", "text_encoder_2")):
@@ -191,3 +197,39 @@ def test_adapter_info_and_export_carry_the_embeddings(root, runs, tmp_path):
     pipe = MAKERS["sdxl"]()                   # the exported kohya file finds its _emb file beside it
     dorabooth.load_adapter(pipe, tmp_path / "dog.safetensors")
     assert pipe.tokenizer_2.convert_tokens_to_ids("<s1>") == len(pipe.tokenizer_2) - 1
+
+
+# ---- ComfyUI's own tokenizers, when a checkout is at hand ----------------------------------------
+COMFYUI = os.environ.get("DORABOOTH_COMFYUI")
+
+
+@pytest.mark.skipif(not COMFYUI, reason="set DORABOOTH_COMFYUI to a ComfyUI checkout (a PYTHONPATH) and "
+                                        "DORABOOTH_COMFYUI_PYTHON to a Python that imports it")
+def test_comfyuis_own_tokenizers_load_the_exported_embeddings(root, runs, tmp_path):
+    """ComfyUI's SD1Tokenizer / SDXLTokenizer (tests/compat/comfyui_embeddings.py) read the exported
+    ``<name>_emb.safetensors`` from their embeddings folder where the prompt writes
+    ``embedding:<name>_emb`` and put exactly our N vectors there, per encoder by its key."""
+    from dorabooth.export import export
+
+    cases, expected = {}, {}
+    for kind in ("sd15", "sdxl"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        export(runs[kind], format="kohya", out=folder / "dog.safetensors", model=str(root / kind))
+        rows = load_file(str(folder / "dog_emb.safetensors"))
+        cases[kind] = {"family": kind, "folder": str(folder), "prompt": "a photo of embedding:dog_emb dog"}
+        expected[kind] = {k[-1]: rows[k] for k in KEYS[kind]}                 # clip_l → "l", clip_g → "g"
+    (tmp_path / "embeddings.json").write_text(json.dumps(cases))
+    harness = Path(__file__).parent / "compat" / "comfyui_embeddings.py"
+    python = os.environ.get("DORABOOTH_COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, str(harness), str(tmp_path)], env={**os.environ, "PYTHONPATH": COMFYUI},
+                         cwd=COMFYUI.split(os.pathsep)[0], capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    for kind, encoders in expected.items():
+        assert sorted(result[kind]) == sorted(encoders), kind
+        for encoder, rows in encoders.items():
+            got = result[kind][encoder]
+            assert got["positions"] == [4, 5], (kind, encoder)                # <start> a photo of [v0 v1] dog
+            assert torch.equal(torch.tensor(got["vectors"], dtype=rows.dtype), rows), (kind, encoder)
