@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dorabooth import rundir as rd
 
-from .runs import read_status
+from .runs import live_status
 from .workspace import UserError
 
 SEEDS = (0, 1, 2, 3)
@@ -41,7 +41,7 @@ def check_run(ctx, ref: str, *, seeds=SEEDS, steps: int | None = None) -> CheckO
     from dorabooth.evaluate import evaluate_run, is_toy_base, read_eval_run
 
     run = ctx.workspace.run(ref)
-    status = read_status(run, ctx.worker.position(run))
+    status = live_status(ctx.worker, run)
     if not status.finished:
         raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
     er = read_eval_run(run)

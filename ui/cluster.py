@@ -1,22 +1,71 @@
 """``dorabooth-ui --cluster ADDR``: the app's training line on a Ray cluster (``dorabooth.queue``).
 
-The same face as ``worker.TrainingWorker`` (``submit``, ``position``, ``line``, ``stop``,
-``close``), so the handlers do not know which one they drive; but every queued run is a job of
-the workspace's queue, trained by whichever cluster worker is free, several at once. The
-records live in ``WORKSPACE/queue/`` and the runs in their usual folders, which the workers
-write (the workspace must be on a file system every worker reaches), so the page reads the
-same ``events.jsonl`` it always reads, and a restarted app finds its runs still queued or
-training on the cluster.
+The same face as ``worker.TrainingWorker`` (``submit``, ``position``, ``line``, ``events``,
+``stop``, ``close``), so the handlers do not know which one they drive; but every queued run is
+a job of the workspace's queue, trained by whichever cluster worker is free, several at once.
+The records live in ``WORKSPACE/queue/`` and the runs in their usual folders, which the workers
+write (the workspace must be on a file system every worker reaches: adapters, previews and
+checkpoints are read from there), and a restarted app finds its runs still queued or training
+on the cluster.
+
+The page's live view of a run (state, step, loss, it/s, ETA, previews, errors, the retry note)
+comes from the events the workers stream to the queue's keeper, not from polling the run's
+``events.jsonl``: ``events(run)`` keeps a :class:`RunStream` per run and asks the keeper, each
+page tick, only for what came after the last event it has. A run this app has not seen queued
+or training (ended before the app started) is read from its file, as without ``--cluster``.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 from pathlib import Path
 
 from dorabooth import rundir as rd
 from dorabooth.events import EventLog
 from dorabooth.queue import FINAL
+
+from . import runs
+
+
+class RunStream:
+    """One run's events as the app has them: the run folder's history when the app first looked,
+    then what the keeper streamed, each event once.
+
+    The two overlap and neither is whole. The file has every event the trainer wrote, but the
+    app's machine may see it late or not at all (it need not share the workers' file system);
+    the keeper has the job's last ``EVENTS_KEPT`` (step events at most every 0.5 s) plus the
+    queue's own (``job``), and after an app restart it still holds events the file has too.
+    The trainer appends each event to the file and then sends the same dict, so an event reads
+    the same in both (as JSON; ``time`` is to the millisecond). So: the file is read once, first
+    (the whole history it has: after a restart, the steps the keeper no longer holds), then
+    every streamed event not already here is appended, in the keeper's order: a file that lags
+    or is missing loses nothing the keeper holds, and an event in both is kept once (no preview
+    listed twice). The queue's own events from before the first look land after the file's
+    history, which the page's reading of a run does not mind (it skips ``job`` events and shows
+    a ``retry`` note once: the file has the same message).
+    """
+
+    def __init__(self, history: list[dict]):
+        self.events: list[dict] = []
+        self.since = 0                     # the keeper's sequence number of the last event read
+        self._seen: set[str] = set()
+        for event in history:
+            self.append(event)
+
+    def add(self, streamed: list[tuple[int, dict]]) -> None:
+        """``(sequence number, event)`` pairs from ``RayQueue.events_since(job, self.since)``."""
+        for seq, event in streamed:
+            self.since = max(self.since, seq)
+            self.append(event)
+
+    def append(self, event: dict) -> None:
+        """``event``, unless it is here already."""
+        key = json.dumps(event, sort_keys=True, default=str)       # as the file has it
+        if key not in self._seen:
+            self._seen.add(key)
+            self.events.append(event)
 
 
 class ClusterWorker:
@@ -28,6 +77,8 @@ class ClusterWorker:
 
         self.queue = RayQueue(workspace, cluster, user=user, max_queued=max_queued)
         self.workspace, self.cluster, self.cpus = workspace, cluster, cpus
+        self._streams: dict[str, RunStream] = {}         # job → its events, for runs seen queued or training
+        self._lock = threading.Lock()                    # page ticks of several tabs at once
 
     def as_user(self, user: str) -> ClusterWorker:
         """The same queue as ``user``: their jobs only, owned by them (``ui.users``)."""
@@ -67,6 +118,20 @@ class ClusterWorker:
     def line(self) -> list[Path]:
         return [job.run for job in self._live()]
 
+    def events(self, run: str | Path) -> list[dict] | None:
+        """The run's events as the workers streamed them, once this app has seen it queued or
+        training (from then on, also after it ended); None for any other run: its file says it all."""
+        run = Path(run).resolve()
+        job_id = self.job_id(run)
+        with self._lock:
+            stream = self._streams.get(job_id)
+            if stream is None:
+                if self.position(run) is None:
+                    return None
+                stream = self._streams[job_id] = RunStream(runs.read_events(run))
+            stream.add(self.queue.events_since(job_id, stream.since))
+            return list(stream.events)
+
     def stop(self, run: str | Path) -> str:
         run = Path(run).resolve()
         for job in self._live():
@@ -74,7 +139,11 @@ class ClusterWorker:
                 waiting = job.state == "queued"
                 self.queue.cancel(job.id)
                 if waiting:
-                    EventLog(run / rd.EVENTS)("stopped", step=0, message="taken out of the queue before it started")
+                    event = EventLog(run / rd.EVENTS)("stopped", step=0,
+                                                      message="taken out of the queue before it started")
+                    with self._lock:                         # the app wrote it; no worker streams it
+                        if job.id in self._streams:
+                            self._streams[job.id].append(event)
                     return "removed"
                 return "stopping"
         return "idle"

@@ -20,7 +20,7 @@ from dorabooth import rundir as rd
 from dorabooth.formats.destinations import COMFY_LIKE, TOOL, USES, Pick, hint, pick_for, picks
 from dorabooth.formats.subject import file_stem
 
-from .runs import read_status
+from .runs import live_status
 from .users import check_disk
 from .workspace import UserError
 
@@ -48,7 +48,7 @@ MAGNITUDE_METHODS = ("dora", "dvora")       # trained with a magnitude axis; a D
 
 def _finished(ctx, ref: str):
     run = ctx.workspace.run(ref)
-    status = read_status(run, ctx.worker.position(run))
+    status = live_status(ctx.worker, run)
     if not status.finished:
         raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
     return run, status

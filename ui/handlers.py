@@ -41,7 +41,7 @@ from .exporting import (  # noqa: F401  (the Export tab's handlers live there)
     suggested_export,
     use_advice,
 )
-from .runs import RunStatus, read_status
+from .runs import RunStatus, live_status
 from .users import USERS_DIR, Limits, UserLine, check_disk, user_folder_name, user_root
 from .worker import TrainingWorker
 from .workspace import (
@@ -664,7 +664,7 @@ def _place(position: int) -> str:
 def _finished_run(ctx: Context, ref: str) -> tuple[Path, RunStatus]:
     """The folder and status of a finished run; a readable error for any other."""
     run = ctx.workspace.run(ref)
-    status = read_status(run, ctx.worker.position(run))
+    status = live_status(ctx.worker, run)
     if not status.finished:
         raise UserError(f"{ref} has no trained adapter yet ({status.state}); pick a finished run")
     return run, status
@@ -672,14 +672,14 @@ def _finished_run(ctx: Context, ref: str) -> tuple[Path, RunStatus]:
 
 def run_status(ctx: Context, ref: str) -> RunStatus:
     run = ctx.workspace.run(ref)
-    return read_status(run, ctx.worker.position(run))
+    return live_status(ctx.worker, run)
 
 
 def list_runs(ctx: Context, subject_name: str | None = None, *, finished_only: bool = False) -> list[tuple[str, str]]:
     """(label, ref) of every run (of one subject, or all), newest first."""
     out = []
     for run in ctx.workspace.runs(subject_name):
-        status = read_status(run, ctx.worker.position(run))
+        status = live_status(ctx.worker, run)
         if finished_only and not status.finished:
             continue
         out.append((run_label(ctx, run, status), ctx.workspace.ref(run)))
@@ -769,7 +769,7 @@ def retrain_for(ctx: Context, ref: str, use: str = "comfy") -> str:
     for other in ctx.workspace.runs(run.parent.parent.name):
         request = runs.read_request(other)
         if request.get("retrain_of") == ref and request.get("use") == USE_LABELS[use] \
-                and not read_status(other, ctx.worker.position(other)).resumable:
+                and not live_status(ctx.worker, other).resumable:
             return ctx.workspace.ref(other)
     config = rd.read_config(run)[0]
     if config.magnitude_axis == AXIS_FOR_USE[use]:

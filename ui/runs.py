@@ -1,8 +1,9 @@
 """What a run folder says about itself: state, progress, loss curve, previews.
 
 Everything here is read from the run folder (``events.jsonl``, ``config.json``, the UI's
-``ui-request.json``) plus the worker's queue position, never from a browser session, so
-the page shows the same run after a reload, in another tab, or after the app restarted.
+``ui-request.json``) plus the worker's queue position (and, with ``--cluster``, the events the
+workers stream), never from a browser session, so the page shows the same run after a reload,
+in another tab, or after the app restarted.
 """
 
 from __future__ import annotations
@@ -102,13 +103,20 @@ def read_request(run: str | Path) -> dict:
         return {}
 
 
-def read_status(run: str | Path, position: int | None = None) -> RunStatus:
-    """The run's state from its events; ``position`` comes from the worker (None: not in line)."""
+def live_status(worker, run: str | Path) -> RunStatus:
+    """The run's state as the page shows it: ``worker``'s queue position and, where the worker
+    streams the run's events (``worker.events``; a cluster's), those; else its ``events.jsonl``."""
+    return read_status(run, worker.position(run), worker.events(run))
+
+
+def read_status(run: str | Path, position: int | None = None, events: list[dict] | None = None) -> RunStatus:
+    """The run's state from its events (``events``, else its ``events.jsonl``); ``position``
+    comes from the worker (None: not in line)."""
     run = Path(run)
     status = RunStatus(run, NOT_STARTED, position=position, settings=run_settings(run))
     phase = None
     losses: dict[int, float] = {}
-    for e in read_events(run):
+    for e in read_events(run) if events is None else events:
         kind = e.get("type")
         if kind == "class_images":
             phase, status.class_done, status.class_total = CLASS_IMAGES, e.get("done", 0), e.get("total", 0)

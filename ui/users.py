@@ -101,6 +101,9 @@ class UserLine:
     def position(self, run) -> int | None:
         return self.worker.position(run)
 
+    def events(self, run) -> list[dict] | None:
+        return self.worker.events(run)
+
     def stop(self, run) -> str:
         return self.worker.stop(run)
 

@@ -77,6 +77,11 @@ class TrainingWorker:
         with self._wake:
             return ([self._current.run] if self._current is not None else []) + [job.run for job in self._line]
 
+    def events(self, run: str | Path) -> None:
+        """None: the page reads the run's ``events.jsonl``, which this process writes
+        (``ui.cluster.ClusterWorker`` gives the events its workers stream)."""
+        return None
+
     def stop(self, run: str | Path) -> str:
         """"stopping" (running: stops after the current step), "removed" (was waiting) or "idle"."""
         run = Path(run).resolve()

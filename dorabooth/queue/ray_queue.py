@@ -251,15 +251,20 @@ class RayQueue:
         mine = {j.id for j in self.jobs()}
         return {k: v for k, v in ray.get(self.keeper.progress.remote()).items() if k in mine}
 
+    def events_since(self, job_id: str, since: int = 0) -> list[tuple[int, dict]]:
+        """(sequence number, event) of the job's events the keeper holds (its last EVENTS_KEPT),
+        those after ``since``: ask again with the last number to get only what came after."""
+        self.get(job_id)
+        return ray.get(self.keeper.events_since.remote(job_id, since))
+
     def follow(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> Iterator[dict]:
         """The job's events as the workers send them, until it ends (or ``timeout`` seconds)."""
-        self.get(job_id)
         since, start = 0, time.monotonic()
         while True:
-            for since, event in ray.get(self.keeper.events_since.remote(job_id, since)):
+            for since, event in self.events_since(job_id, since):
                 yield event
             if self.store.get(job_id).state in FINAL:
-                for since, event in ray.get(self.keeper.events_since.remote(job_id, since)):
+                for since, event in self.events_since(job_id, since):
                     yield event
                 return
             if timeout is not None and time.monotonic() - start > timeout:
