@@ -150,6 +150,8 @@ def read_status(run: str | Path, position: int | None = None, events: list[dict]
             status.step = e.get("step", status.step)
         elif kind == "error":
             phase, status.message = FAILED, _plain_error(e.get("message", "unknown error"))
+        elif kind == "job" and e.get("state") in ("failed", "cancelled"):   # streamed: the queue ended it
+            phase, status.message = (FAILED if e["state"] == "failed" else STOPPED), e.get("message", "")
     status.losses = sorted(losses.items())
     if position is not None:
         running_again = phase in (None, FINISHED, STOPPED, FAILED)   # resumed, nothing new written yet

@@ -94,7 +94,9 @@ class _Keeper:
         self.lock = threading.Lock()
         self.refs: dict[str, list] = {}          # job → its tasks not yet seen to end (the last is the newest)
         self.events: dict[str, deque] = {}
-        self.seq = 0
+        # sequence numbers start at the clock (µs), so a keeper made again after a restart numbers
+        # above every event of the one before: a reader's cursor (``events_since``) stays valid
+        self.seq = time.time_ns() // 1000
         self.task = ray.remote(_attempt_task)
         self.recovered = self.recover()
         threading.Thread(target=self._watch, daemon=True).start()

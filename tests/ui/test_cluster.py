@@ -96,3 +96,8 @@ def test_run_stream_keeps_each_event_once():
     alone = RunStream([])                                      # the app's machine sees no file: the stream alone
     alone.add(streamed)
     assert [e["type"] for e in alone.events] == ["start", "step", "sample", "retry", "step", "job"]
+    lost = {"type": "job", "time": 101.0, "state": "failed", "message": "its worker died 3 time(s), more than the 2 "
+                                                                       "retries allowed (WorkerCrashedError)"}
+    alone.add([(14, lost)])                                    # the keeper gave up: no trainer wrote an error
+    status = runs.read_status(Path("/w/runs/r"), events=alone.events)
+    assert status.state == runs.FAILED and "worker died 3 time(s)" in status.message
