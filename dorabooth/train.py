@@ -79,6 +79,7 @@ def train(config: TrainConfig, on_event: Callable[[dict], None] | None = None, *
         return done
     accelerator = Accelerator(mixed_precision=config.mixed_precision, cpu=_cpu_processes())
     sharding.enable_on_cpu(accelerator)                # tests only: FSDP2 over gloo (dorabooth.sharding)
+    sharding.deepspeed_on_cpu(accelerator)
     if accelerator.is_main_process:
         run.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -162,7 +163,9 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
     optimizer = make_optimizer(params, config)
     schedule = make_lr_schedule(optimizer, config)
     ema = make_ema(params, config.ema_decay)          # --ema-decay: previews and the result use its weights
-    prepared = sharding.prepare(accelerator, *trainable_modules, optimizer)
+    if sharding.is_deepspeed(accelerator):
+        sharding.configure_deepspeed(accelerator, config)
+    prepared = sharding.prepare(accelerator, *trainable_modules, optimizer, params=params)
     wrapped, optimizer = list(prepared[:-1]), prepared[-1]
     unet = wrapped[0]                                  # the UNet always trains (adapter or full)
     if sharding.is_sharded(accelerator):               # FSDP2 put sharded parameters in their place
@@ -201,6 +204,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
         return losses.dreambooth_loss(pred, target, weights, len(idx), config.prior_loss_weight)
 
     last_good = rd.latest_checkpoint(run)
+    backward_kwargs = {"scale_wrt_gas": False} if sharding.is_deepspeed(accelerator) else {}   # divided here already
     window: list[float] = []
     for m in wrapped:
         m.train()
@@ -213,7 +217,7 @@ def _train(config: TrainConfig, accelerator, run: Path, emit: EventLog, stop) ->
             with nullcontext() if last_micro else sharding.no_sync(accelerator, unet):   # sync once per step
                 loss, parts = training_loss(next(batches))
                 check_finite(loss, step + 1, last_good, accelerator)
-                accelerator.backward(loss / config.grad_accum)
+                accelerator.backward(loss / config.grad_accum, **backward_kwargs)
             step_loss = step_loss + loss.detach().float() / config.grad_accum
         if config.max_grad_norm is not None and accelerator.sync_gradients:
             accelerator.clip_grad_norm_(list(params.values()), config.max_grad_norm)
@@ -445,8 +449,9 @@ def _due(step: int, every: int, total: int) -> bool:
 def _cpu_processes() -> bool:
     """True when launched as several processes on a machine without CUDA: accelerate then
     needs ``cpu=True`` to join them with gloo (``accelerate launch --multi_gpu`` or torchrun on
-    a CPU box would otherwise start independent single-process runs on one folder)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    a CPU box would otherwise start independent single-process runs on one folder). Not under
+    DeepSpeed, which joins CPU processes itself (its CPU accelerator, gloo) and is off with ``cpu=True``."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and not sharding.deepspeed_asked()
 
 
 def _release(accelerator) -> None:
