@@ -125,6 +125,23 @@ def test_fsdp_and_deepspeed_zero2_and_zero3_train_the_same_steps(first):
     assert any(not torch.allclose(unets["fsdp"][k], base[k]) for k in base)          # they trained
 
 
+@pytest.mark.skipif(NO_DEEPSPEED, reason="pip install deepspeed")
+def test_gradient_accumulation_under_deepspeed_steps_as_fsdp_does(setup, tmp_path):
+    """--grad-accum 2: the engine steps once per two micro-batches (the trainer marks the boundary)
+    and the loss is divided once: the same step as FSDP's."""
+    unets, moments = {}, {}
+    for kind in ("fsdp", "zero2"):
+        events = _launch(setup, tmp_path / kind, "--steps", "2", "--grad-accum", "2",
+                         "--max-grad-norm", "1e6", kind=kind)         # clipping would hide a gradient's scale
+        assert [e["step"] for e in events if e["type"] == "step"] == [1, 2]
+        unets[kind] = _unet(tmp_path / kind)
+        moments[kind] = load_file(tmp_path / kind / "checkpoints" / "step-1" / "optimizer.safetensors")
+    assert all(torch.allclose(unets["zero2"][k], unets["fsdp"][k], rtol=1e-4, atol=1e-6) for k in unets["fsdp"])
+    # AdamW's update hardly sees a gradient's scale; its first moment (0.1 × the gradient) does
+    assert sorted(moments["zero2"]) == sorted(moments["fsdp"])
+    assert all(torch.allclose(moments["zero2"][k], moments["fsdp"][k], rtol=1e-3, atol=1e-9) for k in moments["fsdp"])
+
+
 @pytest.mark.parametrize("kind", ["fsdp", KINDS[1]])
 def test_fsdp_and_deepspeed_are_refused_for_adapters(setup, tmp_path, kind):
     root, subject, model = setup
