@@ -24,7 +24,8 @@ from .store import FINAL, Job, JobStore
 
 CANCEL_POLL_S = 0.5
 PROGRESS_EVERY_S = 0.5               # step events passed on at most this often (the others, all)
-MIRROR_AFTER = ("checkpoint", "sample", "prepared", "start")     # object-store workspaces: push the run then
+MIRROR_AFTER = ("checkpoint", "sample", "prepared", "start", "done")  # object-store workspaces: push the run then
+# (before the event goes on: a reader that sees "sample" or "done" finds its files in the workspace)
 
 
 def run_attempt(workspace: str | os.PathLike, job_id: str, report: Callable[[str, dict], None] | None = None) -> dict:

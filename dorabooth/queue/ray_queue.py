@@ -237,12 +237,14 @@ class RayQueue:
 
     def resume(self, job_id: str, config: dict | None = None) -> Job:
         """A job that ended queued again; it continues from its run's last checkpoint (``config``:
-        new training fields for the same run folder, e.g. more steps)."""
+        new training fields for the same run folder, e.g. more steps; its folder, and on an object store its
+        photos, stay the job's)."""
         job = self.get(job_id)
         if job.state not in FINAL:
             raise ValueError(f"job {job_id} is {job.state}; only a job that ended can be resumed")
-        if config is not None:
-            job.config = {**config, "out": job.config["out"]}
+        if config is not None:                 # on an object store, also the photos uploaded at submit
+            kept = ("out", "images") if self.store.remote else ("out",)
+            job.config = {**config, **{k: job.config[k] for k in kept}}
         self.store.clear_cancel(job_id)
         job.state, job.message = "queued", "queued again; continues from its last checkpoint"
         self.store.save(job)

@@ -62,7 +62,7 @@ def _markers(rel: str) -> int:
     return 0
 
 
-def _skipped(rel: str) -> bool:
+def skipped(rel: str) -> bool:
     """What is never copied: temporaries, folders being written or deleted, the run's lock."""
     return any(p.startswith((".tmp", ".old-", ".deleted")) or p.endswith(".tmp") for p in rel.split("/")) \
         or rel == rd.LOCK
@@ -110,7 +110,7 @@ class RunMirror:
         changed = []
         for path in sorted(p for p in self.local.rglob("*") if p.is_file()):
             rel = path.relative_to(self.local).as_posix()
-            if _skipped(rel):
+            if skipped(rel):
                 continue
             try:
                 stat = path.stat()

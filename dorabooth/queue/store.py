@@ -127,6 +127,9 @@ class JobStore:
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
 
+    def has(self, job_id: str) -> bool:
+        return self._exists(self.path(job_id))
+
     def get(self, job_id: str) -> Job:
         path = self.path(job_id)
         try:
@@ -166,13 +169,13 @@ class JobStore:
                 raise QuotaExceeded(f"{owner} has {len(waiting)} job(s) waiting or training, the most this queue "
                                     f"allows ({max_queued}); wait for one to finish or cancel one")
         job_id = job_id or self.new_id(config)
-        if self._exists(self.path(job_id)):
+        if self.has(job_id):
             raise FileExistsError(f"a job {job_id} exists already in {self.dir}; choose another id")
         if self.remote:                                 # runs live in the workspace: trained elsewhere, mirrored
-            out = join(self.runs, job_id)
-            if config.get("out") and str(config["out"]).rstrip("/") != out:
-                raise ValueError(f"in a workspace on an object store ({self.root}) each run's folder is "
-                                 f"{join(self.runs, '<job id>')}: leave --out out")
+            out = str(config.get("out") or join(self.runs, job_id)).rstrip("/")
+            if not out.startswith(self.root + "/"):       # the app's runs: WORKSPACE/<subject>/runs/<run>
+                raise ValueError(f"in a workspace on an object store ({self.root}) a run's folder is in the "
+                                 f"workspace ({join(self.runs, '<job id>')} by default): leave --out out")
             config = upload_inputs(self.root, job_id, config)
         else:
             out = str(Path(config.get("out") or self.runs / job_id).resolve())
