@@ -29,6 +29,7 @@ from . import handlers as h
 from . import views
 from .users import MAX_QUEUED, Limits, check_logins
 from .security import check_exposure, is_loopback, private_upload_folder, read_auth, received_uploads
+from .store import check_store
 from .workspace import MAX_IMAGES, MAX_UPLOAD_BYTES, MIN_IMAGES, UserError, sanitize_name
 
 log = logging.getLogger("dorabooth.ui")
@@ -836,10 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         check_exposure(args.host, logins, args.insecure)
         check_logins(logins)
         limits = Limits(max_queued=args.max_queued, disk_bytes=_quota(args.disk_quota))
-        if "://" in args.workspace:
-            raise ValueError(f"--workspace {args.workspace}: the app reads its runs from a folder (a local or shared "
-                             f"file system); a workspace on an object store is for `dorabooth queue` "
-                             f"(docs/scaling.md)")
+        check_store(args.workspace, args.cluster)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -863,7 +861,7 @@ def _serve(args, logins, limits) -> int:
     try:
         ctx = h.make_context(args.workspace, args.model, model_config=args.model_config, samples=args.samples,
                              cluster=args.cluster, separate_users=bool(logins) and not args.shared_workspace,
-                             limits=limits)
+                             limits=limits, mirror=args.mirror)
         ctx.info                                          # a missing or unreadable model fails here, readably
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"dorabooth-ui: {e}", file=sys.stderr)
@@ -902,8 +900,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-config", dest="model_config", metavar="DIR",
                         help="for a single .safetensors --model without internet: the diffusers folder with its "
                              "configs (as for `dorabooth train --model-config`)")
-    parser.add_argument("--workspace", metavar="DIR", default="dorabooth-workspace",
-                        help="where subjects, photos and runs are kept (default: ./dorabooth-workspace)")
+    parser.add_argument("--workspace", metavar="DIR|URL", default="dorabooth-workspace",
+                        help="where subjects, photos and runs are kept (default: ./dorabooth-workspace); with "
+                             "--cluster also an object store, s3://bucket/ws, gs://… or any fsspec URL (the "
+                             "workers train into it, the app keeps a local copy: --mirror)")
+    parser.add_argument("--mirror", metavar="DIR", default=None,
+                        help="with a --workspace URL: the local folder the app copies the runs it shows into "
+                             "(default: ~/.cache/dorabooth/workspaces/<hash of the URL>)")
     parser.add_argument("--samples", metavar="DIR", help="sample subjects to offer, one folder each with photos and "
                                                          "a subject.json (default: the toy world's, with the toy "
                                                          "model)")
@@ -918,8 +921,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--cluster", metavar="ADDR", default=None,
                         help="train on a Ray cluster, several runs at once: auto (one started on this machine with "
                              "`ray start --head`), ray://HOST:PORT or HOST:PORT; the workspace must be a folder "
-                             "every worker reaches at the same path (docs/scaling.md). Default: in this process, "
-                             "one run at a time")
+                             "every worker reaches at the same path, or an object store's URL (docs/scaling.md). "
+                             "Default: in this process, one run at a time")
     parser.add_argument("--shared-workspace", dest="shared_workspace", action="store_true",
                         help="with logins: every user sees and changes the same subjects and runs (default: each "
                              "login has a workspace of its own, WORKSPACE/users/<user>)")

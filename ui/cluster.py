@@ -28,6 +28,7 @@ from dorabooth.queue import FINAL
 
 from . import runs
 
+FILES_FOLLOW = ("sample", "checkpoint", "done", "job")   # streamed events whose files a store's mirror brings down
 
 class RunStream:
     """One run's events as the app has them: the run folder's history when the app first looked,
@@ -72,22 +73,27 @@ class ClusterWorker:
     """Runs as jobs of ``RayQueue(workspace, cluster)``."""
 
     def __init__(self, workspace: str | Path, cluster: str, *, cpus: float = 1.0, user: str | None = None,
-                 max_queued: int | None = None):
+                 max_queued: int | None = None, store=None):
         from dorabooth.queue.ray_queue import RayQueue
 
         self.queue = RayQueue(workspace, cluster, user=user, max_queued=max_queued)
         self.workspace, self.cluster, self.cpus = workspace, cluster, cpus
+        self.store = store                               # a ui.store.StoreWorkspace: the runs are its mirror's
         self._streams: dict[str, RunStream] = {}         # job → its events, for runs seen queued or training
         self._lock = threading.Lock()                    # page ticks of several tabs at once
 
     def as_user(self, user: str) -> ClusterWorker:
         """The same queue as ``user``: their jobs only, owned by them (``ui.users``)."""
         return ClusterWorker(self.workspace, self.cluster, cpus=self.cpus, user=user,
-                             max_queued=self.queue.max_queued)
+                             max_queued=self.queue.max_queued, store=self.store)
 
     @staticmethod
     def job_id(run: Path) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{run.parent.name}-{run.name}").strip("-.")[:100] or "run"
+
+    def _run(self, job) -> Path:
+        """The job's run folder here (in an object-store workspace, the mirror's)."""
+        return self.store.local_of(job.run) if self.store is not None else job.run
 
     def _live(self) -> list:
         """The jobs not yet ended, training ones first, then waiting ones in the order asked."""
@@ -99,7 +105,9 @@ class ClusterWorker:
         if self.position(run) is not None:
             raise ValueError(f"{run.name} is already training or waiting to train")
         fields, job_id = {**config.to_dict(), "out": str(run)}, self.job_id(run)
-        if self.queue.store.path(job_id).is_file():           # stopped or failed before: the same job again
+        if self.store is not None:                            # trained into the store, its request there
+            fields = self.store.submitting(run, fields)
+        if self.queue.store.has(job_id):                      # stopped or failed before: the same job again
             self.queue.resume(job_id, fields)
         else:
             self.queue.submit(fields, job_id=job_id, cpus=self.cpus)
@@ -111,12 +119,12 @@ class ClusterWorker:
         waiting = 0
         for job in self._live():
             waiting += job.state == "queued"
-            if job.run == run:
+            if self._run(job) == run:
                 return waiting if job.state == "queued" else 0
         return None
 
     def line(self) -> list[Path]:
-        return [job.run for job in self._live()]
+        return [self._run(job) for job in self._live()]
 
     def events(self, run: str | Path) -> list[dict] | None:
         """The run's events as the workers streamed them, once this app has seen it queued or
@@ -128,19 +136,26 @@ class ClusterWorker:
             if stream is None:
                 if self.position(run) is None:
                     return None
+                if self.store is not None:                   # the history the store has (after a restart)
+                    self.store.pull(run)
                 stream = self._streams[job_id] = RunStream(runs.read_events(run))
-            stream.add(self.queue.events_since(job_id, stream.since))
+            streamed = self.queue.events_since(job_id, stream.since)
+            if self.store is not None and any(e.get("type") in FILES_FOLLOW for _, e in streamed):
+                self.store.pull(run)                         # the worker put their files in the store first
+            stream.add(streamed)
             return list(stream.events)
 
     def stop(self, run: str | Path) -> str:
         run = Path(run).resolve()
         for job in self._live():
-            if job.run == run:
+            if self._run(job) == run:
                 waiting = job.state == "queued"
                 self.queue.cancel(job.id)
                 if waiting:
                     event = EventLog(run / rd.EVENTS)("stopped", step=0,
                                                       message="taken out of the queue before it started")
+                    if self.store is not None:               # the store is what a restarted app reads
+                        self.store.push(run / rd.EVENTS)
                     with self._lock:                         # the app wrote it; no worker streams it
                         if job.id in self._streams:
                             self._streams[job.id].append(event)

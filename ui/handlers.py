@@ -42,6 +42,7 @@ from .exporting import (  # noqa: F401  (the Export tab's handlers live there)
     use_advice,
 )
 from .runs import RunStatus, live_status
+from .store import StoreWorkspace, open_workspace
 from .users import USERS_DIR, Limits, UserLine, check_disk, user_folder_name, user_root
 from .worker import TrainingWorker
 from .workspace import (
@@ -193,16 +194,24 @@ class Context:
 
 def make_context(workspace: str | Path, model: str | None = None, *, model_config: str | None = None,
                  samples: str | Path | None = None, train=None, device: DeviceInfo | None = None,
-                 cluster: str | None = None, separate_users: bool = False, limits: Limits | None = None) -> Context:
+                 cluster: str | None = None, separate_users: bool = False, limits: Limits | None = None,
+                 mirror: str | Path | None = None) -> Context:
     """The app's state. ``train`` replaces ``dorabooth.train`` (tests); ``device`` describes the
     training device instead of detecting it (tests); ``cluster``: train on that Ray cluster
     (``ui.cluster``) instead of in this process, one run at a time; ``separate_users``: each login
-    gets a workspace of its own (:meth:`Context.for_user`), ``limits`` on each."""
-    ctx = Context(Workspace(workspace), model, model_config, Path(samples) if samples else None, _device=device,
+    gets a workspace of its own (:meth:`Context.for_user`), ``limits`` on each. ``workspace`` may be
+    an object store's URL with a cluster (``ui.store``: the app works in ``mirror``, a local copy)."""
+    store = open_workspace(workspace, cluster=cluster, mirror=mirror)
+    if separate_users and isinstance(store, StoreWorkspace):
+        raise UserError(f"--workspace {workspace}: a workspace of each login's own is not built for an object "
+                        f"store yet; start with --shared-workspace")
+    ctx = Context(store, model, model_config, Path(samples) if samples else None, _device=device,
                   limits=limits or Limits(), separate_users=separate_users)
     if cluster:
         from .cluster import ClusterWorker
-        ctx.worker = ClusterWorker(ctx.workspace.root, cluster, max_queued=ctx.limits.max_queued)
+        remote = store if isinstance(store, StoreWorkspace) else None
+        ctx.worker = ClusterWorker(remote.url if remote else store.root, cluster, max_queued=ctx.limits.max_queued,
+                                   store=remote)
     else:
         ctx.worker = TrainingWorker(train=train, before_train=ctx.sessions.release)
     return ctx

@@ -298,10 +298,14 @@ class Workspace:
         """A fresh run folder ``runs/NNN-label`` (numbered, never reused)."""
         subject = self.subject(name)
         subject.runs.mkdir(parents=True, exist_ok=True)
-        numbers = [int(m.group(1)) for p in subject.runs.iterdir() if (m := re.match(r"(\d+)-", p.name))]
+        numbers = [int(m.group(1)) for n in self._run_names(subject) if (m := re.match(r"(\d+)-", n))]
         run = subject.runs / f"{max(numbers, default=0) + 1:03d}-{sanitize_name(label, 'run label')}"
         run.mkdir()
         return run
+
+    def _run_names(self, subject: Subject) -> list[str]:
+        """The names taken in the subject's ``runs/`` (a new run is numbered after them)."""
+        return [p.name for p in subject.runs.iterdir()]
 
     def runs(self, name: str | None = None) -> list[Path]:
         """Run folders of one subject (or of all), newest first."""
@@ -317,16 +321,20 @@ class Workspace:
 
     def run(self, ref: str) -> Path:
         """The run folder for ``subject/run`` (as listed in the app); refuses anything outside."""
+        path = self.run_path(ref)
+        if not path.is_dir():
+            raise UserError(f"no run called {ref!r} in the workspace")
+        return path
+
+    def run_path(self, ref: str) -> Path:
+        """Where the run ``subject/run`` is (or would be); refuses anything outside the workspace."""
         parts = str(ref or "").strip("/").split("/")
         if len(parts) != 2 or not parts[1]:
             raise UserError("choose a run first")
         subject, run = sanitize_name(parts[0], "subject name"), parts[1]
         if run in (".", "..") or "\\" in run or run.startswith("."):
             raise UserError(f"no run called {ref!r}")
-        path = self.root / subject / "runs" / run
-        if not path.is_dir():
-            raise UserError(f"no run called {ref!r} in the workspace")
-        return path
+        return self.root / subject / "runs" / run
 
     def rename_run(self, run: Path, name: str) -> Path:
         """``runs/001-old`` → ``runs/001-<name>``: the number (the order of runs) is kept."""

@@ -33,9 +33,9 @@ def test_an_open_address_without_a_login_is_refused(tmp_path, capsys, host):
     assert not workspace.exists()                                   # no context, no server
 
 
-def test_an_object_store_workspace_is_refused_by_the_app(capsys):
+def test_an_object_store_workspace_needs_a_cluster(capsys):
     assert app.main(["--workspace", "s3://bucket/ws"]) == 2
-    assert "a workspace on an object store is for `dorabooth queue`" in capsys.readouterr().err
+    assert "trained by a cluster's workers; add --cluster ADDR" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("host, loopback", [("127.0.0.1", True), ("127.9.8.7", True), ("::1", True),
