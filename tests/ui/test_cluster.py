@@ -68,6 +68,41 @@ def test_stop_and_resume_a_run_on_the_cluster(ctx, monkeypatch):
     assert (on_disk.state, on_disk.step, on_disk.samples) == (finished.state, finished.step, finished.samples)
 
 
+def test_the_app_on_an_object_store_workspace(ctx, tmp_path, tiny_model):
+    """``--workspace file://…`` with the cluster (an object store's code paths: the app reaches the
+    store through fsspec only): a run from the page trains in a worker's scratch folder into the
+    store; the page follows it from the stream and shows its previews from the app's mirror, and
+    Generate uses the finished adapter there. A restarted app on an empty mirror finds it again."""
+    url = (tmp_path / "store").as_uri()
+    app = h.make_context(url, tiny_model, cluster="local", mirror=tmp_path / "mirror")   # ctx's cluster
+    h.upload_photos(app, "rex", make_photos(tmp_path / "up"), "sks", "dog")
+    ref = h.start_training(app, "rex", h.TrainSettings(preset="quick", steps=16, class_images=2))
+    run, stored = app.workspace.run(ref), tmp_path / "store" / "rex" / "runs" / ref.split("/")[1]
+    assert run.is_relative_to(tmp_path / "mirror") and (stored / "ui-request.json").is_file()
+    seen, deadline = [], time.monotonic() + 600
+    while (status := h.run_status(app, ref)).active and time.monotonic() < deadline:
+        seen.append(status)
+        time.sleep(0.2)
+    assert status.finished and status.step == 16, status.message
+    training = [s for s in seen if s.state == runs.TRAINING and s.step > 0]
+    assert training and any(s.samples for s in training)                       # progress and previews, live
+    for s in training + [status]:                                              # each preview already here
+        assert all(Path(p).is_file() and Path(p).is_relative_to(run) for _, paths in s.samples for p in paths)
+    job = app.worker.queue.wait([app.worker.job_id(run)], timeout=60)[0]
+    assert job.state == "done" and job.config["out"] == f"{url}/{ref.replace('/', '/runs/')}"
+    assert job.config["images"].startswith(f"{url}/inputs/")                   # the photos went up at submit
+    assert (stored / "adapter.safetensors").is_file() and (stored / "samples").is_dir()
+    assert json.loads((run / "config.json").read_text())["config"]["out"] == str(run)   # pointed at the mirror
+
+    made = h.generate_images(app, ref, "a photo of sks dog", n=1, steps=2)
+    assert made.images and all(p.is_file() and p.is_relative_to(run) for p in made.images)
+    app.sessions.release()                                                     # (ctx closes the cluster)
+
+    restarted = h.make_context(url, tiny_model, cluster="local", mirror=tmp_path / "empty-mirror")
+    assert [r for _, r in h.list_runs(restarted)] == [ref]
+    assert h.run_status(restarted, ref).finished
+
+
 def test_run_stream_keeps_each_event_once():
     """A run's file history, then the keeper's stream: the file lags (step 3 is not in it yet) and
     the keeper still holds events the file has (after an app restart); each is kept once."""
@@ -101,3 +136,4 @@ def test_run_stream_keeps_each_event_once():
     alone.add([(14, lost)])                                    # the keeper gave up: no trainer wrote an error
     status = runs.read_status(Path("/w/runs/r"), events=alone.events)
     assert status.state == runs.FAILED and "worker died 3 time(s)" in status.message
+
