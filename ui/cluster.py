@@ -69,6 +69,15 @@ class RunStream:
             self.events.append(event)
 
 
+def job_id(run: Path, root: Path) -> str:
+    """The queue's id of the run folder ``run`` of the workspace at ``root``: its path there without
+    ``runs/`` (``rex-001-dora-quick``; with logins ``users-<user>-rex-…``), so that no two runs share one."""
+    run, root = Path(run).resolve(), Path(root).resolve()
+    parts = run.relative_to(root).parts if run.is_relative_to(root) else (run.parent.parent.name, run.name)
+    parts = [*parts[:-2], parts[-1]] if len(parts) > 1 and parts[-2] == "runs" else list(parts)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts)).strip("-.")[:100] or "run"
+
+
 class ClusterWorker:
     """Runs as jobs of ``RayQueue(workspace, cluster)``."""
 
@@ -87,9 +96,8 @@ class ClusterWorker:
         return ClusterWorker(self.workspace, self.cluster, cpus=self.cpus, user=user,
                              max_queued=self.queue.max_queued, store=self.store)
 
-    @staticmethod
-    def job_id(run: Path) -> str:
-        return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{run.parent.name}-{run.name}").strip("-.")[:100] or "run"
+    def job_id(self, run: Path) -> str:
+        return job_id(run, self.store.root if self.store is not None else Path(self.workspace))
 
     def _run(self, job) -> Path:
         """The job's run folder here (in an object-store workspace, the mirror's)."""

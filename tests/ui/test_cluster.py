@@ -12,7 +12,7 @@ import pytest
 from dorabooth import events as events_module
 from ui import handlers as h
 from ui import runs
-from ui.cluster import RunStream
+from ui.cluster import RunStream, job_id
 from ui_fixtures import make_photos, wait_for_run
 
 
@@ -137,3 +137,11 @@ def test_run_stream_keeps_each_event_once():
     status = runs.read_status(Path("/w/runs/r"), events=alone.events)
     assert status.state == runs.FAILED and "worker died 3 time(s)" in status.message
 
+
+def test_runs_of_two_subjects_are_two_jobs():
+    """Every subject's first run is ``001-…``: the job ids name the subject (and the user) too."""
+    root = Path("/w")
+    ids = [job_id(root / p, root) for p in ("rex/runs/001-dora-quick", "max/runs/001-dora-quick",
+                                            "users/ann/rex/runs/001-dora-quick", "users/bob/rex/runs/001-dora-quick")]
+    assert ids == ["rex-001-dora-quick", "max-001-dora-quick", "users-ann-rex-001-dora-quick",
+                   "users-bob-rex-001-dora-quick"]
