@@ -4,9 +4,9 @@ The same face as ``worker.TrainingWorker`` (``submit``, ``position``, ``line``, 
 ``stop``, ``close``), so the handlers do not know which one they drive; but every queued run is
 a job of the workspace's queue, trained by whichever cluster worker is free, several at once.
 The records live in ``WORKSPACE/queue/`` and the runs in their usual folders, which the workers
-write (the workspace must be on a file system every worker reaches: adapters, previews and
-checkpoints are read from there), and a restarted app finds its runs still queued or training
-on the cluster.
+write (the workspace is on a file system every worker reaches, or on an object store, whose runs
+the app reads through a local mirror: ``ui.store``), and a restarted app finds its runs still
+queued or training on the cluster.
 
 The page's live view of a run (state, step, loss, it/s, ETA, previews, errors, the retry note)
 comes from the events the workers stream to the queue's keeper, not from polling the run's
