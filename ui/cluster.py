@@ -82,22 +82,26 @@ class ClusterWorker:
     """Runs as jobs of ``RayQueue(workspace, cluster)``."""
 
     def __init__(self, workspace: str | Path, cluster: str, *, cpus: float = 1.0, user: str | None = None,
-                 max_queued: int | None = None, store=None):
+                 max_queued: int | None = None, store=None, id_root: Path | None = None):
         from dorabooth.queue.ray_queue import RayQueue
 
         self.queue = RayQueue(workspace, cluster, user=user, max_queued=max_queued)
         self.workspace, self.cluster, self.cpus = workspace, cluster, cpus
         self.store = store                               # a ui.store.StoreWorkspace: the runs are its mirror's
+        # job ids are paths from the whole workspace's root (users/<user>/… included): never one user's folder
+        self.id_root = id_root or (store.root if store is not None else Path(workspace))
         self._streams: dict[str, RunStream] = {}         # job → its events, for runs seen queued or training
         self._lock = threading.Lock()                    # page ticks of several tabs at once
 
-    def as_user(self, user: str) -> ClusterWorker:
-        """The same queue as ``user``: their jobs only, owned by them (``ui.users``)."""
+    def as_user(self, user: str, store=None) -> ClusterWorker:
+        """The same queue as ``user``: their jobs only, owned by them (``ui.users``); ``store``: their
+        folder of an object-store workspace (``StoreWorkspace.at``), whose runs their jobs train."""
         return ClusterWorker(self.workspace, self.cluster, cpus=self.cpus, user=user,
-                             max_queued=self.queue.max_queued, store=self.store)
+                             max_queued=self.queue.max_queued, store=store if store is not None else self.store,
+                             id_root=self.id_root)
 
     def job_id(self, run: Path) -> str:
-        return job_id(run, self.store.root if self.store is not None else Path(self.workspace))
+        return job_id(run, self.id_root)
 
     def _run(self, job) -> Path:
         """The job's run folder here (in an object-store workspace, the mirror's)."""

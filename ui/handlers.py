@@ -182,10 +182,12 @@ class Context:
                 if p.is_dir() and user_folder_name(p.name) == p.name]
 
     def _context_at(self, root: Path, user: str) -> Context:
+        store = isinstance(self.workspace, StoreWorkspace)       # an object store: the user's folder there too
+        workspace = self.workspace.at(root) if store else Workspace(root)
         as_user = getattr(self.worker, "as_user", None)
-        worker = as_user(user) if as_user else UserLine(self.worker, root)
+        worker = (as_user(user, store=workspace if store else None) if as_user else UserLine(self.worker, root))
         self.device, self.info                       # detected once, shared
-        return replace(self, workspace=Workspace(root), worker=worker, user=user, separate_users=False, _users={})
+        return replace(self, workspace=workspace, worker=worker, user=user, separate_users=False, _users={})
 
     def close(self) -> None:
         self.worker.close()
@@ -202,9 +204,6 @@ def make_context(workspace: str | Path, model: str | None = None, *, model_confi
     gets a workspace of its own (:meth:`Context.for_user`), ``limits`` on each. ``workspace`` may be
     an object store's URL with a cluster (``ui.store``: the app works in ``mirror``, a local copy)."""
     store = open_workspace(workspace, cluster=cluster, mirror=mirror)
-    if separate_users and isinstance(store, StoreWorkspace):
-        raise UserError(f"--workspace {workspace}: a workspace of each login's own is not built for an object "
-                        f"store yet; start with --shared-workspace")
     ctx = Context(store, model, model_config, Path(samples) if samples else None, _device=device,
                   limits=limits or Limits(), separate_users=separate_users)
     if cluster:

@@ -72,10 +72,15 @@ class StoreWorkspace(Workspace):
         self._pulled: dict[str, tuple] = {}       # path in the mirror → the store's (size, time) of the copy here
         self._lock = threading.Lock()             # page ticks of several tabs at once
 
+    def at(self, folder: str | os.PathLike) -> StoreWorkspace:
+        """The workspace of a folder inside this one (a login's ``users/<user>``), in the store and here."""
+        return StoreWorkspace(self.url_of(folder), folder)
+
     # ---- paths -----------------------------------------------------------------------------
     def url_of(self, path: str | os.PathLike) -> str:
         """The store's URL of a file or folder of the mirror."""
-        return join(self.url, self._inside(path))
+        inside = self._inside(path)
+        return join(self.url, inside) if inside != "." else self.url
 
     def _inside(self, path: str | os.PathLike) -> str:
         """``path`` (in the mirror) relative to the workspace, as the store names it."""

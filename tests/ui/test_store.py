@@ -116,3 +116,25 @@ def test_deleting_a_run_deletes_it_in_the_store(store, tmp_path):
     ws.delete_run(run)
     assert not run.exists() and not (tmp_path / "store" / "rex" / "runs" / "001-dora-quick").exists()
     assert ws.runs() == []
+
+
+def test_each_login_has_a_folder_of_its_own_in_the_store(store, tmp_path):
+    """With logins (no --shared-workspace) a user's workspace is ``users/<user>`` in the store and in
+    the mirror (``StoreWorkspace.at``, what ``Context.for_user`` uses): another user's runs are not
+    theirs, and their job ids keep the user's folder (``ui.cluster.job_id``)."""
+    from ui.cluster import job_id
+    from ui.users import user_root
+
+    url, _, _ = store
+    ws = StoreWorkspace(url, tmp_path / "mirror")
+    alice, bob = (ws.at(user_root(ws.root, u)) for u in ("alice", "bob"))
+    assert (alice.url, alice.root) == (f"{url}/users/alice", ws.root / "users" / "alice")
+    worker = RunMirror(f"{alice.url}/rex/runs/001-dora-quick", _scratch_run(tmp_path / "alice-scratch"))
+    worker.push()
+    assert [alice.ref(r) for r in alice.runs()] == [REF] and bob.runs() == []
+    with pytest.raises(UserError, match="no run called"):
+        bob.run(REF)
+    run = alice.run(REF)
+    assert run == ws.root / "users" / "alice" / "rex" / "runs" / "001-dora-quick"
+    assert job_id(run, ws.root) == "users-alice-rex-001-dora-quick"
+    assert [ws.ref(r) for r in ws.runs()] == [REF]                # the top level: the store's own rex only
