@@ -51,6 +51,9 @@ class UserError(ValueError):
     """A problem the user can fix; the message says how. Shown in the page as is."""
 
 
+LAST_RUN = ".last-run"                   # in a subject's runs/: the number the newest run was given
+
+
 def sanitize_name(name: str, what: str = "name") -> str:
     """A safe folder name from a user's text: ``"Rex the Dog!" -> "rex-the-dog"``.
 
@@ -299,13 +302,18 @@ class Workspace:
         subject = self.subject(name)
         subject.runs.mkdir(parents=True, exist_ok=True)
         numbers = [int(m.group(1)) for n in self._run_names(subject) if (m := re.match(r"(\d+)-", n))]
-        run = subject.runs / f"{max(numbers, default=0) + 1:03d}-{sanitize_name(label, 'run label')}"
+        number = max(numbers, default=0) + 1
+        run = subject.runs / f"{number:03d}-{sanitize_name(label, 'run label')}"
         run.mkdir()
-        return run
+        (subject.runs / LAST_RUN).write_text(f"{number:03d}-\n")  # a deleted newest run's number stays taken:
+        return run                                                # the cluster's queue knows runs by it
 
     def _run_names(self, subject: Subject) -> list[str]:
-        """The names taken in the subject's ``runs/`` (a new run is numbered after them)."""
-        return [p.name for p in subject.runs.iterdir()]
+        """The names taken in the subject's ``runs/`` (a new run is numbered after them), with the
+        number last given out."""
+        last = subject.runs / LAST_RUN
+        return [p.name for p in subject.runs.iterdir() if p.name != LAST_RUN] + \
+            ([last.read_text().strip()] if last.is_file() else [])
 
     def runs(self, name: str | None = None) -> list[Path]:
         """Run folders of one subject (or of all), newest first."""

@@ -242,12 +242,14 @@ def test_runs_are_renamed_and_deleted_but_never_while_live(fake):
     assert other == "rex/002-first-try"
     assert h.delete_run(ctx, renamed) == "Deleted rex/001-first-try."
     assert [ref for _, ref in h.list_runs(ctx, "rex")] == [other]
-    assert not [p for p in (ctx.workspace.root / "rex" / "runs").iterdir() if p.name.startswith(".")]
+    assert [p.name for p in (ctx.workspace.root / "rex" / "runs").iterdir() if p.name.startswith(".")] == [".last-run"]
     with pytest.raises(UserError, match="no run called"):
         h.delete_run(ctx, renamed)
     with pytest.raises(UserError, match="no letters or digits"):
         h.rename_run(ctx, other, "!!!")
     assert h.rename_run(ctx, other, "../../escape") == "rex/002-escape"            # a name, never a path
+    h.delete_run(ctx, "rex/002-escape")                          # the newest run's number is not given out again:
+    assert ctx.workspace.new_run("rex", "next").name == "003-next"   # a cluster's queue knows runs by it
 
 
 def test_previews_are_found_after_a_rename(fake):
