@@ -97,7 +97,10 @@ def test_a_sharded_full_fine_tune_resumes_exactly_and_with_other_process_counts(
     assert next(e for e in events if e["type"] == "resume")["step"] == 1
     assert all((_unet(again)[k] == whole[k]).all() for k in whole)
 
-    # sharded (2) → one plain process → sharded (2) again
+    # sharded (2) → one plain process → sharded (2) again (ZeRO-3 saves and loads through the same
+    # functions as the same-count resume above, as ZeRO-2 does: once for the two is enough for CI's time)
+    if kind == "zero3":
+        return
     mixed = _unfinished(out, tmp_path / "mixed")
     one = TrainConfig.from_dict({**json.loads((mixed / "config.json").read_text())["config"], "resume": True,
                                  "steps": 3, "out": str(mixed)})
