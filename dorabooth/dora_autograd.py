@@ -55,11 +55,16 @@ def dora_forward(x, x_d, weight, bias, lora_A, lora_B, g, scale, axis):
         y, _ = (_out_axis if axis == "out" else _in_axis)(x, x_d, weight, bias, lora_A, lora_B, g, scale)
         return y
     function = _DoRAOutAxis if axis == "out" else _DoRAInAxis
+    return _apply_outside_autocast(function, x, x_d, weight, bias, lora_A, lora_B, g, scale)
+
+
+def _apply_outside_autocast(function, x, *args):
+    """``function.apply(x, *args)`` with autocast off: the inputs are already in the compute dtype."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         with torch.autocast(device_type, enabled=False):
-            return function.apply(x, x_d, weight, bias, lora_A, lora_B, g, scale)
-    return function.apply(x, x_d, weight, bias, lora_A, lora_B, g, scale)
+            return function.apply(x, *args)
+    return function.apply(x, *args)
 
 
 def _out_axis(x, x_d, weight, bias, lora_A, lora_B, g, scale):
@@ -240,11 +245,7 @@ def conv_dora_forward(x, weight, bias, lora_A, lora_B, m, scale, conv):
         return conv_dora_forward(x.unsqueeze(0), weight, bias, lora_A, lora_B, m, scale, conv).squeeze(0)
     if not (torch.is_grad_enabled() and (x.requires_grad or m.requires_grad or lora_A.requires_grad)):
         return F.conv2d(x, conv_direction(weight, lora_A, lora_B, scale, m)[0], bias, *conv)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return _ConvDoRAOutAxis.apply(x, weight, bias, lora_A, lora_B, m, scale, conv)
-    return _ConvDoRAOutAxis.apply(x, weight, bias, lora_A, lora_B, m, scale, conv)
+    return _apply_outside_autocast(_ConvDoRAOutAxis, x, weight, bias, lora_A, lora_B, m, scale, conv)
 
 
 class _ConvDoRAOutAxis(torch.autograd.Function):
