@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 import dora_vs_lora as dvl
 
-VARIANTS = {"none": {}, "class": {"pivotal_tokens": 2, "pivotal_init": "class"},
+VARIANTS = {"none": {"pivotal_tokens": 0}, "class": {"pivotal_tokens": 2, "pivotal_init": "class"},
             "random": {"pivotal_tokens": 2, "pivotal_init": "random"}}
 
 

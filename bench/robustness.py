@@ -248,6 +248,35 @@ def do_run(out: Path, subject: Subject, token: str, seed: int, extra: list[str],
     return res
 
 
+def same_for_every_token(extra: list[str]) -> bool:
+    """True when the recipe names the subject with pivotal tokens (the toy model's default since
+    2026-12-01, or ``--pivotal N``): they replace the typed token in every prompt, so runs that
+    differ only in the token train bit for bit the same thing (pinned by
+    tests/test_pivotal.py::test_with_pivotal_tuning_the_typed_token_changes_nothing_trained)."""
+    from dorabooth.families import TRAIN_PRESETS
+
+    flags = dict(a.split("=", 1) if "=" in a else (a, None) for a in extra if a.startswith("--"))
+    for i, a in enumerate(extra):                       # "--pivotal 2" as two words
+        if a.startswith("--") and "=" not in a and i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            flags[a] = extra[i + 1]
+    if "--model" in flags or flags.get("--method") == "full":
+        return False
+    n = flags.get("--pivotal")
+    return int(n) > 0 if n is not None else bool(TRAIN_PRESETS["toy"].get("pivotal_tokens"))
+
+
+def same_training(out: Path, first: dict, subject: Subject, token: str, seed: int, extra: list[str]) -> dict:
+    """The result of ``token``'s run when it trains exactly what ``first`` (another token's run of
+    the same subject and seed) trained: ``first``'s adapter and scores, under its own name and
+    command line, marked ``same_training_as``."""
+    name = run_name(subject, token, seed)
+    argv = train_argv(out / "subjects" / subject.name, subject, token, seed, out / "runs" / name,
+                      out / "class-images" / subject.shape, extra)
+    res = {**first, "name": name, "token": token, "argv": ["dorabooth", *argv], "same_training_as": first["name"]}
+    (out / "results" / f"{name}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def prepare_class_images(out: Path, subject: Subject, extra: list[str]) -> None:
     """Draw the class images of ``subject.shape`` once (a 1-step run with the default recipe's
     class-image settings), so that parallel runs of the noun only read them."""
@@ -276,15 +305,22 @@ def bench(out: Path, subjects: list[Subject], tokens, seeds, jobs: int = 2, extr
         log(f"[{time.monotonic() - started:6.0f}s] class images ready for {[s.shape for s in first_of_noun]}")
         todo = [(s, t, seed) for seed in seeds for s in subjects for t in tokens
                 if not only or any(o in run_name(s, t, seed) for o in only)]
-        futures = [pool.submit(do_run, out, s, t, seed, extra, eval_seeds) for s, t, seed in todo]
+        shared = same_for_every_token(extra)           # then one token's run per subject and seed trains
+        trained = {}
+        for s, t, seed in todo:
+            if not shared or (s.name, seed) not in trained:
+                trained[s.name, seed] = pool.submit(do_run, out, s, t, seed, extra, eval_seeds)
         results = []
-        for (s, t, seed), f in zip(todo, futures):
-            r = f.result()
+        for s, t, seed in todo:
+            r = trained[s.name, seed].result()
+            if r["token"] != t:
+                r = same_training(out, r, s, t, seed, extra)
             results.append(r)
             m = r["metrics"]
+            how = (f"same training as {r['same_training_as']}" if "same_training_as" in r
+                   else f"train {r['train_s']:.0f}s, eval {r['eval_s']:.0f}s")
             log(f"[{time.monotonic() - started:6.0f}s] {r['name']}: fidelity {m['subject_fidelity']:.2f}, "
-                f"leak {m['class_leak']:.2f}, {'learned' if r['learned'] else 'NOT learned'} "
-                f"(train {r['train_s']:.0f}s, eval {r['eval_s']:.0f}s)")
+                f"leak {m['class_leak']:.2f}, {'learned' if r['learned'] else 'NOT learned'} ({how})")
     return results
 
 

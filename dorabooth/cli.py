@@ -83,7 +83,8 @@ def _add_train(sub) -> None:
     _flag(g, "--text-encoder-lr", dest="text_encoder_lr", type=float, metavar="LR", help="default: --lr")
     _flag(g, "--pivotal", dest="pivotal_tokens", type=int, metavar="N",
           help="pivotal tuning: N new tokens <s0>…<sN-1> (1–16; 2 is usual) per text encoder take the token's "
-               "place in the prompts and train beside the adapter (default 0: off)")
+               "place in the prompts and train beside the adapter; 0 = off (family default: 2 on the toy model, "
+               "off for SD/SDXL)")
     _flag(g, "--pivotal-init", dest="pivotal_init", choices=("class", "random"),
           help="start the new tokens as std-scaled noise (random, default: as diffusers' advanced script) or as the "
                "class noun's embedding (class)")
@@ -196,7 +197,9 @@ def _prompts_follow_the_subject(base: dict, given: dict) -> dict:
     new = (given.get("token") or old[0], given.get("class_noun") or old[1])
     if new == old or not old[1]:
         return base
-    defaults = {p for style in PROMPT_STYLES for p in default_prompts(*old, style)}
+    pivotal = "".join(f"<s{i}>" for i in range(base.get("pivotal_tokens") or 0))   # what named the subject
+    defaults = {p for style in PROMPT_STYLES for name in {old[0], pivotal or old[0]}
+                for p in default_prompts(name, old[1], style)}
     return {k: v for k, v in base.items() if not (k in ("instance_prompt", "class_prompt") and v in defaults)}
 
 

@@ -73,7 +73,7 @@ class TrainConfig:
     quantize_base: str = "none"                # none | nf4: adapted layers' frozen W0 held in NF4 (QDoRA; torchao)
     train_text_encoders: bool | None = None    # every text encoder trains too (adapters, or the whole encoder for full)
     text_encoder_lr: float | None = None       # default = lr
-    pivotal_tokens: int = 0                    # pivotal tuning: N new tokens <s0>…<sN-1> per text encoder replace the token; 0 = off
+    pivotal_tokens: int | None = None          # pivotal tuning: N new tokens <s0>…<sN-1> per text encoder replace the token; 0 = off; None = family default
     pivotal_init: str = "random"               # random (std-scaled noise, diffusers' advanced script) | class (the class noun's embedding)
     pivotal_lr: float | None = None            # lr of the new token embeddings; default = text_encoder_lr
     pivotal_stop: float | None = None          # train the new embeddings only for this first fraction of steps; None = all
@@ -191,7 +191,7 @@ class TrainConfig:
         """``text`` with the token word replaced by :attr:`identifier` (unchanged without pivotal tuning)."""
         if not self.pivotal_tokens:
             return text
-        return re.sub(rf"(?<![\w<]){re.escape(self.token.strip())}(?![\w>])", lambda _: self.identifier, text)
+        return name_subject(text, self.token.strip(), self.identifier)
 
     @property
     def resolved_instance_prompt(self) -> str:
@@ -216,6 +216,10 @@ class TrainConfig:
         """Fill the ``None`` fields from a family's ``train_defaults`` (the prompts phrased in its
         ``prompt_style``) and derive cadences."""
         values = {k: v for k, v in defaults.items() if k in _FAMILY_FIELDS and getattr(self, k) is None}
+        if self.pivotal_tokens is None and (self.method == "full" or "pivotal_tokens" not in defaults):
+            values["pivotal_tokens"] = 0               # a full fine-tune has no adapter to tune beside; no family choice: off
+        if values.get("pivotal_tokens"):              # the family's new tokens name the subject in the prompts below
+            return replace(self, pivotal_tokens=values["pivotal_tokens"]).with_defaults(defaults)
         if self.optimizer == "prodigy" and self.lr is None:
             values["lr"] = PRODIGY_LR                  # Prodigy's own default, not the family's AdamW rate
         if self.targets is None and "targets" not in defaults:
@@ -278,7 +282,7 @@ DEVICE_FIELDS = ("mixed_precision", "gradient_checkpointing", "optimizer")
 
 # Fields whose defaults depend on the model family and size (families.train_defaults).
 _FAMILY_FIELDS = frozenset({"rank", "resolution", "steps", "lr", "num_class_images", "class_image_steps",
-                            "train_text_encoders", "targets"})
+                            "train_text_encoders", "targets", "pivotal_tokens"})
 
 
 # How the default prompts are phrased; ``families.TRAIN_PRESETS`` picks the style per family.
@@ -289,6 +293,12 @@ PROMPT_STYLES: dict[str, tuple[str, str]] = {
     # and "a photo of a star" drew a star in 3 of 4 images (docs/training.md)
     "caption": ("a {token} {class_noun}", "{article} {class_noun}"),
 }
+
+
+def name_subject(text: str, token: str, identifier: str) -> str:
+    """``text`` with the word ``token`` (not inside another word or a ``<…>`` token) replaced by
+    ``identifier``: "a sks dog" → "a <s0><s1> dog"."""
+    return re.sub(rf"(?<![\w<]){re.escape(token)}(?![\w>])", lambda _: identifier, text)
 
 
 def default_prompts(token: str, class_noun: str, style: str = "photo") -> tuple[str, str]:
@@ -372,7 +382,7 @@ def _check_optimizer_extras(c: TrainConfig) -> None:
 
 def _check_pivotal(c: TrainConfig) -> None:
     """Pivotal tuning: a number of tokens in range, a known init, and the adapter methods only."""
-    _check(isinstance(c.pivotal_tokens, int) and 0 <= c.pivotal_tokens <= MAX_PIVOTAL_TOKENS,
+    _check(c.pivotal_tokens is None or (isinstance(c.pivotal_tokens, int) and 0 <= c.pivotal_tokens <= MAX_PIVOTAL_TOKENS),
            f"pivotal_tokens {c.pivotal_tokens}: use 0 (off) or 1–{MAX_PIVOTAL_TOKENS} new tokens per text encoder "
            f"(2 is diffusers' advanced script's default)")
     _one_of("pivotal_init", c.pivotal_init, PIVOTAL_INITS)

@@ -28,7 +28,8 @@ from .families import detect_family
 from .formats.files import atomic_file
 from .finetune import FineTunedWeights
 from .models import load_pipeline
-from .rundir import AdapterSource, resolve_adapter
+from .config import name_subject
+from .rundir import AdapterSource, pivotal_alias, resolve_adapter
 from .version import __version__
 
 def default_device() -> tuple[torch.device, torch.dtype]:
@@ -74,6 +75,7 @@ class Session:
         self.defaults = fam.generate_defaults(self.family, self.pipe)
         self.merge = merge
         self.adapter: AdapterSource | None = None
+        self.alias: tuple[str, str] | None = None           # (typed token, pivotal identifier) of the adapter's run
         self.strength = 1.0
         self._full: FineTunedWeights | None = None          # a loaded full fine-tune
 
@@ -89,6 +91,7 @@ class Session:
         else:
             adapters.load_adapter(self.pipe, source.path)
         self.adapter = source
+        self.alias = pivotal_alias(source)
         try:
             self._apply_strength()
         except ValueError:
@@ -133,6 +136,7 @@ class Session:
         if any(True for _ in inject.iter_layers(self.pipe)):
             adapters.detach(self.pipe)
         self.adapter = None
+        self.alias = None
 
     # ---- images ------------------------------------------------------------------------------
     def sampling(self, prompt: str, *, negative: str | None = None, steps: int | None = None,
@@ -143,6 +147,9 @@ class Session:
         multiple = fam.size_multiple(self.pipe)
         if width % multiple or height % multiple:
             raise ValueError(f"width/height {width}×{height}: use multiples of {multiple} for this model")
+        if self.alias is not None and self.strength != 0.0:      # "a sks cross" → "a <s0><s1> cross"
+            prompt = name_subject(prompt, *self.alias)
+            negative = negative and name_subject(negative, *self.alias)
         return Sampling(prompt, negative, steps or self.defaults["steps"],
                         self.defaults["guidance"] if guidance is None else guidance, width, height)
 

@@ -83,6 +83,7 @@ def config_data(run: str | os.PathLike) -> dict[str, Any]:
 def read_config(run: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any]]:
     """The config of a run folder and the rest of its ``config.json`` (version, base model, family)."""
     data = config_data(run)
+    data["config"].setdefault("pivotal_tokens", 0)   # written before pivotal tuning existed: trained without it
     return TrainConfig.from_dict(data.pop("config")), data
 
 
@@ -278,6 +279,21 @@ class AdapterSource:
     model: str | None         # the base model a run folder was trained on (None: not known / toy)
     from_run: bool
     model_config: str | None = None   # its --model-config, for a single-file base
+
+
+def pivotal_alias(source: AdapterSource) -> tuple[str, str] | None:
+    """(typed token, pivotal identifier) when ``source`` is a run's adapter (final or a checkpoint's)
+    trained with pivotal tuning: its prompts may keep naming the subject by the typed word ("a sks
+    cross" draws with "<s0><s1>"). None otherwise (an adapter file alone: name it ``<s0><s1>``)."""
+    if source.kind != "adapter":
+        return None
+    run = source.path.parent if source.from_run else None
+    if run is None and source.path.parent.parent.name == CHECKPOINTS:
+        run = source.path.parents[2]
+    if run is None or not is_run(run):
+        return None
+    config, _ = read_config(run)
+    return (config.token.strip(), config.identifier) if config.pivotal_tokens else None
 
 
 def resolve_adapter(adapter: str | os.PathLike) -> AdapterSource:

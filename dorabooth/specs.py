@@ -219,4 +219,8 @@ def trainable_parameters(spec: ModelSpec, config: TrainConfig) -> dict[str, int]
             raise ValueError(f"rank {rank} is larger than min(in, out) of {len(too_small)} target module(s) in "
                              f"{component}: {', '.join(too_small[:3])}; use a lower --rank or other --targets")
         counts[component] = total
+    if config.pivotal_tokens and config.method != "full":     # the new token rows: (N, dim) per text encoder
+        for component in spec.family.text_encoders:
+            dim = modules[component].get_input_embeddings().embedding_dim
+            counts[component] = counts.get(component, 0) + config.pivotal_tokens * dim
     return counts

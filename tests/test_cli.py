@@ -390,7 +390,7 @@ def test_a_run_that_failed_before_its_first_checkpoint_restarts_in_place(tmp_pat
     err = capsys.readouterr().err
     assert "differ" not in err and "class images were for other settings and are drawn again" in err
     recorded = json.loads((other / "config.json").read_text())["config"]
-    assert (recorded["instance_prompt"], recorded["class_prompt"]) == ("a sks dog", "a dog")   # not the cat's
+    assert (recorded["instance_prompt"], recorded["class_prompt"]) == ("a <s0><s1> dog", "a dog")   # not the cat's
     events = [json.loads(line)["type"] for line in (other / "events.jsonl").read_text().splitlines()]
     assert events[0] == "restart" and "error" not in events and events[-1] == "done"
     assert json.loads((other / "config.json").read_text())["config"]["class_noun"] == "dog"

@@ -87,13 +87,15 @@ def test_default_prompts_follow_the_family():
     with pytest.raises(ValueError, match="choose one of photo, caption"):
         default_prompts("sks", "dog", "poem")
     star = TrainConfig(**{**BASE, "class_noun": "star"})
-    toy = star.with_defaults(fam.TRAIN_PRESETS["toy"] | {"resolution": 32})
+    toy = replace(star, pivotal_tokens=0).with_defaults(fam.TRAIN_PRESETS["toy"] | {"resolution": 32})
     assert (toy.instance_prompt, toy.class_prompt, toy.validation_prompts) == ("a sks star", "a star", ("a sks star",))
+    toy = star.with_defaults(fam.TRAIN_PRESETS["toy"] | {"resolution": 32})    # its default: pivotal tokens
+    assert (toy.instance_prompt, toy.class_prompt) == ("a <s0><s1> star", "a star")
     sdxl = star.with_defaults(fam.TRAIN_PRESETS["sdxl"])
     assert (sdxl.instance_prompt, sdxl.class_prompt) == ("a photo of sks star", "a photo of a star")
     mine = TrainConfig(**{**BASE, "instance_prompt": "sks dog, studio light"}).with_defaults(
         fam.TRAIN_PRESETS["toy"] | {"resolution": 32})
-    assert (mine.instance_prompt, mine.class_prompt) == ("sks dog, studio light", "a dog")
+    assert (mine.instance_prompt, mine.class_prompt) == ("<s0><s1> dog, studio light", "a dog")
 
 
 def test_the_unet_targets_are_a_family_default():
@@ -116,7 +118,8 @@ def test_resume_keeps_the_prompts_a_run_was_trained_with():
     """A run made before the prompts were written into config.json (None there) was trained with
     the "photo" phrasing; resuming it with the toy's new defaults neither refuses nor changes them."""
     toy = fam.TRAIN_PRESETS["toy"] | {"resolution": 32}
-    old = replace(TrainConfig(**BASE).with_defaults(toy), instance_prompt=None, class_prompt=None)   # its config.json
+    old = replace(TrainConfig(**BASE, pivotal_tokens=0).with_defaults(toy), instance_prompt=None,
+                  class_prompt=None)                                # its config.json (from before pivotal tuning too)
     resumed = fill_from_run(TrainConfig(**BASE, resume=True), old).with_defaults(toy)
     assert (resumed.instance_prompt, resumed.class_prompt) == ("a photo of sks dog", "a photo of a dog")
     assert old.recipe_differences(resumed) == []

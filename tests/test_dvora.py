@@ -208,7 +208,8 @@ def test_cli_train_generate_export_info(tmp_path, capsys, monkeypatch):
     model = str(save_model("sd15", tmp_path / "model"))
     subject = make_subject(tmp_path / "subject")
     run = tmp_path / "run"
-    common = ["--model", model, "--num-class-images", "2", "--class-image-steps", "2", "--lr", "1e-2", "--targets", "attn"]
+    common = ["--model", model, "--num-class-images", "2", "--class-image-steps", "2", "--lr", "1e-2", "--targets", "attn",
+              "--pivotal", "0"]
     assert cli.main(["train", "--method", "dvora", "--images", str(subject), "--class-noun", "dog", "--out", str(run),
                      "--steps", "2", *common]) == 0
     config = json.loads((run / "config.json").read_text())["config"]

@@ -65,6 +65,33 @@ def test_config_names_the_subject_with_the_new_tokens(tmp_path):
                                "class_image_steps": 1, "train_text_encoders": False})
 
 
+def test_the_familys_default_turns_it_on_and_a_full_fine_tune_off():
+    """The toy model's recipe names the subject with 2 new tokens (docs/robustness.md); SD/SDXL's do
+    not; a full fine-tune has no adapter to tune them beside; an explicit --pivotal 0 wins."""
+    from dorabooth.families import TRAIN_PRESETS
+
+    toy = {k: v for k, v in TRAIN_PRESETS["toy"].items()} | {"resolution": 32}
+    sd = TRAIN_PRESETS["sd1"]
+    base = dict(images="x", class_noun="star", out="o", token="zwx")
+    c = TrainConfig(**base).with_defaults(toy)
+    assert (c.pivotal_tokens, c.identifier, c.instance_prompt) == (2, "<s0><s1>", "a <s0><s1> star")
+    assert c.pivotal_lr == c.text_encoder_lr == c.lr
+    assert TrainConfig(**base).with_defaults(sd).pivotal_tokens == 0
+    assert TrainConfig(**base, method="full").with_defaults(toy).pivotal_tokens == 0
+    off = TrainConfig(**base, pivotal_tokens=0).with_defaults(toy)
+    assert (off.pivotal_tokens, off.instance_prompt) == (0, "a zwx star")
+
+
+def test_with_pivotal_tuning_the_typed_token_changes_nothing_trained(root, tmp_path):
+    """The new tokens replace the typed one in every prompt: runs that differ only in --token train
+    the same adapter and rows bit for bit (bench/robustness.py trains one of them per subject and seed)."""
+    made = [train(config(root, tmp_path / token, token=token, steps=3, checkpoint_every=0)).run_dir
+            for token in ("sks", "brelk")]
+    for name in ("adapter.safetensors", pivotal.EMBEDDINGS):
+        a, b = (load_file(run / name) for run in made)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"pivotal_tokens": 17}, "1–16"), ({"pivotal_tokens": -1}, "1–16"),
     ({"pivotal_tokens": 2, "method": "full"}, "--method dora, lora or dvora"),
@@ -170,6 +197,16 @@ def test_generate_uses_the_tokens_and_a_missing_file_is_named(root, runs, tmp_pa
     assert session.pipe.tokenizer.tokenize("a <s0><s1> dog") == ["a</w>", "<s0>", "<s1>", "dog</w>"]
     images = session.generate("a <s0><s1> dog", steps=2, seed=1)
     assert len(images) == 1 and images[0].info["dorabooth"]
+    typed = session.generate("a sks dog", steps=2, seed=1)            # the run's own token names the subject too
+    assert json.loads(typed[0].info["dorabooth"])["prompt"] == "a <s0><s1> dog"
+    assert list(typed[0].getdata()) == list(images[0].getdata())
+    assert session.sampling("sks, a sksdog").prompt == "<s0><s1>, a sksdog"   # the word only
+    session.set_strength(0.0)                                           # the base model: the typed word as it is
+    assert session.sampling("a sks dog").prompt == "a sks dog"
+    session.set_strength(1.0)
+    step = sorted((runs["sd15"] / "checkpoints").iterdir())[0]
+    session.use_adapter(step)                                           # a checkpoint of the run: the same
+    assert session.sampling("a sks dog").prompt == "a <s0><s1> dog"
     session.use_adapter(None)
     assert len(session.pipe.tokenizer) == vocab
     assert session.pipe.text_encoder.get_input_embeddings().num_embeddings == vocab

@@ -98,6 +98,21 @@ def test_a_micro_run_trains_with_the_cli_is_scored_and_cached(rb, tmp_path):
     assert more[0]["eval_seeds"] == [0, 1] and len(more[0]["images"]) == 2 * len(r["images"])
     assert json.loads(cached.read_text())["eval_seeds"] == [0, 1]
     assert sum(r["name"] in x for x in lines) == 3                   # one progress line per bench call
+    # pivotal tuning (the toy default) replaces the token: another token's run is the same training
+    both = rb.bench(tmp_path, [subject], ["zwx", "sks"], [0], jobs=1, extra=extra, eval_seeds=(0, 1), log=lines.append)
+    assert both[0]["train_s"] == -1.0 and "same_training_as" not in both[0]
+    assert both[1]["same_training_as"] == r["name"] and both[1]["token"] == "sks"
+    assert both[1]["metrics"] == both[0]["metrics"] and both[1]["argv"][5] == "sks"
+    assert not (tmp_path / "runs" / both[1]["name"]).exists()          # nothing trained for it
+    assert json.loads((tmp_path / "results" / f"{both[1]['name']}.json").read_text())["same_training_as"] == r["name"]
+
+
+@pytest.mark.parametrize("flags, same", [
+    ([], True), (["--pivotal=0"], False), (["--pivotal", "0"], False), (["--pivotal=3"], True),
+    (["--method=full"], False), (["--model", "x"], False), (["--steps", "2", "--lr=1e-3"], True),
+])
+def test_one_training_stands_for_every_token_only_with_pivotal_tuning(rb, flags, same):
+    assert rb.same_for_every_token(flags) is same
 
 
 def _row(subject, token, seed, fidelity, leak=0.0):

@@ -66,7 +66,9 @@ def straight_and_resumed(config, a: Path, b: Path) -> tuple[Path, Path]:
 
 def quick(**overrides) -> dict:
     """TrainConfig keyword arguments for a 2-step run (model/images/out must be added); attention
-    adapters, as the tests using it were written for (the toy default is every Linear layer)."""
+    adapters and the typed token, as the tests using it were written for (the toy default is every
+    Linear layer and two pivotal tokens)."""
     return {"class_noun": "dog", "steps": 2, "rank": 4, "lr": 1e-3, "targets": "attn", "num_class_images": 2,
+            "pivotal_tokens": 0,
             "class_image_steps": 2, "sample_every": 0, "train_text_encoders": False, "validation_prompts": ["a photo of sks dog"],
             **overrides}

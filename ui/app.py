@@ -236,7 +236,7 @@ def _train_tab(ctx: h.Context, c) -> None:
             c.class_images = gr.Number(label="Class images", value=preset["class_images"], precision=0)
             c.text_encoders = gr.Checkbox(label="Train the text encoders too", value=preset["train_text_encoders"],
                                           info="Can capture a likeness faster; more likely to overfit.")
-        _adapter_fields(c, preset["targets"])
+        _adapter_fields(c, preset["targets"], preset["pivotal"])
         c.instance_prompt = gr.Textbox(label="Training prompt", placeholder=f"(empty: {h.example_prompt(ctx, '<token>', '<class noun>')})",
                                        info="What each photo is captioned with while training; it must contain "
                                             "the token.")
@@ -305,7 +305,7 @@ RANK_INFO = {"dora": "Adapter size: higher learns more detail, bigger file.",
              "dvora": "DVoRA: its frozen random matrices' size; a higher rank trains hardly more."}
 
 
-def _adapter_fields(c, targets: str) -> None:
+def _adapter_fields(c, targets: str, pivotal: bool) -> None:
     """Advanced: which layers the adapter trains (Conv DoRA among them; ``targets``, the model's
     default, preselected) and the frozen base in 4 bit (QDoRA), with one note beside them for
     choices the trainer refuses (e.g. DVoRA on convolutions)."""
@@ -322,9 +322,10 @@ def _adapter_fields(c, targets: str) -> None:
                               choices=[(views.QUANTIZE_NAMES[q], q) for q in h.QUANTIZE],
                               info="4-bit NF4 (QDoRA) holds the adapted layers' frozen weights in 4 bit: less "
                                    "memory, slower steps. Needs dorabooth[qdora].")
-        c.pivotal = gr.Checkbox(label="Pivotal tuning", value=False, elem_id="db-pivotal", scale=1,
-                                info="Trains two new words for the subject (they replace the token in prompts) "
-                                     "beside the adapter; exports add a small embeddings file to use with it.")
+        c.pivotal = gr.Checkbox(label="Pivotal tuning", value=pivotal, elem_id="db-pivotal", scale=1,
+                                info="Trains two new words for the subject (<s0><s1>; prompts with your token "
+                                     "use them) beside the adapter; exports add a small embeddings file to use "
+                                     "with it. Preselected: this model's default (on for the toy model).")
     c.adapter_note = gr.HTML(elem_id="db-adapter-note")     # the trainer's refusal of these choices, in words
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from dorabooth import rundir as rd
@@ -179,7 +179,7 @@ def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
     """Write ``<run>/exports/<format>-<dtype>/<name>`` with dorabooth's exporter; returns the download."""
     from dorabooth import export
     from dorabooth.formats.consumers import Verdict
-    from dorabooth.pivotal import EXPORT_SUFFIX
+    from dorabooth.pivotal import EXPORT_SUFFIX, is_identifier
 
     run, status = _finished(ctx, ref)
     if fmt not in EXPORT_FORMATS:
@@ -191,7 +191,10 @@ def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
                         "merged checkpoint")
     dtype = "fp32" if fmt == "diffusers-lora" else dtype          # that format is always written in fp32
     check_disk(ctx.workspace.root, ctx.limits, what="an export")
-    stem = file_stem(rd.read_run(run).subject if rd.is_run(run) else None, s.get("method", "dora"), fmt, dtype)
+    subject = rd.read_run(run).subject if rd.is_run(run) else None
+    if subject is not None and is_identifier(subject.token):      # pivotal tokens: named by the word typed
+        subject = replace(subject, token=rd.read_config(run)[0].token)
+    stem = file_stem(subject, s.get("method", "dora"), fmt, dtype)
     folder = run / "exports" / f"{fmt}-{dtype}"
     out = folder / (stem if fmt == "merged-diffusers" else f"{stem}.safetensors")
     folder.mkdir(parents=True, exist_ok=True)

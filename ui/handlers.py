@@ -362,7 +362,7 @@ class TrainSettings:
     buckets: bool = False                  # aspect-ratio buckets instead of a square centre crop
     targets: str | None = None             # UNet layers that train (TARGETS); None: the family default
     quantize_base: str = "none"            # none | nf4: the adapted layers' frozen weights in 4 bit (QDoRA)
-    pivotal: bool = False                  # pivotal tuning: PIVOTAL_TOKENS new tokens trained in the token's place
+    pivotal: bool | None = None            # pivotal tuning: PIVOTAL_TOKENS new tokens trained in the token's place; None: the family default
 
 
 def preset_values(ctx: Context, preset: str) -> dict:
@@ -372,7 +372,7 @@ def preset_values(ctx: Context, preset: str) -> dict:
     p, d = PRESETS[preset], ctx.info.defaults
     return {"steps": max(1, round(d["steps"] * p["steps"])), "rank": int(d["rank"] * p["rank"]), "lr": d["lr"],
             "class_images": d["num_class_images"], "train_text_encoders": bool(d.get("train_text_encoders")),
-            "targets": d["targets"]}
+            "targets": d["targets"], "pivotal": bool(d.get("pivotal_tokens"))}
 
 
 def default_rank(ctx: Context, preset: str, method: str) -> int:
@@ -491,7 +491,7 @@ def _recipe(ctx: Context, settings: TrainSettings) -> dict:
                              else bool(settings.train_text_encoders)), seed=int(settings.seed),
         sample_every=max(1, steps // 4), mixed_precision=PRECISIONS[settings.precision],
         gradient_checkpointing=CHECKPOINTING[settings.checkpointing], optimizer=OPTIMIZERS[settings.optimizer],
-        buckets=bool(settings.buckets), pivotal_tokens=PIVOTAL_TOKENS if settings.pivotal else 0)
+        buckets=bool(settings.buckets), pivotal_tokens=PIVOTAL_TOKENS if given(settings.pivotal, preset["pivotal"]) else 0)
 
 
 def _plan(ctx: Context, config: TrainConfig):

@@ -158,7 +158,9 @@ def test_pivotal_tuning_trains_new_words_that_generate_and_export_uses(ctx):
     run = ctx.workspace.new_run("rex", "check")
     config = h.build_config(ctx, "rex", h.TrainSettings(pivotal=True), run)
     assert config.pivotal_tokens == h.PIVOTAL_TOKENS == 2 and config.identifier == "<s0><s1>"
-    assert h.build_config(ctx, "rex", h.TrainSettings(), run).pivotal_tokens == 0
+    assert h.build_config(ctx, "rex", h.TrainSettings(pivotal=False), run).pivotal_tokens == 0
+    default = h.build_config(ctx, "rex", h.TrainSettings(), run).pivotal_tokens     # the model's own choice
+    assert default == (h.PIVOTAL_TOKENS if ctx.info.defaults.get("pivotal_tokens") else 0)
 
     ref = h.start_training(ctx, "rex", h.TrainSettings(pivotal=True, steps=1, prior_preservation=False,
                                                        preset="quick"))
@@ -168,6 +170,7 @@ def test_pivotal_tuning_trains_new_words_that_generate_and_export_uses(ctx):
     assert len(h.generate_images(ctx, ref, prompt, steps=2).images) == 1
     out = exporting.export_run(ctx, ref, "kohya", "fp16")
     assert out.path.suffix == ".zip" and any("pivotal tuning" in n for n in out.notes)
+    assert out.path.name.startswith("sks-dog_")                     # named by the word typed, not <s0><s1>
     with zipfile.ZipFile(out.path) as z:
         names = sorted(z.namelist())
     assert len(names) == 2 and names[1] == names[0].replace(".safetensors", pivotal.EXPORT_SUFFIX)
