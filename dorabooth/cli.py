@@ -191,13 +191,13 @@ def _prompts_follow_the_subject(base: dict, given: dict) -> dict:
     """``base`` (a recorded config) without the prompts that were only the defaults for its token
     and class noun when the flags change either: they are derived again for the new subject (a
     run's config.json records its resolved prompts)."""
-    from .config import PROMPT_STYLES, default_prompts
+    from .config import PROMPT_STYLES, default_prompts, pivotal_identifier
 
     old = (base.get("token") or "sks", base.get("class_noun") or "")
     new = (given.get("token") or old[0], given.get("class_noun") or old[1])
     if new == old or not old[1]:
         return base
-    pivotal = "".join(f"<s{i}>" for i in range(base.get("pivotal_tokens") or 0))   # what named the subject
+    pivotal = pivotal_identifier(base.get("pivotal_tokens") or 0)       # what named the subject
     defaults = {p for style in PROMPT_STYLES for name in {old[0], pivotal or old[0]}
                 for p in default_prompts(name, old[1], style)}
     return {k: v for k, v in base.items() if not (k in ("instance_prompt", "class_prompt") and v in defaults)}

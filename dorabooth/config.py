@@ -185,7 +185,7 @@ class TrainConfig:
     def identifier(self) -> str:
         """What names the subject in prompts: ``token``, or with pivotal tuning the new tokens
         ``<s0><s1>…`` in its place (as diffusers' advanced script replaces its TOK)."""
-        return "".join(f"<s{i}>" for i in range(self.pivotal_tokens)) if self.pivotal_tokens else self.token.strip()
+        return pivotal_identifier(self.pivotal_tokens) if self.pivotal_tokens else self.token.strip()
 
     def with_identifier(self, text: str) -> str:
         """``text`` with the token word replaced by :attr:`identifier` (unchanged without pivotal tuning)."""
@@ -293,6 +293,11 @@ PROMPT_STYLES: dict[str, tuple[str, str]] = {
     # and "a photo of a star" drew a star in 3 of 4 images (docs/training.md)
     "caption": ("a {token} {class_noun}", "{article} {class_noun}"),
 }
+
+
+def pivotal_identifier(n: int) -> str:
+    """``"<s0><s1>…"``: the N pivotal tokens that name the subject in prompts (diffusers' names)."""
+    return "".join(f"<s{i}>" for i in range(n))
 
 
 def name_subject(text: str, token: str, identifier: str) -> str:

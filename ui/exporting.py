@@ -191,9 +191,10 @@ def export_run(ctx, ref: str, fmt: str, dtype: str = "fp32") -> ExportOutcome:
                         "merged checkpoint")
     dtype = "fp32" if fmt == "diffusers-lora" else dtype          # that format is always written in fp32
     check_disk(ctx.workspace.root, ctx.limits, what="an export")
-    subject = rd.read_run(run).subject if rd.is_run(run) else None
+    info = rd.read_run(run) if rd.is_run(run) else None
+    subject = info.subject if info is not None else None
     if subject is not None and is_identifier(subject.token):      # pivotal tokens: named by the word typed
-        subject = replace(subject, token=rd.read_config(run)[0].token)
+        subject = replace(subject, token=info.config.token)
     stem = file_stem(subject, s.get("method", "dora"), fmt, dtype)
     folder = run / "exports" / f"{fmt}-{dtype}"
     out = folder / (stem if fmt == "merged-diffusers" else f"{stem}.safetensors")
