@@ -153,9 +153,9 @@ def config_for(args, subject: Path, info: dict, method: str, lr: float, seed: in
                class_images=str(class_dir or args.out / "class-images"),
                checkpoint_every=args.checkpoint_every if checkpoint_every is None else checkpoint_every,
                keep_checkpoints=1000, sample_every=0,
-               # attention adapters and the typed token, as the study was run (the toy default became
-               # all-linear on 2026-12-01 and pivotal tuning later that day)
-               **{"targets": "attn", "pivotal_tokens": 0, **METHODS[method]})
+               # attention adapters, the typed token and Min-SNR γ 5, as the study was run (the toy default
+               # became all-linear on 2026-12-01, pivotal tuning and plain MSE later that day)
+               **{"targets": "attn", "pivotal_tokens": 0, "min_snr_gamma": 5.0, **METHODS[method]})
     if args.steps:
         cfg["steps"] = args.steps
     if args.rank:

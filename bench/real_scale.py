@@ -110,7 +110,7 @@ def dorabooth_config(args, model: Path, images: Path, out: Path, method: str) ->
                 alpha=float(args.rank), targets="attn", train_text_encoders=False, resolution=args.resolution,
                 prior_preservation=False, steps=args.steps, lr=SETTINGS["lr"], lr_schedule="constant",
                 warmup_steps=0, batch_size=SETTINGS["batch_size"], weight_decay=SETTINGS["weight_decay"],
-                max_grad_norm=SETTINGS["max_grad_norm"], min_snr_gamma=None, seed=SETTINGS["seed"],
+                max_grad_norm=SETTINGS["max_grad_norm"], min_snr_gamma=0.0, seed=SETTINGS["seed"],
                 mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                 cache_latents=False, flip=False, token=SETTINGS["token"], class_noun=SETTINGS["class_noun"],
                 instance_prompt=SETTINGS["prompt"], checkpoint_every=0, sample_every=0)

@@ -122,7 +122,8 @@ def _add_train(sub) -> None:
     _flag(g, "--ema-decay", dest="ema_decay", type=float, metavar="D",
           help="keep an EMA of the adapter weights (e.g. 0.999) for previews and the final adapter (default off)")
     _flag(g, "--weight-decay", dest="weight_decay", type=float, help="AdamW weight decay (default 0.01)")
-    _flag(g, "--min-snr-gamma", dest="min_snr_gamma", type=float, metavar="G", help="Min-SNR γ (default 5)")
+    _flag(g, "--min-snr-gamma", dest="min_snr_gamma", type=float, metavar="G", help="Min-SNR γ (default 5 on SD/SDXL; "
+          "the toy model trains with plain MSE)")
     _bool(g, "--min-snr", "Min-SNR loss weighting (--no-min-snr: plain MSE)")
     _flag(g, "--noise-offset", dest="noise_offset", type=float, metavar="X", help="default 0")
     _flag(g, "--seed", type=int, metavar="N", help="default 0")
@@ -158,7 +159,7 @@ def _output_flags(p) -> None:
 def train_config_from_args(args):
     """A TrainConfig from --config / RUN_DIR/config.json (with --resume) overlaid with the flags given."""
     from .config import TrainConfig
-    from .rundir import is_run, read_config
+    from .rundir import is_run, read_config, recorded_recipe
 
     given = {k: v for k, v in vars(args).items()
              if k not in ("handler", "command", "json", "quiet", "verbose", "config_file", "min_snr", "dry_run")}
@@ -166,7 +167,7 @@ def train_config_from_args(args):
         if given.get(name) == "auto":
             given[name] = None
     if "min_snr" in vars(args) and not args.min_snr:
-        given["min_snr_gamma"] = None
+        given["min_snr_gamma"] = 0.0
     base: dict = {}
     if getattr(args, "config_file", None):
         try:
@@ -174,7 +175,7 @@ def train_config_from_args(args):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"--config {args.config_file}: {getattr(e, 'strerror', None) or e}; pass a JSON "
                              f"config such as a run's config.json") from None
-        base = data.get("config", data)
+        base = recorded_recipe(data["config"]) if isinstance(data.get("config"), dict) else data   # a run's config.json
         for mechanic in ("out", "resume"):
             base.pop(mechanic, None)
     if given.get("resume") and given.get("out") and is_run(given["out"]):

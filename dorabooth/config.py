@@ -37,6 +37,7 @@ MAX_SAMPLER_STEPS = 1000
 MAX_SEED = 2**32 - 1
 MAX_LORAPLUS_RATIO = 1000.0            # LoRA+ paper: 16 suggested; B's lr = ratio · lr
 MAX_PIVOTAL_TOKENS = 16                # new tokens per text encoder (diffusers' advanced script: 2 by default)
+DEFAULT_MIN_SNR_GAMMA = 5.0   # Min-SNR γ of the real families (Hang et al. 2023; kohya's and diffusers' usual 5)
 PIVOTAL_INITS = ("class", "random")    # dorabooth.pivotal: the class noun's embedding, or std-scaled noise
 
 # Fields that may change between a run and its --resume without changing what is learned.
@@ -104,7 +105,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
-    min_snr_gamma: float | None = 5.0          # Min-SNR weighting (Hang et al. 2023); None = plain MSE
+    min_snr_gamma: float | None = None         # Min-SNR weighting (Hang et al. 2023); 0 = plain MSE; None = family default
     noise_offset: float = 0.0
     seed: int = 0
 
@@ -157,7 +158,8 @@ class TrainConfig:
         _check(len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
                f"adam_betas {self.adam_betas}: give two numbers in [0, 1)")
         _positive("adam_eps", self.adam_eps)
-        _positive("min_snr_gamma", self.min_snr_gamma)
+        _check(self.min_snr_gamma is None or (math.isfinite(self.min_snr_gamma) and self.min_snr_gamma >= 0),
+               f"min_snr_gamma {self.min_snr_gamma}: use 0 (plain MSE) or a positive γ such as 5")
         _check(math.isfinite(self.noise_offset) and self.noise_offset >= 0,
                "noise_offset: use 0 (off) or a small positive value such as 0.05")
         for name in ("sample_every", "checkpoint_every"):
@@ -224,6 +226,8 @@ class TrainConfig:
             values["lr"] = PRODIGY_LR                  # Prodigy's own default, not the family's AdamW rate
         if self.targets is None and "targets" not in defaults:
             values["targets"] = "attn"                 # a family without its own choice: attention, as diffusers
+        if self.min_snr_gamma is None and "min_snr_gamma" not in defaults:
+            values["min_snr_gamma"] = DEFAULT_MIN_SNR_GAMMA
         if self.method == "dvora" and self.rank is None and "dvora_rank" in defaults:
             values["rank"] = defaults["dvora_rank"]
         instance, class_prompt = default_prompts(self.identifier, self.class_noun, defaults.get("prompt_style", "photo"))
@@ -282,7 +286,7 @@ DEVICE_FIELDS = ("mixed_precision", "gradient_checkpointing", "optimizer")
 
 # Fields whose defaults depend on the model family and size (families.train_defaults).
 _FAMILY_FIELDS = frozenset({"rank", "resolution", "steps", "lr", "num_class_images", "class_image_steps",
-                            "train_text_encoders", "targets", "pivotal_tokens"})
+                            "train_text_encoders", "targets", "pivotal_tokens", "min_snr_gamma"})
 
 
 # How the default prompts are phrased; ``families.TRAIN_PRESETS`` picks the style per family.

@@ -82,15 +82,20 @@ def check_family(expected: str, actual: Family, *, source: str) -> None:
 # "a photo of sks dog"; the toy model knows only its captions' "a sks star" / "a star".
 TRAIN_PRESETS: dict[str, dict] = {
     #        resolution None = the model's native size
-    # toy: every Linear at 2e-3 (was attention at 1e-3 until 2026-12-01: docs/robustness.md, issue 16)
+    # toy: every Linear at 2e-3 (was attention at 1e-3 until 2026-12-01), two pivotal tokens (from
+    # 2026-12-01) and plain MSE (Min-SNR γ 5 until session 12, 2026-12-01): docs/robustness.md, issue 16
     "toy":  dict(resolution=None, steps=600, lr=2e-3, rank=8, num_class_images=40, class_image_steps=20,
-                 train_text_encoders=True, targets="all-linear", pivotal_tokens=2, prompt_style="caption"),
+                 train_text_encoders=True, targets="all-linear", pivotal_tokens=2, min_snr_gamma=0.0,
+                 prompt_style="caption"),
     "sd1":  dict(resolution=512, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False, targets="attn", pivotal_tokens=0, prompt_style="photo"),
+                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=5.0,
+                 prompt_style="photo"),
     "sd2":  dict(resolution=None, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False, targets="attn", pivotal_tokens=0, prompt_style="photo"),
+                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=5.0,
+                 prompt_style="photo"),
     "sdxl": dict(resolution=1024, steps=1000, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False, targets="attn", pivotal_tokens=0, prompt_style="photo"),
+                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=5.0,
+                 prompt_style="photo"),
 }
 GENERATE_PRESETS: dict[str, dict] = {
     "toy":  dict(steps=20, guidance=5.0),

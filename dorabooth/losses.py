@@ -49,8 +49,8 @@ def min_snr_weight(scheduler, timesteps: torch.Tensor, gamma: float | None) -> t
     """Per-sample loss weights of Min-SNR-γ (Hang et al. 2023, arXiv:2303.09556, Eq. 9),
     written for the loss in the model's own parametrisation:
     ε-prediction: min(SNR, γ) / SNR; v-prediction: min(SNR, γ) / (SNR + 1); x₀: min(SNR, γ).
-    ``gamma=None`` gives ones (plain MSE)."""
-    if gamma is None:
+    ``gamma`` 0 or None gives ones (plain MSE)."""
+    if not gamma:
         return torch.ones(timesteps.shape[0])
     s = snr(scheduler, timesteps)
     clipped = torch.clamp(s, max=gamma)

@@ -301,12 +301,13 @@ def plan_run(config: TrainConfig, spec: ModelSpec, device: DeviceInfo) -> RunPla
 
 def fill_from_run(config: TrainConfig, previous: TrainConfig) -> TrainConfig:
     """For --resume: the device-dependent fields left on "auto" take the run's own values, and
-    prompts and pivotal tokens left unset the ones it was trained with, while token and class noun stay (a run made
+    prompts, pivotal tokens and Min-SNR γ left unset the ones it was trained with, while token and class noun stay (a run made
     before the family's prompt style was recorded has none in its config: it used the "photo"
     phrasing)."""
     keep = {k: getattr(previous, k) for k in DEVICE_FIELDS if getattr(config, k) is None}
-    if config.pivotal_tokens is None:                  # what names the subject in its prompts (a family default
-        keep["pivotal_tokens"] = previous.pivotal_tokens   # that changed on 2026-12-01: its runs keep theirs)
+    for name in ("pivotal_tokens", "min_snr_gamma"):   # family defaults that changed on 2026-12-01: its runs keep
+        if getattr(config, name) is None:              # theirs (what names the subject in its prompts; its loss)
+            keep[name] = getattr(previous, name)
     if (config.token, config.class_noun) == (previous.token, previous.class_noun):   # else derived anew
         if config.instance_prompt is None:
             keep["instance_prompt"] = previous.resolved_instance_prompt

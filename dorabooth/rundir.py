@@ -83,8 +83,18 @@ def config_data(run: str | os.PathLike) -> dict[str, Any]:
 def read_config(run: str | os.PathLike) -> tuple[TrainConfig, dict[str, Any]]:
     """The config of a run folder and the rest of its ``config.json`` (version, base model, family)."""
     data = config_data(run)
-    data["config"].setdefault("pivotal_tokens", 0)   # written before pivotal tuning existed: trained without it
-    return TrainConfig.from_dict(data.pop("config")), data
+    return TrainConfig.from_dict(recorded_recipe(data.pop("config"))), data
+
+
+def recorded_recipe(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded (resolved) config with what older versions left unsaid or spelled another
+    way made explicit, so it reads as what that run trained with, not as today's defaults."""
+    config = dict(config)
+    config.setdefault("pivotal_tokens", 0)           # written before pivotal tuning existed: trained without it
+    config.setdefault("min_snr_gamma", 5.0)          # before the field existed: Min-SNR γ 5 for every model
+    if config["min_snr_gamma"] is None:              # "plain MSE" until Min-SNR became a family default
+        config["min_snr_gamma"] = 0.0                # (a resolved config never holds None since)
+    return config
 
 
 @dataclass(frozen=True)

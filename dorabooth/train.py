@@ -307,8 +307,7 @@ def resume_overrides(config: TrainConfig, run: Path, emit: EventLog) -> dict:
     one is an ``override`` event."""
     if not (config.resume and rd.is_run(run)):
         return {}
-    recorded = rd.config_data(run)
-    previous = TrainConfig.from_dict(recorded["config"])
+    previous, recorded = rd.read_config(run)
     history = list(recorded.get("overrides") or [])
     step = (rd.checkpoint_steps(run) or [0])[-1]
     for name in sorted(RESUME_OVERRIDES):

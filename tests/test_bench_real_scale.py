@@ -123,7 +123,7 @@ def test_both_sides_get_the_same_settings(bench, tmp_path):
     assert cfg.instance_prompt == bench.SETTINGS["prompt"] and cfg.weight_decay == bench.SETTINGS["weight_decay"]
     assert not cfg.prior_preservation and not cfg.train_text_encoders and not cfg.cache_latents
     assert cfg.gradient_checkpointing and cfg.mixed_precision == "no" and cfg.targets == "attn"
-    assert cfg.min_snr_gamma is None                    # diffusers' default loss: plain MSE
+    assert cfg.min_snr_gamma == 0                       # diffusers' default loss: plain MSE
     assert cfg.checkpoint_every == 0
 
 

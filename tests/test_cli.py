@@ -39,7 +39,7 @@ def test_train_flags_map_to_the_config():
     assert (c.prior_preservation, c.class_images, c.num_class_images, c.train_text_encoders) == \
         (False, "cls", 5, True)
     assert c.validation_prompts == ("a zwx cat", "a zwx cat on grass")
-    assert (c.sample_every, c.checkpoint_every, c.mixed_precision, c.min_snr_gamma) == (5, 5, "bf16", None)
+    assert (c.sample_every, c.checkpoint_every, c.mixed_precision, c.min_snr_gamma) == (5, 5, "bf16", 0.0)
     assert (c.rslora, c.text_encoder_lr, c.flip, c.buckets) == (True, 1e-5, True, True)
     untouched = cli.train_config_from_args(parse("train", "--images", "i", "--class-noun", "dog", "--out", "o"))
     assert untouched.rank is None and untouched.prior_preservation and untouched.method == "dora"

@@ -31,6 +31,7 @@ def test_min_snr_weights():
     torch.testing.assert_close(eps, torch.clamp(s, max=5) / s)
     torch.testing.assert_close(v, torch.clamp(s, max=5) / (s + 1))
     assert torch.equal(losses.min_snr_weight(_scheduler(), t, None), torch.ones(3))
+    assert torch.equal(losses.min_snr_weight(_scheduler(), t, 0.0), torch.ones(3))   # 0: plain MSE
     assert eps[2] == pytest.approx(1.0) and eps[0] < 1.0   # noisy steps untouched, clean steps down-weighted
 
 

@@ -122,7 +122,7 @@ def test_features_together(root, subject, tmp_path):
     half rank, axis "in", batch 2."""
     config = run_config(root, subject, tmp_path, "sdxl", buckets=True, flip=True, grad_accum=2, batch_size=2,
                         lr_schedule="cosine", warmup_steps=1, gradient_checkpointing=True, rslora=True,
-                        half_rank=True, magnitude_axis="in", noise_offset=0.05, min_snr_gamma=None,
+                        half_rank=True, magnitude_axis="in", noise_offset=0.05, min_snr_gamma=0.0,
                         targets="cross-attn", resolution=32)
     train(config)
     meta = safe_open(str(tmp_path / "run" / "adapter.safetensors"), "pt").metadata()
