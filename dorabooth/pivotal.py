@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .config import pivotal_identifier
 from .families import Family, detect_family
 from .formats.files import read_safetensors, write_safetensors
 
@@ -44,7 +45,7 @@ _IDENTIFIER = re.compile(r"(<s\d+>)+")
 
 def token_names(n: int) -> list[str]:
     """``["<s0>", "<s1>", …]``: the names diffusers' advanced script gives its new tokens."""
-    return [f"<s{i}>" for i in range(n)]
+    return tokens_of(pivotal_identifier(n))
 
 
 def is_identifier(token: str | None) -> bool:

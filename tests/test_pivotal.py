@@ -270,3 +270,50 @@ def test_comfyuis_own_tokenizers_load_the_exported_embeddings(root, runs, tmp_pa
             got = result[kind][encoder]
             assert got["positions"] == [4, 5], (kind, encoder)                # <start> a photo of [v0 v1] dog
             assert torch.equal(torch.tensor(got["vectors"], dtype=rows.dtype), rows), (kind, encoder)
+
+
+# ---- A1111's own embeddings loader, when a webui checkout is at hand ----------------------------------
+A1111 = os.environ.get("DORABOOTH_A1111")
+
+
+@pytest.mark.skipif(not A1111, reason="set DORABOOTH_A1111 to an A1111 / Forge webui checkout")
+def test_a1111s_own_loader_loads_the_exported_embeddings(root, runs, tmp_path):
+    """A1111's ``EmbeddingDatabase`` (its textual_inversion.py, run by tests/compat/a1111_embeddings.py)
+    reads the exported ``<name>_emb.safetensors`` from its embeddings folder as an embedding of
+    the model's width (SD 1.x by its one tensor, SDXL by ``clip_l`` + ``clip_g``), skips nothing,
+    reports no error, keeps exactly our N rows per key, and finds it where the prompt writes
+    ``<name>_emb``."""
+    from transformers import CLIPTokenizer
+
+    from dorabooth.export import export
+
+    cases, expected = {}, {}
+    for kind in ("sd15", "sdxl"):
+        folder = tmp_path / kind
+        folder.mkdir()
+        export(runs[kind], format="kohya", out=tmp_path / f"{kind}.safetensors", model=str(root / kind))
+        (tmp_path / f"{kind}_emb.safetensors").rename(folder / "dog_emb.safetensors")   # only the embeddings there
+        encoders = ["text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
+        width = sum(json.loads((root / kind / e / "config.json").read_text())["hidden_size"] for e in encoders)
+        cases[kind] = {"folder": str(folder), "width": width, "tokenizer": str(root / kind / "tokenizer"),
+                       "prompt": "a photo of dog_emb dog"}
+        expected[kind] = load_file(str(folder / "dog_emb.safetensors"))
+    (tmp_path / "embeddings.json").write_text(json.dumps(cases))
+    harness = Path(__file__).parent / "compat" / "a1111_embeddings.py"
+    out = subprocess.run([sys.executable, str(harness), A1111, str(tmp_path)], capture_output=True, text=True,
+                         timeout=600, check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    for kind, rows in expected.items():
+        got = result[kind]
+        assert got["errors"] == [] and got["skipped"] == [], (kind, got["errors"], got["skipped"])
+        assert list(got["loaded"]) == ["dog_emb"], kind
+        loaded = got["loaded"]["dog_emb"]
+        assert (loaded["vectors"], loaded["shape"]) == (2, cases[kind]["width"]), kind
+        keys = {"": rows["clip_l"]} if kind == "sd15" else rows                  # SD 1.x: its one tensor
+        assert sorted(loaded["rows"]) == sorted(keys), kind
+        for key, tensor in keys.items():
+            assert torch.equal(torch.tensor(loaded["rows"][key], dtype=torch.float32), tensor.float()), (kind, key)
+        assert [(f["name"], f["vectors"]) for f in got["found"]] == [("dog_emb", 2)], kind
+        before = CLIPTokenizer.from_pretrained(cases[kind]["tokenizer"])("a photo of", add_special_tokens=False)
+        assert got["found"][0]["token_offset"] == len(before["input_ids"]), kind   # a photo of [dog_emb] dog
