@@ -404,9 +404,19 @@ def paired(a: list[dict], b: list[dict], label_a: str, label_b: str, title: str,
         means.append(sum(drawn) / len(drawn))
     means.sort()
     lo, hi = means[int(0.025 * boot)], means[int(0.975 * boot) - 1]
-    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    only_a = sum(x["learned"] and not y["learned"] for x, y in pairs)
-    only_b = sum(y["learned"] and not x["learned"] for x, y in pairs)
+    # The counting tests count trainings, not runs: a result marked same_training_as is a copy of
+    # another token's run (pivotal tuning trains the same thing for every token) and no new evidence.
+    training = lambda r: r.get("same_training_as") or r["name"]
+    distinct: dict[tuple[str, str], tuple[dict, dict]] = {}
+    for x, y in pairs:
+        distinct.setdefault((training(x), training(y)), (x, y))
+    counted = list(distinct.values())
+    wins = sum(fa(y) > fa(x) for x, y in counted)
+    losses = sum(fa(y) < fa(x) for x, y in counted)
+    only_a = sum(x["learned"] and not y["learned"] for x, y in counted)
+    only_b = sum(y["learned"] and not x["learned"] for x, y in counted)
+    unit = "runs" if len(counted) == len(pairs) else \
+        f"of the {len(counted)} distinct trainings (the other runs' results are copies of theirs)"
     xs, ys = [x for x, _ in pairs], [y for _, y in pairs]
     med = lambda rows: _median(fa(r) for r in rows)
     leak = lambda rows: _mean(r["metrics"]["class_leak"] for r in rows)
@@ -420,7 +430,7 @@ def paired(a: list[dict], b: list[dict], label_a: str, label_b: str, title: str,
              f"| median training time per run | {train(xs):.0f} s | {train(ys):.0f} s |", "",
              (f"Paired over {len(pairs)} runs ({len(subjects)} subjects): {label_b} − {label_a} subject fidelity "
               f"**{_mean(diffs):+.3f}** (95 % interval {lo:+.3f} … {hi:+.3f}, subjects resampled {boot} times); "
-              f"{label_b} higher in {wins}, lower in {losses}, equal in {len(diffs) - wins - losses} runs "
+              f"{label_b} higher in {wins}, lower in {losses}, equal in {len(counted) - wins - losses} {unit} "
               f"(sign test p = {_binomial_two_sided(wins, wins + losses):.2g}); learned by only {label_a}: "
               f"{only_a}, by only {label_b}: {only_b} (McNemar exact p = "
               f"{_binomial_two_sided(only_a, only_a + only_b):.2g})."), "",

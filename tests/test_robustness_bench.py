@@ -157,3 +157,22 @@ def test_two_recipes_are_compared_run_by_run(rb):
     assert rb._binomial_two_sided(3, 6) == 1.0
     with pytest.raises(ValueError, match="share no run"):
         rb.paired(a, [{**b[0], "name": "x"}], "A", "B", "T")
+
+
+def test_paired_counts_trainings_not_copies(rb):
+    """With one training per subject × seed (pivotal tuning), the other tokens' results are copies:
+    the sign test and McNemar count the trainings, the mean and its interval stay per run."""
+    def rows(fids):
+        out = []
+        for seed, f in enumerate(fids):
+            first = f"red-blue-star-band__sks__s{seed}"
+            for token in ("sks", "zwx", "ohwx"):
+                name = f"red-blue-star-band__{token}__s{seed}"
+                out.append({**_row("red-blue-star-band", token, seed, f), "name": name, "train_s": 60.0,
+                            **({"same_training_as": first} if name != first else {})})
+        return out
+
+    text = rb.paired(rows([0.5, 0.9]), rows([0.8, 0.8]), "A", "B", "T", boot=200)
+    assert "Paired over 6 runs (1 subjects): B − A subject fidelity **+0.100**" in text
+    assert "B higher in 1, lower in 1, equal in 0 of the 2 distinct trainings" in text
+    assert "learned by only A: 0, by only B: 1 (McNemar exact p = 1)" in text
