@@ -9,9 +9,14 @@ strength 1 (the adapter) and 0 (exactly the base model) for the same prompts and
   model drew (same shape rate; the same shape at the same seed) and not turn into the subject;
 - the whole default run, class images included, must take at most 5 minutes on the 2-core CPU.
 
+The recipe is judged over two training seeds (``DORABOOTH_QUALITY_TRAIN_SEEDS``, default "0 1"),
+their images pooled: one training is one draw of a spread that decides more than most recipe
+knobs (docs/robustness.md). With plain MSE (the toy default since 2026-12-01, session 12) seed 0
+drew 16 squares of 24 for the class prompts and seed 1 24 of 24 (the base model 22).
+
 It takes a few minutes, so it runs only with ``DORABOOTH_QUALITY=1`` (and the toy model in
 ``assets/toy-sdxl``; ``DORABOOTH_QUALITY_MODEL`` points it at another toy build). Results are
-written to ``<run>/quality.json`` and printed.
+written to ``quality.json`` beside the runs and printed.
 """
 
 import json
@@ -29,6 +34,7 @@ MODEL = Path(os.environ.get("DORABOOTH_QUALITY_MODEL", models.TOY_MODEL))
 SUBJECTS = Path(__file__).resolve().parent.parent / "assets" / "subjects"
 SUBJECT = os.environ.get("DORABOOTH_QUALITY_SUBJECT", "red-white-square")
 SEEDS = int(os.environ.get("DORABOOTH_QUALITY_SEEDS", "12"))
+TRAIN_SEEDS = [int(x) for x in os.environ.get("DORABOOTH_QUALITY_TRAIN_SEEDS", "0 1").split()]
 BUDGET_S = 300
 
 pytestmark = [
@@ -76,31 +82,38 @@ def test_default_run_learns_the_subject_and_keeps_the_class(tmp_path, capsys):
     folder = subject_folder(tmp_path)
     info = json.loads((folder / "subject.json").read_text())
     combo, token, noun = info["combination"], info["token"], info["class_noun"]
-    run = tmp_path / "run"
     start = time.monotonic()
-    assert cli.main(["train", "--images", str(folder), "--token", token, "--class-noun", noun,
-                     "--out", str(run), "--model", str(MODEL), "--quiet"]) == 0
-    train_s = time.monotonic() - start
-
-    result = {"train_s": round(train_s, 1), "seeds": SEEDS, "subject": info["name"]}
-    for kind, texts in prompts(run).items():
-        counts = defaultdict(int)
-        for i, text in enumerate(texts):
-            for base, adapted in generate_pairs(run, text, tmp_path / f"{kind}-{i}"):
-                counts["base_subject"] += is_subject(base, combo)
-                counts["adapter_subject"] += is_subject(adapted, combo)
-                counts["base_shape"] += read(base)["shape"] == noun
-                counts["adapter_shape"] += read(adapted)["shape"] == noun
-                counts["same_shape_as_base"] += read(base)["shape"] == read(adapted)["shape"]
-                counts["same_background_as_base"] += read(base)["background"] == read(adapted)["background"]
-                counts["images"] += 1
+    pooled: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    result = {"seeds": SEEDS, "train_seeds": TRAIN_SEEDS, "subject": info["name"], "train_s": [], "per_seed": {}}
+    for train_seed in TRAIN_SEEDS:
+        run = tmp_path / f"run-s{train_seed}"
+        started = time.monotonic()
+        assert cli.main(["train", "--images", str(folder), "--token", token, "--class-noun", noun,
+                         "--out", str(run), "--model", str(MODEL), "--seed", str(train_seed), "--quiet"]) == 0
+        result["train_s"].append(round(time.monotonic() - started, 1))
+        for kind, texts in prompts(run).items():
+            counts = defaultdict(int)
+            for i, text in enumerate(texts):
+                for base, adapted in generate_pairs(run, text, tmp_path / f"s{train_seed}-{kind}-{i}"):
+                    counts["base_subject"] += is_subject(base, combo)
+                    counts["adapter_subject"] += is_subject(adapted, combo)
+                    counts["base_shape"] += read(base)["shape"] == noun
+                    counts["adapter_shape"] += read(adapted)["shape"] == noun
+                    counts["same_shape_as_base"] += read(base)["shape"] == read(adapted)["shape"]
+                    counts["same_background_as_base"] += read(base)["background"] == read(adapted)["background"]
+                    counts["images"] += 1
+            result["per_seed"].setdefault(str(train_seed), {})[kind] = dict(counts)
+            for k, v in counts.items():
+                pooled[kind][k] += v
+    for kind, counts in pooled.items():
         n = counts.pop("images")
         result[kind] = {**{f"{k}_rate": round(v / n, 3) for k, v in counts.items()}, "images": n}
     result["wall_s"] = round(time.monotonic() - start, 1)
-    (run / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
+    (tmp_path / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
     with capsys.disabled():
         print("\nquality:", json.dumps(result))
 
+    train_s = max(result["train_s"])
     subject, klass = result["subject"], result["class"]
     assert train_s <= BUDGET_S, f"default run took {train_s:.0f} s (> {BUDGET_S} s)"
     assert subject["adapter_subject_rate"] >= subject["base_subject_rate"] + 0.25, result
