@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .conventions import MAGNITUDE_AXES, METHODS
+from .conventions import MAGNITUDE_AXES, METHODS, MIN_SNR_GAMMA
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
@@ -37,7 +37,6 @@ MAX_SAMPLER_STEPS = 1000
 MAX_SEED = 2**32 - 1
 MAX_LORAPLUS_RATIO = 1000.0            # LoRA+ paper: 16 suggested; B's lr = ratio · lr
 MAX_PIVOTAL_TOKENS = 16                # new tokens per text encoder (diffusers' advanced script: 2 by default)
-DEFAULT_MIN_SNR_GAMMA = 5.0   # Min-SNR γ of the real families (Hang et al. 2023; kohya's and diffusers' usual 5)
 PIVOTAL_INITS = ("class", "random")    # dorabooth.pivotal: the class noun's embedding, or std-scaled noise
 
 # Fields that may change between a run and its --resume without changing what is learned.
@@ -227,7 +226,7 @@ class TrainConfig:
         if self.targets is None and "targets" not in defaults:
             values["targets"] = "attn"                 # a family without its own choice: attention, as diffusers
         if self.min_snr_gamma is None and "min_snr_gamma" not in defaults:
-            values["min_snr_gamma"] = DEFAULT_MIN_SNR_GAMMA
+            values["min_snr_gamma"] = MIN_SNR_GAMMA
         if self.method == "dvora" and self.rank is None and "dvora_rank" in defaults:
             values["rank"] = defaults["dvora_rank"]
         instance, class_prompt = default_prompts(self.identifier, self.class_noun, defaults.get("prompt_style", "photo"))

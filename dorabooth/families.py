@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .conventions import DVORA_RANK
+from .conventions import DVORA_RANK, MIN_SNR_GAMMA
 
 FAMILY_NAMES = ("sd1", "sd2", "sdxl")
 
@@ -88,13 +88,13 @@ TRAIN_PRESETS: dict[str, dict] = {
                  train_text_encoders=True, targets="all-linear", pivotal_tokens=2, min_snr_gamma=0.0,
                  prompt_style="caption"),
     "sd1":  dict(resolution=512, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=5.0,
+                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=MIN_SNR_GAMMA,
                  prompt_style="photo"),
     "sd2":  dict(resolution=None, steps=800, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=5.0,
+                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=MIN_SNR_GAMMA,
                  prompt_style="photo"),
     "sdxl": dict(resolution=1024, steps=1000, lr=1e-4, rank=16, num_class_images=100, class_image_steps=30,
-                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=5.0,
+                 train_text_encoders=False, targets="attn", pivotal_tokens=0, min_snr_gamma=MIN_SNR_GAMMA,
                  prompt_style="photo"),
 }
 GENERATE_PRESETS: dict[str, dict] = {

@@ -301,9 +301,9 @@ def plan_run(config: TrainConfig, spec: ModelSpec, device: DeviceInfo) -> RunPla
 
 def fill_from_run(config: TrainConfig, previous: TrainConfig) -> TrainConfig:
     """For --resume: the device-dependent fields left on "auto" take the run's own values, and
-    prompts, pivotal tokens and Min-SNR γ left unset the ones it was trained with, while token and class noun stay (a run made
-    before the family's prompt style was recorded has none in its config: it used the "photo"
-    phrasing)."""
+    prompts, pivotal tokens and Min-SNR γ left unset the ones it was trained with, while token and
+    class noun stay (a run made before the family's prompt style was recorded has none in its
+    config: it used the "photo" phrasing)."""
     keep = {k: getattr(previous, k) for k in DEVICE_FIELDS if getattr(config, k) is None}
     for name in ("pivotal_tokens", "min_snr_gamma"):   # family defaults that changed on 2026-12-01: its runs keep
         if getattr(config, name) is None:              # theirs (what names the subject in its prompts; its loss)
