@@ -25,17 +25,11 @@ import json
 import sys
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 REPORTED: list[str] = []
-
-
-class _Stub:
-    """The few attributes of a webui module the loader reaches for."""
-
-    def __init__(self, **attributes):
-        self.__dict__.update(attributes)
 
 
 def install_webui_stubs(width: int, tokenizer) -> None:
@@ -47,20 +41,20 @@ def install_webui_stubs(width: int, tokenizer) -> None:
     def tokenize(texts):
         return tokenizer(list(texts), truncation=False, add_special_tokens=False)["input_ids"]
 
-    model = _Stub(cond_stage_model=_Stub(tokenize=tokenize,
-                                         encode_embedding_init_text=lambda text, n: torch.zeros(n, width)))
-    parts = {
-        "shared": _Stub(sd_model=model, opts=_Stub(textual_inversion_print_at_load=False)),
-        "devices": _Stub(device=torch.device("cpu"), torch_npu_set_device=lambda: None),
-        "errors": _Stub(report=report),
-        "hashes": _Stub(sha256=lambda filename, title, use_addnet_hash=False: None),
+    model = SimpleNamespace(cond_stage_model=SimpleNamespace(
+        tokenize=tokenize, encode_embedding_init_text=lambda text, n: torch.zeros(n, width)))
+    parts = {                                  # the few attributes of each webui module the loader reaches for
+        "shared": dict(sd_model=model, opts=SimpleNamespace(textual_inversion_print_at_load=False)),
+        "devices": dict(device=torch.device("cpu"), torch_npu_set_device=lambda: None),
+        "errors": dict(report=report),
+        "hashes": dict(sha256=lambda filename, title, use_addnet_hash=False: None),
     }
     package = types.ModuleType("modules")
     package.__path__ = []
     sys.modules["modules"] = package
-    for name, stub in parts.items():
+    for name, attributes in parts.items():
         module = types.ModuleType(f"modules.{name}")
-        module.__dict__.update(stub.__dict__)
+        module.__dict__.update(attributes)
         sys.modules[f"modules.{name}"] = module
         setattr(package, name, module)
     ti = types.ModuleType("modules.textual_inversion")
